@@ -1,0 +1,21 @@
+# Two commands on a fresh clone: `make run` (the tiny pipeline) and `make test` (the test suite).
+# Both create .venv/ with Python 3.13 once and reuse it; it is rebuilt only when pyproject.toml changes.
+PYTHON ?= $(shell command -v python3.13 >/dev/null 2>&1 && echo python3.13 || echo env PYENV_VERSION=3.13.0 python3.13)
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: run test venv
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+run: $(VENV)/.installed
+	$(PY) run.py pipeline
+
+test: $(VENV)/.installed
+	$(PY) -m pytest

@@ -1,0 +1,1 @@
+"""The controller, CMA-ES and agents acting with V + M + C (depends on rollouts and worldmodel)."""

@@ -1,0 +1,1 @@
+"""Environments, rollout collection and Ray workers (depends on worldmodel, never on agents)."""

@@ -1,0 +1,100 @@
+"""World-model agents with an FRMDN memory: one command per stage of the V-M-C pipeline.
+
+    python run.py <command> [--config configs/<name>.yaml] [--set key=value ...] [--device cpu]
+
+With no --config every command uses the embedded tiny config (configs/tiny.yaml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Callable
+
+from worldmodel.config import Config, ConfigError, load_config
+from worldmodel.io import DataError
+
+# command -> "module:function"; each function takes the resolved Config and returns the stage's summary dict.
+# Imported lazily so that `python run.py collect` never pays for importing the benchmarks, and vice versa.
+COMMANDS: dict[str, str] = {
+    "collect": "rollouts.collect:run",
+    "train-vae": "worldmodel.train_vae:run",
+    "encode": "worldmodel.encode:run",
+    "train-memory": "worldmodel.train_memory:run",
+    "train-controller": "agents.train_controller:run",
+    "evaluate": "agents.evaluate:run",
+    "dream": "agents.evaluate:run_dream",
+    "benchmark speech": "benchmarks.speech:run",
+    "benchmark image": "benchmarks.image:run",
+    "pipeline": "agents.pipeline:run",
+}
+
+
+def resolve(target: str) -> Callable[[Config], dict]:
+    module_name, function_name = target.split(":")
+    return getattr(importlib.import_module(module_name), function_name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="YAML config (default: the embedded configs/tiny.yaml)")
+    common.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one config field, e.g. --set memory.components=3 (repeatable)",
+    )
+    common.add_argument("--device", help="torch device (cpu, cuda, mps); overrides the config's device")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    commands.add_parser("collect", parents=[common], help="collect real-game episodes in parallel on Ray")
+    commands.add_parser("train-vae", parents=[common], help="train the ConvVAE (V) on the collected frames")
+    commands.add_parser("encode", parents=[common], help="encode every episode to latents with the trained VAE")
+    memory = commands.add_parser("train-memory", parents=[common], help="train the FRMDN/RMDN memory (M)")
+    memory.add_argument("--sweep", choices=["table1"], help="train the paper's Table 1 grid instead of one model")
+    controller = commands.add_parser("train-controller", parents=[common], help="evolve the controller (C) with CMA-ES")
+    controller.add_argument("--in", dest="train_in", choices=["dream", "real"], help="where candidates are scored")
+    commands.add_parser("evaluate", parents=[common], help="score the controller in the real game, with videos")
+    commands.add_parser("dream", parents=[common], help="roll out the controller in the memory's dream, as a video")
+    benchmark = commands.add_parser("benchmark", parents=[common], help="the paper's speech or image NLL benchmark")
+    benchmark.add_argument("kind", choices=["speech", "image"])
+    benchmark.add_argument("--data", help="folder holding the data set (speech: .wav files; image: MNIST/CIFAR-10)")
+    commands.add_parser("pipeline", parents=[common], help="every stage in order, skipping what is done")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = list(args.overrides)
+    if args.device:
+        overrides.append(f"device={args.device}")
+    if getattr(args, "train_in", None):
+        overrides.append(f"controller.train_in={args.train_in}")
+    command = args.command
+    if command == "benchmark":
+        command = f"benchmark {args.kind}"
+        if args.data:
+            overrides.append(f"{args.kind}.data={json.dumps(args.data)}")
+    try:
+        config = load_config(args.config, overrides)
+        if command == "train-memory" and args.sweep:
+            from rollouts.parallel import ray_map
+            from worldmodel.sweep import run_table1
+
+            summary = run_table1(config, map_fn=ray_map(config.ray))
+        else:
+            summary = resolve(COMMANDS[command])(config)
+    except (ConfigError, DataError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    if summary:
+        print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

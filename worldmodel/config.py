@@ -1,0 +1,361 @@
+"""One config system: YAML files read into typed dataclasses, with ``--set a.b=c`` overrides.
+
+Every section is a dataclass with a default for each field, so the embedded tiny config only has to name what
+it changes. Unknown keys are rejected with the dotted name of the key and the file it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key and the source."""
+
+
+@dataclass
+class EnvConfig:
+    name: str = "carracing"
+    """Which game: ``carracing`` (CarRacing-v3, 3-d continuous action) or ``mario`` (SuperMarioBros)."""
+    mario_level: str = "1-1"
+    """Mario world-stage, e.g. ``1-1`` for SuperMarioBros-1-1-v0."""
+    mario_actions: str = "simple"
+    """Mario action set: ``right_only``, ``simple`` (SIMPLE_MOVEMENT) or ``complex``."""
+    frame_size: int = 64
+    """Side of the square RGB frame fed to the VAE (resized with opencv)."""
+    max_steps: int = 1000
+    """The real game's horizon in agent steps; every dream is capped at it too."""
+    action_repeat: int = 1
+    """How many env frames one agent action lasts (rewards are summed)."""
+
+
+@dataclass
+class CollectConfig:
+    episodes: int = 8
+    """Number of episodes to collect (resumable: complete files are skipped)."""
+    max_steps: int = 200
+    """Cap on steps per collected episode."""
+    policy: str = "brownian"
+    """Exploration policy: ``brownian`` / ``random`` (CarRacing) or ``right_biased`` / ``random`` (Mario)."""
+    action_persistence: float = 0.9
+    """How strongly an exploration action persists from one step to the next (0 = white noise)."""
+    mario_repeat: int = 4
+    """Mean number of steps a Mario exploration action is repeated."""
+    retries: int = 2
+    """How often a failed episode is retried before it is reported as failed."""
+    workers: int = 0
+    """Parallel Ray workers; 0 = one per core that Ray sees."""
+
+
+@dataclass
+class VAEConfig:
+    latent_dim: int = 32
+    """Size of z."""
+    epochs: int = 10
+    """Training epochs over all frames of the training episodes."""
+    batch_size: int = 64
+    """Frames per optimiser step."""
+    lr: float = 1e-3
+    """Adam learning rate."""
+    kl_tolerance: float = 0.5
+    """Free bits per latent dimension (World Models: 0.5): the KL term is max(KL, tolerance * latent_dim)."""
+    val_fraction: float = 0.1
+    """Fraction of episodes held out for validation."""
+    shuffle_buffer: int = 4096
+    """Frames held in the streaming shuffle buffer."""
+
+
+@dataclass
+class MemoryConfig:
+    kind: str = "frmdn"
+    """``rmdn`` (no flow, the baseline) or ``frmdn`` (coupling flow on the target)."""
+    hidden: int = 256
+    """LSTM hidden size."""
+    components: int = 5
+    """Mixture components K."""
+    rank: int = 3
+    """Rank d' of the precision's low-rank factor U_k; 0 = diagonal."""
+    flow_blocks: int = 2
+    """Affine coupling blocks in the flow (frmdn only)."""
+    flow_hidden: int = 64
+    """Hidden width of each coupling block's s and t networks."""
+    flow_context: bool = False
+    """Condition the flow on the LSTM state (the paper's Fig. 6 extension)."""
+    diag_activation: str = "softplus"
+    """Positivity map for the diagonal precision D_k: ``softplus`` or ``exp``."""
+    diag_floor: float = 1e-4
+    """Lower bound added to every diagonal precision element."""
+    diag_clamp: list[float] | None = None
+    """Optional [low, high] clamp of the diagonal elements (the paper used [0.1, 1.9] for the world model)."""
+    predict_reward: bool = True
+    """Add a reward head (needed by the dream)."""
+    predict_done: bool = True
+    """Add an episode-end head (needed by the dream)."""
+
+
+@dataclass
+class MemoryTrainConfig:
+    epochs: int = 20
+    """Passes over the training sequences."""
+    batch_size: int = 16
+    """Sequences per step."""
+    seq_len: int = 100
+    """Length of the chunks episodes are cut into."""
+    lr: float = 1e-3
+    """Learning rate."""
+    optimizer: str = "adam"
+    """``adam`` or ``rmsprop``."""
+    grad_clip: float = 1.0
+    """Max gradient norm (0 = no clipping)."""
+    patience: int = 5
+    """Early stopping: epochs without a better validation NLL."""
+    use_mu: bool = False
+    """Train on the VAE mean instead of a fresh posterior sample each epoch."""
+    val_fraction: float = 0.1
+    """Fraction of episodes for validation."""
+    test_fraction: float = 0.1
+    """Fraction of episodes for the test NLL."""
+    done_pos_weight: float = 0.0
+    """pos_weight of the done loss; 0 = set from the data (negatives / positives)."""
+    reward_weight: float = 1.0
+    """Weight of the reward loss in the total loss."""
+    done_weight: float = 1.0
+    """Weight of the done loss in the total loss."""
+
+
+@dataclass
+class ControllerConfig:
+    train_in: str = "dream"
+    """Where CMA-ES evaluates candidates: ``dream`` or ``real``."""
+    generations: int = 10
+    """CMA-ES generations."""
+    population: int = 16
+    """Candidates per generation."""
+    rollouts: int = 4
+    """Rollouts per candidate; fitness is their mean return."""
+    sigma: float = 0.1
+    """Initial CMA-ES step size."""
+    temperature: float = 1.15
+    """Dream temperature tau (divides logits, multiplies covariance)."""
+    eval_every: int = 5
+    """Every N generations the best candidate is scored on ``eval_episodes`` more episodes."""
+    eval_episodes: int = 4
+    """Episodes for that periodic evaluation."""
+    max_steps: int = 0
+    """Cap on rollout length; 0 = the env's horizon (env.max_steps)."""
+    workers: int = 0
+    """Ray rollout actors for real-game evaluation; 0 = one per core."""
+
+
+@dataclass
+class EvaluateConfig:
+    episodes: int = 10
+    """Real-game episodes scored by ``evaluate``."""
+    video: bool = True
+    """Write a video of the best and the worst episode."""
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None
+    """Cluster to join (``auto`` or host:port); None = RAY_ADDRESS if set, else a local Ray."""
+    num_cpus: int | None = None
+    """CPUs for a local Ray; None = the machine's cores."""
+
+
+@dataclass
+class SpeechConfig:
+    data: str | None = None
+    """Folder of .wav files (TIMIT, Blizzard, Accent); required for the speech benchmark."""
+    frame: int = 200
+    """Samples per time step."""
+    sample_rate: int = 16000
+    """Target sample rate (other rates are resampled)."""
+    clip_seconds: float = 0.0
+    """Cut sequences to this length (0.5 for Accent and Blizzard in the paper); 0 = whole files."""
+    components: int = 20
+    """Mixture components K."""
+    hidden: int = 256
+    """LSTM size (the paper: 2000-4000)."""
+    epochs: int = 10
+    """Training epochs."""
+    batch_size: int = 32
+    """Sequences per step."""
+    lr: float = 1e-3
+    """Adam learning rate."""
+
+
+@dataclass
+class ImageConfig:
+    dataset: str = "digits"
+    """``digits`` (scikit-learn 8x8, shipped), ``mnist`` (IDX files) or ``cifar10`` (python batches)."""
+    data: str | None = None
+    """Folder with the MNIST IDX files or the CIFAR-10 python batches."""
+    logit_lambda: float | None = None
+    """lambda of the logit transform; None = 1e-6 for MNIST/digits, 0.05 for CIFAR-10."""
+    components: int = 10
+    """Mixture components K."""
+    ranks: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    """Ranks d' to compare (0 = diagonal)."""
+    hidden: int = 32
+    """LSTM size (the paper: 32)."""
+    epochs: int = 30
+    """Training epochs."""
+    batch_size: int = 256
+    """Images per step."""
+    lr: float = 1e-3
+    """Adam learning rate."""
+
+
+@dataclass
+class Config:
+    name: str = "tiny"
+    """Run name: outputs go to ``<runs_dir>/<name>/``."""
+    runs_dir: str = "runs"
+    """Folder holding every run."""
+    seed: int = 0
+    """Seed for numpy, torch and the envs."""
+    device: str = "cpu"
+    """Torch device for training and the dream (``cpu``, ``cuda``, ``mps``)."""
+    env: EnvConfig = field(default_factory=EnvConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    memory_train: MemoryTrainConfig = field(default_factory=MemoryTrainConfig)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    speech: SpeechConfig = field(default_factory=SpeechConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Check ``value`` against the type ``hint`` (converting int to float and str from --set)."""
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if errors else f"{source}: {key}: bad value {value!r}")
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key} must be a mapping of fields, got {value!r}")
+        return _build(hint, value, source, prefix=key + ".")
+    if origin is list:
+        (item_hint,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
+        return [_coerce(item, item_hint, f"{key}[{i}]", source) for i, item in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+    if hint in (int, float, str) and (not isinstance(value, hint) or isinstance(value, bool)):
+        raise ConfigError(f"{source}: {key} must be of type {hint.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict, source: str, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key {prefix}{unknown[0]!s} (known keys of {prefix.rstrip('.') or 'the config'}: "
+            f"{', '.join(sorted(known))})"
+        )
+    kwargs = {name: _coerce(value, hints[name], prefix + name, source) for name, value in values.items()}
+    return cls(**kwargs)
+
+
+def config_to_dict(config: Any) -> dict:
+    """The config as plain dicts, lists and scalars (for YAML, JSON and checkpoints)."""
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(values: dict, source: str = "<dict>") -> Config:
+    return _build(Config, values, source)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=c`` -> (["a", "b"], c), with c parsed as a YAML scalar (so 3, 0.5, true, null, [1, 2] work)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set memory.components=5")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--set {text!r}: cannot parse value: {error}") from None
+    return key.split("."), value
+
+
+def _merge_override(values: dict, path: list[str], value: Any, cls: type, text: str) -> None:
+    """Put ``value`` at ``path`` in ``values``, checking each part of the path against the dataclasses."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    head, rest = path[0], path[1:]
+    if head not in names:
+        prefix = ".".join(text.split("=", 1)[0].split(".")[: -len(path)] or [])
+        where = prefix or "the config"
+        raise ConfigError(
+            f"--set {text!r}: unknown key {head!r} in {where} (known: {', '.join(sorted(names))})"
+        )
+    hint = typing.get_type_hints(cls)[head]
+    if rest:
+        if not dataclasses.is_dataclass(hint):
+            raise ConfigError(f"--set {text!r}: {head!r} is a value, not a section")
+        sub = values.setdefault(head, {})
+        if not isinstance(sub, dict):
+            raise ConfigError(f"--set {text!r}: {head!r} is not a mapping in the config file")
+        _merge_override(sub, rest, value, hint, text)
+    else:
+        values[head] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (the embedded tiny one when ``path`` is None) and apply ``--set`` overrides."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for text in overrides:
+        keys, value = parse_override(text)
+        _merge_override(values, keys, value, Config, text)
+    source = f"{path}" + (f" with --set {' '.join(overrides)}" if overrides else "")
+    return _build(Config, values, source)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    from worldmodel.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
