@@ -1,0 +1,100 @@
+r"""Affine coupling flows (RealNVP; FRMDN paper section 3.2), optionally conditioned on a context vector.
+
+One block splits :math:`y = (y_a, y_b)` and maps
+
+.. math::
+    z_a = y_a, \qquad z_b = y_b \odot \exp(s(y_a, c)) + t(y_a, c), \qquad
+    \log\lvert\det \partial z / \partial y\rvert = \textstyle\sum_i s_i(y_a, c),
+
+with :math:`s` a two-layer MLP (LeakyReLU, then Tanh) and :math:`t` the same without the final Tanh. Blocks
+alternate which half is transformed. The last layers start at zero, so a new flow is the identity. The context
+:math:`c` (e.g. the RNN state, the paper's Fig. 6 extension) enters both networks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class AffineCoupling(nn.Module):
+    """One affine coupling block transforming the coordinates ``transformed`` given ``conditioner``."""
+
+    def __init__(self, conditioner: list[int], transformed: list[int], hidden: int, context_dim: int = 0):
+        super().__init__()
+        self.register_buffer("conditioner", torch.tensor(conditioner, dtype=torch.long), persistent=False)
+        self.register_buffer("transformed", torch.tensor(transformed, dtype=torch.long), persistent=False)
+        inputs, outputs = len(conditioner) + context_dim, len(transformed)
+        self.scale = nn.Sequential(nn.Linear(inputs, hidden), nn.LeakyReLU(), nn.Linear(hidden, outputs), nn.Tanh())
+        self.shift = nn.Sequential(nn.Linear(inputs, hidden), nn.LeakyReLU(), nn.Linear(hidden, outputs))
+        for last in (self.scale[2], self.shift[2]):
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+
+    def _scale_shift(self, kept: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        features = kept if context is None else torch.cat([kept, context], dim=-1)
+        return self.scale(features), self.shift(features)
+
+    def forward(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        kept = y.index_select(-1, self.conditioner)
+        log_scale, shift = self._scale_shift(kept, context)
+        moved = y.index_select(-1, self.transformed) * log_scale.exp() + shift
+        z = y.index_copy(-1, self.transformed, moved)
+        return z, log_scale.sum(-1)
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
+        kept = z.index_select(-1, self.conditioner)
+        log_scale, shift = self._scale_shift(kept, context)
+        moved = (z.index_select(-1, self.transformed) - shift) * (-log_scale).exp()
+        return z.index_copy(-1, self.transformed, moved)
+
+
+class CouplingFlow(nn.Module):
+    r"""A stack of affine coupling blocks with alternating halves: :math:`z = f(y)`.
+
+    Args:
+        dim: dimension d of y (>= 2).
+        blocks: number of coupling blocks.
+        hidden: hidden width of each block's s and t networks.
+        context_dim: size of the optional context vector (0 = unconditional).
+    """
+
+    def __init__(self, dim: int, blocks: int = 2, hidden: int = 64, context_dim: int = 0):
+        super().__init__()
+        if dim < 2:
+            raise ValueError(f"a coupling flow needs dim >= 2 to split the input, got dim={dim}")
+        if blocks < 1:
+            raise ValueError(f"a coupling flow needs at least one block, got blocks={blocks}")
+        self.dim, self.context_dim = dim, context_dim
+        first, second = list(range(dim // 2)), list(range(dim // 2, dim))
+        self.blocks = nn.ModuleList(
+            AffineCoupling(*((first, second) if i % 2 == 0 else (second, first)), hidden, context_dim)
+            for i in range(blocks)
+        )
+
+    def _check(self, y: Tensor, context: Tensor | None) -> None:
+        if y.shape[-1] != self.dim:
+            raise ValueError(f"flow of dim {self.dim} got input of shape {tuple(y.shape)}")
+        if self.context_dim and (context is None or context.shape != (*y.shape[:-1], self.context_dim)):
+            got = None if context is None else tuple(context.shape)
+            raise ValueError(
+                f"flow expects context [..., {self.context_dim}] matching input {tuple(y.shape)}, got {got}"
+            )
+        if not self.context_dim and context is not None:
+            raise ValueError("this flow has no context input (context_dim=0) but a context was given")
+
+    def forward(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Returns ``z = f(y)`` and ``log|det dz/dy|`` per sample (shape ``y.shape[:-1]``)."""
+        self._check(y, context)
+        logdet = y.new_zeros(y.shape[:-1])
+        for block in self.blocks:
+            y, block_logdet = block(y, context)
+            logdet = logdet + block_logdet
+        return y, logdet
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
+        """Returns ``y = f^{-1}(z)``."""
+        self._check(z, context)
+        for block in reversed(self.blocks):
+            z = block.inverse(z, context)
+        return z

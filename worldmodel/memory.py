@@ -1,0 +1,214 @@
+r"""The memory M: an LSTM whose output parameterises a Gaussian mixture over :math:`f(y_{t+1})`.
+
+At step t it reads :math:`(y_t, c_t)` (latent and action in the world model; previous frame or row and label in
+the benchmarks) and outputs K logits, K means, K diagonal precisions :math:`D_k` and K factors :math:`U_k`
+(:math:`d \times d'`), so that
+
+.. math::
+    \log p(y_{t+1} \mid y_{\le t}, c_{\le t}) = \log \sum_k \pi_k N\big(f(y_{t+1}); \mu_k, (D_k + U_k U_k^\top)^{-1}\big)
+        + \log\lvert\det \partial f / \partial y_{t+1}\rvert.
+
+``kind="rmdn"`` uses no flow (f = identity), ``rank=0`` diagonal precisions. Optional heads predict the
+transition's reward and whether the episode ended with it, so the memory can serve as a dream environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from worldmodel.config import MemoryConfig
+from worldmodel.flows import CouplingFlow
+from worldmodel.mixture import gmm_log_prob, gmm_sample
+
+State = tuple[Tensor, Tensor]
+
+
+@dataclass
+class MemoryOutput:
+    """The predicted distribution of the next target, for every batch element (and step)."""
+
+    logit_pi: Tensor
+    """[..., K] mixture logits."""
+    mu: Tensor
+    """[..., K, d] means (in the flow's space for frmdn)."""
+    diag: Tensor
+    """[..., K, d] diagonal of the precision D_k (> 0)."""
+    u: Tensor | None
+    """[..., K, d, r] low-rank precision factors, None when rank 0."""
+    reward: Tensor | None
+    """[...] predicted reward of the transition."""
+    done_logit: Tensor | None
+    """[...] logit of 'the episode ended with this transition'."""
+    hidden: Tensor
+    """[..., H] the LSTM output these were computed from (the flow's context)."""
+
+
+class MemoryModel(nn.Module):
+    """RMDN / FRMDN memory with low-rank-plus-diagonal precisions (see the module docstring)."""
+
+    def __init__(self, target_dim: int, cond_dim: int, config: MemoryConfig):
+        super().__init__()
+        if config.kind not in ("rmdn", "frmdn"):
+            raise ValueError(f"memory.kind must be 'rmdn' or 'frmdn', got {config.kind!r}")
+        if config.diag_activation not in ("softplus", "exp"):
+            raise ValueError(f"memory.diag_activation must be 'softplus' or 'exp', got {config.diag_activation!r}")
+        if config.components < 1 or config.rank < 0 or config.hidden < 1:
+            raise ValueError(
+                f"memory needs components >= 1, rank >= 0, hidden >= 1 (got components={config.components}, "
+                f"rank={config.rank}, hidden={config.hidden})"
+            )
+        if config.diag_clamp is not None and (len(config.diag_clamp) != 2 or not 0 < config.diag_clamp[0] < config.diag_clamp[1]):
+            raise ValueError(f"memory.diag_clamp must be [low, high] with 0 < low < high, got {config.diag_clamp}")
+        self.target_dim, self.cond_dim, self.config = target_dim, cond_dim, config
+        k, d, r, h = config.components, target_dim, config.rank, config.hidden
+        self.lstm = nn.LSTM(target_dim + cond_dim, h, batch_first=True)
+        self._sizes = [k, k * d, k * d, k * d * r]
+        self.mixture_head = nn.Linear(h, sum(self._sizes))
+        with torch.no_grad():
+            # Start near unit precision and a near-diagonal U, so early steps are well conditioned.
+            diag_bias = math.log(math.e - 1) if config.diag_activation == "softplus" else 0.0
+            start = k + k * d
+            self.mixture_head.bias[start : start + k * d].fill_(diag_bias)
+            self.mixture_head.weight[start + k * d :].mul_(0.1)
+            self.mixture_head.bias[start + k * d :].zero_()
+        self.reward_head = nn.Linear(h, 1) if config.predict_reward else None
+        self.done_head = nn.Linear(h, 1) if config.predict_done else None
+        self.flow = (
+            CouplingFlow(d, config.flow_blocks, config.flow_hidden, context_dim=h if config.flow_context else 0)
+            if config.kind == "frmdn"
+            else None
+        )
+
+    def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
+        """Zero LSTM state (h, c), each ``[1, B, H]``."""
+        device = device if device is not None else self.mixture_head.weight.device
+        zeros = torch.zeros(1, batch_size, self.config.hidden, device=device)
+        return zeros, zeros.clone()
+
+    def _heads(self, hidden: Tensor) -> MemoryOutput:
+        k, d, r = self.config.components, self.target_dim, self.config.rank
+        batch = hidden.shape[:-1]
+        logit_pi, mu, raw_diag, raw_u = self.mixture_head(hidden).split(self._sizes, dim=-1)
+        if self.config.diag_activation == "softplus":
+            diag = F.softplus(raw_diag)
+        else:
+            diag = raw_diag.clamp(max=30.0).exp()
+        diag = diag + self.config.diag_floor
+        if self.config.diag_clamp is not None:
+            diag = diag.clamp(*self.config.diag_clamp)
+        return MemoryOutput(
+            logit_pi=logit_pi,
+            mu=mu.reshape(*batch, k, d),
+            diag=diag.reshape(*batch, k, d),
+            u=raw_u.reshape(*batch, k, d, r) if r > 0 else None,
+            reward=self.reward_head(hidden).squeeze(-1) if self.reward_head is not None else None,
+            done_logit=self.done_head(hidden).squeeze(-1) if self.done_head is not None else None,
+            hidden=hidden,
+        )
+
+    def _lstm_input(self, y: Tensor, cond: Tensor | None) -> Tensor:
+        if y.shape[-1] != self.target_dim:
+            raise ValueError(f"memory expects targets [..., {self.target_dim}], got {tuple(y.shape)}")
+        if self.cond_dim == 0:
+            if cond is not None and cond.shape[-1] != 0:
+                raise ValueError(f"this memory takes no conditioning input, got cond {tuple(cond.shape)}")
+            return y
+        if cond is None or cond.shape != (*y.shape[:-1], self.cond_dim):
+            got = None if cond is None else tuple(cond.shape)
+            raise ValueError(f"memory expects cond [..., {self.cond_dim}] matching y {tuple(y.shape)}, got {got}")
+        return torch.cat([y, cond.to(y.dtype)], dim=-1)
+
+    def forward(self, inputs: Tensor, cond: Tensor | None = None, state: State | None = None) -> tuple[MemoryOutput, State]:
+        """Read ``inputs`` [B, T, d] (and ``cond`` [B, T, c]); output t is the distribution of y_{t+1}."""
+        hidden, state = self.lstm(self._lstm_input(inputs, cond), state)
+        return self._heads(hidden), state
+
+    def step(self, y: Tensor, cond: Tensor | None, state: State | None) -> tuple[MemoryOutput, State]:
+        """One recurrent step: ``y`` [B, d], ``cond`` [B, c]; returns outputs of batch shape [B] and the new state."""
+        hidden, state = self.lstm(self._lstm_input(y, cond).unsqueeze(1), state)
+        return self._heads(hidden.squeeze(1)), state
+
+    def _context(self, out: MemoryOutput) -> Tensor | None:
+        return out.hidden if self.config.flow_context else None
+
+    def log_prob(self, target: Tensor, out: MemoryOutput) -> Tensor:
+        """log p(target) = log p_GMM(f(target)) + log|det df/dtarget|, shape = the batch shape of ``out``."""
+        if self.flow is None:
+            z, logdet = target, 0.0
+        else:
+            z, logdet = self.flow(target, self._context(out))
+        return gmm_log_prob(z, out.logit_pi, out.mu, out.diag, out.u) + logdet
+
+    def sample(self, out: MemoryOutput, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+        """Draw y: z from the mixture (tau divides logits, multiplies covariance), then y = f^{-1}(z)."""
+        z = gmm_sample(out.logit_pi, out.mu, out.diag, out.u, temperature=temperature, generator=generator)
+        return z if self.flow is None else self.flow.inverse(z, self._context(out))
+
+    def sequence_log_prob(self, y: Tensor, cond: Tensor | None = None) -> tuple[Tensor, MemoryOutput]:
+        """Per-step log p(y_{t+1} | y_<=t, c_<=t) for ``y`` [B, T+1, d], ``cond`` [B, T, c] -> ([B, T], outputs)."""
+        if y.dim() != 3 or y.shape[1] < 2:
+            raise ValueError(f"sequence_log_prob expects y [B, T+1, d] with T >= 1, got {tuple(y.shape)}")
+        out, _ = self(y[:, :-1], cond)
+        return self.log_prob(y[:, 1:], out), out
+
+    def sequence_loss(
+        self,
+        y: Tensor,
+        cond: Tensor | None = None,
+        rewards: Tensor | None = None,
+        dones: Tensor | None = None,
+        mask: Tensor | None = None,
+        done_pos_weight: float | None = None,
+        reward_weight: float = 1.0,
+        done_weight: float = 1.0,
+    ) -> dict[str, Tensor]:
+        """Training loss over sequences: NLL per dimension plus the weighted reward (MSE) and done (BCE) losses.
+
+        Returns ``loss``, ``nll`` (mean NLL per step, nats), ``nll_per_dim``, ``reward_loss``, ``done_loss``.
+        """
+        log_prob, out = self.sequence_log_prob(y, cond)
+        weights = torch.ones_like(log_prob) if mask is None else mask.to(log_prob.dtype)
+        if weights.shape != log_prob.shape:
+            raise ValueError(f"mask must be [B, T] = {tuple(log_prob.shape)}, got {tuple(weights.shape)}")
+        count = weights.sum().clamp(min=1.0)
+        nll = -(log_prob * weights).sum() / count
+        zero = log_prob.new_zeros(())
+        reward_loss = done_loss = zero
+        if out.reward is not None and rewards is not None:
+            reward_loss = ((out.reward - rewards.to(log_prob.dtype)).square() * weights).sum() / count
+        if out.done_logit is not None and dones is not None:
+            pos_weight = None if not done_pos_weight else log_prob.new_tensor(done_pos_weight)
+            bce = F.binary_cross_entropy_with_logits(
+                out.done_logit, dones.to(log_prob.dtype), pos_weight=pos_weight, reduction="none"
+            )
+            done_loss = (bce * weights).sum() / count
+        nll_per_dim = nll / self.target_dim
+        loss = nll_per_dim + reward_weight * reward_loss + done_weight * done_loss
+        return {
+            "loss": loss,
+            "nll": nll,
+            "nll_per_dim": nll_per_dim,
+            "reward_loss": reward_loss,
+            "done_loss": done_loss,
+        }
+
+    def to_checkpoint(self) -> dict:
+        """Plain data to rebuild the model (loadable with ``torch.load(weights_only=True)``)."""
+        return {
+            "state_dict": self.state_dict(),
+            "target_dim": self.target_dim,
+            "cond_dim": self.cond_dim,
+            "config": dataclasses.asdict(self.config),
+        }
+
+    @classmethod
+    def from_checkpoint(cls, payload: dict) -> MemoryModel:
+        model = cls(payload["target_dim"], payload["cond_dim"], MemoryConfig(**payload["config"]))
+        model.load_state_dict(payload["state_dict"])
+        return model
