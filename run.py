@@ -79,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, overrides)
         if command == "train-memory" and args.sweep:
-            from rollouts.parallel import ray_map
             from worldmodel.sweep import run_table1
+
+            from rollouts.parallel import ray_map
 
             summary = run_table1(config, map_fn=ray_map(config.ray))
         else:

@@ -15,12 +15,12 @@ def init_ray(config: RayConfig) -> None:
     if ray.is_initialized():
         return
     address = config.address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict = dict(
-        ignore_reinit_error=True,
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        log_to_driver=True,
-    )
+    kwargs: dict = {
+        "ignore_reinit_error": True,
+        "include_dashboard": False,
+        "logging_level": logging.WARNING,
+        "log_to_driver": True,
+    }
     if address:
         ray.init(address=address, **kwargs)
     else:

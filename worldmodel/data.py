@@ -124,7 +124,7 @@ def split_by_episode(paths: list[Path], fractions: tuple[float, ...], seed: int)
     shuffled = [paths[i] for i in order]
     parts, start = [], 0
     for fraction in fractions:
-        count = int(round(fraction * len(paths)))
+        count = round(fraction * len(paths))
         if fraction > 0 and count == 0 and len(paths) - start > 1:
             count = 1
         parts.append(shuffled[start : start + count])

@@ -91,7 +91,7 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray]:
             return {key: data[key] for key in data.files}
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
-    except Exception as error:  # zipfile.BadZipFile, EOFError, ValueError, zlib.error ...
+    except Exception as error:  # noqa: BLE001 - BadZipFile, EOFError, zlib.error...: all mean a broken file
         raise DataError(f"{path}: unreadable or truncated npz ({type(error).__name__}: {error})") from None
 
 
@@ -109,7 +109,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise DataError(f"{path}: checkpoint not found")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - any failure to unpickle means an unusable file
         raise DataError(f"{path}: unreadable checkpoint ({type(error).__name__}: {error})") from None
     if not isinstance(payload, dict):
         raise DataError(f"{path}: not a checkpoint of this program (top level is {type(payload).__name__})")
