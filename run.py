@@ -11,6 +11,7 @@ import argparse
 import importlib
 import json
 import sys
+import time
 from collections.abc import Callable
 
 from worldmodel.config import Config, ConfigError, load_config
@@ -28,13 +29,28 @@ COMMANDS: dict[str, str] = {
     "dream": "agents.evaluate:run_dream",
     "benchmark speech": "benchmarks.speech:run",
     "benchmark image": "benchmarks.image:run",
-    "pipeline": "agents.pipeline:run",
 }
+# `pipeline` runs these in order; every stage skips what is already done and resumes what was interrupted.
+PIPELINE_STAGES = ("collect", "train-vae", "encode", "train-memory", "train-controller", "evaluate", "dream")
 
 
 def resolve(target: str) -> Callable[[Config], dict]:
     module_name, function_name = target.split(":")
     return getattr(importlib.import_module(module_name), function_name)
+
+
+def run_pipeline(config: Config) -> dict:
+    """Every stage in order, then ``<run>/report.md`` with each stage's figures and pictures."""
+    from agents.report import write_report
+
+    summaries, seconds = {}, {}
+    for stage in PIPELINE_STAGES:
+        print(f"[pipeline] {stage}", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        summaries[stage] = resolve(COMMANDS[stage])(config)
+        seconds[stage] = round(time.perf_counter() - start, 1)
+    report = write_report(config, summaries, seconds)
+    return {"report": str(report), "seconds": seconds, "total_seconds": round(sum(seconds.values()), 1)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             from rollouts.parallel import ray_map
 
             summary = run_table1(config, map_fn=ray_map(config.ray))
+        elif command == "pipeline":
+            summary = run_pipeline(config)
         else:
             summary = resolve(COMMANDS[command])(config)
     except (ConfigError, DataError, FileNotFoundError) as error:

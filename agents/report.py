@@ -1,0 +1,74 @@
+"""The pipeline's report: one Markdown page with every stage's figures and the pictures a person wants to see."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from worldmodel.config import Config
+from worldmodel.io import atomic_write_text
+from worldmodel.runs import run_paths
+
+# Which folder holds each stage's outputs (pictures and videos are picked up from there).
+STAGE_FOLDERS = {
+    "collect": "episodes",
+    "train-vae": "vae",
+    "encode": "latents",
+    "train-memory": "memory",
+    "train-controller": "controller",
+    "evaluate": "evaluate",
+    "dream": "dream",
+}
+MEDIA_SUFFIXES = (".png", ".gif", ".mp4")
+
+
+def _scalars(summary: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """Flatten the numbers, strings and booleans of a (nested) summary into dotted keys."""
+    rows: list[tuple[str, object]] = []
+    for key, value in summary.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows.extend(_scalars(value, name + "."))
+        elif isinstance(value, bool | int | str) or value is None:
+            rows.append((name, value))
+        elif isinstance(value, float):
+            rows.append((name, value if math.isfinite(value) else str(value)))
+    return rows
+
+
+def _format(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|")
+
+
+def write_report(config: Config, summaries: dict[str, dict], seconds: dict[str, float]) -> Path:
+    """Write ``<run>/report.md`` and return its path."""
+    root = run_paths(config).root
+    title = (
+        f"# Run `{config.name}`: {config.env.name}, memory {config.memory.kind} "
+        f"(K={config.memory.components}, d'={config.memory.rank}), controller trained in the {config.controller.train_in}"
+    )
+    lines = [
+        title,
+        "",
+        f"Total time: {sum(seconds.values()):.0f} s. Resolved config: [config.yaml](config.yaml).",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+        *[f"| {stage} | {secs:.1f} |" for stage, secs in seconds.items()],
+        "",
+    ]
+    for stage, summary in summaries.items():
+        lines += [f"## {stage}", ""]
+        rows = _scalars(summary or {})
+        if rows:
+            lines += ["| figure | value |", "|---|---|", *[f"| {k} | {_format(v)} |" for k, v in rows], ""]
+        folder = root / STAGE_FOLDERS.get(stage, stage)
+        media = sorted(p for p in folder.glob("*") if p.suffix in MEDIA_SUFFIXES) if folder.is_dir() else []
+        for path in media:
+            relative = path.relative_to(root).as_posix()
+            lines += [f"![{path.stem}]({relative})" if path.suffix != ".mp4" else f"[{path.name}]({relative})", ""]
+    report = root / "report.md"
+    atomic_write_text(report, "\n".join(lines) + "\n")
+    return report

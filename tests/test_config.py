@@ -1,0 +1,94 @@
+"""The config system: YAML into typed dataclasses, --set overrides, unknown keys refused by name."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from worldmodel.config import (
+    DEFAULT_CONFIG,
+    Config,
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    save_config,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_embedded_default_loads_and_differs_from_dataclass_defaults():
+    config = load_config()
+    assert isinstance(config, Config)
+    assert config.name == "tiny"
+    assert config.memory.hidden == yaml.safe_load(DEFAULT_CONFIG.read_text())["memory"]["hidden"]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path):
+    load_config(path)
+
+
+def test_overrides_are_typed():
+    config = load_config(None, ["memory.rank=2", "controller.sigma=1", "memory.diag_clamp=[0.1, 1.9]",
+                                "ray.address=null", "memory.flow_context=true", "name=other"])
+    assert config.memory.rank == 2
+    assert config.controller.sigma == 1.0 and isinstance(config.controller.sigma, float)
+    assert config.memory.diag_clamp == [0.1, 1.9]
+    assert config.ray.address is None
+    assert config.memory.flow_context is True
+    assert config.run_dir == Path("runs") / "other"
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("memory.rnak=2", "rnak"),
+        ("memroy.rank=2", "memroy"),
+        ("memory.rank=two", "memory.rank"),
+        ("memory.flow_context=3", "memory.flow_context"),
+        ("memory.rank.x=1", "rank"),
+        ("memory", "key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_file_names_key_and_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("memory:\n  components: 3\n  colour: red\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "memory.colour" in str(info.value) and str(path) in str(info.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("memory: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+
+
+def test_saved_config_round_trips(tmp_path):
+    config = load_config(None, ["memory.components=7", "image.ranks=[0, 2]"])
+    save_config(config, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert config_to_dict(again) == config_to_dict(config)
+    assert config_from_dict(config_to_dict(config)) == config
+
+
+def test_cli_refuses_unknown_key_with_exit_code_2(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "run.py", "collect", "--set", "collect.episodez=3", "--set", f"runs_dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 2
+    assert "episodez" in result.stderr
+    assert not any(tmp_path.iterdir()), "a refused config must not start any work"

@@ -1,0 +1,122 @@
+"""Atomic files, validated episodes/latents and checkpoints that load with weights_only=True."""
+
+import numpy as np
+import pytest
+import torch
+
+from worldmodel.data import (
+    list_npz,
+    load_episode,
+    load_latents,
+    save_episode,
+    save_latents,
+    split_by_episode,
+)
+from worldmodel.io import (
+    DataError,
+    append_jsonl,
+    load_checkpoint,
+    read_jsonl,
+    save_checkpoint,
+    save_npz,
+)
+
+
+def _episode(steps=5, actions=3):
+    rng = np.random.default_rng(0)
+    return {
+        "obs": rng.integers(0, 255, (steps + 1, 8, 8, 3), dtype=np.uint8),
+        "actions": rng.normal(size=(steps, actions)).astype(np.float32),
+        "rewards": rng.normal(size=steps).astype(np.float32),
+        "terminals": np.eye(1, steps, steps - 1, dtype=bool)[0],
+    }
+
+
+def test_episode_round_trip_and_no_temp_files_left(tmp_path):
+    episode = _episode()
+    save_episode(tmp_path / "ep.npz", **episode)
+    loaded = load_episode(tmp_path / "ep.npz")
+    for key, value in episode.items():
+        np.testing.assert_array_equal(loaded[key], value)
+    assert [p.name for p in tmp_path.iterdir()] == ["ep.npz"]
+
+
+def test_truncated_episode_is_reported_by_name(tmp_path):
+    save_episode(tmp_path / "ep.npz", **_episode())
+    data = (tmp_path / "ep.npz").read_bytes()
+    (tmp_path / "ep.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="ep.npz"):
+        load_episode(tmp_path / "ep.npz")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        ("obs", np.zeros((6, 8, 8, 3), dtype=np.float32), "obs"),
+        ("actions", np.zeros((4, 3), dtype=np.float32), "actions"),
+        ("rewards", np.zeros(5, dtype=np.float64), "rewards"),
+        ("terminals", np.zeros(5, dtype=np.int64), "terminals"),
+        ("rewards", np.full(5, np.nan, dtype=np.float32), "NaN"),
+    ],
+)
+def test_bad_episode_layout_names_the_array(tmp_path, key, value, fragment):
+    episode = _episode()
+    episode[key] = value
+    save_npz(tmp_path / "bad.npz", **episode)
+    with pytest.raises(DataError, match=fragment) as info:
+        load_episode(tmp_path / "bad.npz")
+    assert "bad.npz" in str(info.value)
+
+
+def test_latents_validate(tmp_path):
+    episode = _episode()
+    mu = np.zeros((6, 4), np.float32)
+    save_latents(tmp_path / "l.npz", mu, mu, episode["actions"], episode["rewards"], episode["terminals"])
+    assert load_latents(tmp_path / "l.npz")["mu"].shape == (6, 4)
+    with pytest.raises(DataError, match="logvar"):
+        save_latents(tmp_path / "m.npz", mu, mu[:, :3], episode["actions"], episode["rewards"], episode["terminals"])
+
+
+def test_list_npz_skips_temporary_files(tmp_path):
+    save_episode(tmp_path / "ep_00000.npz", **_episode())
+    (tmp_path / ".ep_00001.npz.abc.tmp").write_bytes(b"half")
+    assert [p.name for p in list_npz(tmp_path)] == ["ep_00000.npz"]
+
+
+def test_split_is_disjoint_complete_and_seeded():
+    paths = [f"e{i}" for i in range(20)]
+    parts = split_by_episode(paths, (0.1, 0.1), seed=3)
+    assert sorted(p for part in parts for p in part) == sorted(paths)
+    assert [len(p) for p in parts] == [2, 2, 16]
+    assert parts == split_by_episode(paths, (0.1, 0.1), seed=3)
+    assert all(len(p) >= 1 for p in split_by_episode(paths[:4], (0.05, 0.05), seed=0))
+
+
+def test_checkpoint_round_trip_with_weights_only(tmp_path):
+    state = {"w": torch.randn(3, 2)}
+    save_checkpoint(tmp_path / "c.pt", state_dict=state, config={"a": 1, "b": [0.5, None]}, epoch=3)
+    payload = load_checkpoint(tmp_path / "c.pt")
+    assert torch.equal(payload["state_dict"]["w"], state["w"]) and payload["epoch"] == 3
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(DataError, match="broken.pt"):
+        load_checkpoint(tmp_path / "broken.pt")
+    with pytest.raises(DataError, match="missing.pt"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+class Unlisted:
+    """A class that a weights_only load must refuse to rebuild."""
+
+
+def test_checkpoint_refuses_code_objects(tmp_path):
+    torch.save({"obj": Unlisted()}, tmp_path / "evil.pt")
+    with pytest.raises(DataError, match="evil.pt"):
+        load_checkpoint(tmp_path / "evil.pt")
+
+
+def test_jsonl_survives_a_torn_last_line(tmp_path):
+    append_jsonl(tmp_path / "m.jsonl", {"step": 1})
+    append_jsonl(tmp_path / "m.jsonl", {"step": 2})
+    with open(tmp_path / "m.jsonl", "a") as handle:
+        handle.write('{"step": 3, "lo')
+    assert [row["step"] for row in read_jsonl(tmp_path / "m.jsonl")] == [1, 2]
