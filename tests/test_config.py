@@ -40,6 +40,7 @@ def test_overrides_are_typed():
     assert config.memory.diag_clamp == [0.1, 1.9]
     assert config.ray.address is None
     assert config.memory.flow_context is True
+    assert load_config(None, ["memory_train.lr=1e6"]).memory_train.lr == 1e6
     assert config.run_dir == Path("runs") / "other"
 
 

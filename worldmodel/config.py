@@ -37,6 +37,8 @@ class EnvConfig:
     """The real game's horizon in agent steps; every dream is capped at it too."""
     action_repeat: int = 1
     """How many env frames one agent action lasts (rewards are summed)."""
+    crop_indicators: bool = True
+    """CarRacing: drop the 12-pixel indicator bar at the bottom before resizing, as World Models did."""
 
 
 @dataclass
@@ -45,12 +47,14 @@ class CollectConfig:
     """Number of episodes to collect (resumable: complete files are skipped)."""
     max_steps: int = 200
     """Cap on steps per collected episode."""
-    policy: str = "brownian"
-    """Exploration policy: ``brownian`` / ``random`` (CarRacing) or ``right_biased`` / ``random`` (Mario)."""
+    policy: str = "auto"
+    """Exploration policy: ``auto``, ``brownian``/``random`` (CarRacing), ``right_biased``/``random`` (Mario)."""
     action_persistence: float = 0.9
     """How strongly an exploration action persists from one step to the next (0 = white noise)."""
     mario_repeat: int = 4
     """Mean number of steps a Mario exploration action is repeated."""
+    right_bias: float = 0.8
+    """Mario ``right_biased``: probability that a newly drawn action holds the right button."""
     retries: int = 2
     """How often a failed episode is retried before it is reported as failed."""
     workers: int = 0
@@ -73,6 +77,12 @@ class VAEConfig:
     """Fraction of episodes held out for validation."""
     shuffle_buffer: int = 4096
     """Frames held in the streaming shuffle buffer."""
+    checkpoint_every: int = 250
+    """Optimiser steps between mid-epoch checkpoints (0 = only at the end of each epoch)."""
+    log_every: int = 10
+    """Optimiser steps between training-loss rows in vae/metrics.jsonl."""
+    encode_batch: int = 256
+    """Frames per forward pass when encoding episodes to latents."""
 
 
 @dataclass
@@ -118,7 +128,7 @@ class MemoryTrainConfig:
     grad_clip: float = 1.0
     """Max gradient norm (0 = no clipping)."""
     patience: int = 5
-    """Early stopping: epochs without a better validation NLL."""
+    """Early stopping: epochs without a better validation NLL (0 = never stop early)."""
     use_mu: bool = False
     """Train on the VAE mean instead of a fresh posterior sample each epoch."""
     val_fraction: float = 0.1
@@ -131,6 +141,18 @@ class MemoryTrainConfig:
     """Weight of the reward loss in the total loss."""
     done_weight: float = 1.0
     """Weight of the done loss in the total loss."""
+    max_steps_per_epoch: int = 0
+    """Cap on optimiser steps per epoch, for quick runs (0 = every training window once)."""
+    checkpoint_every: int = 100
+    """Optimiser steps between mid-epoch checkpoints (0 = only at the end of each epoch)."""
+    log_every: int = 10
+    """Optimiser steps between training-loss rows in memory/metrics.jsonl."""
+    sweep_kinds: list[str] = field(default_factory=lambda: ["rmdn", "frmdn"])
+    """``train-memory --sweep table1``: the models compared (rows of the paper's Table 1)."""
+    sweep_components: list[int] = field(default_factory=lambda: [1, 3, 5])
+    """``--sweep table1``: mixture sizes K (the table's columns)."""
+    sweep_ranks: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    """``--sweep table1``: precision ranks d' (0 = diagonal)."""
 
 
 @dataclass
@@ -155,6 +177,10 @@ class ControllerConfig:
     """Cap on rollout length; 0 = the env's horizon (env.max_steps)."""
     workers: int = 0
     """Ray rollout actors for real-game evaluation; 0 = one per core."""
+    retries: int = 2
+    """How often a real-game rollout job whose actor crashed is run again before the stage fails."""
+    dream_threads: int = 0
+    """Torch threads of the batched dream; 0 = torch's default, or 1 for small batches (dreams x hidden < 65536)."""
 
 
 @dataclass
@@ -163,6 +189,10 @@ class EvaluateConfig:
     """Real-game episodes scored by ``evaluate``."""
     video: bool = True
     """Write a video of the best and the worst episode."""
+    random_baseline: bool = True
+    """Also score uniformly random actions on the same episode seeds, for comparison."""
+    video_scale: int = 4
+    """Enlarge the 64x64 frames this many times in the videos."""
 
 
 @dataclass
@@ -193,6 +223,24 @@ class SpeechConfig:
     """Sequences per step."""
     lr: float = 1e-3
     """Adam learning rate."""
+    kinds: list[str] = field(default_factory=lambda: ["rmdn", "frmdn"])
+    """Models to train: ``rmdn`` and/or ``frmdn``."""
+    ranks: list[int] = field(default_factory=lambda: [0])
+    """Ranks d' to compare (0 = diagonal, the paper's best for speech)."""
+    flow_blocks: int = 2
+    """Affine coupling blocks in the FRMDN flow."""
+    flow_hidden: int = 64
+    """Hidden width of each coupling block's s and t networks."""
+    grad_clip: float = 1.0
+    """Max gradient norm (0 = no clipping)."""
+    patience: int = 5
+    """Early stopping: epochs without a better validation NLL (0 = never stop early)."""
+    max_files: int = 0
+    """Read at most this many wav files (a seeded random subset; 0 = all)."""
+    max_eval_sequences: int = 0
+    """Cap on validation/test sequences (a seeded random subset; 0 = all)."""
+    threads: int = 0
+    """Torch CPU threads (0 = torch's default); 1 is far faster for small models on a busy machine."""
 
 
 @dataclass
@@ -215,6 +263,28 @@ class ImageConfig:
     """Images per step."""
     lr: float = 1e-3
     """Adam learning rate."""
+    kinds: list[str] = field(default_factory=lambda: ["rmdn", "frmdn"])
+    """Models to train: ``rmdn`` and/or ``frmdn``."""
+    single_gaussian: bool = True
+    """Also fit the class-conditional full-covariance Gaussian baseline (closed-form maximum likelihood)."""
+    flow_blocks: int = 2
+    """Affine coupling blocks in the FRMDN flow."""
+    flow_hidden: int = 64
+    """Hidden width of each coupling block's s and t networks."""
+    grad_clip: float = 1.0
+    """Max gradient norm (0 = no clipping)."""
+    patience: int = 10
+    """Early stopping: epochs without a better validation NLL (0 = never stop early)."""
+    max_train: int = 0
+    """Train on at most this many images (the first of the seeded order; 0 = all)."""
+    max_test: int = 0
+    """Evaluate on at most this many validation/test images (0 = all)."""
+    flip: bool = True
+    """CIFAR-10 only: random horizontal flips of training images (the MAF protocol's augmentation)."""
+    samples_per_class: int = 10
+    """Columns of the PNG grid of class-conditioned samples."""
+    threads: int = 1
+    """Torch CPU threads (0 = torch's default); 1 suits these tiny models (2 ran 35x slower on a busy 2-core box)."""
 
 
 @dataclass
@@ -270,6 +340,12 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         return [_coerce(item, item_hint, f"{key}[{i}]", source) for i, item in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads 1e6 (no dot) as a string; accept what Python reads as a number.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint is bool and not isinstance(value, bool):
         raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
     if hint in (int, float, str) and (not isinstance(value, hint) or isinstance(value, bool)):

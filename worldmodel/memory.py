@@ -88,7 +88,7 @@ class MemoryModel(nn.Module):
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         """Zero LSTM state (h, c), each ``[1, B, H]``."""
         device = device if device is not None else self.mixture_head.weight.device
-        zeros = torch.zeros(1, batch_size, self.config.hidden, device=device)
+        zeros = torch.zeros(1, batch_size, self.config.hidden, device=device, dtype=self.mixture_head.weight.dtype)
         return zeros, zeros.clone()
 
     def _heads(self, hidden: Tensor) -> MemoryOutput:
@@ -106,7 +106,8 @@ class MemoryModel(nn.Module):
             logit_pi=logit_pi,
             mu=mu.reshape(*batch, k, d),
             diag=diag.reshape(*batch, k, d),
-            u=raw_u.reshape(*batch, k, d, r) if r > 0 else None,
+            # U_k^T is emitted row by row, so the mixture's contractions over d run along a unit stride.
+            u=raw_u.reshape(*batch, k, r, d).transpose(-1, -2) if r > 0 else None,
             reward=self.reward_head(hidden).squeeze(-1) if self.reward_head is not None else None,
             done_logit=self.done_head(hidden).squeeze(-1) if self.done_head is not None else None,
             hidden=hidden,
@@ -180,6 +181,10 @@ class MemoryModel(nn.Module):
         nll = -(log_prob * weights).sum() / count
         zero = log_prob.new_zeros(())
         reward_loss = done_loss = zero
+        for name, targets in (("rewards", rewards), ("dones", dones)):
+            if targets is not None and targets.shape != log_prob.shape:
+                # A [B, T, 1] or [T] target would broadcast against [B, T] predictions into a wrong loss.
+                raise ValueError(f"{name} must be [B, T] = {tuple(log_prob.shape)}, got {tuple(targets.shape)}")
         if out.reward is not None and rewards is not None:
             reward_loss = ((out.reward - rewards.to(log_prob.dtype)).square() * weights).sum() / count
         if out.done_logit is not None and dones is not None:

@@ -49,14 +49,59 @@ def _check_shapes(
         fail("x must be [..., d] with the batch shape and d of mu [..., K, d]")
 
 
-def _whitened_gram_cholesky(diag: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
-    """V = D^{-1/2} U and the Cholesky factor L of M = I + V^T V (computed in float64: M's entries can reach
-    1e12 at extreme parameters, where a float32 Cholesky breaks down; the r x r work is negligible)."""
-    v = u / diag.sqrt().unsqueeze(-1)
-    v64 = v.double()
-    rank = u.shape[-1]
-    gram = v64.transpose(-1, -2) @ v64 + torch.eye(rank, dtype=torch.float64, device=u.device)
-    return v, torch.linalg.cholesky(gram)
+UNROLLED_MAX_RANK = 8
+"""Up to this rank the r x r Cholesky is unrolled over the batch: LAPACK's per-matrix overhead would dominate
+the thousands of tiny matrices a training batch holds."""
+
+
+def _cholesky(gram: Tensor) -> list[list[Tensor]]:
+    """Lower Cholesky factor of M = I + G (G = V^T V, positive semi-definite) as nested lists L[i][j] (j <= i)
+    of batch tensors. Every pivot of I + G is >= 1, so clamping at 1 only removes rounding error."""
+    rank = gram.shape[-1]
+    if rank > UNROLLED_MAX_RANK:
+        factor = torch.linalg.cholesky(gram + torch.eye(rank, dtype=gram.dtype, device=gram.device))
+        return [[factor[..., i, j] for j in range(i + 1)] for i in range(rank)]
+    lower: list[list[Tensor]] = [[] for _ in range(rank)]
+    for j in range(rank):
+        pivot = 1.0 + gram[..., j, j]
+        for k in range(j):
+            pivot = pivot - lower[j][k].square()
+        lower[j].append(pivot.clamp_min(1.0).sqrt())
+        for i in range(j + 1, rank):
+            entry = gram[..., i, j]
+            for k in range(j):
+                entry = entry - lower[i][k] * lower[j][k]
+            lower[i].append(entry / lower[j][j])
+    return lower
+
+
+def _cholesky_solve(lower: list[list[Tensor]], rhs: Tensor) -> Tensor:
+    """Solve (L L^T) x = rhs for rhs ``[..., r]`` by forward and back substitution over the batch."""
+    rank = len(lower)
+    forward: list[Tensor] = []
+    for i in range(rank):
+        value = rhs[..., i]
+        for k in range(i):
+            value = value - lower[i][k] * forward[k]
+        forward.append(value / lower[i][i])
+    solution: list[Tensor] = [rhs[..., 0]] * rank
+    for i in reversed(range(rank)):
+        value = forward[i]
+        for k in range(i + 1, rank):
+            value = value - lower[k][i] * solution[k]
+        solution[i] = value / lower[i][i]
+    return torch.stack(solution, dim=-1)
+
+
+def _whitened_factor(diag: Tensor, u: Tensor) -> tuple[Tensor, list[list[Tensor]]]:
+    """V^T = U^T D^{-1/2} as ``[..., r, d]`` (contiguous along d, so the contractions below run over a unit
+    stride) and the Cholesky factor of M = I + V^T V.
+
+    V^T V is formed in V's dtype (rounding it perturbs M no more than the rounding of V itself already does);
+    the r x r factorisation runs in float64 with pivots clamped at their lower bound 1, so extreme parameters
+    give finite values and gradients rather than a failed factorisation."""
+    v_t = u.transpose(-1, -2) * diag.rsqrt().unsqueeze(-2)
+    return v_t, _cholesky((v_t @ v_t.transpose(-1, -2)).double())
 
 
 def gaussian_log_prob(x: Tensor, mu: Tensor, diag: Tensor, u: Tensor | None = None) -> Tensor:
@@ -73,9 +118,10 @@ def gaussian_log_prob(x: Tensor, mu: Tensor, diag: Tensor, u: Tensor | None = No
     mahalanobis = (diag * b.square()).sum(-1)
     log_det = diag.log().sum(-1)
     if u is not None and u.shape[-1] > 0:
-        mahalanobis = mahalanobis + (b.unsqueeze(-2) @ u).squeeze(-2).square().sum(-1)
-        _, chol = _whitened_gram_cholesky(diag, u)
-        log_det = log_det + 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1).to(x.dtype)
+        u_t = u.transpose(-1, -2)
+        mahalanobis = mahalanobis + (u_t * b.unsqueeze(-2)).sum(-1).square().sum(-1)
+        _, lower = _whitened_factor(diag, u)
+        log_det = log_det + 2 * sum(lower[j][j].log() for j in range(len(lower))).to(x.dtype)
     return 0.5 * (log_det - mahalanobis - d * math.log(2 * math.pi))
 
 
@@ -116,7 +162,9 @@ def gmm_sample(
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     batch, (k, d) = mu.shape[:-2], mu.shape[-2:]
     flat_logits = logit_pi.reshape(-1, k)
-    if temperature == 0:
+    if k == 1:
+        index = None  # one component: nothing to choose (callers that pre-select a component rely on this)
+    elif temperature == 0:
         index = flat_logits.argmax(-1)
     else:
         probs = torch.softmax(flat_logits / temperature, dim=-1)
@@ -124,19 +172,20 @@ def gmm_sample(
 
     def pick(t: Tensor) -> Tensor:
         flat = t.reshape(-1, k, *t.shape[len(batch) + 1 :])
-        return flat[torch.arange(flat.shape[0], device=t.device), index]
+        return flat[:, 0] if index is None else flat[torch.arange(flat.shape[0], device=t.device), index]
 
-    mean, scale = pick(mu), pick(diag).rsqrt()
+    mean, chosen_diag = pick(mu), pick(diag)
+    scale = chosen_diag.rsqrt()
     if temperature == 0:
         return mean.reshape(*batch, d)
     noise = torch.randn(mean.shape, generator=generator, device=mu.device, dtype=mu.dtype)
     if u is not None and u.shape[-1] > 0:
         factor = pick(u)
-        v, chol = _whitened_gram_cholesky(pick(diag), factor)
+        v_t, lower = _whitened_factor(chosen_diag, factor)
         eta = torch.randn(
             (*mean.shape[:-1], factor.shape[-1]), generator=generator, device=mu.device, dtype=mu.dtype
         )
-        w = noise + (v @ eta.unsqueeze(-1)).squeeze(-1)
-        projected = torch.cholesky_solve((v.transpose(-1, -2) @ w.unsqueeze(-1)).double(), chol)
-        noise = w - (v @ projected.to(mu.dtype)).squeeze(-1)
+        w = noise + (eta.unsqueeze(-1) * v_t).sum(-2)
+        projected = _cholesky_solve(lower, (v_t * w.unsqueeze(-2)).sum(-1).double())
+        noise = w - (projected.to(mu.dtype).unsqueeze(-1) * v_t).sum(-2)
     return (mean + math.sqrt(temperature) * scale * noise).reshape(*batch, d)
