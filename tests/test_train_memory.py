@@ -1,0 +1,199 @@
+"""train-memory: windows and alignment, the loss falls, resume after a kill, the NaN guard, the command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import worldmodel.train_memory as train_memory_module
+from worldmodel.data import list_npz, load_latents
+from worldmodel.io import DataError, load_checkpoint, read_json, read_jsonl
+from worldmodel.memory import MemoryModel
+from worldmodel.sequences import SequenceSet, chunk_episode, load_sequences, split_latent_files
+from worldmodel.train_memory import TrainingStopped, run
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny LSTMs run fastest on one thread, and helpers share this machine's two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _finite_tensors(payload) -> bool:
+    if torch.is_tensor(payload):
+        return not payload.is_floating_point() or bool(torch.isfinite(payload).all())
+    if isinstance(payload, dict):
+        return all(_finite_tensors(value) for value in payload.values())
+    if isinstance(payload, list | tuple):
+        return all(_finite_tensors(value) for value in payload)
+    return True
+
+
+def test_windows_align_inputs_targets_and_mask_the_tail():
+    steps, seq_len = 10, 4
+    mu = np.arange((steps + 1) * 2, dtype=np.float32).reshape(steps + 1, 2)
+    arrays = {"mu": mu, "logvar": -mu, "actions": np.arange(steps, dtype=np.float32)[:, None],
+              "rewards": np.arange(steps, dtype=np.float32) * 10, "terminals": np.arange(steps) == steps - 1}
+    windows = chunk_episode(arrays, seq_len)
+    assert windows["mu"].shape == (3, seq_len + 1, 2) and windows["actions"].shape == (3, seq_len, 1)
+    np.testing.assert_array_equal(windows["mask"].sum(1), [4, 4, 2])
+    for j in range(3):
+        for i in range(seq_len):
+            t = j * seq_len + i
+            if t >= steps:
+                assert not windows["mask"][j, i]
+                continue
+            # at step t the memory reads (z_t, a_t) and is scored on z_{t+1}, r_t, done_t
+            np.testing.assert_array_equal(windows["mu"][j, i], mu[t])
+            np.testing.assert_array_equal(windows["mu"][j, i + 1], mu[t + 1])
+            assert windows["actions"][j, i, 0] == t and windows["rewards"][j, i] == 10 * t
+            assert windows["dones"][j, i] == (t == steps - 1)
+    assert np.isfinite(windows["mu"]).all() and np.isfinite(windows["logvar"]).all()
+
+
+def test_posterior_sample_is_fresh_and_has_the_posterior_moments():
+    rng = np.random.default_rng(0)
+    mu = rng.standard_normal((200, 3, 2)).astype(np.float32)
+    logvar = np.log(np.full_like(mu, 0.25))
+    data = SequenceSet(mu, logvar, np.zeros((200, 2, 1), np.float32), np.zeros((200, 2), np.float32),
+                       np.zeros((200, 2), bool), np.ones((200, 2), bool), ["a"])
+    first = data.latents(False, np.random.default_rng(1))
+    second = data.latents(False, np.random.default_rng(2))
+    assert not np.allclose(first, second)
+    assert data.latents(True, np.random.default_rng(1)) is mu
+    noise = (first - mu) / 0.5
+    assert abs(noise.mean()) < 0.05 and abs(noise.std() - 1) < 0.05
+
+
+def test_loss_falls_test_nll_is_finite_and_a_rerun_is_skipped(tiny_memory_run):
+    cfg = tiny_memory_run("m", "memory_train.epochs=6")
+    summary = run(cfg)
+    out = cfg.run_dir / "memory"
+    epochs = [row for row in read_jsonl(out / "metrics.jsonl") if row["kind"] == "epoch"]
+    assert [row["epoch"] for row in epochs] == list(range(7))
+    train = [row["train_nll_per_dim"] for row in epochs[1:]]
+    assert train[-1] < train[0] - 0.2
+    assert epochs[-1]["val_nll_per_dim"] < epochs[0]["val_nll_per_dim"] - 0.05
+    assert np.isfinite(summary["test_nll_per_dim"]) and np.isfinite(summary["test_nll_per_step"])
+    assert summary["test_nll_per_step"] == pytest.approx(4 * summary["test_nll_per_dim"])
+    assert summary["skipped_steps"] == 0 and summary["episodes"] == {"train": 4, "val": 1, "test": 1}
+    parameters = summary["parameters"]
+    assert parameters["flow"] > 0 and parameters["total"] == sum(v for k, v in parameters.items() if k != "total")
+    assert (out / "nll.png").stat().st_size > 0
+
+    # the contract others load: the best-validation model, plain data
+    payload = load_checkpoint(out / "memory.pt")
+    assert payload["epoch"] == summary["best_epoch"] and payload["val_nll"] == pytest.approx(summary["val_nll_per_dim"])
+    model = MemoryModel.from_checkpoint(payload)
+    assert (model.target_dim, model.cond_dim, model.config.kind) == (4, 2, "frmdn")
+
+    # done weighting from the training split: negatives / positives, computed independently here
+    split = split_latent_files(cfg.run_dir / "latents", 0.2, 0.2, cfg.seed)
+    dones = np.concatenate([load_latents(path)["terminals"] for path in split["train"]])
+    assert summary["done_pos_weight"] == pytest.approx((~dones).sum() / dones.sum())
+
+    # the pipeline reruns stages: a finished run is not trained again
+    before = (out / "metrics.jsonl").read_text()
+    assert run(cfg) == summary
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_a_kill_mid_epoch_resumes_from_the_saved_step(tiny_memory_run, monkeypatch):
+    overrides = ("memory_train.epochs=2", "memory_train.batch_size=2", "memory_train.checkpoint_every=2")
+    reference_cfg = tiny_memory_run("straight", *overrides)
+    reference = run(reference_cfg)
+    steps_per_epoch = reference["steps"] // 2
+    assert steps_per_epoch > 5
+
+    cfg = tiny_memory_run("killed", *overrides)
+    with pytest.raises(TrainingStopped):
+        run(cfg, stop_after_steps=5)
+    saved = load_checkpoint(cfg.run_dir / "memory" / "checkpoint.pt")["state"]
+    assert (saved["epoch"], saved["step_in_epoch"], saved["global_step"]) == (0, 4, 4)
+
+    calls = []
+    real_step = train_memory_module.optimisation_step
+    monkeypatch.setattr(train_memory_module, "optimisation_step", lambda *a, **k: calls.append(1) or real_step(*a, **k))
+    resumed = run(cfg)
+    assert len(calls) == reference["steps"] - 4  # it went on from step 4, it did not start over
+    assert resumed["steps"] == reference["steps"]
+    train_rows = [row["step"] for row in read_jsonl(cfg.run_dir / "memory" / "metrics.jsonl") if row["kind"] == "train"]
+    assert len(train_rows) == len(set(train_rows))
+    # the epoch's sample and order are replayed, so the result is that of the uninterrupted run
+    for name in ("memory.pt", "checkpoint.pt"):
+        got = load_checkpoint(cfg.run_dir / "memory" / name)
+        want = load_checkpoint(reference_cfg.run_dir / "memory" / name)
+        got, want = (p.get("state_dict") or p["model"]["state_dict"] for p in (got, want))
+        torch.testing.assert_close(got, want)
+    assert resumed["test_nll_per_dim"] == pytest.approx(reference["test_nll_per_dim"], rel=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "rmsprop"])
+def test_an_exploding_learning_rate_skips_steps_and_leaves_finite_checkpoints(tiny_memory_run, optimizer):
+    cfg = tiny_memory_run("boom", "memory_train.lr=1000000.0", "memory_train.grad_clip=0",
+                          f"memory_train.optimizer={optimizer}", "memory_train.checkpoint_every=1")
+    summary = run(cfg)
+    out = cfg.run_dir / "memory"
+    skipped = [row for row in read_jsonl(out / "metrics.jsonl") if row["kind"] == "skipped"]
+    assert summary["skipped_steps"] == len(skipped) > 0
+    assert all(row["reason"].startswith("non-finite") for row in skipped)
+    for name in ("memory.pt", "checkpoint.pt"):
+        assert _finite_tensors(load_checkpoint(out / name))
+    assert np.isfinite(summary["test_nll_per_dim"])
+
+
+def test_missing_latents_tell_the_user_to_encode(tiny_memory_run):
+    cfg = tiny_memory_run("empty")
+    for path in list_npz(cfg.run_dir / "latents"):
+        path.unlink()
+    with pytest.raises(DataError, match="run.py encode"):
+        run(cfg)
+
+
+def test_a_changed_model_refuses_to_resume_the_old_checkpoint(tiny_memory_run):
+    from worldmodel.config import ConfigError
+
+    cfg = tiny_memory_run("m", "memory_train.epochs=1")
+    run(cfg)
+    other = tiny_memory_run("m", "memory_train.epochs=1", "memory.rank=2")
+    with pytest.raises(ConfigError, match="delete"):
+        run(other)
+
+
+def test_use_mu_trains_on_the_posterior_mean(tiny_memory_run):
+    cfg = tiny_memory_run("mu", "memory_train.use_mu=true", "memory_train.epochs=1")
+    split = split_latent_files(cfg.run_dir / "latents", 0.2, 0.2, cfg.seed)
+    test = load_sequences(split["test"], cfg.memory_train.seq_len)
+    summary = run(cfg)
+    model = MemoryModel.from_checkpoint(load_checkpoint(cfg.run_dir / "memory" / "memory.pt"))
+    with torch.no_grad():
+        losses = model.sequence_loss(torch.from_numpy(test.mu), torch.from_numpy(test.actions),
+                                     mask=torch.from_numpy(test.mask))
+    assert summary["use_mu"] and summary["test_nll_per_step"] == pytest.approx(losses["nll"].item(), rel=1e-5)
+
+
+def test_command_line_smoke(tiny_memory_run):
+    cfg = tiny_memory_run("cli")
+    args = [sys.executable, str(ROOT / "run.py"), "train-memory", "--set", f"runs_dir={cfg.runs_dir}",
+            "--set", "memory.hidden=8", "--set", "memory_train.epochs=1", "--set", "memory_train.seq_len=8"]
+    result = subprocess.run([*args, "--set", "name=cli"], check=False, capture_output=True, text=True, cwd=ROOT,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert np.isfinite(summary["test_nll_per_dim"])
+    assert read_json(Path(cfg.runs_dir) / "cli" / "memory" / "summary.json") == summary
+
+    missing = subprocess.run([*args, "--set", "name=nothing"], check=False, capture_output=True, text=True, cwd=ROOT,
+                            timeout=120)
+    assert missing.returncode == 2 and "run.py encode" in missing.stderr
