@@ -68,17 +68,19 @@ def test_new_flow_is_the_identity():
     torch.testing.assert_close(logdet, torch.zeros(7), rtol=0, atol=0)
 
 
-def test_single_block_leaves_conditioner_untouched_and_log_det_is_sum_of_scales():
+@pytest.mark.parametrize("flip", [False, True])
+def test_single_block_leaves_conditioner_untouched_and_log_det_is_sum_of_scales(flip):
     torch.manual_seed(2)
-    block = AffineCoupling([0, 1], [2, 3, 4], hidden=8).double()
+    block = AffineCoupling(5, 2, flip=flip, hidden=8).double()
     with torch.no_grad():
         for parameter in block.parameters():
             parameter.normal_(0.0, 0.5)
     y = torch.randn(10, 5, dtype=F64)
     z, logdet = block(y)
-    torch.testing.assert_close(z[:, :2], y[:, :2], rtol=0, atol=0)
-    log_scale = block.scale(y[:, :2])
-    torch.testing.assert_close(z[:, 2:], y[:, 2:] * log_scale.exp() + block.shift(y[:, :2]))
+    kept, moved = (slice(2, 5), slice(0, 2)) if flip else (slice(0, 2), slice(2, 5))
+    torch.testing.assert_close(z[:, kept], y[:, kept], rtol=0, atol=0)
+    log_scale = block.scale(y[:, kept])
+    torch.testing.assert_close(z[:, moved], y[:, moved] * log_scale.exp() + block.shift(y[:, kept]))
     torch.testing.assert_close(logdet, log_scale.sum(-1))
     torch.testing.assert_close(block.inverse(z), y)
 

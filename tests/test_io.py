@@ -1,5 +1,7 @@
 """Atomic files, validated episodes/latents and checkpoints that load with weights_only=True."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -39,6 +41,9 @@ def test_episode_round_trip_and_no_temp_files_left(tmp_path):
     for key, value in episode.items():
         np.testing.assert_array_equal(loaded[key], value)
     assert [p.name for p in tmp_path.iterdir()] == ["ep.npz"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "ep.npz").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_truncated_episode_is_reported_by_name(tmp_path):

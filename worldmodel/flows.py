@@ -18,35 +18,40 @@ from torch import Tensor, nn
 
 
 class AffineCoupling(nn.Module):
-    """One affine coupling block transforming the coordinates ``transformed`` given ``conditioner``."""
+    """One affine coupling block: coordinates ``[:split]`` condition ``[split:]``, or the reverse if ``flip``."""
 
-    def __init__(self, conditioner: list[int], transformed: list[int], hidden: int, context_dim: int = 0):
+    def __init__(self, dim: int, split: int, flip: bool, hidden: int, context_dim: int = 0):
         super().__init__()
-        self.register_buffer("conditioner", torch.tensor(conditioner, dtype=torch.long), persistent=False)
-        self.register_buffer("transformed", torch.tensor(transformed, dtype=torch.long), persistent=False)
-        inputs, outputs = len(conditioner) + context_dim, len(transformed)
-        self.scale = nn.Sequential(nn.Linear(inputs, hidden), nn.LeakyReLU(), nn.Linear(hidden, outputs), nn.Tanh())
-        self.shift = nn.Sequential(nn.Linear(inputs, hidden), nn.LeakyReLU(), nn.Linear(hidden, outputs))
+        self.split, self.flip = split, flip
+        kept, moved = (dim - split, split) if flip else (split, dim - split)
+        inputs = kept + context_dim
+        self.scale = nn.Sequential(nn.Linear(inputs, hidden), nn.LeakyReLU(), nn.Linear(hidden, moved), nn.Tanh())
+        self.shift = nn.Sequential(nn.Linear(inputs, hidden), nn.LeakyReLU(), nn.Linear(hidden, moved))
         for last in (self.scale[2], self.shift[2]):
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
+
+    def _halves(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """(kept, moved) halves of ``y``."""
+        first, second = y[..., : self.split], y[..., self.split :]
+        return (second, first) if self.flip else (first, second)
+
+    def _join(self, kept: Tensor, moved: Tensor) -> Tensor:
+        return torch.cat([moved, kept] if self.flip else [kept, moved], dim=-1)
 
     def _scale_shift(self, kept: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         features = kept if context is None else torch.cat([kept, context], dim=-1)
         return self.scale(features), self.shift(features)
 
     def forward(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        kept = y.index_select(-1, self.conditioner)
+        kept, moved = self._halves(y)
         log_scale, shift = self._scale_shift(kept, context)
-        moved = y.index_select(-1, self.transformed) * log_scale.exp() + shift
-        z = y.index_copy(-1, self.transformed, moved)
-        return z, log_scale.sum(-1)
+        return self._join(kept, moved * log_scale.exp() + shift), log_scale.sum(-1)
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
-        kept = z.index_select(-1, self.conditioner)
+        kept, moved = self._halves(z)
         log_scale, shift = self._scale_shift(kept, context)
-        moved = (z.index_select(-1, self.transformed) - shift) * (-log_scale).exp()
-        return z.index_copy(-1, self.transformed, moved)
+        return self._join(kept, (moved - shift) * (-log_scale).exp())
 
 
 class CouplingFlow(nn.Module):
@@ -66,9 +71,8 @@ class CouplingFlow(nn.Module):
         if blocks < 1:
             raise ValueError(f"a coupling flow needs at least one block, got blocks={blocks}")
         self.dim, self.context_dim = dim, context_dim
-        first, second = list(range(dim // 2)), list(range(dim // 2, dim))
         self.blocks = nn.ModuleList(
-            AffineCoupling(*((first, second) if i % 2 == 0 else (second, first)), hidden, context_dim)
+            AffineCoupling(dim, dim // 2, flip=i % 2 == 1, hidden=hidden, context_dim=context_dim)
             for i in range(blocks)
         )
 
