@@ -81,7 +81,7 @@ class VAEConfig:
     """Optimiser steps between mid-epoch checkpoints (0 = only at the end of each epoch)."""
     log_every: int = 10
     """Optimiser steps between training-loss rows in vae/metrics.jsonl."""
-    encode_batch: int = 256
+    encode_batch: int = 64
     """Frames per forward pass when encoding episodes to latents."""
 
 
@@ -179,6 +179,8 @@ class ControllerConfig:
     """Ray rollout actors for real-game evaluation; 0 = one per core."""
     retries: int = 2
     """How often a real-game rollout job whose actor crashed is run again before the stage fails."""
+    envs_per_worker: int = 8
+    """Real-game envs one rollout actor plays in lockstep (one batched V + M + C call per step for all)."""
     dream_threads: int = 0
     """Torch threads of the batched dream; 0 = torch's default, or 1 for small batches (dreams x hidden < 65536)."""
 

@@ -1,0 +1,106 @@
+"""Small figure helpers shared by every stage: loss curves and image grids, written atomically as PNG.
+
+Matplotlib runs on the Agg backend (no display needed) and each figure is rendered to memory and then
+renamed into place, so a crash never leaves half a PNG.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # after choosing the backend
+import numpy as np
+
+from worldmodel.io import atomic_write_bytes
+
+Series = Sequence[float] | tuple[Sequence[float], Sequence[float]]
+
+
+def _xy(values: Series) -> tuple[np.ndarray, np.ndarray]:
+    """``[y0, y1, ...]`` (x = 0, 1, ...) or ``(xs, ys)``."""
+    if isinstance(values, tuple) and len(values) == 2 and np.ndim(values[0]) == 1:
+        xs, ys = values
+        return np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    ys = np.asarray(values, dtype=float)
+    return np.arange(len(ys), dtype=float), ys
+
+
+def plot_curves(
+    path: str | Path,
+    series: Mapping[str, Series],
+    xlabel: str = "step",
+    ylabel: str = "loss",
+    title: str = "",
+    logy: bool = False,
+) -> None:
+    """One line per named series (a list of y values, or an ``(xs, ys)`` pair), as a PNG at ``path``."""
+    figure, axes = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    try:
+        plotted = 0
+        for name, values in series.items():
+            xs, ys = _xy(values)
+            if len(ys) == 0:
+                continue
+            # markers keep short series (a single point would be an invisible line) readable
+            axes.plot(xs, ys, label=name, marker="o" if len(ys) < 30 else None, markersize=3)
+            plotted += 1
+        axes.set_xlabel(xlabel)
+        axes.set_ylabel(ylabel)
+        if title:
+            axes.set_title(title)
+        if logy:
+            axes.set_yscale("log")
+        if plotted:
+            axes.legend()
+        axes.grid(alpha=0.3)
+        figure.tight_layout()
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png")
+    finally:
+        plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def image_grid(rows: Sequence[Sequence[np.ndarray]], pad: int = 2, scale: int = 1) -> np.ndarray:
+    """Tile uint8 images ``[H, W, 3]`` (or ``[H, W]``) row by row on a white background, enlarged ``scale`` x."""
+    rows = [[_as_rgb_uint8(image) for image in row] for row in rows if len(row) > 0]
+    if not rows:
+        raise ValueError("image_grid: no images")
+    height = max(image.shape[0] for row in rows for image in row)
+    width = max(image.shape[1] for row in rows for image in row)
+    columns = max(len(row) for row in rows)
+    grid = np.full(
+        (len(rows) * (height + pad) + pad, columns * (width + pad) + pad, 3), 255, dtype=np.uint8
+    )
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            top, left = pad + r * (height + pad), pad + c * (width + pad)
+            grid[top : top + image.shape[0], left : left + image.shape[1]] = image
+    if scale > 1:
+        grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    return grid
+
+
+def save_image_grid(path: str | Path, rows: Sequence[Sequence[np.ndarray]], pad: int = 2, scale: int = 1) -> None:
+    """Write ``image_grid(rows)`` as a PNG at ``path`` (each row a list of uint8 images)."""
+    buffer = io.BytesIO()
+    plt.imsave(buffer, image_grid(rows, pad=pad, scale=scale), format="png")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        # floats in [0, 1]
+        image = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image_grid: expected [H, W, 3] or [H, W] images, got shape {image.shape}")
+    return image
