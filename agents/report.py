@@ -20,6 +20,8 @@ STAGE_FOLDERS = {
     "dream": "dream",
 }
 MEDIA_SUFFIXES = (".png", ".gif", ".mp4")
+SKIPPED_KEYS = {"settings", "memory_config"}
+"""Copies of the config inside summaries: the report links the resolved config once instead."""
 
 
 def _scalars(summary: dict, prefix: str = "") -> list[tuple[str, object]]:
@@ -27,6 +29,8 @@ def _scalars(summary: dict, prefix: str = "") -> list[tuple[str, object]]:
     rows: list[tuple[str, object]] = []
     for key, value in summary.items():
         name = f"{prefix}{key}"
+        if key in SKIPPED_KEYS:
+            continue
         if isinstance(value, dict):
             rows.extend(_scalars(value, name + "."))
         elif isinstance(value, bool | int | str) or value is None:
@@ -34,6 +38,31 @@ def _scalars(summary: dict, prefix: str = "") -> list[tuple[str, object]]:
         elif isinstance(value, float):
             rows.append((name, value if math.isfinite(value) else str(value)))
     return rows
+
+
+def _headline(summaries: dict[str, dict]) -> list[str]:
+    """The few numbers a reader looks for first, where the stages reported them."""
+    rows = []
+    evaluation = summaries.get("evaluate") or {}
+    if "mean" in evaluation:
+        line = f"{evaluation['mean']:.1f} ± {evaluation.get('std', 0.0):.1f} over {evaluation.get('episodes')} episodes"
+        random = evaluation.get("random_policy") or {}
+        if "mean" in random:
+            line += f" (random policy on the same seeds: {random['mean']:.1f} ± {random.get('std', 0.0):.1f})"
+        rows.append(("real-game score", line))
+    controller = summaries.get("train-controller") or {}
+    if "best_score" in controller:
+        rows.append((f"best fitness in the {controller.get('train_in', '?')}",
+                     f"{controller['best_score']:.2f} after {controller.get('generations')} generations"))
+    memory = summaries.get("train-memory") or {}
+    if memory.get("test_nll_per_dim") is not None:
+        rows.append(("memory test NLL", f"{memory['test_nll_per_dim']:.4f} nats per latent dimension"))
+    vae = summaries.get("train-vae") or {}
+    if "val_loss" in vae:
+        rows.append(("VAE validation loss", f"{vae['val_loss']:.1f} (reconstruction {vae.get('val_recon', 0):.1f})"))
+    if not rows:
+        return []
+    return ["| headline | |", "|---|---|", *[f"| {name} | {value} |" for name, value in rows], ""]
 
 
 def _format(value: object) -> str:
@@ -54,6 +83,7 @@ def write_report(config: Config, summaries: dict[str, dict], seconds: dict[str, 
         "",
         f"Total time: {sum(seconds.values()):.0f} s. Resolved config: [config.yaml](config.yaml).",
         "",
+        *_headline(summaries),
         "| stage | seconds |",
         "|---|---|",
         *[f"| {stage} | {secs:.1f} |" for stage, secs in seconds.items()],

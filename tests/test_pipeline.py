@@ -1,0 +1,82 @@
+"""The whole V-M-C pipeline from the command line, as a user runs it (`python run.py pipeline`)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from worldmodel.config import load_config
+from worldmodel.data import list_npz, load_episode, load_latents
+from worldmodel.io import load_checkpoint, read_json
+from worldmodel.memory import MemoryModel
+from worldmodel.vae import load_vae
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Reduced counts for the default run: every stage runs for real, on a handful of short episodes.
+TINY = [
+    "collect.episodes=3", "collect.max_steps=24", "env.max_steps=24",
+    "vae.epochs=1", "vae.batch_size=16",
+    "memory.hidden=16", "memory_train.epochs=2", "memory_train.seq_len=8", "memory_train.batch_size=4",
+    "controller.generations=2", "controller.population=4", "controller.rollouts=1",
+    "controller.eval_every=1", "controller.eval_episodes=1",
+    "evaluate.episodes=2",
+]
+
+
+def run_pipeline(tmp_path: Path, overrides: list[str], config: str | None = None) -> dict:
+    args = [sys.executable, "run.py", "pipeline", "--set", f"runs_dir={tmp_path}"]
+    if config:
+        args += ["--config", config]
+    for override in overrides:
+        args += ["--set", override]
+    result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, f"pipeline failed:\n{result.stderr[-4000:]}"
+    return json.loads(result.stdout)
+
+
+def check_outputs(root: Path, episodes: int) -> None:
+    """Every stage left its outputs, and each loads and validates."""
+    episode_files = list_npz(root / "episodes")
+    assert len(episode_files) == episodes
+    for path in episode_files:
+        load_episode(path)
+    latent_files = list_npz(root / "latents")
+    assert [p.name for p in latent_files] == [p.name for p in episode_files]
+    latents = [load_latents(path) for path in latent_files]
+    assert latents[0]["mu"].shape[1] == load_vae(root / "vae" / "vae.pt").latent_dim
+
+    memory = MemoryModel.from_checkpoint(load_checkpoint(root / "memory" / "memory.pt"))
+    assert memory.target_dim == latents[0]["mu"].shape[1]
+    assert memory.cond_dim == latents[0]["actions"].shape[1]
+    assert all(key in read_json(root / "memory" / "summary.json") for key in ("test_nll_per_step", "test_nll_per_dim"))
+
+    assert load_checkpoint(root / "controller" / "best.pt")
+    evaluation = read_json(root / "evaluate" / "summary.json")
+    assert evaluation["episodes"] >= 1
+    for stage, picture in [("vae", "reconstructions.png"), ("memory", "nll.png"), ("controller", "fitness.png"),
+                           ("dream", "dream.gif")]:
+        assert (root / stage / picture).stat().st_size > 0, f"{stage}/{picture} missing"
+    report = (root / "report.md").read_text()
+    for link in ("vae/reconstructions.png", "memory/nll.png", "controller/fitness.png", "dream/dream.gif"):
+        assert link in report
+
+
+def test_tiny_pipeline_end_to_end_and_rerun_skips_done_stages(tmp_path):
+    summary = run_pipeline(tmp_path, TINY)
+    root = tmp_path / "tiny"
+    check_outputs(root, episodes=3)
+    assert set(summary["seconds"]) >= {"collect", "train-vae", "encode", "train-memory", "train-controller", "evaluate"}
+    first_vae = (root / "vae" / "vae.pt").stat().st_mtime_ns
+    run_pipeline(tmp_path, TINY)
+    assert (root / "vae" / "vae.pt").stat().st_mtime_ns == first_vae, "a finished VAE must not be retrained"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["configs/tiny.yaml", "configs/mario-tiny.yaml"])
+def test_embedded_tiny_configs_full_size(tmp_path, config):
+    run_pipeline(tmp_path, [], config=config)
+    name = load_config(REPO / config).name
+    check_outputs(tmp_path / name, episodes=load_config(REPO / config).collect.episodes)
