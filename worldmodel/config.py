@@ -179,10 +179,10 @@ class ControllerConfig:
     """Ray rollout actors for real-game evaluation; 0 = one per core."""
     retries: int = 2
     """How often a real-game rollout job whose actor crashed is run again before the stage fails."""
-    envs_per_worker: int = 8
+    envs_per_worker: int = 16
     """Real-game envs one rollout actor plays in lockstep (one batched V + M + C call per step for all)."""
-    dream_threads: int = 0
-    """Torch threads of the batched dream; 0 = torch's default, or 1 for small batches (dreams x hidden < 65536)."""
+    dream_threads: int = 1
+    """Torch threads of the batched dream (0 = torch's default); results depend on it, so it is fixed per run."""
 
 
 @dataclass

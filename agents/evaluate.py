@@ -1,0 +1,143 @@
+"""``python run.py evaluate`` (the trained controller in the real game) and ``python run.py dream`` (in the dream).
+
+``evaluate``: ``evaluate.episodes`` real episodes (in parallel on Ray) with the controller of
+``<run>/controller/best.pt``, on seeds that training never used; mean +- std of the returns; with
+``evaluate.random_baseline`` the same seeds played by uniformly random actions, for comparison; GIFs of the
+best and the worst episode. Outputs in ``<run>/evaluate/``: ``summary.json``, ``best.gif``, ``worst.gif``.
+
+``dream``: one dream of the memory driven by the controller, every step's ``z`` decoded by the VAE, as
+``<run>/dream/dream.gif`` with ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from agents.agent import controller_for
+from agents.controller import LinearController
+from agents.train_controller import TEST, episode_seeds, load_best
+from agents.workers import chunk_count, rollout_pool, split_seeds
+from rollouts.dream_env import load_memory, make_dream_env
+from rollouts.parallel import init_ray
+from worldmodel.config import Config, ConfigError, config_to_dict
+from worldmodel.io import DataError, atomic_write_bytes, read_json, write_json
+from worldmodel.runs import prepare_stage, run_paths
+from worldmodel.vae import load_vae
+
+
+def write_gif(path: str | Path, frames: Sequence[np.ndarray], fps: float = 25.0, scale: int = 1) -> None:
+    """uint8 ``[H, W, 3]`` frames as a looping GIF (written atomically), each pixel enlarged ``scale`` x."""
+    import imageio.v3 as iio
+
+    if not len(frames):
+        raise ValueError(f"{path}: no frames to write")
+    video = np.stack(frames)
+    if scale > 1:
+        video = video.repeat(scale, axis=1).repeat(scale, axis=2)
+    atomic_write_bytes(path, iio.imwrite("<bytes>", video, extension=".gif", duration=1000.0 / fps, loop=0))
+
+
+def _stats(returns: Sequence[float]) -> dict:
+    returns = np.asarray(returns, dtype=np.float64)
+    return {"mean": float(returns.mean()), "std": float(returns.std()), "min": float(returns.min()),
+            "max": float(returns.max()), "returns": [round(float(r), 3) for r in returns]}
+
+
+def _controller(expected: LinearController, best: dict, path: Path) -> LinearController:
+    """The controller shape stored in ``best.pt``, which must fit this run's memory and game."""
+    controller = LinearController(**best["controller"])
+    if controller != expected:
+        raise DataError(f"{path}: the controller was trained for {controller}, but this run's memory and game need "
+                        f"{expected}; train the controller again")
+    return controller
+
+
+def run(cfg: Config) -> dict:
+    """Score the trained controller in the real game (and random actions on the same seeds)."""
+    if cfg.evaluate.episodes < 1:
+        raise ConfigError(f"evaluate.episodes must be at least 1, got {cfg.evaluate.episodes}")
+    paths = run_paths(cfg)
+    best_path, out = paths.controller / "best.pt", paths.evaluate
+    best = load_best(cfg)
+    summary_path = out / "summary.json"
+    settings = {"env": config_to_dict(cfg.env), "evaluate": config_to_dict(cfg.evaluate), "seed": cfg.seed,
+                "use_mu": cfg.memory_train.use_mu}
+    if summary_path.exists() and summary_path.stat().st_mtime > best_path.stat().st_mtime:
+        previous = read_json(summary_path)
+        if previous.get("settings") == settings:  # the same controller scored the same way already
+            return {**previous, "skipped": True}
+    memory = load_memory(cfg, "cpu")
+    _controller(controller_for(cfg.env, memory), best, best_path)  # the workers build the same one
+    vae = load_vae(paths.vae / "vae.pt", "cpu")
+    prepare_stage(cfg, out)
+    seeds = episode_seeds(cfg.seed, TEST, 0, cfg.evaluate.episodes)
+    params = best["params"].numpy().astype(np.float32)
+    started = time.perf_counter()
+    init_ray(cfg.ray)
+    pool = rollout_pool(cfg.env, vae.state_dict(), memory.to_checkpoint(), cfg.memory_train.use_mu, None,
+                        cfg.controller.workers, cfg.controller.envs_per_worker, cfg.controller.retries)
+    chunks = split_seeds(seeds, chunk_count(len(seeds), len(pool.actors), cfg.controller.envs_per_worker))
+    jobs = [(params, chunk, cfg.evaluate.video) for chunk in chunks]
+    if cfg.evaluate.random_baseline:
+        jobs += [(None, chunk, False) for chunk in chunks]
+    try:
+        results = [episode for result in pool.map("evaluate", jobs) for episode in result]
+    finally:
+        pool.close()
+    episodes, random_episodes = results[: len(seeds)], results[len(seeds) :]
+    returns = [episode.ret for episode in episodes]
+    summary = {
+        "env": cfg.env.name,
+        "episodes": len(episodes),
+        "seed": cfg.seed,
+        "seeds": seeds,
+        "controller": {"train_in": best.get("train_in"), "generation": best.get("generation"),
+                       "training_score": best.get("fitness")},
+        **_stats(returns),
+        "steps": [episode.steps for episode in episodes],
+        "seconds": round(time.perf_counter() - started, 2),
+        "settings": settings,
+    }
+    if random_episodes:
+        summary["random_policy"] = _stats([episode.ret for episode in random_episodes])
+    if cfg.evaluate.video:
+        order = np.argsort(returns)
+        fps = 50.0 / cfg.env.action_repeat
+        for name, index in (("best", order[-1]), ("worst", order[0])):
+            write_gif(out / f"{name}.gif", episodes[index].frames, fps, cfg.evaluate.video_scale)
+            summary[f"{name}_video"] = {"path": str(out / f"{name}.gif"), "return": round(returns[index], 3),
+                                        "seed": episodes[index].seed}
+    write_json(summary_path, summary)
+    return summary
+
+
+@torch.inference_mode()
+def run_dream(cfg: Config) -> dict:
+    """Roll out the trained controller in the memory's dream and render it as ``<run>/dream/dream.gif``."""
+    best = load_best(cfg)
+    paths = run_paths(cfg)
+    env = make_dream_env(cfg, render_mode="rgb_array")
+    dream = env.unwrapped
+    controller = _controller(controller_for(cfg.env, dream.memory), best, paths.controller / "best.pt")
+    params = best["params"].to(dream.device)
+    out = prepare_stage(cfg, paths.dream)
+    obs, info = env.reset(seed=cfg.seed)
+    frames, total, steps, terminated, truncated = [env.render()], 0.0, 0, False, False
+    while not (terminated or truncated):
+        features = torch.as_tensor(obs, device=dream.device)
+        z, h = features[: controller.z_dim], features[controller.z_dim :]
+        action = controller.act(params, z.unsqueeze(0), h.unsqueeze(0))[0]
+        obs, reward, terminated, truncated, _ = env.step(int(action) if controller.discrete else action.cpu().numpy())
+        frames.append(env.render())
+        total, steps = total + reward, steps + 1
+    env.close()
+    write_gif(out / "dream.gif", frames, 50.0 / cfg.env.action_repeat, cfg.evaluate.video_scale)
+    summary = {"return": round(total, 3), "steps": steps, "ended": "done" if terminated else "horizon",
+               "temperature": dream.temperature, "start_frame": info["start_index"], "video": str(out / "dream.gif")}
+    write_json(out / "summary.json", summary)
+    return summary

@@ -1,0 +1,196 @@
+r"""The dream: the memory model M as a ``gymnasium.Env`` (registered as ``WorldModelDream-v0``).
+
+Alignment (DESIGN.md, "The dream, done right"): the observation at step t is :math:`[z_t, h_t]`, where
+:math:`h_t` is the LSTM output *before* reading :math:`(z_t, a_t)`. ``step(a_t)`` makes the memory read
+:math:`(z_t, a_t)`; its output predicts
+
+- :math:`z_{t+1}`: a *sample* of the mixture (``MemoryModel.sample``: temperature :math:`\tau` divides the
+  mixture logits and multiplies the covariance), then :math:`y = f^{-1}(z)` through the flow;
+- :math:`r_t`: the reward head's prediction for this transition;
+- :math:`done_t \sim \text{Bernoulli}(\sigma(\ell / \tau))` with :math:`\ell` the done head's logit (the same
+  temperature divides this logit too; :math:`\tau = 0` ends the episode iff :math:`\ell > 0`, Ha's rule).
+
+A dream starts from :math:`z_0` of a real encoded first frame, drawn from the run's latents (a posterior sample
+:math:`\mu + \sigma \epsilon`, or :math:`\mu` with ``use_mu``, the same choice the memory was trained on), with
+:math:`h_0 = 0`, and is truncated at the real game's horizon. All randomness comes from ``np_random`` (the
+start frame) and a ``torch.Generator`` seeded from it at every reset, so a seeded reset replays exactly.
+
+``render_mode="rgb_array"`` decodes :math:`z_t` with the VAE to a uint8 64x64 RGB frame.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import gymnasium
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from rollouts.envs import action_dim, is_discrete
+from worldmodel.config import Config, EnvConfig
+from worldmodel.data import list_npz, load_latents
+from worldmodel.io import DataError, load_checkpoint
+from worldmodel.memory import MemoryModel
+from worldmodel.runs import run_paths
+from worldmodel.vae import ConvVAE, load_vae, tensor_to_frames
+
+DREAM_ENV_ID = "WorldModelDream-v0"
+
+
+def game_action_space(env_cfg: EnvConfig) -> spaces.Space:
+    """The real game's action space without building the game: CarRacing's box or Mario's discrete set."""
+    if is_discrete(env_cfg):
+        return spaces.Discrete(action_dim(env_cfg))
+    return spaces.Box(np.array([-1.0, 0.0, 0.0], np.float32), np.array([1.0, 1.0, 1.0], np.float32), dtype=np.float32)
+
+
+def first_latents(latents_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, logvar) ``[N, Z]`` of the first frame of every encoded episode in ``latents_dir``."""
+    paths = list_npz(latents_dir)
+    if not paths:
+        raise DataError(f"{latents_dir}: no latents; run `python run.py encode` first")
+    firsts = [load_latents(path) for path in paths]
+    return (np.stack([data["mu"][0] for data in firsts]), np.stack([data["logvar"][0] for data in firsts]))
+
+
+def dream_horizon(cfg: Config) -> int:
+    """Steps per dream: ``controller.max_steps`` if set, never beyond the real game's horizon ``env.max_steps``."""
+    return min(cfg.controller.max_steps or cfg.env.max_steps, cfg.env.max_steps)
+
+
+def load_memory(cfg: Config, device: str | torch.device | None = None) -> MemoryModel:
+    """The run's trained memory (``<run>/memory/memory.pt``) in eval mode."""
+    path = run_paths(cfg).memory / "memory.pt"
+    if not path.exists():
+        raise DataError(f"{path}: no trained memory; run `python run.py train-memory` first")
+    try:
+        memory = MemoryModel.from_checkpoint(load_checkpoint(path))
+    except (KeyError, TypeError, RuntimeError) as error:
+        raise DataError(f"{path}: not a memory checkpoint of this program ({type(error).__name__}: {error})") from None
+    return memory.to(device or cfg.device).eval()
+
+
+def encode_action_tensor(action_space: spaces.Space, action) -> torch.Tensor:
+    """The float [A] vector the memory reads for ``action`` (one-hot for Discrete, the clipped box action
+    otherwise), as in ``rollouts.envs.encode_action``."""
+    if isinstance(action_space, spaces.Discrete):
+        vector = torch.zeros(int(action_space.n))
+        vector[int(action) - int(action_space.start)] = 1.0
+        return vector
+    clipped = np.clip(np.asarray(action, dtype=np.float32).reshape(action_space.shape), action_space.low, action_space.high)
+    return torch.from_numpy(clipped.reshape(-1))
+
+
+class DreamEnv(gymnasium.Env):
+    """The memory as an environment; observations are ``[z_t, h_t]`` (float32, Z + H)."""
+
+    metadata: ClassVar[dict] = {"render_modes": ["rgb_array"], "render_fps": 50}
+
+    def __init__(
+        self,
+        memory: MemoryModel,
+        initial_mu: np.ndarray,
+        initial_logvar: np.ndarray | None,
+        action_space: spaces.Space,
+        horizon: int = 1000,
+        temperature: float = 1.0,
+        use_mu: bool = False,
+        vae: ConvVAE | None = None,
+        render_mode: str | None = None,
+    ):
+        if memory.reward_head is None or memory.done_head is None:
+            raise ValueError("the dream needs a memory with reward and done heads (memory.predict_reward/predict_done)")
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"DreamEnv renders only 'rgb_array', got render_mode={render_mode!r}")
+        if render_mode == "rgb_array" and vae is None:
+            raise ValueError("DreamEnv(render_mode='rgb_array') needs the VAE (vae=...) to decode frames")
+        if horizon < 1 or temperature < 0:
+            raise ValueError(f"DreamEnv needs horizon >= 1 and temperature >= 0, got {horizon}, {temperature}")
+        self.memory = memory.eval()
+        self.device = memory.mixture_head.weight.device
+        self.initial_mu = torch.as_tensor(np.asarray(initial_mu, dtype=np.float32), device=self.device)
+        if self.initial_mu.dim() != 2 or self.initial_mu.shape[1] != memory.target_dim:
+            raise ValueError(f"initial_mu must be [N, {memory.target_dim}], got {tuple(self.initial_mu.shape)}")
+        logvar = np.full(self.initial_mu.shape, -np.inf, np.float32) if initial_logvar is None else initial_logvar
+        self.initial_std = torch.exp(0.5 * torch.as_tensor(np.asarray(logvar, dtype=np.float32), device=self.device))
+        self.use_mu, self.horizon, self.temperature = use_mu, horizon, temperature
+        self.vae, self.render_mode = vae, render_mode
+        self.action_space = action_space
+        width = int(self.action_space.n) if isinstance(self.action_space, spaces.Discrete) else int(np.prod(self.action_space.shape))
+        if width != memory.cond_dim:
+            raise ValueError(f"action space {self.action_space} encodes to {width} numbers, the memory reads {memory.cond_dim}")
+        # z is a Gaussian-mixture sample (unbounded); h = o * tanh(c) of the LSTM lies in [-1, 1]
+        z_bound = np.full(memory.target_dim, np.inf, np.float32)
+        h_bound = np.ones(memory.config.hidden, np.float32)
+        bound = np.concatenate([z_bound, h_bound])
+        self.observation_space = spaces.Box(-bound, bound, dtype=np.float32)
+        self._generator = torch.Generator(device=self.device)
+        self._z = self._state = None
+        self._steps = 0
+
+    def _observation(self) -> np.ndarray:
+        h = self._state[0][0, 0]
+        return torch.cat([self._z[0], h]).cpu().numpy().astype(np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self._generator.manual_seed(int(self.np_random.integers(2**63 - 1)))
+        start = int(self.np_random.integers(len(self.initial_mu)))
+        z = self.initial_mu[start : start + 1]
+        if not self.use_mu:
+            noise = torch.randn(z.shape, generator=self._generator, device=self.device)
+            z = z + self.initial_std[start : start + 1] * noise
+        self._z, self._state, self._steps = z, self.memory.initial_state(1, self.device), 0
+        return self._observation(), {"start_index": start}
+
+    @torch.inference_mode()
+    def step(self, action):
+        if self._z is None:
+            raise RuntimeError("DreamEnv.step before reset")
+        action_vector = encode_action_tensor(self.action_space, action).to(self.device).unsqueeze(0)
+        out, self._state = self.memory.step(self._z, action_vector, self._state)
+        self._z = self.memory.sample(out, self.temperature, self._generator)
+        reward = float(out.reward[0])
+        end_probability = _done_probability(out.done_logit, self.temperature)
+        terminated = bool(torch.rand(1, generator=self._generator, device=self.device)[0] < end_probability[0])
+        self._steps += 1
+        truncated = not terminated and self._steps >= self.horizon
+        return self._observation(), reward, terminated, truncated, {"step": self._steps}
+
+    @torch.inference_mode()
+    def render(self):
+        if self.render_mode != "rgb_array" or self._z is None:
+            return None
+        return tensor_to_frames(self.vae.decode(self._z))[0]
+
+
+def _done_probability(done_logit: torch.Tensor, temperature: float) -> torch.Tensor:
+    """sigma(logit / tau); tau = 0 is the threshold logit > 0."""
+    if temperature == 0:
+        return (done_logit > 0).to(done_logit.dtype)
+    return torch.sigmoid(done_logit / temperature)
+
+
+def make_dream_env(cfg: Config, render_mode: str | None = None, temperature: float | None = None) -> gymnasium.Env:
+    """The dream of the run's trained memory, through ``gymnasium.make`` (so it carries a spec)."""
+    paths = run_paths(cfg)
+    vae = load_vae(paths.vae / "vae.pt", cfg.device) if render_mode == "rgb_array" else None
+    mu, logvar = first_latents(paths.latents)
+    return gymnasium.make(
+        DREAM_ENV_ID,
+        memory=load_memory(cfg),
+        initial_mu=mu,
+        initial_logvar=logvar,
+        action_space=game_action_space(cfg.env),
+        horizon=dream_horizon(cfg),
+        temperature=cfg.controller.temperature if temperature is None else temperature,
+        use_mu=cfg.memory_train.use_mu,
+        vae=vae,
+        render_mode=render_mode,
+    )
+
+
+if DREAM_ENV_ID not in gymnasium.registry:
+    gymnasium.register(id=DREAM_ENV_ID, entry_point="rollouts.dream_env:DreamEnv")

@@ -1,0 +1,237 @@
+"""The V + M + C agent in the real game: alignment (C acts on z_t and the h_t from before M reads (z_t, a_t)),
+the z choice matching memory training, seeded episodes, the Ray rollout worker on CarRacing, and the
+``evaluate`` / ``dream`` commands end to end on a tiny run."""
+
+import gymnasium
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+
+from agents import evaluate
+from agents.agent import WorldModelAgent, controller_for, play_episode, play_episodes
+from agents.controller import LinearController
+from agents.workers import RolloutWorker
+from rollouts.envs import action_dim
+from worldmodel.config import EnvConfig, MemoryConfig, load_config
+from worldmodel.data import save_latents
+from worldmodel.io import read_json, save_checkpoint
+from worldmodel.memory import MemoryModel
+from worldmodel.runs import run_paths
+from worldmodel.vae import ConvVAE, frames_to_tensor
+
+Z, H = 8, 12
+
+
+class TracedMemory(MemoryModel):
+    """Records what each ``step`` read (y, cond, the h it started from) and returned."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.trace = []
+
+    def step(self, y, cond, state):
+        out, new_state = super().step(y, cond, state)
+        self.trace.append({"y": y.clone(), "cond": cond.clone(), "h_before": state[0][0].clone(),
+                           "h_after": new_state[0][0].clone()})
+        return out, new_state
+
+
+class NoiseGame(gymnasium.Env):
+    """Random uint8 64x64 frames from ``np_random``; ends after ``length`` steps; reward = first action number."""
+
+    def __init__(self, action_space, length=6):
+        self.observation_space = spaces.Box(0, 255, (64, 64, 3), np.uint8)
+        self.action_space, self.length = action_space, length
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return self.np_random.integers(0, 256, (64, 64, 3), dtype=np.uint8), {}
+
+    def step(self, action):
+        self.t += 1
+        reward = float(np.asarray(action, dtype=np.float64).reshape(-1)[0])
+        obs = self.np_random.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        return obs, reward, self.t >= self.length, False, {}
+
+
+def models(actions=3, cls=MemoryModel, seed=0):
+    torch.manual_seed(seed)
+    memory = cls(Z, actions, MemoryConfig(hidden=H, components=2, rank=1, flow_hidden=8))
+    with torch.no_grad():
+        for parameter in memory.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    return ConvVAE(Z).eval(), memory.eval()
+
+
+@pytest.mark.parametrize("discrete", [False, True])
+def test_agent_acts_on_z_and_the_h_from_before_the_memory_reads_z_and_a(discrete):
+    actions = 5 if discrete else 3
+    vae, memory = models(actions, cls=TracedMemory)
+    controller = LinearController(Z, H, actions, discrete)
+    torch.manual_seed(1)
+    params = 2.0 * torch.randn(controller.num_params)
+    weight, bias = controller.split(params)
+    weight[:, :Z] *= 0.01  # mostly h decides, so acting on the wrong h would show
+    bias.zero_()
+    agent = WorldModelAgent(vae, memory, controller, params, use_mu=True)
+    game = NoiseGame(spaces.Discrete(5) if discrete else spaces.Box(-1.0, 1.0, (3,), np.float32))
+    obs, _ = game.reset(seed=0)
+    agent.reset(0)
+    frames, taken = [], []
+    for _ in range(5):
+        frames.append(obs)
+        taken.append(agent.act(obs))
+        obs, *_ = game.step(taken[-1])
+    differs_from_after = 0
+    with torch.no_grad():
+        for t, read in enumerate(memory.trace):
+            z_t = vae.encode(frames_to_tensor(frames[t][None]))[0]  # use_mu: the posterior mean
+            torch.testing.assert_close(read["y"], z_t)
+            expected_h = torch.zeros(1, H) if t == 0 else memory.trace[t - 1]["h_after"]
+            torch.testing.assert_close(read["h_before"], expected_h, rtol=0, atol=0)  # h_0 = 0, then carried
+            action = controller.act(params, z_t, read["h_before"])
+            np.testing.assert_array_equal(np.asarray(taken[t]), action[0].numpy())
+            torch.testing.assert_close(read["cond"], controller.encode(action))  # M reads the action taken
+            after = controller.act(params, z_t, read["h_after"])
+            differs_from_after += not torch.equal(after, action)
+    assert differs_from_after > 0  # so the check above can tell "before" from "after"
+
+
+def test_agent_samples_z_from_the_posterior_unless_use_mu():
+    vae, memory = models()
+    controller = LinearController(Z, H, 3, False)
+    frame = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    agent = WorldModelAgent(vae, memory, controller, torch.zeros(controller.num_params), use_mu=False)
+    with torch.no_grad():
+        mu, logvar = vae.encode(frames_to_tensor(frame[None]))
+        agent.reset(3)
+        first = agent.encode(frame[None])
+        agent.reset(3)
+        assert torch.equal(agent.encode(frame[None]), first)  # seeded per episode
+        offsets = (first - mu) / torch.exp(0.5 * logvar)
+        assert 0 < offsets.abs().max() < 6
+        agent.use_mu = True
+        torch.testing.assert_close(agent.encode(frame[None]), mu)  # the mean (up to the conv kernel's rounding)
+        # a batch of frames (encoded with oneDNN, channels-last) gives the same means, each env its own noise
+        frames = np.random.default_rng(1).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
+        torch.testing.assert_close(agent.encode(frames), vae.encode(frames_to_tensor(frames))[0], rtol=1e-4, atol=1e-5)
+        agent.use_mu = False
+        agent.reset([3, 4, 5, 6, 7])
+        batch = agent.encode(np.repeat(frame[None], 5, axis=0))
+        torch.testing.assert_close(batch[0], first[0], rtol=1e-4, atol=1e-5)  # env 0 draws what seed 3 drew alone
+        assert not torch.allclose(batch[1], batch[0])
+
+
+def test_episodes_are_reproducible_from_their_seed():
+    vae, memory = models()
+    controller = LinearController(Z, H, 3, False)
+    agent = WorldModelAgent(vae, memory, controller, torch.randn(controller.num_params), use_mu=False)
+    game = NoiseGame(spaces.Box(-1.0, 1.0, (3,), np.float32), length=7)
+    first, again = play_episode(game, agent, 5, record=True), play_episode(game, agent, 5)
+    assert first.ret == again.ret and first.steps == 7 and len(first.frames) == 8
+    randomly, randomly_again = play_episode(game, None, 5), play_episode(game, None, 5)
+    assert randomly.ret == randomly_again.ret != play_episode(game, None, 6).ret
+    assert play_episode(game, agent, 5, max_steps=3).steps == 3
+
+
+def test_lockstep_episodes_match_episodes_played_alone():
+    vae, memory = models()
+    controller = LinearController(Z, H, 3, False)
+    population = torch.randn(3, controller.num_params)
+    games = [NoiseGame(spaces.Box(-1.0, 1.0, (3,), np.float32), length=length) for length in (4, 7, 5)]
+    agent = WorldModelAgent(vae, memory, controller, population, use_mu=False)  # one controller per env
+    together = play_episodes(games, agent, [10, 11, 12], record=True)
+    assert [episode.steps for episode in together] == [4, 7, 5]  # each stops at its own end
+    for i, game in enumerate(games):
+        alone = play_episode(game, WorldModelAgent(vae, memory, controller, population[i]), 10 + i)
+        assert together[i].ret == pytest.approx(alone.ret, rel=1e-4, abs=1e-5)
+    assert len({round(episode.ret, 3) for episode in together}) == 3
+    randomly = play_episodes(games, None, [10, 11, 12])
+    assert [episode.ret for episode in randomly] == [play_episode(g, None, 10 + i).ret for i, g in enumerate(games)]
+
+
+def test_rollout_worker_plays_carracing_with_the_models_it_holds():
+    env_cfg = EnvConfig(name="carracing", max_steps=1000)
+    vae, memory = models()
+    worker = RolloutWorker(env_cfg, vae.state_dict(), memory.to_checkpoint(), use_mu=False, max_steps=6)
+    assert worker.controller == LinearController(Z, H, action_dim(env_cfg), False)
+    params = np.random.default_rng(0).normal(size=worker.controller.num_params).astype(np.float32)
+    first, second = worker.evaluate(params, [11, 12], record=True)
+    assert second.seed == 12 and second.steps == 6
+    assert first.steps == 6 and len(first.frames) == 7 and first.frames[0].shape == (64, 64, 3)
+    assert worker.evaluate(params, [11, 12])[0].ret == first.ret  # same seed, same episode
+    assert worker.evaluate(None, [11])[0].steps == 6
+    # one controller per episode, in lockstep: episode i is the one controller i plays alone
+    per_episode = np.stack([params, np.zeros_like(params)])
+    mixed = worker.evaluate(per_episode, [11, 11])
+    assert mixed[0].ret == pytest.approx(first.ret, rel=1e-4, abs=1e-5)
+    assert mixed[1].ret == pytest.approx(worker.evaluate(np.zeros_like(params), [11])[0].ret, rel=1e-4, abs=1e-5)
+    worker.close()
+
+
+# ---- the commands on a tiny run ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    cfg = load_config(None, [
+        f"runs_dir={tmp_path}", f"vae.latent_dim={Z}", f"memory.hidden={H}", "memory.components=2", "memory.rank=1",
+        "memory.flow_hidden=8", "env.max_steps=6", "evaluate.episodes=3", "evaluate.video_scale=1",
+        "controller.workers=2",
+    ])
+    vae, memory = models()
+    paths = run_paths(cfg)
+    save_checkpoint(paths.vae / "vae.pt", state_dict=vae.state_dict())
+    save_checkpoint(paths.memory / "memory.pt", **memory.to_checkpoint())
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        save_latents(paths.latents / f"ep_{i:05d}.npz", rng.normal(size=(4, Z)), np.full((4, Z), -2.0),
+                     rng.uniform(0, 1, (3, 3)), np.zeros(3), np.zeros(3, bool))
+    controller = controller_for(cfg.env, memory)
+    params = torch.as_tensor(rng.normal(size=controller.num_params), dtype=torch.float32)
+    save_checkpoint(paths.controller / "best.pt", params=params, controller=controller.to_dict(), fitness=1.0,
+                    generation=3, train_in="dream")
+    return cfg
+
+
+def test_evaluate_scores_real_episodes_against_random_actions_with_videos(ray_session, tiny_run):
+    summary = evaluate.run(tiny_run)
+    out = run_paths(tiny_run).evaluate
+    assert summary["episodes"] == 3 and len(summary["returns"]) == 3 and summary["steps"] == [6, 6, 6]
+    assert summary["mean"] == pytest.approx(np.mean(summary["returns"]), abs=1e-3)
+    assert summary["std"] == pytest.approx(np.std(summary["returns"]), abs=1e-3)
+    assert len(summary["random_policy"]["returns"]) == 3
+    assert summary["controller"]["generation"] == 3
+    for name in ("best", "worst"):
+        video = iio.imread(out / f"{name}.gif")
+        assert video.shape == (7, 64, 64, 3)  # the first frame and one per step
+    assert summary["best_video"]["return"] >= summary["worst_video"]["return"]
+    assert read_json(out / "summary.json")["seeds"] == summary["seeds"]
+    assert evaluate.run(tiny_run)["skipped"] is True
+
+
+def test_dream_command_renders_a_dream_of_the_controller(tiny_run):
+    summary = evaluate.run_dream(tiny_run)
+    video = iio.imread(summary["video"])
+    assert video.shape == (summary["steps"] + 1, 64, 64, 3)
+    assert 1 <= summary["steps"] <= 6 and summary["ended"] in ("done", "horizon")
+
+
+def test_train_controller_in_the_real_game_on_ray(ray_session, tiny_run):
+    from dataclasses import replace
+
+    from agents import train_controller
+    from worldmodel.io import load_checkpoint, read_jsonl
+
+    cfg = replace(tiny_run, controller=replace(tiny_run.controller, train_in="real", generations=2, population=3,
+                                               rollouts=1, eval_every=2, eval_episodes=1))
+    summary = train_controller.run(cfg)
+    out = run_paths(cfg).controller
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert summary["train_in"] == "real" and [row["generation"] for row in rows] == [1, 2]
+    assert all(row["worst"] - 1e-9 <= row["mean"] <= row["best"] + 1e-9 for row in rows)
+    best = load_checkpoint(out / "best.pt")
+    assert best["train_in"] == "real" and best["generation"] == 2 and best["fitness"] == rows[1]["eval_mean"]

@@ -1,0 +1,295 @@
+"""The dream, done right (DESIGN.md): the gymnasium dream env and the batched dream of a population.
+
+Pinned here: env_checker passes (with render); seeded determinism; alignment (the memory reads (z_t, a_t)
+from the state h_t the controller saw, its output gives z_{t+1}, r_t, done_t); sampled z (not the mean) with
+the temperature on logits and covariance; the horizon cap; z_0 from real latents with h = 0; and the batched
+dream equal to a step-by-step reference loop.
+"""
+
+import warnings
+
+import gymnasium
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+from gymnasium.utils.env_checker import check_env
+
+from agents.controller import LinearController
+from agents.dream_batch import BatchedDream
+from rollouts.dream_env import DREAM_ENV_ID, DreamEnv, game_action_space
+from worldmodel.config import EnvConfig, MemoryConfig
+from worldmodel.memory import MemoryModel
+from worldmodel.vae import ConvVAE
+
+Z, A, H = 6, 3, 12
+CAR_ACTIONS = game_action_space(EnvConfig(name="carracing"))
+
+
+def tiny_memory(kind="frmdn", rank=2, cond=A, components=3, done_bias=None, seed=0, cls=MemoryModel, **extra):
+    """A small memory with every weight perturbed (a fresh flow is the identity, which would hide mistakes)."""
+    torch.manual_seed(seed)
+    config = MemoryConfig(kind=kind, hidden=H, components=components, rank=rank, flow_blocks=2, flow_hidden=8, **extra)
+    memory = cls(Z, cond, config)
+    with torch.no_grad():
+        for parameter in memory.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+        if done_bias is not None:
+            memory.done_head.weight.zero_()
+            memory.done_head.bias.fill_(done_bias)
+    return memory.eval()
+
+
+def starts(count=4, seed=1):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(count, Z)).astype(np.float32), np.full((count, Z), -3.0, np.float32)
+
+
+def make_dream(memory, action_space=CAR_ACTIONS, **kwargs):
+    mu, logvar = starts()
+    return DreamEnv(memory, mu, logvar, action_space=action_space, **{"horizon": 30, "temperature": 1.15, **kwargs})
+
+
+class TracedMemory(MemoryModel):
+    """Records what each ``step`` read (y, cond, the h it started from), what it returned and what was sampled."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.trace = []
+
+    def step(self, y, cond, state):
+        out, new_state = super().step(y, cond, state)
+        self.trace.append({"y": y.clone(), "cond": cond.clone(), "h_before": state[0][0].clone(), "out": out})
+        return out, new_state
+
+    def sample(self, out, temperature=1.0, generator=None):
+        z = super().sample(out, temperature, generator)
+        self.trace[-1].update(sampled=z.clone(), sampled_from=out, temperature=temperature)
+        return z
+
+
+def assert_passes_check_env(env):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # z is a Gaussian-mixture sample: its box is honestly unbounded, which check_env flags as a style warning
+        warnings.filterwarnings("ignore", message=".*infinity")
+        check_env(env.unwrapped)
+
+
+@pytest.mark.parametrize("discrete", [False, True])
+def test_dream_env_passes_gymnasium_env_checker_with_render(discrete):
+    memory = tiny_memory(kind="rmdn", rank=0, cond=5) if discrete else tiny_memory()
+    mu, logvar = starts()
+    env = gymnasium.make(
+        DREAM_ENV_ID, memory=memory, initial_mu=mu, initial_logvar=logvar,
+        action_space=spaces.Discrete(5) if discrete else CAR_ACTIONS, horizon=20, temperature=1.15,
+        vae=ConvVAE(Z), render_mode="rgb_array",
+    )
+    assert env.spec.id == DREAM_ENV_ID and isinstance(env.unwrapped, DreamEnv)
+    assert_passes_check_env(env)
+    env.reset(seed=0)
+    frame = env.render()
+    assert frame.shape == (64, 64, 3) and frame.dtype == np.uint8
+
+
+def rollout(env, seed, steps=12):
+    obs, _ = env.reset(seed=seed)
+    env.action_space.seed(seed)
+    trajectory = [obs]
+    for _ in range(steps):
+        obs, reward, terminated, truncated, _ = env.step(env.action_space.sample())
+        trajectory.append(np.append(obs, [reward, terminated, truncated]))
+        if terminated or truncated:
+            break
+    return trajectory
+
+
+def test_dream_env_is_deterministic_given_the_seed():
+    env = make_dream(tiny_memory(done_bias=-20.0))
+    first, again, other = rollout(env, 3), rollout(env, 3), rollout(env, 4)
+    assert len(first) == 13
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not np.array_equal(first[5], other[5])
+
+
+def test_dream_env_alignment_reads_z_a_from_the_h_the_controller_saw():
+    memory = tiny_memory(cls=TracedMemory, done_bias=-20.0)
+    env = make_dream(memory, temperature=1.3)
+    obs, _ = env.reset(seed=0)
+    env.action_space.seed(0)
+    observations, actions, rewards = [obs], [], []
+    for _ in range(6):
+        actions.append(env.action_space.sample())
+        obs, reward, *_ = env.step(actions[-1])
+        observations.append(obs)
+        rewards.append(reward)
+    assert len(memory.trace) == 6
+    for t, read in enumerate(memory.trace):
+        # step t reads z_t and a_t, starting from h_t: exactly the observation the controller acted on
+        np.testing.assert_array_equal(read["y"][0].numpy(), observations[t][:Z])
+        np.testing.assert_array_equal(read["h_before"][0].numpy(), observations[t][Z:])
+        np.testing.assert_array_equal(read["cond"][0].numpy(), actions[t])
+        # its output predicts z_{t+1} (a sample of that very output, at the env's temperature) and r_t
+        assert read["sampled_from"] is read["out"] and read["temperature"] == 1.3
+        np.testing.assert_array_equal(observations[t + 1][:Z], read["sampled"][0].numpy())
+        assert rewards[t] == pytest.approx(float(read["out"].reward[0]))
+        # h_{t+1} is the LSTM output after reading (z_t, a_t)
+        np.testing.assert_allclose(observations[t + 1][Z:], read["out"].hidden[0].numpy(), rtol=0, atol=0)
+    assert np.all(observations[0][Z:] == 0)  # h_0 = 0
+
+
+def test_dream_feeds_sampled_z_not_the_mixture_mean():
+    memory = tiny_memory(done_bias=-20.0)
+    mu, _ = starts()
+    action = np.array([0.1, 0.5, 0.0], np.float32)
+    next_z = {}
+    for temperature in (1.0, 0.0):
+        env = DreamEnv(memory, mu, None, action_space=CAR_ACTIONS, horizon=5, temperature=temperature, use_mu=True)
+        draws = []
+        for seed in range(20):
+            _, info = env.reset(seed=seed)
+            if info["start_index"] == 0:
+                draws.append(env.step(action)[0][:Z])
+        next_z[temperature] = np.stack(draws)
+    assert len(next_z[1.0]) >= 3
+    # tau = 0 is the mode: always the same z_1 from the same z_0; tau = 1 draws differ from it and each other
+    assert np.ptp(next_z[0.0], axis=0).max() == 0
+    assert np.ptp(next_z[1.0], axis=0).min() > 1e-3
+    assert not np.any(np.all(next_z[1.0] == next_z[0.0][0], axis=1))
+
+
+def test_dream_starts_from_real_first_frames_with_zero_state():
+    memory = tiny_memory()
+    mu, logvar = starts()
+    env = DreamEnv(memory, mu, logvar, action_space=CAR_ACTIONS, use_mu=True)
+    seen = set()
+    for seed in range(12):
+        obs, info = env.reset(seed=seed)
+        np.testing.assert_array_equal(obs[:Z], mu[info["start_index"]])
+        assert np.all(obs[Z:] == 0)
+        seen.add(info["start_index"])
+    assert len(seen) > 1
+    # without use_mu: a posterior sample around the frame's mean, std exp(logvar / 2)
+    env = DreamEnv(memory, mu, logvar, action_space=CAR_ACTIONS, use_mu=False)
+    obs, info = env.reset(seed=0)
+    offset = (obs[:Z] - mu[info["start_index"]]) / np.exp(0.5 * logvar[0])
+    assert 0 < np.abs(offset).max() < 5
+    dream = BatchedDream(memory, controller(), mu, logvar, horizon=5, use_mu=True)
+    z0 = dream.initial_latents(16, torch.Generator().manual_seed(0)).numpy()
+    assert all(any(np.array_equal(row, start) for start in mu) for row in z0)
+
+
+def test_dreams_are_capped_at_the_horizon_and_end_when_done():
+    mu, logvar = starts()
+    never = tiny_memory(done_bias=-50.0)
+    env = DreamEnv(never, mu, logvar, action_space=CAR_ACTIONS, horizon=7)
+    env.reset(seed=0)
+    flags = [env.step(CAR_ACTIONS.sample())[2:4] for _ in range(7)]
+    assert flags[:-1] == [(False, False)] * 6 and flags[-1] == (False, True)
+    params = torch.randn(3, controller().num_params)
+    result = BatchedDream(never, controller(), mu, logvar, horizon=7).rollout(params, 2, torch.Generator().manual_seed(0))
+    assert result.lengths.eq(7).all()
+    always = tiny_memory(done_bias=50.0)
+    env = DreamEnv(always, mu, logvar, action_space=CAR_ACTIONS, horizon=7)
+    env.reset(seed=0)
+    assert env.step(CAR_ACTIONS.sample())[2:4] == (True, False)
+    result = BatchedDream(always, controller(), mu, logvar, horizon=7).rollout(params, 2, torch.Generator().manual_seed(0))
+    assert result.lengths.eq(1).all()
+
+
+def controller(discrete=False, actions=A):
+    return LinearController(Z, H, actions, discrete)
+
+
+def reference_returns(memory, ctrl, params, z0, horizon):
+    """Step-by-step dreams with ``MemoryModel.step``/``sample`` at tau = 0 (deterministic): [P, R] returns, lengths."""
+    population, rollouts = params.shape[0], z0.shape[0]
+    returns, lengths = torch.zeros(population, rollouts), torch.zeros(population, rollouts, dtype=torch.long)
+    with torch.no_grad():
+        for p in range(population):
+            for r in range(rollouts):
+                z, state = z0[r : r + 1], memory.initial_state(1)
+                for _ in range(horizon):
+                    action = ctrl.act(params[p], z, state[0][0])  # h_t: before reading (z_t, a_t)
+                    out, state = memory.step(z, ctrl.encode(action), state)
+                    z = memory.sample(out, temperature=0.0)
+                    returns[p, r] += out.reward[0]
+                    lengths[p, r] += 1
+                    if out.done_logit[0] > 0:
+                        break
+    return returns, lengths
+
+
+@pytest.mark.parametrize(
+    "kind, rank, discrete, done_bias, extra",
+    [
+        ("frmdn", 2, False, -0.05, {}),
+        ("frmdn", 3, False, -0.2, {"flow_context": True, "diag_activation": "exp", "diag_clamp": [0.1, 1.9]}),
+        ("rmdn", 0, True, -0.05, {}),
+    ],
+)
+def test_batched_dream_equals_a_step_by_step_reference(kind, rank, discrete, done_bias, extra):
+    actions = 4 if discrete else A
+    memory = tiny_memory(kind=kind, rank=rank, cond=actions, done_bias=None, **extra)
+    with torch.no_grad():  # some dreams end early, others run to the horizon
+        memory.done_head.weight.copy_(torch.linspace(-1.0, 1.0, H))
+        memory.done_head.bias.fill_(done_bias)
+    ctrl = controller(discrete, actions)
+    torch.manual_seed(5)
+    params = torch.randn(4, ctrl.num_params)
+    mu, _ = starts()
+    dream = BatchedDream(memory, ctrl, mu, None, horizon=12, temperature=0.0, use_mu=True)
+    result = dream.rollout(params, 3, torch.Generator().manual_seed(2))
+    z0 = dream.initial_latents(3, torch.Generator().manual_seed(2))
+    returns, lengths = reference_returns(memory, ctrl, params, z0, 12)
+    assert torch.equal(result.lengths, lengths)
+    assert lengths.min() < 12 and lengths.float().mean() > 2, lengths
+    torch.testing.assert_close(result.returns, returns, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(result.fitness, returns.mean(1), atol=1e-4, rtol=1e-4)
+
+
+def test_chosen_component_head_equals_the_memory_heads():
+    memory = tiny_memory(rank=3, components=4, diag_clamp=[0.2, 3.0])
+    dream = BatchedDream(memory, controller(), *starts(), horizon=3)
+    hidden = torch.randn(50, H)
+    component = torch.randint(4, (50,))
+    mu, diag, u = dream._chosen_component(hidden, component)
+    out = memory._heads(hidden)
+    rows = torch.arange(50)
+    torch.testing.assert_close(mu, out.mu[rows, component])
+    torch.testing.assert_close(diag, out.diag[rows, component])
+    torch.testing.assert_close(u, out.u[rows, component])
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.6])
+def test_batched_sampler_draws_from_the_memory_distribution(temperature):
+    """Component from softmax(logits / tau), covariance x tau, then the flow: same law as ``MemoryModel.sample``."""
+    memory = tiny_memory(rank=2, components=3)
+    with torch.no_grad():
+        memory.mixture_head.bias[:3] = torch.tensor([1.0, 0.0, -0.5])  # unequal weights: tau matters
+    dream = BatchedDream(memory, controller(), *starts(), horizon=3, temperature=temperature)
+    count = 40_000
+    hidden = torch.randn(1, H).expand(count, H).contiguous()
+    with torch.no_grad():
+        out = memory._heads(hidden)
+        reference = memory.sample(out, temperature, torch.Generator().manual_seed(0))
+        fast = dream._sample_next(hidden, out.logit_pi, torch.Generator().manual_seed(1))
+    spread = reference.std(0)
+    torch.testing.assert_close(fast.mean(0), reference.mean(0), atol=float(0.05 * spread.max()), rtol=0)
+    torch.testing.assert_close(fast.std(0), spread, atol=0, rtol=0.05)
+    centered_fast, centered_ref = fast - fast.mean(0), reference - reference.mean(0)
+    cov_fast, cov_ref = centered_fast.T @ centered_fast / count, centered_ref.T @ centered_ref / count
+    assert (cov_fast - cov_ref).abs().max() < 0.06 * cov_ref.diagonal().max()
+
+
+def test_batched_dream_is_reproducible_and_scores_each_candidate():
+    memory = tiny_memory(done_bias=-3.0)
+    dream = BatchedDream(memory, controller(), *starts(), horizon=15, temperature=1.15)
+    params = torch.randn(6, controller().num_params)
+    first = dream.rollout(params, 5, torch.Generator().manual_seed(7))
+    again = dream.rollout(params, 5, torch.Generator().manual_seed(7))
+    assert torch.equal(first.returns, again.returns) and first.returns.shape == (6, 5)
+    assert dream.fitness(params, 5, torch.Generator().manual_seed(7)).shape == (6,)
+    other = dream.rollout(params, 5, torch.Generator().manual_seed(8))
+    assert not torch.equal(first.returns, other.returns)
+    assert 1 <= first.lengths.min() and first.lengths.float().mean() < 15  # dreams end at sampled dones

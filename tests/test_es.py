@@ -1,0 +1,244 @@
+"""CMA-ES: it improves fitness on cheap tasks, its state is plain data, a killed run resumes exactly as if it had
+never stopped, and a crashing rollout actor is replaced and its candidate evaluated again."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from agents import train_controller
+from agents.es import CMAES
+from agents.workers import ActorPool
+from worldmodel.config import ConfigError, load_config
+from worldmodel.data import save_latents
+from worldmodel.io import load_checkpoint, read_jsonl, save_checkpoint
+from worldmodel.memory import MemoryModel
+from worldmodel.runs import run_paths
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+Z = 4
+
+
+def quadratic(candidates: np.ndarray) -> np.ndarray:
+    """A fitness to maximise: minus an ill-conditioned quadratic with its optimum at 1."""
+    return -np.sum((candidates - 1.0) ** 2 * np.arange(1, candidates.shape[1] + 1), axis=1)
+
+
+def evolve(es: CMAES, generations: int) -> CMAES:
+    for _ in range(generations):
+        candidates = es.ask()
+        es.tell(candidates, quadratic(candidates))
+    return es
+
+
+def test_cmaes_improves_a_toy_quadratic():
+    es = evolve(CMAES(np.zeros(8), 0.5, population=10, seed=0), 40)
+    assert es.generation == 40
+    assert quadratic(es.mean[None])[0] > 0.01 * quadratic(np.zeros((1, 8)))[0]  # 100x closer to the optimum
+
+
+@pytest.mark.parametrize("dim, population", [(10, 8), (120, 16), (5, 4)])
+def test_es_state_is_plain_data_and_resumes_bit_for_bit(tmp_path, dim, population):
+    uninterrupted = evolve(CMAES(np.zeros(dim), 0.3, population, seed=4), 7)
+    first_part = evolve(CMAES(np.zeros(dim), 0.3, population, seed=4), 3)
+    save_checkpoint(tmp_path / "es.pt", es=first_part.state_dict())
+    del first_part
+    resumed = CMAES.from_state_dict(load_checkpoint(tmp_path / "es.pt")["es"])  # weights_only=True load
+    assert resumed.generation == 3
+    evolve(resumed, 4)
+    assert resumed.generation == 7
+    assert np.array_equal(resumed.mean, uninterrupted.mean) and resumed.sigma == uninterrupted.sigma
+    assert np.array_equal(resumed.es.sm.C, uninterrupted.es.sm.C)
+    assert np.array_equal(resumed.ask(), uninterrupted.ask())
+
+
+def test_tell_refuses_bad_fitness():
+    es = CMAES(np.zeros(3), 0.3, 6, seed=0)
+    candidates = es.ask()
+    with pytest.raises(ValueError, match="finite"):
+        es.tell(candidates, np.array([1.0, np.nan, 0, 0, 0, 0]))
+
+
+# ---- train-controller in a tiny dream ----------------------------------------------------------------------
+
+
+def tiny_run(root, generations=6, extra=()):
+    """A run folder with a memory whose reward the actions can steer, and a few latents files."""
+    cfg = load_config(None, [
+        f"runs_dir={root}", "memory.hidden=8", "memory.components=2", "memory.rank=1", "memory.flow_hidden=8",
+        f"controller.generations={generations}", "controller.population=8", "controller.rollouts=2",
+        "controller.sigma=0.5", "controller.eval_every=2", "controller.eval_episodes=4", "env.max_steps=10", *extra,
+    ])
+    torch.manual_seed(0)
+    memory = MemoryModel(Z, 3, cfg.memory)
+    with torch.no_grad():
+        memory.lstm.weight_ih_l0[:, Z:] *= 10.0  # the actions drive h, and h the reward
+        memory.reward_head.weight.normal_()
+        memory.reward_head.bias.zero_()
+        memory.done_head.bias.fill_(-20.0)
+    paths = run_paths(cfg)
+    save_checkpoint(paths.memory / "memory.pt", **memory.to_checkpoint())
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        save_latents(paths.latents / f"ep_{i:05d}.npz", rng.normal(size=(6, Z)), np.full((6, Z), -2.0),
+                     rng.uniform(0, 1, (5, 3)), np.zeros(5), np.zeros(5, bool))
+    return cfg
+
+
+def rows_without_time(cfg):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in read_jsonl(run_paths(cfg).controller / "metrics.jsonl")]
+
+
+def test_train_controller_in_a_tiny_dream_improves_fitness(tmp_path):
+    cfg = tiny_run(tmp_path, generations=10, extra=["controller.sigma=1.0"])
+    summary = train_controller.run(cfg)
+    out = run_paths(cfg).controller
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [row["generation"] for row in rows] == list(range(1, 11))
+    assert all(row["mean_length"] == 10 for row in rows)  # no dream ends before the horizon (done bias -20)
+    assert np.mean([row["mean"] for row in rows[-3:]]) > rows[0]["mean"] + 2.0  # the population's mean fitness rises
+    assert summary["generations"] == 10 and summary["train_in"] == "dream"
+    best = load_checkpoint(out / "best.pt")
+    assert best["params"].shape == (summary["num_params"],) and best["fitness"] == summary["best_score"]
+    assert best["generation"] in (2, 4, 6, 8, 10) and "eval_mean" in rows[best["generation"] - 1]
+    # the kept candidate beats the starting controller (zeros) on the dream
+    fitness = train_controller.DreamFitness(cfg, *_memory_and_controller(cfg))
+    assert fitness.episodes(best["params"].numpy(), 8, 99).mean() > fitness.episodes(np.zeros_like(best["params"]), 8, 99).mean()
+    for name in ("es_state.pt", "fitness.png", "summary.json", "config.yaml"):
+        assert (out / name).exists()
+    assert train_controller.run(cfg)["skipped"] is True
+
+
+def test_dreams_that_end_far_sooner_than_the_game_are_flagged(tmp_path, capsys):
+    cfg = tiny_run(tmp_path, generations=1)
+    path = run_paths(cfg).memory / "memory.pt"
+    payload = load_checkpoint(path)
+    payload["state_dict"]["done_head.bias"].fill_(20.0)  # every dream ends after its first step
+    save_checkpoint(path, **payload)
+    train_controller.run(cfg)
+    assert "dreams last 1 steps on average, the real episodes 5" in capsys.readouterr().err
+    assert read_jsonl(run_paths(cfg).controller / "metrics.jsonl")[0]["mean_length"] == 1
+
+
+def _memory_and_controller(cfg):
+    from agents.agent import controller_for
+    from rollouts.dream_env import load_memory
+
+    memory = load_memory(cfg)
+    return memory, controller_for(cfg.env, memory)
+
+
+def test_train_controller_resumes_after_a_kill_as_if_uninterrupted(tmp_path, monkeypatch):
+    reference_cfg = tiny_run(tmp_path / "a", generations=5)
+    train_controller.run(reference_cfg)
+
+    cfg = tiny_run(tmp_path / "b", generations=5)
+    real_population = train_controller.DreamFitness.population
+
+    def killed_in_generation_3(self, candidates, rollouts, generation):
+        if generation == 2:
+            raise KeyboardInterrupt  # the process dies in the middle of generation 3
+        return real_population(self, candidates, rollouts, generation)
+
+    monkeypatch.setattr(train_controller.DreamFitness, "population", killed_in_generation_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_controller.run(cfg)
+    out = run_paths(cfg).controller
+    assert CMAES.from_state_dict(load_checkpoint(out / "es_state.pt")["es"]).generation == 2
+    # a metrics row written just before a kill, without its checkpoint, must not survive the resume
+    with open(out / "metrics.jsonl", "a") as handle:
+        handle.write(json.dumps({"generation": 3, "best": 0.0, "mean": 0.0, "worst": 0.0, "sigma": 1.0}) + "\n")
+    monkeypatch.undo()
+
+    summary = train_controller.run(cfg)
+    assert summary["generations"] == 5
+    assert rows_without_time(cfg) == rows_without_time(reference_cfg)
+    ours, theirs = load_checkpoint(out / "best.pt"), load_checkpoint(run_paths(reference_cfg).controller / "best.pt")
+    assert torch.equal(ours["params"], theirs["params"]) and ours["generation"] == theirs["generation"]
+    es_ours = CMAES.from_state_dict(load_checkpoint(out / "es_state.pt")["es"])
+    es_theirs = CMAES.from_state_dict(load_checkpoint(run_paths(reference_cfg).controller / "es_state.pt")["es"])
+    assert np.array_equal(es_ours.mean, es_theirs.mean) and es_ours.sigma == es_theirs.sigma
+
+    # more generations continue the finished run; a different population cannot reuse its state
+    cfg_more = tiny_run(tmp_path / "b", generations=7)
+    assert train_controller.run(cfg_more)["generations"] == 7
+    with pytest.raises(ConfigError, match="population"):
+        train_controller.run(tiny_run(tmp_path / "b", generations=9, extra=["controller.population=6"]))
+
+
+# ---- Ray rollout actors --------------------------------------------------------------------------------------
+
+
+class ToyWorker:
+    """Scores a candidate as sum(params) + seed; dies (the whole process) on candidates listed in ``crash_on``,
+    the first time for each, or every time with ``always``."""
+
+    def __init__(self, marker_dir: str, crash_on: tuple = (), always: bool = False):
+        self.marker_dir, self.crash_on, self.always = marker_dir, crash_on, always
+
+    def evaluate(self, params, seeds):
+        key = int(params[0])
+        marker = os.path.join(self.marker_dir, f"crashed_{key}")
+        if key in self.crash_on and (self.always or not os.path.exists(marker)):
+            open(marker, "w").close()
+            os._exit(1)
+        return [float(np.sum(params)) + seed for seed in seeds]
+
+
+def test_a_crashing_rollout_actor_is_replaced_and_its_candidate_reevaluated(ray_session, tmp_path):
+    actor_class = ray.remote(num_cpus=0, max_restarts=0)(ToyWorker)
+    pool = ActorPool(lambda: actor_class.remote(str(tmp_path), crash_on=(3,)), size=2, max_retries=2)
+    candidates = [np.full(4, float(i)) for i in range(6)]
+    try:
+        results = pool.map("evaluate", [(candidate, [10, 20]) for candidate in candidates])
+    finally:
+        pool.close()
+    assert results == [[4.0 * i + 10, 4.0 * i + 20] for i in range(6)]  # every candidate, in order, once
+    assert pool.replaced == 1 and (tmp_path / "crashed_3").exists()
+
+
+def test_a_candidate_that_always_kills_its_actor_fails_after_bounded_retries(ray_session, tmp_path):
+    actor_class = ray.remote(num_cpus=0, max_restarts=0)(ToyWorker)
+    pool = ActorPool(lambda: actor_class.remote(str(tmp_path), crash_on=(1,), always=True), size=2, max_retries=1)
+    try:
+        with pytest.raises(RuntimeError, match="job 1 failed 2 times"):
+            pool.map("evaluate", [(np.full(2, float(i)), [0]) for i in range(3)])
+    finally:
+        pool.close()
+
+
+@pytest.mark.slow
+def test_train_controller_killed_with_sigkill_resumes_from_its_checkpoint(tmp_path):
+    """The command line, killed for real (SIGKILL) after a generation, then run again: same result as uninterrupted."""
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    overrides = ["memory.hidden=8", "memory.components=2", "memory.rank=1", "memory.flow_hidden=8",
+                 "controller.generations=12", "controller.population=8", "controller.rollouts=2",
+                 "controller.sigma=0.5", "controller.eval_every=2", "controller.eval_episodes=4", "env.max_steps=10"]
+    reference = tiny_run(tmp_path / "a", generations=12)
+    train_controller.run(reference)
+    cfg = tiny_run(tmp_path / "b", generations=12)
+    command = [sys.executable, "run.py", "train-controller", "--set", f"runs_dir={tmp_path / 'b'}"]
+    for override in overrides:
+        command += ["--set", override]
+    state = run_paths(cfg).controller / "es_state.pt"
+    process = subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not state.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = CMAES.from_state_dict(load_checkpoint(state)["es"]).generation
+    assert 1 <= killed_at < 12
+    finished = subprocess.run(command, check=False, cwd=root, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    assert rows_without_time(cfg) == rows_without_time(reference)
