@@ -151,6 +151,8 @@ class Episode:
     steps: int
     frames: list[np.ndarray] = field(default_factory=list)
     """The observed uint8 frames, when recorded."""
+    max_x: float | None = None
+    """The furthest ``info["x_pos"]`` reached (Super Mario Bros reports it; None for games that don't)."""
 
 
 def play_episodes(
@@ -183,9 +185,11 @@ def play_episodes(
         for i, env in enumerate(envs):
             if not playing[i]:
                 continue
-            observations[i], reward, terminated, truncated, _ = env.step(actions[i])
+            observations[i], reward, terminated, truncated, info = env.step(actions[i])
             episode = episodes[i]
             episode.ret += float(reward)
+            if "x_pos" in info:
+                episode.max_x = max(float(info["x_pos"]), episode.max_x or 0.0)
             episode.steps += 1
             if record:
                 episode.frames.append(observations[i])

@@ -42,10 +42,11 @@ def write_gif(path: str | Path, frames: Sequence[np.ndarray], fps: float = 25.0,
     atomic_write_bytes(path, iio.imwrite("<bytes>", video, extension=".gif", duration=1000.0 / fps, loop=0))
 
 
-def _stats(returns: Sequence[float]) -> dict:
-    returns = np.asarray(returns, dtype=np.float64)
-    return {"mean": float(returns.mean()), "std": float(returns.std()), "min": float(returns.min()),
-            "max": float(returns.max()), "returns": [round(float(r), 3) for r in returns]}
+def _stats(values: Sequence[float], name: str = "returns") -> dict:
+    """Mean, std, min, max and the values themselves (under ``name``)."""
+    values = np.asarray(values, dtype=np.float64)
+    return {"mean": float(values.mean()), "std": float(values.std()), "min": float(values.min()),
+            "max": float(values.max()), name: [round(float(v), 3) for v in values]}
 
 
 def _controller(expected: LinearController, best: dict, path: Path) -> LinearController:
@@ -105,6 +106,11 @@ def run(cfg: Config) -> dict:
     }
     if random_episodes:
         summary["random_policy"] = _stats([episode.ret for episode in random_episodes])
+    if all(episode.max_x is not None for episode in results):
+        # How far right the agent got (Super Mario Bros), next to the random policy on the same seeds.
+        summary["max_x"] = _stats([episode.max_x for episode in episodes], "values")
+        if random_episodes:
+            summary["random_policy"]["max_x"] = _stats([episode.max_x for episode in random_episodes], "values")
     if cfg.evaluate.video:
         order = np.argsort(returns)
         fps = 50.0 / cfg.env.action_repeat

@@ -50,6 +50,12 @@ def _headline(summaries: dict[str, dict]) -> list[str]:
         if "mean" in random:
             line += f" (random policy on the same seeds: {random['mean']:.1f} ± {random.get('std', 0.0):.1f})"
         rows.append(("real-game score", line))
+        if "max_x" in evaluation:
+            line = f"{evaluation['max_x']['mean']:.0f} ± {evaluation['max_x'].get('std', 0.0):.0f}"
+            random_x = random.get("max_x") or {}
+            if "mean" in random_x:
+                line += f" (random policy: {random_x['mean']:.0f} ± {random_x.get('std', 0.0):.0f})"
+            rows.append(("furthest x position", line))
     controller = summaries.get("train-controller") or {}
     if "best_score" in controller:
         rows.append((f"best fitness in the {controller.get('train_in', '?')}",

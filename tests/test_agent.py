@@ -235,3 +235,28 @@ def test_train_controller_in_the_real_game_on_ray(ray_session, tiny_run):
     assert all(row["worst"] - 1e-9 <= row["mean"] <= row["best"] + 1e-9 for row in rows)
     best = load_checkpoint(out / "best.pt")
     assert best["train_in"] == "real" and best["generation"] == 2 and best["fitness"] == rows[1]["eval_mean"]
+
+
+class _WalkRight(gymnasium.Env):
+    """A stand-in for Super Mario Bros: reports ``x_pos`` in info, moving right by the action taken."""
+
+    observation_space = gymnasium.spaces.Box(0, 255, (64, 64, 3), np.uint8)
+    action_space = gymnasium.spaces.Discrete(3)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.x = 40
+        return np.zeros((64, 64, 3), np.uint8), {"x_pos": self.x}
+
+    def step(self, action):
+        self.x += int(action) - 1
+        return np.zeros((64, 64, 3), np.uint8), float(int(action) - 1), False, False, {"x_pos": self.x}
+
+
+def test_play_episodes_records_the_furthest_x_position():
+    episodes = play_episodes([_WalkRight(), _WalkRight()], None, seeds=[1, 2], max_steps=30)
+    for episode in episodes:
+        assert episode.max_x is not None and episode.max_x >= 40
+        assert episode.max_x >= 40 + episode.ret  # x moved by the summed rewards at the end, and max >= end
+    bare = play_episodes([gymnasium.make("CartPole-v1")], None, seeds=[0], max_steps=5)
+    assert bare[0].max_x is None
