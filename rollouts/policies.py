@@ -1,0 +1,142 @@
+"""Exploration policies that gather the V and M training data: random actions that persist in time.
+
+White-noise actions jitter in place and show the VAE and the memory little of the game, so, as World Models
+did, the collected actions are random but smooth:
+
+- ``brownian`` (CarRacing): a latent u_t in R^3 follows the stationary Ornstein-Uhlenbeck / AR(1) process
+  u_{t+1} = rho u_t + sqrt(1 - rho^2) eps_t, eps_t ~ N(0, I), u_0 ~ N(0, I), so u_t ~ N(0, I) at every t and
+  corr(u_t, u_{t+k}) = rho^k (``collect.action_persistence``). It is squashed into the action box the way World
+  Models' controller squashed its output: steer = tanh(u_0), gas = (tanh(u_1) + 1) / 2, brake = max(tanh(u_2), 0).
+- ``right_biased`` (Mario): a button combination is held for a Geometric(1 / ``collect.mario_repeat``) number
+  of steps (mean ``mario_repeat``); a new combination holds the right button with probability
+  ``collect.right_bias`` (uniform among those that do, else uniform among the rest).
+- ``random``: CarRacing: i.i.d. uniform actions in the box; Mario: uniform combinations, held as above.
+
+Every policy draws only from the ``numpy.random.Generator`` it is given, has ``reset()`` (start of an
+episode) and ``act(obs) -> action`` in the env's own action format (float32 [3] or an int).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from rollouts.envs import check_env_config, is_discrete, mario_buttons
+from worldmodel.config import CollectConfig, ConfigError, EnvConfig
+
+POLICIES = {"carracing": ("brownian", "random"), "mario": ("right_biased", "random")}
+"""Exploration policies each game accepts; the first is what ``auto`` picks."""
+
+CARRACING_LOW = np.array([-1.0, 0.0, 0.0], dtype=np.float32)
+CARRACING_HIGH = np.array([1.0, 1.0, 1.0], dtype=np.float32)
+
+
+class Policy(Protocol):
+    def reset(self) -> None: ...
+
+    def act(self, obs: np.ndarray): ...
+
+
+class BrownianCarPolicy:
+    """Smooth random driving: an AR(1) latent with correlation ``persistence`` per step, squashed into the box."""
+
+    def __init__(self, rng: np.random.Generator, persistence: float):
+        self.rng = rng
+        self.persistence = persistence
+        self.noise_scale = np.sqrt(1.0 - persistence**2)
+        self.latent = np.zeros(3)
+
+    def reset(self) -> None:
+        self.latent = self.rng.standard_normal(3)
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        action = np.array(
+            [np.tanh(self.latent[0]), 0.5 * (np.tanh(self.latent[1]) + 1.0), max(np.tanh(self.latent[2]), 0.0)],
+            dtype=np.float32,
+        )
+        self.latent = self.persistence * self.latent + self.noise_scale * self.rng.standard_normal(3)
+        return action
+
+
+class UniformCarPolicy:
+    """White-noise driving: each action uniform in the box, independently."""
+
+    def __init__(self, rng: np.random.Generator):
+        self.rng = rng
+
+    def reset(self) -> None:
+        pass
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        return self.rng.uniform(CARRACING_LOW, CARRACING_HIGH).astype(np.float32)
+
+
+class HeldDiscretePolicy:
+    """Draw a discrete action from ``probs`` and hold it for a Geometric(1 / mean_hold) number of steps."""
+
+    def __init__(self, rng: np.random.Generator, probs: np.ndarray, mean_hold: float):
+        self.rng = rng
+        self.probs = np.asarray(probs, dtype=np.float64) / np.sum(probs)
+        self.mean_hold = mean_hold
+        self.action = 0
+        self.steps_left = 0
+
+    def reset(self) -> None:
+        self.steps_left = 0
+
+    def act(self, obs: np.ndarray) -> int:
+        if self.steps_left == 0:
+            self.action = int(self.rng.choice(len(self.probs), p=self.probs))
+            self.steps_left = int(self.rng.geometric(1.0 / self.mean_hold))
+        self.steps_left -= 1
+        return self.action
+
+
+def right_biased_probs(buttons: list[list[str]], right_bias: float) -> np.ndarray:
+    """Action probabilities: total mass ``right_bias`` spread over the combos holding ``right``, the rest over the others."""
+    holds_right = np.array(["right" in combo for combo in buttons])
+    if holds_right.all() or not holds_right.any():
+        return np.full(len(buttons), 1.0 / len(buttons))
+    return np.where(holds_right, right_bias / holds_right.sum(), (1.0 - right_bias) / (~holds_right).sum())
+
+
+def policy_name(env_cfg: EnvConfig, collect_cfg: CollectConfig) -> str:
+    """The exploration policy ``collect.policy`` names for this game (``auto`` resolved), or a ConfigError."""
+    check_env_config(env_cfg)
+    choices = POLICIES[env_cfg.name]
+    if collect_cfg.policy == "auto":
+        return choices[0]
+    if collect_cfg.policy not in choices:
+        raise ConfigError(
+            f"collect.policy: {collect_cfg.policy!r} does not fit env.name={env_cfg.name} "
+            f"(choose auto, {', '.join(choices)})"
+        )
+    return collect_cfg.policy
+
+
+def check_policy_config(env_cfg: EnvConfig, collect_cfg: CollectConfig) -> None:
+    """Refuse exploration settings that make no sense, naming the field (``ConfigError``)."""
+    policy_name(env_cfg, collect_cfg)
+    if not 0.0 <= collect_cfg.action_persistence < 1.0:
+        raise ConfigError(f"collect.action_persistence: must be in [0, 1), got {collect_cfg.action_persistence}")
+    if collect_cfg.mario_repeat < 1:
+        raise ConfigError(f"collect.mario_repeat: must be at least 1, got {collect_cfg.mario_repeat}")
+    if not 0.0 <= collect_cfg.right_bias <= 1.0:
+        raise ConfigError(f"collect.right_bias: must be in [0, 1], got {collect_cfg.right_bias}")
+
+
+def make_exploration_policy(env_cfg: EnvConfig, collect_cfg: CollectConfig, rng: np.random.Generator) -> Policy:
+    """The exploration policy chosen by ``collect.policy`` for ``env.name``, drawing from ``rng``."""
+    check_policy_config(env_cfg, collect_cfg)
+    name = policy_name(env_cfg, collect_cfg)
+    if not is_discrete(env_cfg):
+        if name == "brownian":
+            return BrownianCarPolicy(rng, collect_cfg.action_persistence)
+        return UniformCarPolicy(rng)
+    buttons = mario_buttons(env_cfg)
+    if name == "right_biased":
+        probs = right_biased_probs(buttons, collect_cfg.right_bias)
+    else:
+        probs = np.full(len(buttons), 1.0 / len(buttons))
+    return HeldDiscretePolicy(rng, probs, collect_cfg.mario_repeat)

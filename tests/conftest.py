@@ -1,0 +1,86 @@
+"""Fixtures shared by every test file."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray (2 CPUs, no dashboard) for the whole test session; ``ray.init`` costs seconds.
+
+    If Ray is already running in this process it is used as it is and left running. Ray workers import the
+    project's packages, so the project root goes on their PYTHONPATH whatever pytest's working directory is.
+    Test modules whose functions run in workers register themselves with
+    ``ray.cloudpickle.register_pickle_by_value`` (workers cannot import test files).
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    # The local Ray's processes (and so its workers) take the environment at ray.init; restore ours after.
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([str(ROOT), *filter(None, (saved or "").split(os.pathsep))]))
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, ignore_reinit_error=True)
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH")
+        else:
+            os.environ["PYTHONPATH"] = saved
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def write_tiny_latents(folder: Path, episodes: int = 6, steps: int = 40, z_dim: int = 4, a_dim: int = 2,
+                       seed: int = 0) -> None:
+    """Synthetic latents with learnable structure: z_{t+1} = A z_t + B a_t + noise, r_t = z_{t+1,0} + a_t0 / 10.
+
+    Episodes get shorter by 3 steps each, so windows end in padded tails; each ends with one terminal.
+    """
+    import numpy as np
+
+    from worldmodel.data import save_latents
+
+    rng = np.random.default_rng(seed)
+    dynamics = 0.9 * np.linalg.qr(rng.standard_normal((z_dim, z_dim)))[0]
+    control = 0.5 * rng.standard_normal((z_dim, a_dim))
+    for episode in range(episodes):
+        length = steps - 3 * episode
+        z = np.zeros((length + 1, z_dim))
+        z[0] = rng.standard_normal(z_dim)
+        actions = np.tanh(rng.standard_normal((length, a_dim)))
+        for t in range(length):
+            z[t + 1] = dynamics @ z[t] + control @ actions[t] + 0.05 * rng.standard_normal(z_dim)
+        terminals = np.zeros(length, dtype=bool)
+        terminals[-1] = True
+        save_latents(folder / f"episode_{episode:04d}.npz", z, np.full_like(z, -4.0), actions,
+                     z[1:, 0] + 0.1 * actions[:, 0], terminals)
+
+
+@pytest.fixture
+def tiny_memory_run(tmp_path):
+    """``make(name="m", *overrides) -> Config``: a run under tmp_path holding synthetic latents (6 episodes,
+    Z=4, A=2) and a small, fast memory (train/val/test = 4/1/1 episodes)."""
+    from worldmodel.config import load_config
+
+    def make(name: str = "m", *overrides: str):
+        config = load_config(None, [
+            f"runs_dir={tmp_path / 'runs'}", f"name={name}", "memory.hidden=16", "memory.components=2",
+            "memory.rank=1", "memory.flow_hidden=8", "memory_train.seq_len=8", "memory_train.batch_size=4",
+            "memory_train.epochs=3", "memory_train.val_fraction=0.2", "memory_train.test_fraction=0.2",
+            "memory_train.lr=0.01", *overrides,
+        ])
+        write_tiny_latents(config.run_dir / "latents")
+        return config
+
+    return make

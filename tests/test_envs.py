@@ -1,0 +1,202 @@
+"""The real games behind ``make_env`` and the exploration policies (no Ray here)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import cv2
+import gymnasium
+import numpy as np
+import pytest
+
+from rollouts.envs import (
+    CARRACING_INDICATOR_ROWS,
+    action_dim,
+    decode_action,
+    encode_action,
+    is_discrete,
+    make_env,
+    mario_buttons,
+)
+from rollouts.policies import (
+    BrownianCarPolicy,
+    HeldDiscretePolicy,
+    make_exploration_policy,
+    right_biased_probs,
+)
+from worldmodel.config import CollectConfig, ConfigError, EnvConfig
+
+CAR = EnvConfig(name="carracing", max_steps=12)
+MARIO = EnvConfig(name="mario", max_steps=12)
+
+
+def play(env: gymnasium.Env, actions, seed: int):
+    """Frames, rewards and end flags of ``actions`` from ``reset(seed=seed)``."""
+    obs, _ = env.reset(seed=seed)
+    frames, rewards, flags = [obs], [], []
+    for action in actions:
+        obs, reward, terminated, truncated, _ = env.step(action)
+        frames.append(obs)
+        rewards.append(reward)
+        flags.append((terminated, truncated))
+        if terminated or truncated:
+            break
+    return np.stack(frames), np.array(rewards), flags
+
+
+@pytest.mark.parametrize("env_cfg", [CAR, MARIO], ids=["carracing", "mario"])
+def test_frames_spaces_and_time_limit(env_cfg):
+    env = make_env(env_cfg, seed=3)
+    assert env.observation_space == gymnasium.spaces.Box(0, 255, (64, 64, 3), np.uint8)
+    if is_discrete(env_cfg):
+        assert env.action_space == gymnasium.spaces.Discrete(len(mario_buttons(env_cfg)))
+        actions = [1] * 50  # run right: Mario neither dies nor finishes in 12 steps
+    else:
+        assert env.action_space.shape == (3,)
+        np.testing.assert_array_equal(env.action_space.low, [-1, 0, 0])
+        np.testing.assert_array_equal(env.action_space.high, [1, 1, 1])
+        actions = [np.array([0.0, 0.5, 0.0], np.float32)] * 50
+    frames, _, flags = play(env, actions, seed=3)
+    assert frames.dtype == np.uint8 and frames.shape == (env_cfg.max_steps + 1, 64, 64, 3)
+    assert flags[-1] == (False, True) and all(flag == (False, False) for flag in flags[:-1])
+    assert frames.std() > 1.0  # a real picture, not a blank frame
+    env.close()
+
+
+@pytest.mark.parametrize(
+    "env_cfg",
+    [CAR, dataclasses.replace(CAR, crop_indicators=False), MARIO],
+    ids=["carracing-cropped", "carracing-full", "mario"],
+)
+def test_frame_is_the_native_frame_cropped_and_area_resized(env_cfg):
+    """Independent reference: the registered game's own frame, cropped and resized here by hand."""
+    if env_cfg.name == "carracing":
+        raw = gymnasium.make("CarRacing-v3")
+        native, _ = raw.reset(seed=5)
+        if env_cfg.crop_indicators:
+            native = native[: 96 - CARRACING_INDICATOR_ROWS]
+    else:
+        import gym_super_mario_bros  # noqa: F401
+
+        raw = gymnasium.make("SuperMarioBros-1-1-v0")
+        native, _ = raw.reset(seed=5)
+    expected = cv2.resize(native, (64, 64), interpolation=cv2.INTER_AREA)
+    obs, _ = make_env(env_cfg).reset(seed=5)
+    np.testing.assert_array_equal(obs, expected)
+    raw.close()
+
+
+def test_carracing_reset_seed_is_reproducible_and_seeds_differ():
+    env = make_env(CAR)
+    actions = [np.array([0.3, 1.0, 0.0], np.float32)] * 12
+    first = play(env, actions, seed=11)
+    again = play(env, actions, seed=11)  # same env object, reused: nothing leaks across resets
+    other = play(make_env(CAR), actions, seed=12)
+    np.testing.assert_array_equal(first[0], again[0])
+    np.testing.assert_array_equal(first[1], again[1])
+    assert not np.array_equal(first[0][0], other[0][0])  # another seed, another track
+
+
+def test_make_env_seed_makes_unseeded_resets_reproducible():
+    first = [make_env(CAR, seed=21).reset()[0] for _ in range(2)]
+    other, _ = make_env(CAR, seed=22).reset()
+    np.testing.assert_array_equal(first[0], first[1])
+    assert not np.array_equal(first[0], other)
+
+
+@pytest.mark.parametrize("env_cfg", [CAR, MARIO], ids=["carracing", "mario"])
+def test_action_repeat_sums_rewards_of_the_repeated_frames(env_cfg):
+    action = 3 if is_discrete(env_cfg) else np.array([0.2, 1.0, 0.0], np.float32)
+    base = dataclasses.replace(env_cfg, max_steps=40)
+    once = play(make_env(base), [action] * 8, seed=2)
+    twice = play(make_env(dataclasses.replace(base, action_repeat=2)), [action] * 4, seed=2)
+    np.testing.assert_allclose(twice[1], once[1].reshape(4, 2).sum(axis=1), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(twice[0], once[0][::2])
+
+
+def test_action_encoding():
+    assert action_dim(CAR) == 3 and not is_discrete(CAR)
+    assert action_dim(MARIO) == 7 and is_discrete(MARIO)  # SIMPLE_MOVEMENT
+    assert action_dim(dataclasses.replace(MARIO, mario_actions="right_only")) == 5
+    assert action_dim(dataclasses.replace(MARIO, mario_actions="complex")) == 12
+    car = np.array([-0.5, 0.25, 1.0])
+    encoded = encode_action(CAR, car)
+    assert encoded.dtype == np.float32
+    np.testing.assert_array_equal(encoded, car.astype(np.float32))
+    np.testing.assert_array_equal(decode_action(CAR, [2.0, -1.0, 0.5]), [1.0, 0.0, 0.5])
+    for index in range(7):
+        one_hot = encode_action(MARIO, index)
+        assert one_hot.dtype == np.float32 and one_hot.sum() == 1.0 and one_hot[index] == 1.0
+        assert decode_action(MARIO, one_hot) == index
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"name": "pong"}, "env.name"),
+        ({"name": "mario", "mario_level": "9-1"}, "env.mario_level"),
+        ({"name": "mario", "mario_actions": "all"}, "env.mario_actions"),
+        ({"frame_size": 0}, "env.frame_size"),
+        ({"max_steps": 0}, "env.max_steps"),
+        ({"action_repeat": 0}, "env.action_repeat"),
+    ],
+)
+def test_bad_env_config_is_refused_with_the_field(changes, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        make_env(dataclasses.replace(CAR, **changes))
+
+
+def test_brownian_policy_is_smooth_bounded_and_seeded():
+    rho = 0.9
+    policy = BrownianCarPolicy(np.random.default_rng(0), rho)
+    policy.reset()
+    latents, actions = [], []
+    for _ in range(20000):
+        latents.append(policy.latent.copy())
+        actions.append(policy.act(None))
+    latents, actions = np.array(latents), np.array(actions)
+    # stationary AR(1): unit variance and lag-1 correlation rho in every coordinate
+    np.testing.assert_allclose(latents.std(axis=0), 1.0, atol=0.1)
+    lag1 = [np.corrcoef(latents[:-1, i], latents[1:, i])[0, 1] for i in range(3)]
+    np.testing.assert_allclose(lag1, rho, atol=0.02)
+    assert actions.dtype == np.float32
+    assert np.all(actions >= [-1, 0, 0]) and np.all(actions <= [1, 1, 1])
+    assert np.mean(actions[:, 2] == 0.0) == pytest.approx(0.5, abs=0.05)  # brakes half the time
+    replay = make_exploration_policy(CAR, CollectConfig(policy="brownian"), np.random.default_rng(0))
+    replay.reset()
+    np.testing.assert_array_equal([replay.act(None) for _ in range(50)], actions[:50])
+
+
+def test_uniform_car_policy_is_white_noise_in_the_box():
+    policy = make_exploration_policy(CAR, CollectConfig(policy="random"), np.random.default_rng(1))
+    policy.reset()
+    actions = np.array([policy.act(None) for _ in range(5000)])
+    assert np.all(actions >= [-1, 0, 0]) and np.all(actions <= [1, 1, 1])
+    np.testing.assert_allclose(actions.mean(axis=0), [0.0, 0.5, 0.5], atol=0.03)
+    assert abs(np.corrcoef(actions[:-1, 0], actions[1:, 0])[0, 1]) < 0.05
+
+
+def test_mario_policy_holds_actions_and_prefers_right():
+    collect = CollectConfig(policy="auto", mario_repeat=4, right_bias=0.8)
+    policy = make_exploration_policy(MARIO, collect, np.random.default_rng(2))
+    assert isinstance(policy, HeldDiscretePolicy)
+    policy.reset()
+    actions = np.array([policy.act(None) for _ in range(40000)])
+    holds_right = np.array(["right" in combo for combo in mario_buttons(MARIO)])
+    probs = right_biased_probs(mario_buttons(MARIO), 0.8)
+    np.testing.assert_allclose(probs.sum(), 1.0)
+    np.testing.assert_allclose(probs[holds_right], 0.2)
+    assert holds_right[actions].mean() == pytest.approx(0.8, abs=0.02)
+    assert set(np.unique(actions)) == set(range(7))
+    # Each draw is held Geometric(1/4) steps (mean 4); a draw equal to the previous action merges two holds,
+    # so runs of equal actions last 4 / (1 - sum_i p_i^2) steps on average.
+    changes = np.flatnonzero(np.diff(actions)) + 1
+    runs = np.diff(np.concatenate([[0], changes, [len(actions)]]))
+    assert runs.mean() == pytest.approx(4.0 / (1.0 - np.sum(probs**2)), rel=0.04)
+
+
+def test_policy_must_fit_the_game():
+    with pytest.raises(ConfigError, match=r"collect\.policy"):
+        make_exploration_policy(MARIO, CollectConfig(policy="brownian"), np.random.default_rng(0))
+    with pytest.raises(ConfigError, match=r"collect\.action_persistence"):
+        make_exploration_policy(CAR, CollectConfig(action_persistence=1.0), np.random.default_rng(0))
