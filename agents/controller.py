@@ -3,8 +3,8 @@ r"""C: the linear controller of World Models, :math:`a_t = g(W [z_t, h_t] + b)`.
 ``W`` is ``[A, Z + H]`` and ``b`` is ``[A]``; CMA-ES searches the flat vector ``[W.flatten(), b]``. The
 squashing ``g`` depends on the game:
 
-- continuous (CarRacing, ``A = 3``): steering :math:`\tanh(x_0) \in [-1, 1]`, gas and brake
-  :math:`(\tanh(x_i) + 1) / 2 \in [0, 1]`;
+- continuous (CarRacing, ``A = 3``): steering :math:`\tanh(x_0) \in [-1, 1]`, gas
+  :math:`(\tanh(x_1) + 1) / 2 \in [0, 1]` and brake :math:`\max(\tanh(x_2), 0) \in [0, 1]` (World Models);
 - discrete (Mario, ``A`` button combinations): :math:`\arg\max_i x_i`.
 
 Every method works on one parameter vector ``[n]`` or on a whole population ``[P, n]`` at once (the batched
@@ -84,7 +84,10 @@ class LinearController:
         if self.discrete:
             return logits.argmax(-1)
         squashed = torch.tanh(logits)
-        return torch.cat([squashed[..., :1], (squashed[..., 1:] + 1.0) * 0.5], dim=-1)
+        # World Models' mapping (and the exploration policy's): brake = max(tanh, 0), so a fresh controller does not
+        # hold the brake at 0.5 and "no brake" is reachable, as in the collected data
+        gas = (squashed[..., 1:2] + 1.0) * 0.5
+        return torch.cat([squashed[..., :1], gas, squashed[..., 2:].clamp(min=0.0)], dim=-1)
 
     def act(self, params: Tensor, z: Tensor, h: Tensor) -> Tensor:
         """The env action for latent ``z`` and memory state ``h`` (shapes as in ``logits``, split in two)."""
