@@ -66,6 +66,25 @@ def model_tag(kind: str, rank: int) -> str:
     return f"{kind}_r{rank}"
 
 
+def model_variants(config, data_fingerprint: dict, **extra: Any) -> Iterator[tuple[str, str, int, MemoryConfig, dict]]:
+    """Every (kind, rank) of a benchmark section (``ImageConfig`` or ``SpeechConfig``), as
+    ``(tag, kind, rank, memory_config, fingerprint)``; the fingerprint is what a resumed model must match."""
+    for kind in config.kinds:
+        for rank in config.ranks:
+            memory_config = benchmark_memory_config(
+                kind, config.hidden, config.components, rank, config.flow_blocks, config.flow_hidden
+            )
+            fingerprint = {
+                **data_fingerprint,
+                "memory": dataclasses.asdict(memory_config),
+                "lr": config.lr,
+                "batch_size": config.batch_size,
+                "grad_clip": config.grad_clip,
+                **extra,
+            }
+            yield model_tag(kind, rank), kind, rank, memory_config, fingerprint
+
+
 def model_label(kind: str, rank: int) -> str:
     """Row name in the paper's style, e.g. ``FRMDN (d'=2)`` or ``RMDN (diagonal)``."""
     shape = "diagonal" if rank == 0 else f"d'={rank}"

@@ -36,12 +36,11 @@ from tqdm import tqdm
 
 from benchmarks.common import (
     TrainSettings,
-    benchmark_memory_config,
     cached_result,
     format_number,
     markdown_table,
     model_label,
-    model_tag,
+    model_variants,
     plot_curves,
     store_result,
     torch_threads,
@@ -49,7 +48,7 @@ from benchmarks.common import (
     write_csv,
 )
 from benchmarks.datasets import ImageSplits, load_image_splits
-from worldmodel.config import Config, ConfigError, ImageConfig, config_to_dict
+from worldmodel.config import Config, ConfigError, ImageConfig
 from worldmodel.io import DataError, atomic_write_bytes, atomic_write_text, write_json
 from worldmodel.memory import MemoryModel
 from worldmodel.runs import prepare_stage, run_paths
@@ -394,50 +393,37 @@ def _run(cfg: Config) -> dict:
 
     settings = TrainSettings(config.epochs, config.lr, config.grad_clip, config.patience)
     histories, best_by_kind, models = {}, {}, {}
-    for kind in config.kinds:
-        for rank in config.ranks:
-            tag = model_tag(kind, rank)
-            memory_config = benchmark_memory_config(
-                kind, config.hidden, config.components, rank, config.flow_blocks, config.flow_hidden
-            )
-            fingerprint = {
-                **data_fingerprint,
-                "memory": config_to_dict(memory_config),
-                "lr": config.lr,
-                "batch_size": config.batch_size,
-                "grad_clip": config.grad_clip,
-                "flip": flip,
+    for tag, kind, rank, memory_config, fingerprint in model_variants(config, data_fingerprint, flip=flip):
+        torch.manual_seed(cfg.seed)
+        model = MemoryModel(width, splits.classes, memory_config).to(device)
+        trained = train_or_resume(
+            model, tag, models_dir / f"{tag}.pt", settings, fingerprint,
+            epoch_batches, batch_loss, validate, metrics_path,
+        )
+        histories[tag] = trained.history
+        result_key = {**fingerprint, "epochs_trained": len(trained.history), "best_epoch": trained.best_epoch}
+        result = cached_result(models_dir / f"{tag}.json", result_key)
+        if result is None:
+            model.eval()
+            with torch.no_grad():
+                log_lik = label_log_likelihoods(model, test.rows, splits.classes)
+            result = {
+                "model": model_label(kind, rank),
+                "tag": tag,
+                "kind": kind,
+                "rank": rank,
+                **_scores(log_lik, test, splits.levels),
+                "val_nll": trained.best_val,
+                "best_epoch": trained.best_epoch,
+                "epochs_run": len(trained.history),
+                "train_seconds": round(sum(row["seconds"] for row in trained.history), 1),
+                "parameters": sum(p.numel() for p in model.parameters()),
             }
-            torch.manual_seed(cfg.seed)
-            model = MemoryModel(width, splits.classes, memory_config).to(device)
-            trained = train_or_resume(
-                model, tag, models_dir / f"{tag}.pt", settings, fingerprint,
-                epoch_batches, batch_loss, validate, metrics_path,
-            )
-            histories[tag] = trained.history
-            result_key = {**fingerprint, "epochs_trained": len(trained.history), "best_epoch": trained.best_epoch}
-            result = cached_result(models_dir / f"{tag}.json", result_key)
-            if result is None:
-                model.eval()
-                with torch.no_grad():
-                    log_lik = label_log_likelihoods(model, test.rows, splits.classes)
-                result = {
-                    "model": model_label(kind, rank),
-                    "tag": tag,
-                    "kind": kind,
-                    "rank": rank,
-                    **_scores(log_lik, test, splits.levels),
-                    "val_nll": trained.best_val,
-                    "best_epoch": trained.best_epoch,
-                    "epochs_run": len(trained.history),
-                    "train_seconds": round(sum(row["seconds"] for row in trained.history), 1),
-                    "parameters": sum(p.numel() for p in model.parameters()),
-                }
-                store_result(models_dir / f"{tag}.json", result_key, result)
-            rows_out.append(result)
-            models[tag] = model
-            if kind not in best_by_kind or trained.best_val < best_by_kind[kind][1]:
-                best_by_kind[kind] = (tag, trained.best_val)
+            store_result(models_dir / f"{tag}.json", result_key, result)
+        rows_out.append(result)
+        models[tag] = model
+        if kind not in best_by_kind or trained.best_val < best_by_kind[kind][1]:
+            best_by_kind[kind] = (tag, trained.best_val)
 
     samples = {}
     for kind, (tag, _) in best_by_kind.items():

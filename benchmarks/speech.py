@@ -30,11 +30,10 @@ from tqdm import tqdm
 
 from benchmarks.common import (
     TrainSettings,
-    benchmark_memory_config,
     cached_result,
     format_number,
     markdown_table,
-    model_tag,
+    model_variants,
     plot_curves,
     store_result,
     torch_threads,
@@ -42,7 +41,7 @@ from benchmarks.common import (
     write_csv,
 )
 from benchmarks.datasets import frame_sequences, list_wavs, read_audio, resample, timit_split
-from worldmodel.config import Config, ConfigError, SpeechConfig, config_to_dict
+from worldmodel.config import Config, ConfigError, SpeechConfig
 from worldmodel.data import split_by_episode
 from worldmodel.io import DataError, atomic_write_text, write_json
 from worldmodel.memory import MemoryModel
@@ -251,47 +250,35 @@ def _run(cfg: Config) -> dict:
 
     settings = TrainSettings(config.epochs, config.lr, config.grad_clip, config.patience)
     rows, histories = [], {}
-    for kind in config.kinds:
-        for rank in config.ranks:
-            tag = model_tag(kind, rank)
-            memory_config = benchmark_memory_config(
-                kind, config.hidden, config.components, rank, config.flow_blocks, config.flow_hidden
-            )
-            fingerprint = {
-                **data_fingerprint,
-                "memory": config_to_dict(memory_config),
-                "lr": config.lr,
-                "batch_size": config.batch_size,
-                "grad_clip": config.grad_clip,
+    for tag, kind, rank, memory_config, fingerprint in model_variants(config, data_fingerprint):
+        torch.manual_seed(cfg.seed)
+        model = MemoryModel(config.frame, 0, memory_config).to(device)
+        trained = train_or_resume(
+            model, tag, models_dir / f"{tag}.pt", settings, fingerprint,
+            epoch_batches, batch_loss, validate, metrics_path,
+        )
+        histories[tag] = trained.history
+        result_key = {**fingerprint, "epochs_trained": len(trained.history), "best_epoch": trained.best_epoch}
+        result = cached_result(models_dir / f"{tag}.json", result_key)
+        if result is None:
+            model.eval()
+            nll = sequence_nll(model, test, config.batch_size, device)
+            result = {
+                "model": speech_label(kind, config.components, rank),
+                "tag": tag,
+                "kind": kind,
+                "rank": rank,
+                "nll_per_sequence": float(nll.mean()),
+                "nll_per_sequence_2se": float(2 * nll.std(ddof=1) / math.sqrt(len(nll))) if len(nll) > 1 else None,
+                "nll_per_sample": float(nll.sum() / test_samples),
+                "val_nll_per_sequence": trained.best_val,
+                "best_epoch": trained.best_epoch,
+                "epochs_run": len(trained.history),
+                "train_seconds": round(sum(row["seconds"] for row in trained.history), 1),
+                "parameters": sum(p.numel() for p in model.parameters()),
             }
-            torch.manual_seed(cfg.seed)
-            model = MemoryModel(config.frame, 0, memory_config).to(device)
-            trained = train_or_resume(
-                model, tag, models_dir / f"{tag}.pt", settings, fingerprint,
-                epoch_batches, batch_loss, validate, metrics_path,
-            )
-            histories[tag] = trained.history
-            result_key = {**fingerprint, "epochs_trained": len(trained.history), "best_epoch": trained.best_epoch}
-            result = cached_result(models_dir / f"{tag}.json", result_key)
-            if result is None:
-                model.eval()
-                nll = sequence_nll(model, test, config.batch_size, device)
-                result = {
-                    "model": speech_label(kind, config.components, rank),
-                    "tag": tag,
-                    "kind": kind,
-                    "rank": rank,
-                    "nll_per_sequence": float(nll.mean()),
-                    "nll_per_sequence_2se": float(2 * nll.std(ddof=1) / math.sqrt(len(nll))) if len(nll) > 1 else None,
-                    "nll_per_sample": float(nll.sum() / test_samples),
-                    "val_nll_per_sequence": trained.best_val,
-                    "best_epoch": trained.best_epoch,
-                    "epochs_run": len(trained.history),
-                    "train_seconds": round(sum(row["seconds"] for row in trained.history), 1),
-                    "parameters": sum(p.numel() for p in model.parameters()),
-                }
-                store_result(models_dir / f"{tag}.json", result_key, result)
-            rows.append(result)
+            store_result(models_dir / f"{tag}.json", result_key, result)
+        rows.append(result)
     plot_curves(out_dir / "nll_curves.png", histories, "validation NLL per sequence (nats, normalised units)")
     _write_tables(out_dir, corpus, rows, len(test), test_samples)
     summary = {
