@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from gymnasium import spaces
+from tracing import TracedMemory
 
 from agents import evaluate
 from agents.agent import WorldModelAgent, controller_for, play_episode, play_episodes
@@ -22,20 +23,6 @@ from worldmodel.runs import run_paths
 from worldmodel.vae import ConvVAE, frames_to_tensor
 
 Z, H = 8, 12
-
-
-class TracedMemory(MemoryModel):
-    """Records what each ``step`` read (y, cond, the h it started from) and returned."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.trace = []
-
-    def step(self, y, cond, state):
-        out, new_state = super().step(y, cond, state)
-        self.trace.append({"y": y.clone(), "cond": cond.clone(), "h_before": state[0][0].clone(),
-                           "h_after": new_state[0][0].clone()})
-        return out, new_state
 
 
 class NoiseGame(gymnasium.Env):

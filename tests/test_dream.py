@@ -14,6 +14,7 @@ import pytest
 import torch
 from gymnasium import spaces
 from gymnasium.utils.env_checker import check_env
+from tracing import TracedMemory
 
 from agents.controller import LinearController
 from agents.dream_batch import BatchedDream
@@ -48,24 +49,6 @@ def starts(count=4, seed=1):
 def make_dream(memory, action_space=CAR_ACTIONS, **kwargs):
     mu, logvar = starts()
     return DreamEnv(memory, mu, logvar, action_space=action_space, **{"horizon": 30, "temperature": 1.15, **kwargs})
-
-
-class TracedMemory(MemoryModel):
-    """Records what each ``step`` read (y, cond, the h it started from), what it returned and what was sampled."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.trace = []
-
-    def step(self, y, cond, state):
-        out, new_state = super().step(y, cond, state)
-        self.trace.append({"y": y.clone(), "cond": cond.clone(), "h_before": state[0][0].clone(), "out": out})
-        return out, new_state
-
-    def sample(self, out, temperature=1.0, generator=None):
-        z = super().sample(out, temperature, generator)
-        self.trace[-1].update(sampled=z.clone(), sampled_from=out, temperature=temperature)
-        return z
 
 
 def assert_passes_check_env(env):
