@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import sys
 import tempfile
 import time
@@ -46,7 +45,7 @@ from rollouts.parallel import init_ray
 from rollouts.policies import Policy, check_policy_config, make_exploration_policy
 from worldmodel.config import CollectConfig, Config, ConfigError, EnvConfig
 from worldmodel.data import load_episode, validate_episode
-from worldmodel.io import DataError, atomic_write_bytes, write_json
+from worldmodel.io import DataError, atomic_write_bytes, npz_bytes, write_json
 from worldmodel.runs import prepare_stage, run_paths
 
 EpisodeFn = Callable[[gymnasium.Env, EnvConfig, Policy, int], dict[str, np.ndarray]]
@@ -127,14 +126,13 @@ class EpisodeWorker:
             policy = make_exploration_policy(self.env_cfg, self.collect_cfg, policy_rng)
             arrays = self.episode_fn(self.env, self.env_cfg, policy, env_seed)
             validate_episode(episode_name(index), arrays)
-            buffer = io.BytesIO()
-            np.savez_compressed(buffer, **arrays)
+            data = npz_bytes(**arrays)
         except Exception as error:  # noqa: BLE001  (any env error is reported per episode, never fatal)
             self.close()
             return {"index": index, "error": _describe(error)}
         return {
             "index": index,
-            "data": buffer.getvalue(),
+            "data": data,
             "frames": int(arrays["rewards"].shape[0]),
             "seconds": time.perf_counter() - start,
             "process_cpu_seconds": time.process_time(),  # this worker's CPU so far, start-up included

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 
 class DataError(ValueError):
@@ -80,11 +79,16 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return rows
 
 
-def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
-    """Compressed npz, written atomically."""
+def npz_bytes(**arrays: np.ndarray) -> bytes:
+    """The bytes of a compressed npz holding ``arrays``."""
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
-    atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
+    """Compressed npz, written atomically."""
+    atomic_write_bytes(path, npz_bytes(**arrays))
 
 
 def load_npz(path: str | Path) -> dict[str, np.ndarray]:
@@ -101,13 +105,17 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray]:
 
 def save_checkpoint(path: str | Path, **payload: Any) -> None:
     """torch.save of plain data (state_dicts, config dicts, numbers, lists), written atomically."""
+    import torch  # here, not at the top: Ray's collection workers import this module and never need torch
+
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict[str, Any]:
     """Load a checkpoint this program wrote, with ``weights_only=True`` (never unpickles code)."""
+    import torch
+
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: checkpoint not found")
