@@ -148,8 +148,8 @@ def main() -> None:
     print("machine 2p/1p: two busy-loop Ray tasks vs one, measured around the 2-worker run: the speed-up the")
     print("       machine itself allows right now (2.00x on two free cores). CPU 2w/1w: CPU seconds of the")
     print("       2-worker collection over the 1-worker one (1.00x = parallelism costs no extra work). CPU")
-    print("       overhead: collector CPU seconds (workers + driver) over the bare loop's; other jobs on the")
-    print("       machine do not distort the CPU columns.")
+    print("       overhead: collector CPU seconds (workers + driver) over the bare loop's. Other jobs on the")
+    print("       machine distort the CPU columns far less than the wall-clock ones (time-slicing still costs some).")
     for row in rows:
         verdict = [
             "speed-up OK" if row["ratio"] >= 1.8 else "speed-up BELOW goal",
