@@ -84,3 +84,14 @@ def tiny_memory_run(tmp_path):
         return config
 
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train fastest on one torch thread, and don't fight other work for a busy machine's cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

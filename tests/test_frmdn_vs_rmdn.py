@@ -13,7 +13,6 @@ A mixture of K = 2 Gaussians fits a thin parabola badly, whatever the RNN does; 
 
 import math
 
-import pytest
 import torch
 
 from worldmodel.config import MemoryConfig
@@ -63,14 +62,6 @@ def train_test_nll(kind: str, train: torch.Tensor, test: torch.Tensor, steps: in
     with torch.no_grad():
         return model.sequence_loss(test)["nll"].item()
 
-
-@pytest.fixture
-def one_thread():
-    """Tiny models train fastest on one thread, and don't fight other work on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_frmdn_beats_rmdn_with_the_same_components_on_crescent_sequences(one_thread):

@@ -6,7 +6,6 @@ import csv
 import re
 
 import pytest
-import torch
 
 from worldmodel.io import read_json
 from worldmodel.sweep import run_table1, table1_dir
@@ -19,12 +18,7 @@ def sequential(fn, items):
     return [fn(item) for item in items]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_table1_has_every_cell_in_the_papers_layout_and_a_rerun_skips_them(tiny_memory_run):

@@ -21,13 +21,7 @@ from worldmodel.train_memory import TrainingStopped, run
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny LSTMs run fastest on one thread, and helpers share this machine's two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _finite_tensors(payload) -> bool:
