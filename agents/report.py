@@ -40,22 +40,25 @@ def _scalars(summary: dict, prefix: str = "") -> list[tuple[str, object]]:
     return rows
 
 
+def _mean_std(stats: dict, digits: int) -> str:
+    return f"{stats['mean']:.{digits}f} ± {stats.get('std', 0.0):.{digits}f}"
+
+
 def _headline(summaries: dict[str, dict]) -> list[str]:
     """The few numbers a reader looks for first, where the stages reported them."""
     rows = []
     evaluation = summaries.get("evaluate") or {}
+    random = evaluation.get("random_policy") or {}
     if "mean" in evaluation:
-        line = f"{evaluation['mean']:.1f} ± {evaluation.get('std', 0.0):.1f} over {evaluation.get('episodes')} episodes"
-        random = evaluation.get("random_policy") or {}
+        line = f"{_mean_std(evaluation, 1)} over {evaluation.get('episodes')} episodes"
         if "mean" in random:
-            line += f" (random policy on the same seeds: {random['mean']:.1f} ± {random.get('std', 0.0):.1f})"
+            line += f" (random policy on the same seeds: {_mean_std(random, 1)})"
         rows.append(("real-game score", line))
-        if "max_x" in evaluation:
-            line = f"{evaluation['max_x']['mean']:.0f} ± {evaluation['max_x'].get('std', 0.0):.0f}"
-            random_x = random.get("max_x") or {}
-            if "mean" in random_x:
-                line += f" (random policy: {random_x['mean']:.0f} ± {random_x.get('std', 0.0):.0f})"
-            rows.append(("furthest x position", line))
+    if "max_x" in evaluation:
+        line = _mean_std(evaluation["max_x"], 0)
+        if "mean" in random.get("max_x", {}):
+            line += f" (random policy: {_mean_std(random['max_x'], 0)})"
+        rows.append(("furthest x position", line))
     controller = summaries.get("train-controller") or {}
     if "best_score" in controller:
         rows.append((f"best fitness in the {controller.get('train_in', '?')}",
