@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from worldmodel.config import MemoryConfig
+from worldmodel.config import ConfigError, MemoryConfig
 from worldmodel.io import (
     append_jsonl,
     atomic_write_bytes,
@@ -64,6 +64,18 @@ def benchmark_memory_config(
 def model_tag(kind: str, rank: int) -> str:
     """File-name tag of one model, e.g. ``frmdn_r2``."""
     return f"{kind}_r{rank}"
+
+
+def check_model_grid(config, section: str, positive: tuple[str, ...]) -> None:
+    """The checks every benchmark section shares: its model kinds, its ranks, and the fields that must be >= 1
+    (``ConfigError`` naming ``<section>.<field>``)."""
+    if not config.kinds or any(kind not in ("rmdn", "frmdn") for kind in config.kinds):
+        raise ConfigError(f"{section}.kinds must list 'rmdn' and/or 'frmdn', got {config.kinds}")
+    if not config.ranks or any(rank < 0 for rank in config.ranks):
+        raise ConfigError(f"{section}.ranks must be a non-empty list of ranks >= 0, got {config.ranks}")
+    for name in positive:
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{section}.{name} must be >= 1, got {getattr(config, name)}")
 
 
 def model_variants(config, data_fingerprint: dict, **extra: Any) -> Iterator[tuple[str, str, int, MemoryConfig, dict]]:

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from benchmarks.common import (
     TrainSettings,
     cached_result,
+    check_model_grid,
     format_number,
     markdown_table,
     model_label,
@@ -232,15 +233,9 @@ def _eval_set(images: np.ndarray, labels: np.ndarray, levels: int, lam: float, s
 
 
 def _check_config(config: ImageConfig) -> None:
-    if not config.kinds or any(kind not in ("rmdn", "frmdn") for kind in config.kinds):
-        raise ConfigError(f"image.kinds must list 'rmdn' and/or 'frmdn', got {config.kinds}")
-    if any(rank < 0 for rank in config.ranks) or not config.ranks:
-        raise ConfigError(f"image.ranks must be a non-empty list of ranks >= 0, got {config.ranks}")
+    check_model_grid(config, "image", ("components", "hidden", "epochs", "batch_size"))
     if config.logit_lambda is not None and not 0 <= config.logit_lambda < 0.5:
         raise ConfigError(f"image.logit_lambda must be in [0, 0.5), got {config.logit_lambda}")
-    for name in ("components", "hidden", "epochs", "batch_size"):
-        if getattr(config, name) < 1:
-            raise ConfigError(f"image.{name} must be >= 1, got {getattr(config, name)}")
 
 
 def _scores(log_lik: Tensor, data: EvalSet, levels: int) -> dict:

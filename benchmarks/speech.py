@@ -31,6 +31,7 @@ from tqdm import tqdm
 from benchmarks.common import (
     TrainSettings,
     cached_result,
+    check_model_grid,
     format_number,
     markdown_table,
     model_variants,
@@ -181,13 +182,7 @@ def speech_label(kind: str, components: int, rank: int) -> str:
 
 
 def _check_config(config: SpeechConfig) -> None:
-    if not config.kinds or any(kind not in ("rmdn", "frmdn") for kind in config.kinds):
-        raise ConfigError(f"speech.kinds must list 'rmdn' and/or 'frmdn', got {config.kinds}")
-    if not config.ranks or any(rank < 0 for rank in config.ranks):
-        raise ConfigError(f"speech.ranks must be a non-empty list of ranks >= 0, got {config.ranks}")
-    for name in ("frame", "sample_rate", "components", "hidden", "epochs", "batch_size"):
-        if getattr(config, name) < 1:
-            raise ConfigError(f"speech.{name} must be >= 1, got {getattr(config, name)}")
+    check_model_grid(config, "speech", ("frame", "sample_rate", "components", "hidden", "epochs", "batch_size"))
     if config.frame < 2:
         raise ConfigError(f"speech.frame must be >= 2 (the flow splits a frame in halves), got {config.frame}")
 
