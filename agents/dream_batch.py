@@ -14,7 +14,8 @@ reading :math:`(z_t, a_t)`, as in ``rollouts.dream_env.DreamEnv``):
 4. :math:`done_t \sim \text{Bernoulli}(\sigma(\ell_t / \tau))`; a dream that ended stops collecting reward
    (it is masked, not removed, so the tensors keep their shape); every dream stops at the horizon.
 
-Rollout r of every candidate starts from the same :math:`z_0` (a real first frame, as in the dream env):
+Rollout r of every candidate starts from the same :math:`z_0` (a real frame, as in the dream env: a first frame
+with :math:`h_0 = c_0 = 0`, or any frame with the memory's state there, ``rollouts.dream_env.warm_starts``):
 candidates are compared on the same starts, which makes their ranking less noisy.
 """
 
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from agents.controller import LinearController
+from rollouts.dream_env import LSTMState, start_state_tensors
 from worldmodel.memory import MemoryModel
 from worldmodel.mixture import gmm_sample
 
@@ -74,11 +76,13 @@ class BatchedDream:
         temperature: float = 1.0,
         use_mu: bool = False,
         threads: int = 1,
+        initial_state: LSTMState | None = None,
     ):
         """``threads``: torch threads while dreaming (0 = torch's setting). One by default: the dream's results
         then do not depend on the machine's core count (matmuls split over threads round differently), and it
         keeps its speed when other processes share the CPU, where waiting for a second thread at each of the
-        step's ~100 operations made it 50x slower in our measurements (``perf/dream_speed.py``)."""
+        step's ~100 operations made it 50x slower in our measurements (``perf/dream_speed.py``).
+        ``initial_state``: the memory's (h, c) ``[N, H]`` at each start frame; None = zeros."""
         if memory.reward_head is None or memory.done_head is None:
             raise ValueError("the dream needs a memory with reward and done heads (memory.predict_reward/predict_done)")
         if controller.z_dim != memory.target_dim or controller.h_dim != memory.config.hidden:
@@ -102,6 +106,7 @@ class BatchedDream:
             if initial_logvar is None
             else torch.exp(0.5 * torch.as_tensor(initial_logvar, dtype=self.dtype, device=self.device))
         )
+        self.initial_state = start_state_tensors(initial_state, len(self.initial_mu), memory, self.dtype)
         self._fuse_weights()
 
     @torch.no_grad()
@@ -172,14 +177,18 @@ class BatchedDream:
             return z
         return flow.inverse(z, hidden if self.memory.config.flow_context else None)
 
-    def initial_latents(self, rollouts: int, generator: torch.Generator | None) -> Tensor:
-        """``[R, Z]`` starts: real first frames (a posterior sample unless ``use_mu``), one per rollout."""
+    def initial_states(self, rollouts: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
+        """``[R, Z]``, ``[R, H]``, ``[R, H]``: one start per rollout: a real frame's z (a posterior sample unless
+        ``use_mu``) and the memory's (h, c) there."""
         start = torch.randint(len(self.initial_mu), (rollouts,), generator=generator, device=self.device)
         z = self.initial_mu[start]
         if not self.use_mu:
             noise = torch.randn(z.shape, generator=generator, device=self.device, dtype=self.dtype)
             z = z + self.initial_std[start] * noise
-        return z
+        if self.initial_state is None:
+            zeros = z.new_zeros(rollouts, self.memory.config.hidden)
+            return z, zeros, zeros.clone()
+        return z, self.initial_state[0][start], self.initial_state[1][start]
 
     def rollout(self, params: Tensor, rollouts: int, generator: torch.Generator | None = None) -> DreamRollouts:
         """Dream ``rollouts`` episodes for each of the P candidates ``params [P, n]``; returns [P, R] outcomes."""
@@ -194,8 +203,10 @@ class BatchedDream:
         z_dim, hidden_size, k = self.memory.target_dim, self.memory.config.hidden, self.memory.config.components
         features = z_dim + hidden_size
         buffer = torch.zeros(batch, features + self.controller.action_dim, dtype=self.dtype, device=self.device)
-        buffer[:, :z_dim] = self.initial_latents(rollouts, generator).repeat(population, 1)  # h_0 = 0
-        cell = torch.zeros(batch, hidden_size, dtype=self.dtype, device=self.device)
+        z, hidden_start, cell_start = self.initial_states(rollouts, generator)
+        buffer[:, :z_dim] = z.repeat(population, 1)
+        buffer[:, z_dim:features] = hidden_start.repeat(population, 1)
+        cell = cell_start.repeat(population, 1)
         gates = buffer.new_empty(batch, 4 * hidden_size)  # reused every step: no per-step allocations
         hidden = buffer.new_empty(batch, hidden_size)
         input_gate, forget_gate, cell_input, output_gate = gates.split(hidden_size, dim=1)

@@ -87,6 +87,10 @@ def write_report(config: Config, summaries: dict[str, dict], seconds: dict[str, 
         f"# Run `{config.name}`: {config.env.name}, memory {config.memory.kind} "
         f"(K={config.memory.components}, d'={config.memory.rank}), controller trained in the {config.controller.train_in}"
     )
+    controller = summaries.get("train-controller") or {}
+    if controller.get("dream_horizon"):
+        starts = "any frame" if controller.get("dream_start") == "any" else "the first frames"
+        title += f" (dreams of up to {controller['dream_horizon']} steps from {starts} of the collected episodes)"
     lines = [
         title,
         "",

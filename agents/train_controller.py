@@ -30,7 +30,7 @@ from agents.controller import LinearController
 from agents.dream_batch import BatchedDream
 from agents.es import CMAES
 from agents.workers import chunk_count, rollout_pool, split_seeds
-from rollouts.dream_env import dream_horizon, first_latents, load_memory
+from rollouts.dream_env import DREAM_STARTS, dream_horizon, dream_starts, load_memory
 from rollouts.parallel import init_ray
 from worldmodel.config import Config, ConfigError
 from worldmodel.data import list_npz, load_latents
@@ -63,9 +63,11 @@ def check_controller_config(cfg: Config) -> None:
         raise ConfigError(f"controller.train_in must be 'dream' or 'real', got {c.train_in!r}")
     for key, low in (("generations", 1), ("population", 3), ("rollouts", 1), ("eval_episodes", 1),
                      ("eval_every", 0), ("max_steps", 0), ("workers", 0), ("retries", 0), ("dream_threads", 0),
-                     ("envs_per_worker", 1)):
+                     ("envs_per_worker", 1), ("dream_start_limit", 1)):
         if getattr(c, key) < low:
             raise ConfigError(f"controller.{key} must be at least {low}, got {getattr(c, key)}")
+    if c.dream_start not in DREAM_STARTS:
+        raise ConfigError(f"controller.dream_start must be one of {', '.join(DREAM_STARTS)}, got {c.dream_start!r}")
     if c.sigma <= 0 or c.temperature < 0:
         raise ConfigError(f"controller.sigma must be > 0 and controller.temperature >= 0, got {c.sigma}, {c.temperature}")
 
@@ -75,10 +77,10 @@ class DreamFitness:
 
     def __init__(self, cfg: Config, memory: MemoryModel, controller: LinearController):
         latents = run_paths(cfg).latents
-        mu, logvar = first_latents(latents)
+        mu, logvar, state = dream_starts(cfg, memory)
         self.seed = cfg.seed
         self.dream = BatchedDream(memory, controller, mu, logvar, dream_horizon(cfg), cfg.controller.temperature,
-                                  cfg.memory_train.use_mu, cfg.controller.dream_threads)
+                                  cfg.memory_train.use_mu, cfg.controller.dream_threads, initial_state=state)
         # the real episodes' mean length (capped at the dream's horizon), to flag dreams that end far too soon
         self.real_length = float(np.mean([min(len(load_latents(path)["rewards"]), self.dream.horizon)
                                           for path in list_npz(latents)]))
@@ -230,6 +232,8 @@ def run(cfg: Config) -> dict:
         "rollouts": c.rollouts,
         "num_params": controller.num_params,
         "temperature": c.temperature if c.train_in == "dream" else None,
+        "dream_start": c.dream_start if c.train_in == "dream" else None,
+        "dream_horizon": dream_horizon(cfg) if c.train_in == "dream" else None,
         "best_score": best["score"],
         "best_score_std": best["std"],
         "best_generation": best["generation"],

@@ -13,8 +13,9 @@ episode, whichever worker plays it.
   checkout path or ``pip install -e .``).
 - Resumable: files that already load and validate are skipped; unreadable ones are collected again (the
   summary names them); leftover temporary files of a killed run are removed.
-- Failures: an episode whose env raises is retried on a fresh env, one whose worker process dies is retried
-  on a new worker, each at most ``collect.retries`` times; the other episodes are kept and the summary
+- Failures: an episode whose env raises is retried on a fresh env, one whose worker process dies, or takes
+  longer than ``collect.episode_timeout`` seconds (a hung emulator), is retried on a new worker, each at most
+  ``collect.retries`` times; the other episodes are kept and the summary
   lists what failed and why. Rerunning the command retries only the missing episodes.
 - ``terminals`` records the game's own end (``terminated``: Mario died or finished, the car left the
   playfield or finished the lap), never the time limit, which the memory could not predict from a frame.
@@ -151,7 +152,7 @@ def check_collect_config(cfg: Config) -> None:
     check_policy_config(cfg.env, cfg.collect)
     if cfg.seed < 0:
         raise ConfigError(f"seed: must be >= 0 (it seeds numpy's SeedSequence), got {cfg.seed}")
-    for key, low in (("episodes", 0), ("max_steps", 1), ("retries", 0), ("workers", 0)):
+    for key, low in (("episodes", 0), ("max_steps", 1), ("retries", 0), ("workers", 0), ("episode_timeout", 0)):
         value = getattr(cfg.collect, key)
         if value < low:
             raise ConfigError(f"collect.{key}: must be at least {low}, got {value}")
@@ -262,6 +263,20 @@ def collect_episodes(
     pending = deque(todo)
     attempts = dict.fromkeys(todo, 0)
     running: dict = {}  # object ref -> (worker, index)
+    started: dict = {}  # object ref -> when its episode was sent
+    timeout = cfg.collect.episode_timeout or None
+
+    def send(worker, index: int) -> None:
+        ref = worker.collect.remote(index, cfg.seed)
+        running[ref], started[ref] = (worker, index), time.perf_counter()
+
+    def replace(worker):
+        pool.remove(worker)
+        ray.kill(worker)
+        fresh = new_worker()
+        pool.append(fresh)
+        return fresh
+
     frames = 0
     crashes_in_a_row = 0
     bar = tqdm(total=cfg.collect.episodes, initial=len(done), unit="ep", desc=f"collect {cfg.env.name}",
@@ -271,23 +286,30 @@ def collect_episodes(
     try:
         for worker in pool:
             if pending:
-                index = pending.popleft()
-                running[worker.collect.remote(index, cfg.seed)] = (worker, index)
+                send(worker, pending.popleft())
         while running:
-            (ref,), _ = ray.wait(list(running), num_returns=1)
+            oldest = min(started.values())
+            wait = None if timeout is None else max(0.0, oldest + timeout - time.perf_counter())
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=wait)
+            if ready:
+                ref = ready[0]
+            else:  # the oldest episode ran out of time: its worker may hang forever, so it is killed
+                ref = min(started, key=started.get)
             worker, index = running.pop(ref)
-            try:
-                result = ray.get(ref)
-            except ray.exceptions.RayActorError as error:
-                # The worker process died (crash, OOM kill, lost node): replace it; its episode is retried.
-                result = {"index": index, "error": f"worker died: {type(error).__name__}: {str(error)[:300]}"}
-                pool.remove(worker)
-                ray.kill(worker)
-                worker = new_worker()
-                pool.append(worker)
-                crashes_in_a_row += 1
-            except ray.exceptions.RayError as error:
-                result = {"index": index, "error": f"{type(error).__name__}: {str(error)[:300]}"}
+            del started[ref]
+            if not ready:
+                result = {"index": index, "error": f"timed out after {timeout:g} s (collect.episode_timeout)"}
+                worker = replace(worker)
+            else:
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayActorError as error:
+                    # The worker process died (crash, OOM kill, lost node): replace it; its episode is retried.
+                    result = {"index": index, "error": f"worker died: {type(error).__name__}: {str(error)[:300]}"}
+                    worker = replace(worker)
+                    crashes_in_a_row += 1
+                except ray.exceptions.RayError as error:
+                    result = {"index": index, "error": f"{type(error).__name__}: {str(error)[:300]}"}
             name = episode_name(index)
             if "error" in result:
                 attempts[index] += 1
@@ -305,8 +327,7 @@ def collect_episodes(
             else:
                 crashes_in_a_row = 0
             if pending:  # the worker's next episode first, so it plays while this one is written
-                next_index = pending.popleft()
-                running[worker.collect.remote(next_index, cfg.seed)] = (worker, next_index)
+                send(worker, pending.popleft())
             if "error" not in result:
                 atomic_write_bytes(folder / name, result["data"])
                 if id(worker) in created:  # its first episode: how long the worker took to start

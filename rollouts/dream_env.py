@@ -12,7 +12,10 @@ Alignment (DESIGN.md, "The dream, done right"): the observation at step t is :ma
 
 A dream starts from :math:`z_0` of a real encoded first frame, drawn from the run's latents (a posterior sample
 :math:`\mu + \sigma \epsilon`, or :math:`\mu` with ``use_mu``, the same choice the memory was trained on), with
-:math:`h_0 = 0`, and is truncated at the real game's horizon. All randomness comes from ``np_random`` (the
+:math:`h_0 = 0`, and is truncated at the real game's horizon. With ``controller.dream_start: any`` it starts
+from any frame :math:`t` of a real episode instead, with the LSTM state :math:`(h_t, c_t)` the memory reached by
+reading that episode's :math:`(z_{<t}, a_{<t})`: dreams from the first frames alone rehearse only the opening of
+a game (Mario's first Goomba is 28 steps in; a tiny memory's dreams last ~17). All randomness comes from ``np_random`` (the
 start frame) and a ``torch.Generator`` seeded from it at every reset, so a seeded reset replays exactly.
 
 ``render_mode="rgb_array"`` decodes :math:`z_t` with the VAE to a uint8 64x64 RGB frame.
@@ -37,6 +40,11 @@ from worldmodel.runs import run_paths
 from worldmodel.vae import ConvVAE, load_vae, tensor_to_frames
 
 DREAM_ENV_ID = "WorldModelDream-v0"
+DREAM_STARTS = ("first", "any")
+"""Values of ``controller.dream_start``."""
+
+LSTMState = tuple[np.ndarray, np.ndarray]
+"""(h, c), ``[N, H]`` each: the memory's LSTM state at N start frames."""
 
 
 def game_action_space(env_cfg: EnvConfig) -> spaces.Space:
@@ -53,6 +61,68 @@ def first_latents(latents_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{latents_dir}: no latents; run `python run.py encode` first")
     firsts = [load_latents(path) for path in paths]
     return (np.stack([data["mu"][0] for data in firsts]), np.stack([data["logvar"][0] for data in firsts]))
+
+
+@torch.inference_mode()
+def warm_starts(
+    latents_dir: str | Path, memory: MemoryModel, limit: int, use_mu: bool, seed: int
+) -> tuple[np.ndarray, np.ndarray, LSTMState]:
+    """(mu, logvar) ``[N, Z]`` of up to ``limit`` frames drawn from the encoded episodes, and the memory's state
+    ``(h_t, c_t)`` there: the LSTM's after reading the episode's ``(z_<t, a_<t)`` (z as in training: ``mu``, or a
+    posterior sample with ``use_mu`` off), i.e. the state the controller sees with that frame.
+
+    At most ``limit`` episodes are read, each giving an equal share of distinct frames (never its final
+    observation, which no action follows)."""
+    paths = list_npz(latents_dir)
+    if not paths:
+        raise DataError(f"{latents_dir}: no latents; run `python run.py encode` first")
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(len(paths), size=min(limit, len(paths)), replace=False))
+    share = limit // len(chosen)
+    episodes, frames = [], []
+    for index in chosen:
+        data = load_latents(paths[index])
+        steps = len(data["actions"])
+        episodes.append(data)
+        frames.append(np.sort(rng.choice(steps, size=min(share, steps), replace=False)))
+    device, dtype = memory.mixture_head.weight.device, memory.mixture_head.weight.dtype
+    # the episodes read side by side, each as far as its last start frame (zeros pad the shorter ones)
+    length = max(int(wanted[-1]) for wanted in frames)
+    inputs = np.zeros((len(episodes), max(length, 1), memory.target_dim + memory.cond_dim), np.float32)
+    for row, (data, wanted) in enumerate(zip(episodes, frames)):
+        steps = int(wanted[-1])
+        z = data["mu"][:steps]
+        if not use_mu:
+            z = z + np.exp(0.5 * data["logvar"][:steps]) * rng.standard_normal(z.shape, dtype=np.float32)
+        inputs[row, :steps] = np.concatenate([z, data["actions"][:steps]], axis=1)
+    inputs = torch.as_tensor(inputs, device=device, dtype=dtype)
+    owners = np.concatenate([np.full(len(wanted), row) for row, wanted in enumerate(frames)])
+    times = np.concatenate(frames)
+    hidden = np.empty((len(times), memory.config.hidden), np.float32)
+    cell = np.empty_like(hidden)
+    state = memory.initial_state(len(episodes), device)
+    for t in range(length + 1):
+        here = np.flatnonzero(times == t)
+        if len(here):
+            rows = torch.as_tensor(owners[here], device=device)
+            hidden[here] = state[0][0, rows].float().cpu().numpy()
+            cell[here] = state[1][0, rows].float().cpu().numpy()
+        if t < length:
+            _, state = memory.lstm(inputs[:, t : t + 1], state)
+    mu = np.concatenate([data["mu"][wanted] for data, wanted in zip(episodes, frames)])
+    logvar = np.concatenate([data["logvar"][wanted] for data, wanted in zip(episodes, frames)])
+    return mu, logvar, (hidden, cell)
+
+
+def dream_starts(cfg: Config, memory: MemoryModel) -> tuple[np.ndarray, np.ndarray, LSTMState | None]:
+    """Where the run's dreams begin (``controller.dream_start``): (mu, logvar) ``[N, Z]`` of the start frames and
+    the memory's state there (None: h = c = 0, the ``first`` frames)."""
+    latents = run_paths(cfg).latents
+    if cfg.controller.dream_start == "first":
+        return (*first_latents(latents), None)
+    if cfg.controller.dream_start != "any":
+        raise ValueError(f"controller.dream_start must be one of {', '.join(DREAM_STARTS)}, got {cfg.controller.dream_start!r}")
+    return warm_starts(latents, memory, cfg.controller.dream_start_limit, cfg.memory_train.use_mu, cfg.seed)
 
 
 def dream_horizon(cfg: Config) -> int:
@@ -99,7 +169,9 @@ class DreamEnv(gymnasium.Env):
         use_mu: bool = False,
         vae: ConvVAE | None = None,
         render_mode: str | None = None,
+        initial_state: LSTMState | None = None,
     ):
+        """``initial_state``: the memory's (h, c) ``[N, H]`` at each start frame (``warm_starts``); None = zeros."""
         if memory.reward_head is None or memory.done_head is None:
             raise ValueError("the dream needs a memory with reward and done heads (memory.predict_reward/predict_done)")
         if render_mode not in (None, "rgb_array"):
@@ -115,6 +187,7 @@ class DreamEnv(gymnasium.Env):
             raise ValueError(f"initial_mu must be [N, {memory.target_dim}], got {tuple(self.initial_mu.shape)}")
         logvar = np.full(self.initial_mu.shape, -np.inf, np.float32) if initial_logvar is None else initial_logvar
         self.initial_std = torch.exp(0.5 * torch.as_tensor(np.asarray(logvar, dtype=np.float32), device=self.device))
+        self.initial_state = start_state_tensors(initial_state, len(self.initial_mu), memory, torch.float32)
         self.use_mu, self.horizon, self.temperature = use_mu, horizon, temperature
         self.vae, self.render_mode = vae, render_mode
         self.action_space = action_space
@@ -142,7 +215,11 @@ class DreamEnv(gymnasium.Env):
         if not self.use_mu:
             noise = torch.randn(z.shape, generator=self._generator, device=self.device)
             z = z + self.initial_std[start : start + 1] * noise
-        self._z, self._state, self._steps = z, self.memory.initial_state(1, self.device), 0
+        if self.initial_state is None:
+            state = self.memory.initial_state(1, self.device)
+        else:
+            state = tuple(part[start : start + 1].unsqueeze(0).clone() for part in self.initial_state)
+        self._z, self._state, self._steps = z, state, 0
         return self._observation(), {"start_index": start}
 
     @torch.inference_mode()
@@ -166,6 +243,20 @@ class DreamEnv(gymnasium.Env):
         return tensor_to_frames(self.vae.decode(self._z))[0]
 
 
+def start_state_tensors(
+    initial_state: LSTMState | None, count: int, memory: MemoryModel, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Validate the (h, c) of ``count`` start frames and put them on the memory's device (None stays None)."""
+    if initial_state is None:
+        return None
+    device, hidden = memory.mixture_head.weight.device, memory.config.hidden
+    parts = tuple(torch.as_tensor(np.asarray(part), dtype=dtype, device=device) for part in initial_state)
+    if len(parts) != 2 or any(part.shape != (count, hidden) for part in parts):
+        raise ValueError(f"initial_state must be (h, c) of shape [{count}, {hidden}] each, got "
+                         f"{[tuple(part.shape) for part in parts]}")
+    return parts
+
+
 def _done_probability(done_logit: torch.Tensor, temperature: float) -> torch.Tensor:
     """sigma(logit / tau); tau = 0 is the threshold logit > 0."""
     if temperature == 0:
@@ -177,12 +268,14 @@ def make_dream_env(cfg: Config, render_mode: str | None = None, temperature: flo
     """The dream of the run's trained memory, through ``gymnasium.make`` (so it carries a spec)."""
     paths = run_paths(cfg)
     vae = load_vae(paths.vae / "vae.pt", cfg.device) if render_mode == "rgb_array" else None
-    mu, logvar = first_latents(paths.latents)
+    memory = load_memory(cfg)
+    mu, logvar, state = dream_starts(cfg, memory)
     return gymnasium.make(
         DREAM_ENV_ID,
-        memory=load_memory(cfg),
+        memory=memory,
         initial_mu=mu,
         initial_logvar=logvar,
+        initial_state=state,
         action_space=game_action_space(cfg.env),
         horizon=dream_horizon(cfg),
         temperature=cfg.controller.temperature if temperature is None else temperature,

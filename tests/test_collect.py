@@ -6,6 +6,7 @@ import functools
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import gymnasium
@@ -124,7 +125,8 @@ class BrokenEnv(gymnasium.Wrapper):
 
 def flaky_episode(env, env_cfg, policy, seed, log_dir: str, plan: dict[int, str]):
     """``rollout_episode``, except for the seeds in ``plan``: ``broken`` (the env always raises),
-    ``raise_once`` (raises on the first attempt) or ``crash_once`` (the worker process dies on the first attempt).
+    ``raise_once`` (raises on the first attempt), ``crash_once`` (the worker process dies on the first attempt)
+    or ``hang_once`` (the first attempt never returns).
     """
     mode = plan.get(seed)
     if mode is None:
@@ -139,14 +141,17 @@ def flaky_episode(env, env_cfg, policy, seed, log_dir: str, plan: dict[int, str]
         raise OSError("injected transient failure")
     if mode == "crash_once" and attempt == 1:
         os._exit(1)
+    if mode == "hang_once" and attempt == 1:
+        time.sleep(3600)
     return rollout_episode(env, env_cfg, policy, seed)
 
 
 def test_failing_env_or_dying_worker_loses_no_other_episode(ray_session, tmp_path):
-    cfg = make_cfg(tmp_path, "collect.episodes=5", "collect.max_steps=8", "collect.retries=2")
+    cfg = make_cfg(tmp_path, "collect.episodes=5", "collect.max_steps=8", "collect.retries=2",
+                   "collect.episode_timeout=8")
     folder = run_paths(cfg).episodes
     seed_of = {index: episode_seeds(cfg.seed, index)[0] for index in range(5)}
-    plan = {seed_of[1]: "raise_once", seed_of[2]: "broken", seed_of[3]: "crash_once"}
+    plan = {seed_of[1]: "raise_once", seed_of[2]: "broken", seed_of[3]: "crash_once", seed_of[4]: "hang_once"}
     episode_fn = functools.partial(flaky_episode, log_dir=str(tmp_path), plan=plan)
 
     summary = collect_episodes(cfg, folder, episode_fn=episode_fn, progress=False)
@@ -157,6 +162,7 @@ def test_failing_env_or_dying_worker_loses_no_other_episode(ray_session, tmp_pat
     assert len((tmp_path / f"{seed_of[2]}.attempts").read_text().splitlines()) == 3  # 1 try + 2 retries
     assert len((tmp_path / f"{seed_of[1]}.attempts").read_text().splitlines()) == 2
     assert len((tmp_path / f"{seed_of[3]}.attempts").read_text().splitlines()) == 2
+    assert len((tmp_path / f"{seed_of[4]}.attempts").read_text().splitlines()) == 2  # killed after 8 s, retried
     assert [p.name for p in list_npz(folder)] == ["ep_00000.npz", "ep_00001.npz", "ep_00003.npz", "ep_00004.npz"]
     for index in (0, 1, 3, 4):
         episode = load_episode(folder / episode_name(index))
@@ -170,6 +176,7 @@ def test_failing_env_or_dying_worker_loses_no_other_episode(ray_session, tmp_pat
         ("collect.episodes=-1", "collect.episodes"),
         ("collect.retries=-2", "collect.retries"),
         ("collect.max_steps=0", "collect.max_steps"),
+        ("collect.episode_timeout=-1", "collect.episode_timeout"),
         ("collect.policy=brownian", "collect.policy"),
     ],
 )

@@ -18,8 +18,9 @@ from tracing import TracedMemory
 
 from agents.controller import LinearController
 from agents.dream_batch import BatchedDream
-from rollouts.dream_env import DREAM_ENV_ID, DreamEnv, game_action_space
+from rollouts.dream_env import DREAM_ENV_ID, DreamEnv, game_action_space, warm_starts
 from worldmodel.config import EnvConfig, MemoryConfig
+from worldmodel.data import save_latents
 from worldmodel.memory import MemoryModel
 from worldmodel.vae import ConvVAE
 
@@ -158,8 +159,9 @@ def test_dream_starts_from_real_first_frames_with_zero_state():
     offset = (obs[:Z] - mu[info["start_index"]]) / np.exp(0.5 * logvar[0])
     assert 0 < np.abs(offset).max() < 5
     dream = BatchedDream(memory, controller(), mu, logvar, horizon=5, use_mu=True)
-    z0 = dream.initial_latents(16, torch.Generator().manual_seed(0)).numpy()
-    assert all(any(np.array_equal(row, start) for start in mu) for row in z0)
+    z0, h0, c0 = dream.initial_states(16, torch.Generator().manual_seed(0))
+    assert all(any(np.array_equal(row, start) for start in mu) for row in z0.numpy())
+    assert h0.eq(0).all() and c0.eq(0).all()
 
 
 def test_dreams_are_capped_at_the_horizon_and_end_when_done():
@@ -184,14 +186,17 @@ def controller(discrete=False, actions=A):
     return LinearController(Z, H, actions, discrete)
 
 
-def reference_returns(memory, ctrl, params, z0, horizon):
-    """Step-by-step dreams with ``MemoryModel.step``/``sample`` at tau = 0 (deterministic): [P, R] returns, lengths."""
+def reference_returns(memory, ctrl, params, z0, horizon, h0=None, c0=None):
+    """Step-by-step dreams with ``MemoryModel.step``/``sample`` at tau = 0 (deterministic): [P, R] returns, lengths.
+    Each dream r starts from z0[r] and the LSTM state (h0[r], c0[r]) (zeros if not given)."""
     population, rollouts = params.shape[0], z0.shape[0]
     returns, lengths = torch.zeros(population, rollouts), torch.zeros(population, rollouts, dtype=torch.long)
     with torch.no_grad():
         for p in range(population):
             for r in range(rollouts):
                 z, state = z0[r : r + 1], memory.initial_state(1)
+                if h0 is not None:
+                    state = (h0[r].reshape(1, 1, -1).clone(), c0[r].reshape(1, 1, -1).clone())
                 for _ in range(horizon):
                     action = ctrl.act(params[p], z, state[0][0])  # h_t: before reading (z_t, a_t)
                     out, state = memory.step(z, ctrl.encode(action), state)
@@ -209,9 +214,11 @@ def reference_returns(memory, ctrl, params, z0, horizon):
         ("frmdn", 2, False, -0.05, {}),
         ("frmdn", 3, False, -0.2, {"flow_context": True, "diag_activation": "exp", "diag_clamp": [0.1, 1.9]}),
         ("rmdn", 0, True, -0.05, {}),
+        ("frmdn", 2, True, -0.8, {"warm": True}),
     ],
 )
 def test_batched_dream_equals_a_step_by_step_reference(kind, rank, discrete, done_bias, extra):
+    warm = extra.pop("warm", False)
     actions = 4 if discrete else A
     memory = tiny_memory(kind=kind, rank=rank, cond=actions, done_bias=None, **extra)
     with torch.no_grad():  # some dreams end early, others run to the horizon
@@ -221,10 +228,14 @@ def test_batched_dream_equals_a_step_by_step_reference(kind, rank, discrete, don
     torch.manual_seed(5)
     params = torch.randn(4, ctrl.num_params)
     mu, _ = starts()
-    dream = BatchedDream(memory, ctrl, mu, None, horizon=12, temperature=0.0, use_mu=True)
+    # warm: every start frame comes with its own nonzero LSTM state (h in [-1, 1] as an LSTM's)
+    state = (np.tanh(np.random.default_rng(3).normal(size=(len(mu), H))).astype(np.float32),
+             np.random.default_rng(4).normal(size=(len(mu), H)).astype(np.float32)) if warm else None
+    dream = BatchedDream(memory, ctrl, mu, None, horizon=12, temperature=0.0, use_mu=True, initial_state=state)
     result = dream.rollout(params, 3, torch.Generator().manual_seed(2))
-    z0 = dream.initial_latents(3, torch.Generator().manual_seed(2))
-    returns, lengths = reference_returns(memory, ctrl, params, z0, 12)
+    z0, h0, c0 = dream.initial_states(3, torch.Generator().manual_seed(2))
+    assert bool(h0.ne(0).any()) == warm
+    returns, lengths = reference_returns(memory, ctrl, params, z0, 12, h0, c0)
     assert torch.equal(result.lengths, lengths)
     assert lengths.min() < 12 and lengths.float().mean() > 2, lengths
     torch.testing.assert_close(result.returns, returns, atol=1e-4, rtol=1e-4)
@@ -276,3 +287,45 @@ def test_batched_dream_is_reproducible_and_scores_each_candidate():
     other = dream.rollout(params, 5, torch.Generator().manual_seed(8))
     assert not torch.equal(first.returns, other.returns)
     assert 1 <= first.lengths.min() and first.lengths.float().mean() < 15  # dreams end at sampled dones
+
+
+def test_warm_starts_carry_the_memory_state_reached_by_reading_the_real_episode(tmp_path):
+    memory = tiny_memory()
+    rng = np.random.default_rng(0)
+    episodes = []
+    for index, steps in enumerate([9, 4, 13]):
+        mu = rng.normal(size=(steps + 1, Z)).astype(np.float32)
+        actions = rng.uniform(size=(steps, A)).astype(np.float32)
+        save_latents(tmp_path / f"ep_{index:05d}.npz", mu, np.full_like(mu, -2.0), actions,
+                     np.zeros(steps, np.float32), np.eye(1, steps, steps - 1, dtype=bool)[0])
+        episodes.append((mu, actions))
+    mu, logvar, (hidden, cell) = warm_starts(tmp_path, memory, limit=12, use_mu=True, seed=0)
+    # 12 starts over 3 episodes: 4 distinct frames each (all 4 of the 4-step one), never a final observation
+    assert mu.shape == (12, Z) and hidden.shape == cell.shape == (12, H) and np.all(logvar == -2.0)
+    found = []
+    for row, z in enumerate(mu):
+        (episode, frame), = [(e, t) for e, (m, _) in enumerate(episodes) for t in range(len(m)) if np.array_equal(m[t], z)]
+        assert frame < len(episodes[episode][1])
+        found.append((episode, frame))
+        # reference: MemoryModel.step through the episode's real (z_<t, a_<t)
+        state = memory.initial_state(1)
+        with torch.no_grad():
+            for t in range(frame):
+                _, state = memory.step(torch.from_numpy(episodes[episode][0][t : t + 1]),
+                                       torch.from_numpy(episodes[episode][1][t : t + 1]), state)
+        np.testing.assert_allclose(hidden[row], state[0][0, 0].numpy(), atol=1e-5)
+        np.testing.assert_allclose(cell[row], state[1][0, 0].numpy(), atol=1e-5)
+    assert len(set(found)) == 12 and sorted(f for e, f in found if e == 1) == [0, 1, 2, 3]
+    assert any(frame == 0 for _, frame in found) and any(frame > 5 for _, frame in found)
+    # at most `limit` episodes are read, and the draw is seeded
+    few = warm_starts(tmp_path, memory, limit=2, use_mu=False, seed=1)
+    assert len(few[0]) == 2 and not np.array_equal(few[2][0][0], few[2][0][1])
+    np.testing.assert_array_equal(few[2][0], warm_starts(tmp_path, memory, limit=2, use_mu=False, seed=1)[2][0])
+    # the dream env begins each dream in the start frame's state
+    env = DreamEnv(memory, mu, logvar, action_space=CAR_ACTIONS, use_mu=True, initial_state=(hidden, cell))
+    for seed in range(5):
+        obs, info = env.reset(seed=seed)
+        np.testing.assert_array_equal(obs[:Z], mu[info["start_index"]])
+        np.testing.assert_allclose(obs[Z:], hidden[info["start_index"]])
+    with pytest.raises(ValueError, match="initial_state"):
+        DreamEnv(memory, mu, logvar, action_space=CAR_ACTIONS, initial_state=(hidden[:3], cell[:3]))

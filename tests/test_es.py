@@ -125,6 +125,18 @@ def test_dreams_that_end_far_sooner_than_the_game_are_flagged(tmp_path, capsys):
     assert read_jsonl(run_paths(cfg).controller / "metrics.jsonl")[0]["mean_length"] == 1
 
 
+def test_train_controller_dreams_from_any_frame_and_refuses_unknown_starts(tmp_path):
+    cfg = tiny_run(tmp_path, generations=2, extra=["controller.dream_start=any", "controller.dream_start_limit=8"])
+    fitness = train_controller.DreamFitness(cfg, *_memory_and_controller(cfg))
+    hidden, cell = fitness.dream.initial_state
+    assert len(fitness.dream.initial_mu) == len(hidden) == 6  # 8 // 3 episodes = 2 frames from each
+    assert hidden.abs().sum(1).gt(0).sum() >= 3 and cell.abs().sum(1).gt(0).sum() >= 3  # not only first frames
+    assert train_controller.run(cfg)["generations"] == 2
+    bad = tiny_run(tmp_path / "bad", extra=["controller.dream_start=middle"])
+    with pytest.raises(ConfigError, match="controller.dream_start"):
+        train_controller.run(bad)
+
+
 def _memory_and_controller(cfg):
     from agents.agent import controller_for
     from rollouts.dream_env import load_memory

@@ -62,6 +62,9 @@ def check_outputs(root: Path, episodes: int) -> None:
     report = (root / "report.md").read_text()
     for link in ("vae/reconstructions.png", "memory/nll.png", "controller/fitness.png", "dream/dream.gif"):
         assert link in report
+    controller = read_json(root / "controller" / "summary.json")
+    starts = "any frame" if controller["dream_start"] == "any" else "the first frames"
+    assert f"dreams of up to {controller['dream_horizon']} steps from {starts}" in report.splitlines()[0]
 
 
 def test_tiny_pipeline_end_to_end_and_rerun_skips_done_stages(tmp_path):

@@ -59,6 +59,8 @@ class CollectConfig:
     """How often a failed episode is retried before it is reported as failed."""
     workers: int = 0
     """Parallel Ray workers; 0 = one per core that Ray sees."""
+    episode_timeout: float = 600.0
+    """Seconds one episode may take before its worker is killed and the episode retried (0 = no limit)."""
 
 
 @dataclass
@@ -183,6 +185,11 @@ class ControllerConfig:
     """Real-game envs one rollout actor plays in lockstep (one batched V + M + C call per step for all)."""
     dream_threads: int = 1
     """Torch threads of the batched dream (0 = torch's default); results depend on it, so it is fixed per run."""
+    dream_start: str = "first"
+    """Where dreams begin: ``first`` frames of the collected episodes with h = 0 (World Models), or ``any`` frame,
+    with the memory's state after reading the real episode up to it (dreams then cover the whole explored game)."""
+    dream_start_limit: int = 4096
+    """``any``: at most this many start frames, spread over at most this many episodes."""
 
 
 @dataclass
