@@ -32,6 +32,16 @@ COMMANDS: dict[str, str] = {
 }
 # `pipeline` runs these in order; every stage skips what is already done and resumes what was interrupted.
 PIPELINE_STAGES = ("collect", "train-vae", "encode", "train-memory", "train-controller", "evaluate", "dream")
+# stage -> (its folder in RunPaths, the config sections its outputs depend on beyond the earlier stages')
+STAGE_INPUTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "collect": ("episodes", ("seed", "env", "collect")),
+    "train-vae": ("vae", ("vae",)),
+    "encode": ("latents", ()),
+    "train-memory": ("memory", ("memory", "memory_train")),
+    "train-controller": ("controller", ("controller",)),
+    "evaluate": ("evaluate", ("evaluate",)),
+    "dream": ("dream", ()),
+}
 
 
 def resolve(target: str) -> Callable[[Config], dict]:
@@ -42,10 +52,20 @@ def resolve(target: str) -> Callable[[Config], dict]:
 def run_pipeline(config: Config) -> dict:
     """Every stage in order, then ``<run>/report.md`` with each stage's figures and pictures."""
     from agents.report import write_report
+    from worldmodel.runs import changed_settings, run_paths
 
     summaries, seconds = {}, {}
+    sections: tuple[str, ...] = ()
     for stage in PIPELINE_STAGES:
         print(f"[pipeline] {stage}", file=sys.stderr, flush=True)
+        folder, inputs = STAGE_INPUTS[stage]
+        sections += inputs
+        stage_dir = getattr(run_paths(config), folder)
+        changed = changed_settings(config, stage_dir, sections)
+        if changed:
+            # finished stages are kept, not redone: say so, so that a changed setting is never silently ignored
+            print(f"[pipeline] {stage}: {stage_dir} was made with other settings; a finished stage is kept as it is "
+                  f"(delete {stage_dir} to redo it):\n  " + "\n  ".join(changed[:10]), file=sys.stderr, flush=True)
         start = time.perf_counter()
         summaries[stage] = resolve(COMMANDS[stage])(config)
         seconds[stage] = round(time.perf_counter() - start, 1)
@@ -95,9 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, overrides)
         if command == "train-memory" and args.sweep:
-            from worldmodel.sweep import run_table1
-
             from rollouts.parallel import ray_map
+            from worldmodel.sweep import run_table1
 
             summary = run_table1(config, map_fn=ray_map(config.ray))
         elif command == "pipeline":

@@ -93,3 +93,19 @@ def test_cli_refuses_unknown_key_with_exit_code_2(tmp_path):
     assert result.returncode == 2
     assert "episodez" in result.stderr
     assert not any(tmp_path.iterdir()), "a refused config must not start any work"
+
+
+def test_changed_settings_names_what_differs_from_the_recorded_config(tmp_path):
+    from worldmodel.runs import changed_settings, prepare_stage
+
+    cfg = load_config(None, [f"runs_dir={tmp_path}"])
+    stage = tmp_path / "stage"
+    assert changed_settings(cfg, stage, ("seed", "controller")) == []  # nothing recorded yet
+    prepare_stage(cfg, stage)
+    assert changed_settings(cfg, stage, ("seed", "env", "controller")) == []
+    other = load_config(None, [f"runs_dir={tmp_path}", "seed=3", "controller.dream_start=first", "vae.epochs=2"])
+    assert changed_settings(other, stage, ("seed", "controller")) == [
+        "seed: 0 -> 3", "controller.dream_start: 'any' -> 'first'"]
+    assert changed_settings(other, stage, ("vae",)) == [f"vae.epochs: {cfg.vae.epochs} -> 2"]
+    (stage / "config.yaml").write_text("{not yaml")
+    assert changed_settings(other, stage, ("seed",)) == []

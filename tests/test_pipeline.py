@@ -26,7 +26,8 @@ TINY = [
 ]
 
 
-def run_pipeline(tmp_path: Path, overrides: list[str], config: str | None = None) -> dict:
+def run_pipeline(tmp_path: Path, overrides: list[str], config: str | None = None) -> tuple[dict, str]:
+    """The pipeline's summary (stdout) and what it printed to stderr."""
     args = [sys.executable, "run.py", "pipeline", "--set", f"runs_dir={tmp_path}"]
     if config:
         args += ["--config", config]
@@ -34,7 +35,7 @@ def run_pipeline(tmp_path: Path, overrides: list[str], config: str | None = None
         args += ["--set", override]
     result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, f"pipeline failed:\n{result.stderr[-4000:]}"
-    return json.loads(result.stdout)
+    return json.loads(result.stdout), result.stderr
 
 
 def check_outputs(root: Path, episodes: int) -> None:
@@ -68,13 +69,19 @@ def check_outputs(root: Path, episodes: int) -> None:
 
 
 def test_tiny_pipeline_end_to_end_and_rerun_skips_done_stages(tmp_path):
-    summary = run_pipeline(tmp_path, TINY)
+    summary, log = run_pipeline(tmp_path, TINY)
     root = tmp_path / "tiny"
     check_outputs(root, episodes=3)
     assert set(summary["seconds"]) >= {"collect", "train-vae", "encode", "train-memory", "train-controller", "evaluate"}
+    assert "other settings" not in log
     first_vae = (root / "vae" / "vae.pt").stat().st_mtime_ns
-    run_pipeline(tmp_path, TINY)
+    _, log = run_pipeline(tmp_path, [*TINY, "controller.temperature=0.5"])
     assert (root / "vae" / "vae.pt").stat().st_mtime_ns == first_vae, "a finished VAE must not be retrained"
+    # the changed setting is named for the stage it concerns (and the later ones), never for the earlier ones
+    warned = [line.split()[1].rstrip(":") for line in log.splitlines() if "was made with other settings" in line]
+    assert warned == ["train-controller", "evaluate", "dream"], log[-3000:]
+    assert f"train-controller: {root / 'controller'} was made with other settings" in log
+    assert "controller.temperature: 1.15 -> 0.5" in log
 
 
 @pytest.mark.slow
