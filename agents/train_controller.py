@@ -81,9 +81,15 @@ class DreamFitness:
         self.seed = cfg.seed
         self.dream = BatchedDream(memory, controller, mu, logvar, dream_horizon(cfg), cfg.controller.temperature,
                                   cfg.memory_train.use_mu, cfg.controller.dream_threads, initial_state=state)
-        # the real episodes' mean length (capped at the dream's horizon), to flag dreams that end far too soon
-        self.real_length = float(np.mean([min(len(load_latents(path)["rewards"]), self.dream.horizon)
-                                          for path in list_npz(latents)]))
+        # how long the real episodes went on from where the dreams start (capped at the dream's horizon): from the
+        # first frame, the whole episode; from any frame, on average what is left of it. Flags dreams that end
+        # far too soon.
+        horizon = self.dream.horizon
+        lengths = [len(load_latents(path)["rewards"]) for path in list_npz(latents)]
+        if cfg.controller.dream_start == "any":
+            self.real_length = float(np.mean([np.minimum(np.arange(length, 0, -1), horizon).mean() for length in lengths]))
+        else:
+            self.real_length = float(np.mean(np.minimum(lengths, horizon)))
         self.warned = False
 
     def _generator(self, purpose: int, generation: int) -> torch.Generator:
@@ -96,8 +102,8 @@ class DreamFitness:
         mean_length = float(result.lengths.double().mean())
         if mean_length < 0.25 * self.real_length and not self.warned:
             self.warned = True
-            print(f"train-controller: dreams last {mean_length:.0f} steps on average, the real episodes "
-                  f"{self.real_length:.0f}: the memory's done head ends them early, so the dream says little about "
+            print(f"train-controller: dreams last {mean_length:.0f} steps on average, the real episodes went on "
+                  f"for {self.real_length:.0f} from the same frames: the memory's done head ends them early, so the dream says little about "
                   "the game (an undertrained memory is the usual cause: memory_train.epochs)", file=sys.stderr)
         return result.fitness.double().numpy(), mean_length
 

@@ -1,6 +1,7 @@
 """CMA-ES: it improves fitness on cheap tasks, its state is plain data, a killed run resumes exactly as if it had
 never stopped, and a crashing rollout actor is replaced and its candidate evaluated again."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -115,14 +116,18 @@ def test_train_controller_in_a_tiny_dream_improves_fitness(tmp_path):
 
 
 def test_dreams_that_end_far_sooner_than_the_game_are_flagged(tmp_path, capsys):
-    cfg = tiny_run(tmp_path, generations=1)
+    cfg = tiny_run(tmp_path, generations=1, extra=["controller.dream_start=first"])
     path = run_paths(cfg).memory / "memory.pt"
     payload = load_checkpoint(path)
     payload["state_dict"]["done_head.bias"].fill_(20.0)  # every dream ends after its first step
     save_checkpoint(path, **payload)
     train_controller.run(cfg)
-    assert "dreams last 1 steps on average, the real episodes 5" in capsys.readouterr().err
+    assert "dreams last 1 steps on average, the real episodes went on for 5 from the same frames" in capsys.readouterr().err
     assert read_jsonl(run_paths(cfg).controller / "metrics.jsonl")[0]["mean_length"] == 1
+    # from any frame of the 5-step episodes, the real game went on for 3 steps on average (5, 4, 3, 2 or 1)
+    anywhere = dataclasses.replace(cfg, controller=dataclasses.replace(cfg.controller, dream_start="any"))
+    fitness = train_controller.DreamFitness(anywhere, *_memory_and_controller(cfg))
+    assert fitness.real_length == 3.0
 
 
 def test_train_controller_dreams_from_any_frame_and_refuses_unknown_starts(tmp_path):
