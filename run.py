@@ -32,21 +32,32 @@ COMMANDS: dict[str, str] = {
 }
 # `pipeline` runs these in order; every stage skips what is already done and resumes what was interrupted.
 PIPELINE_STAGES = ("collect", "train-vae", "encode", "train-memory", "train-controller", "evaluate", "dream")
-# stage -> (its folder in RunPaths, the config sections its outputs depend on beyond the earlier stages')
-STAGE_INPUTS: dict[str, tuple[str, tuple[str, ...]]] = {
+# stage -> (its folder in RunPaths, the config sections its outputs depend on beyond the earlier stages'); the
+# dream video is remade every time, so there is nothing stale to report
+STAGE_INPUTS: dict[str, tuple[str | None, tuple[str, ...]]] = {
     "collect": ("episodes", ("seed", "env", "collect")),
     "train-vae": ("vae", ("vae",)),
     "encode": ("latents", ()),
     "train-memory": ("memory", ("memory", "memory_train")),
     "train-controller": ("controller", ("controller",)),
     "evaluate": ("evaluate", ("evaluate",)),
-    "dream": ("dream", ()),
+    "dream": (None, ()),
 }
 
 
 def resolve(target: str) -> Callable[[Config], dict]:
     module_name, function_name = target.split(":")
     return getattr(importlib.import_module(module_name), function_name)
+
+
+def use_threads(count: int) -> None:
+    """Apply the config's ``threads`` to torch (0 leaves torch's default; torch is imported only when needed)."""
+    if count < 0:
+        raise ConfigError(f"threads must be at least 0 (0 = torch's default), got {count}")
+    if count:
+        import torch
+
+        torch.set_num_threads(count)
 
 
 def run_pipeline(config: Config) -> dict:
@@ -60,8 +71,8 @@ def run_pipeline(config: Config) -> dict:
         print(f"[pipeline] {stage}", file=sys.stderr, flush=True)
         folder, inputs = STAGE_INPUTS[stage]
         sections += inputs
-        stage_dir = getattr(run_paths(config), folder)
-        changed = changed_settings(config, stage_dir, sections)
+        stage_dir = getattr(run_paths(config), folder) if folder else None
+        changed = changed_settings(config, stage_dir, sections) if stage_dir else []
         if changed:
             # finished stages are kept, not redone: say so, so that a changed setting is never silently ignored
             print(f"[pipeline] {stage}: {stage_dir} was made with other settings; a finished stage is kept as it is "
@@ -114,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(f"{args.kind}.data={json.dumps(args.data)}")
     try:
         config = load_config(args.config, overrides)
+        use_threads(config.threads)
         if command == "train-memory" and args.sweep:
             from rollouts.parallel import ray_map
             from worldmodel.sweep import run_table1

@@ -87,7 +87,8 @@ class DreamFitness:
         horizon = self.dream.horizon
         lengths = [len(load_latents(path)["rewards"]) for path in list_npz(latents)]
         if cfg.controller.dream_start == "any":
-            self.real_length = float(np.mean([np.minimum(np.arange(length, 0, -1), horizon).mean() for length in lengths]))
+            left = [np.minimum(np.arange(length, 0, -1), horizon).mean() for length in lengths]
+            self.real_length = float(np.mean(left))
         else:
             self.real_length = float(np.mean(np.minimum(lengths, horizon)))
         self.warned = False
@@ -103,8 +104,9 @@ class DreamFitness:
         if mean_length < 0.25 * self.real_length and not self.warned:
             self.warned = True
             print(f"train-controller: dreams last {mean_length:.0f} steps on average, the real episodes went on "
-                  f"for {self.real_length:.0f} from the same frames: the memory's done head ends them early, so the dream says little about "
-                  "the game (an undertrained memory is the usual cause: memory_train.epochs)", file=sys.stderr)
+                  f"for {self.real_length:.0f} from the same frames: the memory's done head ends them early, so the "
+                  "dream says little about the game (an undertrained memory is the usual cause: memory_train.epochs)",
+                  file=sys.stderr)
         return result.fitness.double().numpy(), mean_length
 
     def episodes(self, params: np.ndarray, count: int, generation: int) -> np.ndarray:

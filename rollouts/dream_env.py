@@ -15,8 +15,10 @@ A dream starts from :math:`z_0` of a real encoded first frame, drawn from the ru
 :math:`h_0 = 0`, and is truncated at the real game's horizon. With ``controller.dream_start: any`` it starts
 from any frame :math:`t` of a real episode instead, with the LSTM state :math:`(h_t, c_t)` the memory reached by
 reading that episode's :math:`(z_{<t}, a_{<t})`: dreams from the first frames alone rehearse only the opening of
-a game (Mario's first Goomba is 28 steps in; a tiny memory's dreams last ~17). All randomness comes from ``np_random`` (the
-start frame) and a ``torch.Generator`` seeded from it at every reset, so a seeded reset replays exactly.
+a game (Mario's first Goomba is 28 steps in; a tiny memory's dreams last ~17).
+
+All randomness comes from ``np_random`` (the start frame) and a ``torch.Generator`` seeded from it at every
+reset, so a seeded reset replays exactly.
 
 ``render_mode="rgb_array"`` decodes :math:`z_t` with the VAE to a uint8 64x64 RGB frame.
 """

@@ -109,3 +109,21 @@ def test_changed_settings_names_what_differs_from_the_recorded_config(tmp_path):
     assert changed_settings(other, stage, ("vae",)) == [f"vae.epochs: {cfg.vae.epochs} -> 2"]
     (stage / "config.yaml").write_text("{not yaml")
     assert changed_settings(other, stage, ("seed",)) == []
+
+
+def test_threads_setting_is_applied_to_torch_and_validated():
+    import torch
+
+    import run
+
+    before = torch.get_num_threads()
+    try:
+        run.use_threads(1)
+        assert torch.get_num_threads() == 1
+        run.use_threads(0)  # torch's default stays as it is
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    result = subprocess.run([sys.executable, "run.py", "encode", "--set", "threads=-1"], cwd=REPO,
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 2 and "threads must be at least 0" in result.stderr

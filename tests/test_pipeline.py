@@ -79,7 +79,7 @@ def test_tiny_pipeline_end_to_end_and_rerun_skips_done_stages(tmp_path):
     assert (root / "vae" / "vae.pt").stat().st_mtime_ns == first_vae, "a finished VAE must not be retrained"
     # the changed setting is named for the stage it concerns (and the later ones), never for the earlier ones
     warned = [line.split()[1].rstrip(":") for line in log.splitlines() if "was made with other settings" in line]
-    assert warned == ["train-controller", "evaluate", "dream"], log[-3000:]
+    assert warned == ["train-controller", "evaluate"], log[-3000:]
     assert f"train-controller: {root / 'controller'} was made with other settings" in log
     assert "controller.temperature: 1.15 -> 0.5" in log
 

@@ -306,6 +306,9 @@ class Config:
     """Seed for numpy, torch and the envs."""
     device: str = "cpu"
     """Torch device for training and the dream (``cpu``, ``cuda``, ``mps``)."""
+    threads: int = 0
+    """Torch CPU threads of the command's own process (0 = torch's default, one per core). 1 keeps the VAE and
+    memory stages' speed on a machine other processes keep busy, where two threads ran 10-30x slower here."""
     env: EnvConfig = field(default_factory=EnvConfig)
     collect: CollectConfig = field(default_factory=CollectConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
