@@ -30,7 +30,7 @@ from agents.controller import LinearController
 from agents.dream_batch import BatchedDream
 from agents.es import CMAES
 from agents.workers import chunk_count, rollout_pool, split_seeds
-from rollouts.dream_env import DREAM_STARTS, dream_horizon, dream_starts, load_memory
+from rollouts.dream_env import check_dream_start, dream_horizon, dream_starts, load_memory
 from rollouts.parallel import init_ray
 from worldmodel.config import Config, ConfigError
 from worldmodel.data import list_npz, load_latents
@@ -66,8 +66,7 @@ def check_controller_config(cfg: Config) -> None:
                      ("envs_per_worker", 1), ("dream_start_limit", 1)):
         if getattr(c, key) < low:
             raise ConfigError(f"controller.{key} must be at least {low}, got {getattr(c, key)}")
-    if c.dream_start not in DREAM_STARTS:
-        raise ConfigError(f"controller.dream_start must be one of {', '.join(DREAM_STARTS)}, got {c.dream_start!r}")
+    check_dream_start(c.dream_start)
     if c.sigma <= 0 or c.temperature < 0:
         raise ConfigError(f"controller.sigma must be > 0 and controller.temperature >= 0, got {c.sigma}, {c.temperature}")
 

@@ -34,7 +34,7 @@ import torch
 from gymnasium import spaces
 
 from rollouts.envs import action_dim, is_discrete
-from worldmodel.config import Config, EnvConfig
+from worldmodel.config import Config, ConfigError, EnvConfig
 from worldmodel.data import list_npz, load_latents
 from worldmodel.io import DataError, load_checkpoint
 from worldmodel.memory import MemoryModel
@@ -116,14 +116,19 @@ def warm_starts(
     return mu, logvar, (hidden, cell)
 
 
+def check_dream_start(value: str) -> None:
+    """Refuse a ``controller.dream_start`` that is not one of ``DREAM_STARTS`` (``ConfigError`` naming the field)."""
+    if value not in DREAM_STARTS:
+        raise ConfigError(f"controller.dream_start must be one of {', '.join(DREAM_STARTS)}, got {value!r}")
+
+
 def dream_starts(cfg: Config, memory: MemoryModel) -> tuple[np.ndarray, np.ndarray, LSTMState | None]:
     """Where the run's dreams begin (``controller.dream_start``): (mu, logvar) ``[N, Z]`` of the start frames and
     the memory's state there (None: h = c = 0, the ``first`` frames)."""
+    check_dream_start(cfg.controller.dream_start)
     latents = run_paths(cfg).latents
     if cfg.controller.dream_start == "first":
         return (*first_latents(latents), None)
-    if cfg.controller.dream_start != "any":
-        raise ValueError(f"controller.dream_start must be one of {', '.join(DREAM_STARTS)}, got {cfg.controller.dream_start!r}")
     return warm_starts(latents, memory, cfg.controller.dream_start_limit, cfg.memory_train.use_mu, cfg.seed)
 
 
