@@ -1,4 +1,4 @@
-# Two commands on a fresh clone: `make run` (the tiny pipeline) and `make test` (the test suite).
+# Two commands on a fresh clone: `make run` (the tiny pipeline) and `make test` (lint, then the test suite).
 # Both create .venv/ with Python 3.13 once and reuse it; it is rebuilt only when pyproject.toml changes.
 PYTHON ?= $(shell command -v python3.13 >/dev/null 2>&1 && echo python3.13 || echo env PYENV_VERSION=3.13.0 python3.13)
 VENV := .venv
@@ -18,4 +18,5 @@ run: $(VENV)/.installed
 	$(PY) run.py pipeline
 
 test: $(VENV)/.installed
+	$(PY) -m ruff check .
 	$(PY) -m pytest

@@ -30,19 +30,48 @@ COMMANDS: dict[str, str] = {
     "benchmark speech": "benchmarks.speech:run",
     "benchmark image": "benchmarks.image:run",
 }
-# `pipeline` runs these in order; every stage skips what is already done and resumes what was interrupted.
+# `pipeline` runs these in order; every stage skips what is done, resumes what was interrupted and redoes what
+# is stale (made from other inputs: worldmodel/stages.py)
 PIPELINE_STAGES = ("collect", "train-vae", "encode", "train-memory", "train-controller", "evaluate", "dream")
-# stage -> (its folder in RunPaths, the config sections its outputs depend on beyond the earlier stages'); the
-# dream video is remade every time, so there is nothing stale to report
-STAGE_INPUTS: dict[str, tuple[str | None, tuple[str, ...]]] = {
-    "collect": ("episodes", ("seed", "env", "collect")),
-    "train-vae": ("vae", ("vae",)),
-    "encode": ("latents", ()),
-    "train-memory": ("memory", ("memory", "memory_train")),
-    "train-controller": ("controller", ("controller",)),
-    "evaluate": ("evaluate", ("evaluate",)),
-    "dream": (None, ()),
+# section -> (check "module:function", the config attribute it takes; None = the whole config). Every command
+# runs the checks of every section it will use before any work, so a bad value costs seconds, not a collected
+# data set.
+SECTION_CHECKS: dict[str, tuple[str, str | None]] = {
+    "run": ("worldmodel.config:check_run_config", None),
+    "env": ("rollouts.envs:check_env_config", "env"),
+    "collect": ("rollouts.collect:check_collect_config", None),
+    "vae": ("worldmodel.train_vae:check_vae_config", None),
+    "memory": ("worldmodel.memory:check_memory_config", "memory"),
+    "memory_train": ("worldmodel.train_memory:check_memory_train_config", None),
+    "sweep": ("worldmodel.sweep:sweep_cells", None),
+    "controller": ("agents.train_controller:check_controller_config", None),
+    "evaluate": ("agents.evaluate:check_evaluate_config", None),
+    "image": ("benchmarks.image:check_image_config", None),
+    "speech": ("benchmarks.speech:check_speech_config", None),
 }
+COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
+    "collect": ("env", "collect"),
+    "train-vae": ("vae",),
+    "encode": ("vae",),
+    "train-memory": ("memory", "memory_train"),
+    "train-controller": ("env", "memory", "controller"),
+    "evaluate": ("env", "controller", "evaluate"),
+    "dream": ("env", "controller", "evaluate"),
+    "benchmark speech": ("speech",),
+    "benchmark image": ("image",),
+}
+
+
+def check_config(config: Config, command: str, sweep: bool = False) -> None:
+    """Refuse a bad value in any section ``command`` will use (``ConfigError`` naming the field), before any
+    work."""
+    commands = PIPELINE_STAGES if command == "pipeline" else (command,)
+    sections = ["run", *(section for name in commands for section in COMMAND_SECTIONS[name])]
+    if sweep:
+        sections.append("sweep")
+    for section in dict.fromkeys(sections):
+        target, attribute = SECTION_CHECKS[section]
+        resolve(target)(config if attribute is None else getattr(config, attribute))
 
 
 def resolve(target: str) -> Callable[[Config], dict]:
@@ -51,9 +80,8 @@ def resolve(target: str) -> Callable[[Config], dict]:
 
 
 def use_threads(count: int) -> None:
-    """Apply the config's ``threads`` to torch (0 leaves torch's default; torch is imported only when needed)."""
-    if count < 0:
-        raise ConfigError(f"threads must be at least 0 (0 = torch's default), got {count}")
+    """Apply the config's ``threads`` to torch (0 leaves torch's default; torch is imported only when
+    needed)."""
     if count:
         import torch
 
@@ -63,20 +91,10 @@ def use_threads(count: int) -> None:
 def run_pipeline(config: Config) -> dict:
     """Every stage in order, then ``<run>/report.md`` with each stage's figures and pictures."""
     from agents.report import write_report
-    from worldmodel.runs import changed_settings, run_paths
 
     summaries, seconds = {}, {}
-    sections: tuple[str, ...] = ()
     for stage in PIPELINE_STAGES:
         print(f"[pipeline] {stage}", file=sys.stderr, flush=True)
-        folder, inputs = STAGE_INPUTS[stage]
-        sections += inputs
-        stage_dir = getattr(run_paths(config), folder) if folder else None
-        changed = changed_settings(config, stage_dir, sections) if stage_dir else []
-        if changed:
-            # finished stages are kept, not redone: say so, so that a changed setting is never silently ignored
-            print(f"[pipeline] {stage}: {stage_dir} was made with other settings; a finished stage is kept as it is "
-                  f"(delete {stage_dir} to redo it):\n  " + "\n  ".join(changed[:10]), file=sys.stderr, flush=True)
         start = time.perf_counter()
         summaries[stage] = resolve(COMMANDS[stage])(config)
         seconds[stage] = round(time.perf_counter() - start, 1)
@@ -85,28 +103,55 @@ def run_pipeline(config: Config) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="YAML config (default: the embedded configs/tiny.yaml)")
     common.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override one config field, e.g. --set memory.components=3 (repeatable)",
     )
     common.add_argument("--device", help="torch device (cpu, cuda, mps); overrides the config's device")
+    common.add_argument(
+        "--refuse-stale",
+        action="store_true",
+        help="refuse (exit 2) instead of redoing a stage whose folder was made from other settings or inputs",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
 
     commands.add_parser("collect", parents=[common], help="collect real-game episodes in parallel on Ray")
     commands.add_parser("train-vae", parents=[common], help="train the ConvVAE (V) on the collected frames")
-    commands.add_parser("encode", parents=[common], help="encode every episode to latents with the trained VAE")
+    commands.add_parser(
+        "encode", parents=[common], help="encode every episode to latents with the trained VAE"
+    )
     memory = commands.add_parser("train-memory", parents=[common], help="train the FRMDN/RMDN memory (M)")
-    memory.add_argument("--sweep", choices=["table1"], help="train the paper's Table 1 grid instead of one model")
-    controller = commands.add_parser("train-controller", parents=[common], help="evolve the controller (C) with CMA-ES")
-    controller.add_argument("--in", dest="train_in", choices=["dream", "real"], help="where candidates are scored")
-    commands.add_parser("evaluate", parents=[common], help="score the controller in the real game, with videos")
-    commands.add_parser("dream", parents=[common], help="roll out the controller in the memory's dream, as a video")
-    benchmark = commands.add_parser("benchmark", parents=[common], help="the paper's speech or image NLL benchmark")
+    memory.add_argument(
+        "--sweep", choices=["table1"], help="train the paper's Table 1 grid instead of one model"
+    )
+    controller = commands.add_parser(
+        "train-controller", parents=[common], help="evolve the controller (C) with CMA-ES"
+    )
+    controller.add_argument(
+        "--in", dest="train_in", choices=["dream", "real"], help="where candidates are scored"
+    )
+    commands.add_parser(
+        "evaluate", parents=[common], help="score the controller in the real game, with videos"
+    )
+    commands.add_parser(
+        "dream", parents=[common], help="roll out the controller in the memory's dream, as a video"
+    )
+    benchmark = commands.add_parser(
+        "benchmark", parents=[common], help="the paper's speech or image NLL benchmark"
+    )
     benchmark.add_argument("kind", choices=["speech", "image"])
-    benchmark.add_argument("--data", help="folder holding the data set (speech: .wav files; image: MNIST/CIFAR-10)")
+    benchmark.add_argument(
+        "--data", help="folder holding the data set (speech: .wav files; image: MNIST/CIFAR-10)"
+    )
     commands.add_parser("pipeline", parents=[common], help="every stage in order, skipping what is done")
     return parser
 
@@ -116,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides)
     if args.device:
         overrides.append(f"device={args.device}")
+    if args.refuse_stale:
+        overrides.append("stale=refuse")
     if getattr(args, "train_in", None):
         overrides.append(f"controller.train_in={args.train_in}")
     command = args.command
@@ -125,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(f"{args.kind}.data={json.dumps(args.data)}")
     try:
         config = load_config(args.config, overrides)
+        check_config(config, command, sweep=command == "train-memory" and bool(args.sweep))
         use_threads(config.threads)
         if command == "train-memory" and args.sweep:
             from rollouts.parallel import ray_map

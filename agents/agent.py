@@ -1,6 +1,6 @@
 r"""The V + M + C agent that plays the real game from raw frames.
 
-Per step t (the same alignment as the dream, DESIGN.md):
+Per step t (the same alignment as the dream, docs/architecture.md):
 
 1. V encodes the frame: :math:`z_t \sim q(z \mid x_t)` (a posterior sample), or its mean with
    ``memory_train.use_mu``: the same choice the memory was trained on;
@@ -9,8 +9,8 @@ Per step t (the same alignment as the dream, DESIGN.md):
 3. M reads :math:`(z_t, a_t)`, which gives :math:`h_{t+1}` for the next step.
 
 ``play_episodes`` plays N envs in lockstep, so V, M and C run once per step for all of them: a single
-frame leaves the CPU mostly waiting on the weights, a batch of frames keeps it busy (``perf/agent_overhead.py``).
-``agent=None`` plays random actions, the baseline.
+frame leaves the CPU mostly waiting on the weights, a batch of frames keeps it busy
+(``perf/agent_overhead.py``). ``agent=None`` plays random actions, the baseline.
 """
 
 from __future__ import annotations
@@ -29,18 +29,20 @@ from agents.controller import LinearController
 from rollouts.envs import action_dim, is_discrete
 from worldmodel.config import EnvConfig
 from worldmodel.memory import MemoryModel
-from worldmodel.vae import ConvVAE, frames_to_tensor
+from worldmodel.vae import ConvVAE, frames_to_tensor, posterior_sample
 
 
 def controller_for(env_cfg: EnvConfig, memory: MemoryModel) -> LinearController:
     """The linear controller that reads this memory's z and h and drives this game."""
-    return LinearController(memory.target_dim, memory.config.hidden, action_dim(env_cfg), is_discrete(env_cfg))
+    return LinearController(
+        memory.target_dim, memory.config.hidden, action_dim(env_cfg), is_discrete(env_cfg)
+    )
 
 
 @contextmanager
 def onednn(enabled: bool) -> Iterator[None]:
-    """Run the block with oneDNN (torch's mkldnn backend) on or off. Measured on this project's 2-core CPU, one
-    thread, per frame: the VAE encoder takes 0.77 ms without oneDNN and 1.07 ms with it for 1 frame, but
+    """Run the block with oneDNN (torch's mkldnn backend) on or off. Measured on this project's 2-core CPU,
+    one thread, per frame: the VAE encoder takes 0.77 ms without oneDNN and 1.07 ms with it for 1 frame, but
     0.67 ms without and 0.35 ms with it (channels-last) for 8 frames; the memory's LSTM step is faster without
     (0.17 vs 0.36 ms)."""
     previous = torch.backends.mkldnn.enabled
@@ -82,9 +84,11 @@ class WorldModelAgent:
         self.state = None
 
     def set_params(self, params: Tensor | np.ndarray) -> None:
-        """Drive with other controller parameters (the models stay loaded): ``[n]`` for every env, or ``[N, n]``,
-        one controller per env (e.g. several CMA-ES candidates played in one lockstep batch)."""
-        params = torch.tensor(np.array(params, dtype=np.float32), device=self.device)  # a copy: Ray's are read-only
+        """Drive with other controller parameters (the models stay loaded): ``[n]`` for every env, or
+        ``[N, n]``, one controller per env (e.g. several CMA-ES candidates played in one lockstep batch)."""
+        params = torch.tensor(
+            np.array(params, dtype=np.float32), device=self.device
+        )  # a copy: Ray's are read-only
         self.controller.split(params)  # checks the parameter count
         if params.dim() not in (1, 2):
             raise ValueError(f"controller params must be [n] or [N, n], got {tuple(params.shape)}")
@@ -103,7 +107,8 @@ class WorldModelAgent:
         self.state = self.memory.initial_state(len(seeds), self.device)
 
     def encode(self, frames: np.ndarray) -> Tensor:
-        """z ``[N, Z]`` of uint8 frames ``[N, 64, 64, 3]``: the posterior mean with ``use_mu``, else a sample."""
+        """z ``[N, Z]`` of uint8 frames ``[N, 64, 64, 3]``: the posterior mean with ``use_mu``, else a
+        sample."""
         x = frames_to_tensor(frames, self.device)
         if len(frames) < ONEDNN_MIN_FRAMES:
             with onednn(False):
@@ -113,8 +118,10 @@ class WorldModelAgent:
                 mu, logvar = self.channels_last_vae.encode(x.contiguous(memory_format=torch.channels_last))
         if self.use_mu:
             return mu
-        noise = torch.stack([torch.randn(mu.shape[1:], generator=g, device=self.device) for g in self.generators])
-        return mu + torch.exp(0.5 * logvar) * noise.to(mu.dtype)
+        noise = torch.stack(
+            [torch.randn(mu.shape[1:], generator=g, device=self.device) for g in self.generators]
+        )
+        return posterior_sample(mu, logvar, noise.to(mu.dtype))
 
     @torch.inference_mode()
     def act(self, frames: np.ndarray) -> list | np.ndarray | int:
@@ -125,7 +132,9 @@ class WorldModelAgent:
         if self.state is None:
             self.reset()
         if self.state[0].shape[1] != len(frames):
-            raise ValueError(f"the agent was reset for {self.state[0].shape[1]} envs, got {len(frames)} frames")
+            raise ValueError(
+                f"the agent was reset for {self.state[0].shape[1]} envs, got {len(frames)} frames"
+            )
         if self.params.dim() == 2 and len(self.params) != len(frames):
             raise ValueError(f"{len(self.params)} controllers for {len(frames)} envs")
         z = self.encode(frames)
@@ -137,7 +146,11 @@ class WorldModelAgent:
         action = self.controller.squash(logits)
         with onednn(False):
             _, self.state = self.memory.step(z, self.controller.encode(action), self.state)
-        actions = action.cpu().tolist() if self.controller.discrete else list(action.cpu().numpy().astype(np.float32))
+        actions = (
+            action.cpu().tolist()
+            if self.controller.discrete
+            else list(action.cpu().numpy().astype(np.float32))
+        )
         return actions[0] if single else actions
 
 
@@ -162,8 +175,8 @@ def play_episodes(
     max_steps: int | None = None,
     record: bool = False,
 ) -> list[Episode]:
-    """One episode per seed, ``envs[i]`` playing from ``reset(seed=seeds[i])``, all in lockstep (the agent encodes
-    and acts for every env at once), each until its game ends, its env truncates, or ``max_steps``.
+    """One episode per seed, ``envs[i]`` playing from ``reset(seed=seeds[i])``, all in lockstep (the agent
+    encodes and acts for every env at once), each until its game ends, its env truncates, or ``max_steps``.
 
     ``agent=None`` plays uniformly random actions from each env's ``action_space`` seeded with its seed.
     """
@@ -176,12 +189,19 @@ def play_episodes(
             env.action_space.seed(int(seed))
     else:
         agent.reset([int(seed) for seed in seeds])
-    episodes = [Episode(seed=int(seed), ret=0.0, steps=0, frames=[obs] if record else [])
-                for seed, obs in zip(seeds, observations, strict=True)]
+    episodes = [
+        Episode(seed=int(seed), ret=0.0, steps=0, frames=[obs] if record else [])
+        for seed, obs in zip(seeds, observations, strict=True)
+    ]
     playing = [max_steps is None or max_steps > 0] * len(envs)
     while any(playing):
-        # finished envs keep their last frame in the batch (their actions are ignored): the batch keeps its shape
-        actions = agent.act(np.stack(observations)) if agent is not None else [env.action_space.sample() for env in envs]
+        # finished envs keep their last frame in the batch (their actions are ignored):
+        # the batch keeps its shape
+        actions = (
+            agent.act(np.stack(observations))
+            if agent is not None
+            else [env.action_space.sample() for env in envs]
+        )
         for i, env in enumerate(envs):
             if not playing[i]:
                 continue
@@ -193,7 +213,9 @@ def play_episodes(
             episode.steps += 1
             if record:
                 episode.frames.append(observations[i])
-            playing[i] = not (terminated or truncated or (max_steps is not None and episode.steps >= max_steps))
+            playing[i] = not (
+                terminated or truncated or (max_steps is not None and episode.steps >= max_steps)
+            )
     return episodes
 
 

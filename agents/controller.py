@@ -36,7 +36,9 @@ class LinearController:
         if min(self.z_dim, self.action_dim) < 1 or self.h_dim < 0:
             raise ValueError(f"controller needs z_dim >= 1, h_dim >= 0, action_dim >= 1, got {self}")
         if not self.discrete and self.action_dim != 3:
-            raise ValueError(f"a continuous controller drives CarRacing's 3 actions, got action_dim={self.action_dim}")
+            raise ValueError(
+                f"a continuous controller drives CarRacing's 3 actions, got action_dim={self.action_dim}"
+            )
 
     @property
     def in_dim(self) -> int:
@@ -53,9 +55,13 @@ class LinearController:
     def split(self, params: Tensor) -> tuple[Tensor, Tensor]:
         """Flat ``[..., n]`` -> (W ``[..., A, Z + H]``, b ``[..., A]``) as views."""
         if params.shape[-1] != self.num_params:
-            raise ValueError(f"controller expects {self.num_params} parameters, got shape {tuple(params.shape)}")
+            raise ValueError(
+                f"controller expects {self.num_params} parameters, got shape {tuple(params.shape)}"
+            )
         weights = params[..., : self.in_dim * self.action_dim]
-        return weights.unflatten(-1, (self.action_dim, self.in_dim)), params[..., self.in_dim * self.action_dim :]
+        return weights.unflatten(-1, (self.action_dim, self.in_dim)), params[
+            ..., self.in_dim * self.action_dim :
+        ]
 
     def join(self, weight: Tensor, bias: Tensor) -> Tensor:
         """The inverse of ``split``: (W ``[..., A, Z + H]``, b ``[..., A]``) -> ``[..., n]``."""
@@ -69,9 +75,13 @@ class LinearController:
         """
         weight, bias = self.split(params)
         if features.shape[-1] != self.in_dim:
-            raise ValueError(f"controller expects features [..., {self.in_dim}] = [z, h], got {tuple(features.shape)}")
+            raise ValueError(
+                f"controller expects features [..., {self.in_dim}] = [z, h], got {tuple(features.shape)}"
+            )
         if params.dim() == 1:
-            return torch.addmm(bias, features.reshape(-1, self.in_dim), weight.T).reshape(*features.shape[:-1], -1)
+            return torch.addmm(bias, features.reshape(-1, self.in_dim), weight.T).reshape(
+                *features.shape[:-1], -1
+            )
         if params.dim() != 2 or features.dim() != 3 or features.shape[0] != params.shape[0]:
             raise ValueError(
                 f"a population's params [P, n] need features [P, R, {self.in_dim}], "
@@ -80,12 +90,13 @@ class LinearController:
         return torch.baddbmm(bias.unsqueeze(1), features, weight.transpose(1, 2))
 
     def squash(self, logits: Tensor) -> Tensor:
-        """Logits ``[..., A]`` -> env actions: ``[..., 3]`` in the CarRacing box, or ``[...]`` int64 indices."""
+        """Logits ``[..., A]`` -> env actions: ``[..., 3]`` in the CarRacing box, or ``[...]`` int64
+        indices."""
         if self.discrete:
             return logits.argmax(-1)
         squashed = torch.tanh(logits)
-        # World Models' mapping (and the exploration policy's): brake = max(tanh, 0), so a fresh controller does not
-        # hold the brake at 0.5 and "no brake" is reachable, as in the collected data
+        # World Models' mapping (and the exploration policy's): brake = max(tanh, 0), so a fresh controller
+        # does not hold the brake at 0.5 and "no brake" is reachable, as in the collected data
         gas = (squashed[..., 1:2] + 1.0) * 0.5
         return torch.cat([squashed[..., :1], gas, squashed[..., 2:].clamp(min=0.0)], dim=-1)
 

@@ -1,9 +1,9 @@
 """CMA-ES (the ``cma`` package, ask/tell) with a seeded RNG and a checkpoint made of plain data.
 
-``cma.CMAEvolutionStrategy`` can be pickled, but we never unpickle files. Instead ``CMAES.state_dict()`` copies
-every attribute of the strategy and of its parts (sampler with the covariance C, its eigen basis B and D; the
-step-size adaptation with its evolution path p_sigma; the path p_c; mean; sigma; counters; fitness history;
-best solution) whose value is plain data (numbers, strings, numeric arrays, lists of them), and
+``cma.CMAEvolutionStrategy`` can be pickled, but we never unpickle files. Instead ``CMAES.state_dict()``
+copies every attribute of the strategy and of its parts (sampler with the covariance C, its eigen basis B and
+D; the step-size adaptation with its evolution path p_sigma; the path p_c; mean; sigma; counters; fitness
+history; best solution) whose value is plain data (numbers, strings, numeric arrays, lists of them), and
 ``CMAES.from_state_dict`` builds a fresh strategy from the same x0, sigma0 and options and writes them back.
 The normal draws come from our own ``numpy.random.Generator`` (cma's ``randn`` option), whose state is plain
 data too; so a run resumed from a checkpoint continues exactly as the uninterrupted run would have (a test
@@ -66,12 +66,18 @@ def _plain_attributes(obj) -> dict:
 
 
 class CMAES:
-    """CMA-ES that *maximises* fitness; ``ask`` -> candidates ``[P, n]``, ``tell(candidates, fitness [P])``."""
+    """CMA-ES that *maximises* fitness; ``ask`` -> candidates ``[P, n]``,
+    ``tell(candidates, fitness [P])``."""
 
     def __init__(self, x0: np.ndarray, sigma: float, population: int, seed: int):
         if population < 3 or sigma <= 0:
             raise ValueError(f"CMA-ES needs population >= 3 and sigma > 0, got {population} and {sigma}")
-        self.x0, self.sigma0, self.population, self.seed = np.asarray(x0, dtype=np.float64), float(sigma), population, seed
+        self.x0, self.sigma0, self.population, self.seed = (
+            np.asarray(x0, dtype=np.float64),
+            float(sigma),
+            population,
+            seed,
+        )
         self.rng = np.random.default_rng(seed)
         options = {
             "popsize": population,
@@ -112,10 +118,14 @@ class CMAES:
 
     def stop_reasons(self) -> dict:
         """cma's termination criteria that fire (informative only: the loop runs its generations)."""
-        return {key: float(value) if isinstance(value, (int, float)) else str(value) for key, value in self.es.stop().items()}
+        return {
+            key: float(value) if isinstance(value, (int, float)) else str(value)
+            for key, value in self.es.stop().items()
+        }
 
     def state_dict(self) -> dict:
-        """Plain data (tensors, numbers, strings, lists, dicts): loadable with ``torch.load(weights_only=True)``."""
+        """Plain data (tensors, numbers, strings, lists, dicts): loadable with
+        ``torch.load(weights_only=True)``."""
         return {
             "x0": torch.from_numpy(self.x0.copy()),
             "sigma0": self.sigma0,
@@ -124,14 +134,18 @@ class CMAES:
             "rng": self.rng.bit_generator.state,
             "cma_version": cma.__version__,
             "strategy": _plain_attributes(self.es),
-            "parts": {part: _plain_attributes(getattr(self.es, part)) for part in _PARTS if hasattr(self.es, part)},
+            "parts": {
+                part: _plain_attributes(getattr(self.es, part)) for part in _PARTS if hasattr(self.es, part)
+            },
         }
 
     @classmethod
     def from_state_dict(cls, state: dict) -> CMAES:
         """The strategy of ``state_dict()``, continuing where it stopped."""
         if state.get("cma_version") != cma.__version__:
-            warnings.warn(f"ES state written by cma {state.get('cma_version')}, resuming with cma {cma.__version__}")
+            warnings.warn(
+                f"ES state written by cma {state.get('cma_version')}, resuming with cma {cma.__version__}"
+            )
         es = cls(state["x0"].numpy(), state["sigma0"], state["population"], state["seed"])
         for name, value in state["strategy"].items():
             setattr(es.es, name, _decode(value))

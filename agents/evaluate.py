@@ -1,4 +1,5 @@
-"""``python run.py evaluate`` (the trained controller in the real game) and ``python run.py dream`` (in the dream).
+"""``python run.py evaluate`` (the trained controller in the real game) and ``python run.py dream`` (in the
+dream).
 
 ``evaluate``: ``evaluate.episodes`` real episodes (in parallel on Ray) with the controller of
 ``<run>/controller/best.pt``, on seeds that training never used; mean +- std of the returns; with
@@ -21,12 +22,13 @@ import torch
 from agents.agent import controller_for
 from agents.controller import LinearController
 from agents.train_controller import TEST, episode_seeds, load_best
-from agents.workers import chunk_count, rollout_pool, split_seeds
+from agents.workers import check_rollout_config, chunk_count, rollout_pool, split_seeds
 from rollouts.dream_env import load_memory, make_dream_env
 from rollouts.parallel import init_ray
-from worldmodel.config import Config, ConfigError, config_to_dict
-from worldmodel.io import DataError, atomic_write_bytes, read_json, write_json
+from worldmodel.config import Config, ConfigError
+from worldmodel.io import DataError, atomic_write_bytes, write_json
 from worldmodel.runs import prepare_stage, run_paths
+from worldmodel.stages import Stage
 from worldmodel.vae import load_vae
 
 
@@ -45,44 +47,55 @@ def write_gif(path: str | Path, frames: Sequence[np.ndarray], fps: float = 25.0,
 def _stats(values: Sequence[float], name: str = "returns") -> dict:
     """Mean, std, min, max and the values themselves (under ``name``)."""
     values = np.asarray(values, dtype=np.float64)
-    return {"mean": float(values.mean()), "std": float(values.std()), "min": float(values.min()),
-            "max": float(values.max()), name: [round(float(v), 3) for v in values]}
+    return {
+        "mean": float(values.mean()),
+        "std": float(values.std()),
+        "min": float(values.min()),
+        "max": float(values.max()),
+        name: [round(float(v), 3) for v in values],
+    }
 
 
 def _controller(expected: LinearController, best: dict, path: Path) -> LinearController:
     """The controller shape stored in ``best.pt``, which must fit this run's memory and game."""
     controller = LinearController(**best["controller"])
     if controller != expected:
-        raise DataError(f"{path}: the controller was trained for {controller}, but this run's memory and game need "
-                        f"{expected}; train the controller again")
+        raise DataError(
+            f"{path}: the controller was trained for {controller}, but this run's memory and game need "
+            f"{expected}; train the controller again"
+        )
     return controller
+
+
+def check_evaluate_config(cfg: Config) -> None:
+    """Refuse an evaluate section that cannot be used (``ConfigError`` naming the field)."""
+    for name in ("episodes", "video_scale"):
+        if getattr(cfg.evaluate, name) < 1:
+            raise ConfigError(f"evaluate.{name} must be at least 1, got {getattr(cfg.evaluate, name)}")
+    check_rollout_config(cfg.controller)  # the real episodes run on the rollout pool
 
 
 def run(cfg: Config) -> dict:
     """Score the trained controller in the real game (and random actions on the same seeds)."""
-    if cfg.evaluate.episodes < 1:
-        raise ConfigError(f"evaluate.episodes must be at least 1, got {cfg.evaluate.episodes}")
+    check_evaluate_config(cfg)
     paths = run_paths(cfg)
-    best_path, out = paths.controller / "best.pt", paths.evaluate
+    best_path = paths.controller / "best.pt"
     best = load_best(cfg)
-    summary_path = out / "summary.json"
-    settings = {"env": config_to_dict(cfg.env), "evaluate": config_to_dict(cfg.evaluate), "seed": cfg.seed,
-                "use_mu": cfg.memory_train.use_mu}
-    if summary_path.exists() and summary_path.stat().st_mtime > best_path.stat().st_mtime:
-        previous = read_json(summary_path)
-        if previous.get("settings") == settings:  # the same controller scored the same way already
-            return {**previous, "skipped": True}
+    stage = Stage(cfg, "evaluate")
+    if (finished := stage.open()) is not None:  # the same controller scored the same way already
+        return {**finished, "skipped": True}
+    out = stage.folder
     memory = load_memory(cfg, "cpu")
     _controller(controller_for(cfg.env, memory), best, best_path)  # the workers build the same one
     vae = load_vae(paths.vae / "vae.pt", "cpu")
-    prepare_stage(cfg, out)
     seeds = episode_seeds(cfg.seed, TEST, 0, cfg.evaluate.episodes)
     params = best["params"].numpy().astype(np.float32)
     started = time.perf_counter()
     init_ray(cfg.ray)
-    pool = rollout_pool(cfg.env, vae.state_dict(), memory.to_checkpoint(), cfg.memory_train.use_mu, None,
-                        cfg.controller.workers, cfg.controller.envs_per_worker, cfg.controller.retries)
-    chunks = split_seeds(seeds, chunk_count(len(seeds), len(pool.actors), cfg.controller.envs_per_worker))
+    pool = rollout_pool(
+        cfg.env, vae.state_dict(), memory.to_checkpoint(), cfg.memory_train.use_mu, None, cfg.controller
+    )
+    chunks = split_seeds(seeds, chunk_count(len(seeds), pool.size, cfg.controller.envs_per_worker))
     jobs = [(params, chunk, cfg.evaluate.video) for chunk in chunks]
     if cfg.evaluate.random_baseline:
         jobs += [(None, chunk, False) for chunk in chunks]
@@ -97,12 +110,14 @@ def run(cfg: Config) -> dict:
         "episodes": len(episodes),
         "seed": cfg.seed,
         "seeds": seeds,
-        "controller": {"train_in": best.get("train_in"), "generation": best.get("generation"),
-                       "training_score": best.get("fitness")},
+        "controller": {
+            "train_in": best.get("train_in"),
+            "generation": best.get("generation"),
+            "training_score": best.get("fitness"),
+        },
         **_stats(returns),
         "steps": [episode.steps for episode in episodes],
         "seconds": round(time.perf_counter() - started, 2),
-        "settings": settings,
     }
     if random_episodes:
         summary["random_policy"] = _stats([episode.ret for episode in random_episodes])
@@ -110,16 +125,20 @@ def run(cfg: Config) -> dict:
         # How far right the agent got (Super Mario Bros), next to the random policy on the same seeds.
         summary["max_x"] = _stats([episode.max_x for episode in episodes], "values")
         if random_episodes:
-            summary["random_policy"]["max_x"] = _stats([episode.max_x for episode in random_episodes], "values")
+            summary["random_policy"]["max_x"] = _stats(
+                [episode.max_x for episode in random_episodes], "values"
+            )
     if cfg.evaluate.video:
         order = np.argsort(returns)
         fps = 50.0 / cfg.env.action_repeat
         for name, index in (("best", order[-1]), ("worst", order[0])):
             write_gif(out / f"{name}.gif", episodes[index].frames, fps, cfg.evaluate.video_scale)
-            summary[f"{name}_video"] = {"path": str(out / f"{name}.gif"), "return": round(returns[index], 3),
-                                        "seed": episodes[index].seed}
-    write_json(summary_path, summary)
-    return summary
+            summary[f"{name}_video"] = {
+                "path": str(out / f"{name}.gif"),
+                "return": round(returns[index], 3),
+                "seed": episodes[index].seed,
+            }
+    return stage.finish(summary)
 
 
 @torch.inference_mode()
@@ -138,12 +157,20 @@ def run_dream(cfg: Config) -> dict:
         features = torch.as_tensor(obs, device=dream.device)
         z, h = features[: controller.z_dim], features[controller.z_dim :]
         action = controller.act(params, z.unsqueeze(0), h.unsqueeze(0))[0]
-        obs, reward, terminated, truncated, _ = env.step(int(action) if controller.discrete else action.cpu().numpy())
+        obs, reward, terminated, truncated, _ = env.step(
+            int(action) if controller.discrete else action.cpu().numpy()
+        )
         frames.append(env.render())
         total, steps = total + reward, steps + 1
     env.close()
     write_gif(out / "dream.gif", frames, 50.0 / cfg.env.action_repeat, cfg.evaluate.video_scale)
-    summary = {"return": round(total, 3), "steps": steps, "ended": "done" if terminated else "horizon",
-               "temperature": dream.temperature, "start_frame": info["start_index"], "video": str(out / "dream.gif")}
+    summary = {
+        "return": round(total, 3),
+        "steps": steps,
+        "ended": "done" if terminated else "horizon",
+        "temperature": dream.temperature,
+        "start_frame": info["start_index"],
+        "video": str(out / "dream.gif"),
+    }
     write_json(out / "summary.json", summary)
     return summary

@@ -1,4 +1,5 @@
-"""The pipeline's report: one Markdown page with every stage's figures and the pictures a person wants to see."""
+"""The pipeline's report: one Markdown page with every stage's figures and the pictures a person wants to
+see."""
 
 from __future__ import annotations
 
@@ -61,14 +62,20 @@ def _headline(summaries: dict[str, dict]) -> list[str]:
         rows.append(("furthest x position", line))
     controller = summaries.get("train-controller") or {}
     if "best_score" in controller:
-        rows.append((f"best fitness in the {controller.get('train_in', '?')}",
-                     f"{controller['best_score']:.2f} after {controller.get('generations')} generations"))
+        rows.append(
+            (
+                f"best fitness in the {controller.get('train_in', '?')}",
+                f"{controller['best_score']:.2f} after {controller.get('generations')} generations",
+            )
+        )
     memory = summaries.get("train-memory") or {}
     if memory.get("test_nll_per_dim") is not None:
         rows.append(("memory test NLL", f"{memory['test_nll_per_dim']:.4f} nats per latent dimension"))
     vae = summaries.get("train-vae") or {}
     if "val_loss" in vae:
-        rows.append(("VAE validation loss", f"{vae['val_loss']:.1f} (reconstruction {vae.get('val_recon', 0):.1f})"))
+        rows.append(
+            ("VAE validation loss", f"{vae['val_loss']:.1f} (reconstruction {vae.get('val_recon', 0):.1f})")
+        )
     if not rows:
         return []
     return ["| headline | |", "|---|---|", *[f"| {name} | {value} |" for name, value in rows], ""]
@@ -85,12 +92,15 @@ def write_report(config: Config, summaries: dict[str, dict], seconds: dict[str, 
     root = run_paths(config).root
     title = (
         f"# Run `{config.name}`: {config.env.name}, memory {config.memory.kind} "
-        f"(K={config.memory.components}, d'={config.memory.rank}), controller trained in the {config.controller.train_in}"
+        f"(K={config.memory.components}, d'={config.memory.rank}), "
+        f"controller trained in the {config.controller.train_in}"
     )
     controller = summaries.get("train-controller") or {}
     if controller.get("dream_horizon"):
         starts = "any frame" if controller.get("dream_start") == "any" else "the first frames"
-        title += f" (dreams of up to {controller['dream_horizon']} steps from {starts} of the collected episodes)"
+        title += (
+            f" (dreams of up to {controller['dream_horizon']} steps from {starts} of the collected episodes)"
+        )
     lines = [
         title,
         "",
@@ -111,7 +121,10 @@ def write_report(config: Config, summaries: dict[str, dict], seconds: dict[str, 
         media = sorted(p for p in folder.glob("*") if p.suffix in MEDIA_SUFFIXES) if folder.is_dir() else []
         for path in media:
             relative = path.relative_to(root).as_posix()
-            lines += [f"![{path.stem}]({relative})" if path.suffix != ".mp4" else f"[{path.name}]({relative})", ""]
+            lines += [
+                f"![{path.stem}]({relative})" if path.suffix != ".mp4" else f"[{path.name}]({relative})",
+                "",
+            ]
     report = root / "report.md"
     atomic_write_text(report, "\n".join(lines) + "\n")
     return report

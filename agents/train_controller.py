@@ -10,7 +10,8 @@ far is kept in ``best.pt``.
 Outputs in ``<run>/controller/``: ``es_state.pt`` (the ES state as plain data, written after every generation:
 a killed run resumes there and continues exactly as if uninterrupted), ``best.pt`` (controller parameters,
 its score and generation), ``metrics.jsonl`` (per generation: best/mean/worst fitness, sigma, seconds),
-``fitness.png`` and ``summary.json``. A finished run is skipped; raising ``controller.generations`` continues it.
+``fitness.png`` and ``summary.json``. A finished run is skipped; raising ``controller.generations`` continues
+it.
 
 Episodes are seeded from (``seed``, generation), so the same config gives the same run.
 """
@@ -23,30 +24,29 @@ import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from agents.agent import controller_for
 from agents.controller import LinearController
 from agents.dream_batch import BatchedDream
 from agents.es import CMAES
-from agents.workers import chunk_count, rollout_pool, split_seeds
+from agents.workers import check_rollout_config, chunk_count, rollout_pool, split_seeds
 from rollouts.dream_env import check_dream_start, dream_horizon, dream_starts, load_memory
 from rollouts.parallel import init_ray
-from worldmodel.config import Config, ConfigError
+from worldmodel.config import Config, ConfigError, step_limit
 from worldmodel.data import list_npz, load_latents
 from worldmodel.io import (
     DataError,
     append_jsonl,
     atomic_write_text,
     load_checkpoint,
-    read_json,
     read_jsonl,
     save_checkpoint,
-    write_json,
 )
 from worldmodel.memory import MemoryModel
 from worldmodel.plots import plot_curves
-from worldmodel.runs import prepare_stage, run_paths
+from worldmodel.progress import progress
+from worldmodel.runs import run_paths
+from worldmodel.stages import Stage
 
 TRAIN, EVAL, TEST = 0, 1, 2
 """Purposes of episode seeds, so training, periodic evaluation and the evaluate stage never share episodes."""
@@ -61,14 +61,24 @@ def check_controller_config(cfg: Config) -> None:
     c = cfg.controller
     if c.train_in not in ("dream", "real"):
         raise ConfigError(f"controller.train_in must be 'dream' or 'real', got {c.train_in!r}")
-    for key, low in (("generations", 1), ("population", 3), ("rollouts", 1), ("eval_episodes", 1),
-                     ("eval_every", 0), ("max_steps", 0), ("workers", 0), ("retries", 0), ("dream_threads", 0),
-                     ("envs_per_worker", 1), ("dream_start_limit", 1)):
+    for key, low in (
+        ("generations", 1),
+        ("population", 3),
+        ("rollouts", 1),
+        ("eval_episodes", 1),
+        ("eval_every", 0),
+        ("max_steps", 0),
+        ("dream_threads", 0),
+        ("dream_start_limit", 1),
+    ):
         if getattr(c, key) < low:
             raise ConfigError(f"controller.{key} must be at least {low}, got {getattr(c, key)}")
+    check_rollout_config(c)
     check_dream_start(c.dream_start)
     if c.sigma <= 0 or c.temperature < 0:
-        raise ConfigError(f"controller.sigma must be > 0 and controller.temperature >= 0, got {c.sigma}, {c.temperature}")
+        raise ConfigError(
+            f"controller.sigma must be > 0 and controller.temperature >= 0, got {c.sigma}, {c.temperature}"
+        )
 
 
 class DreamFitness:
@@ -78,11 +88,20 @@ class DreamFitness:
         latents = run_paths(cfg).latents
         mu, logvar, state = dream_starts(cfg, memory)
         self.seed = cfg.seed
-        self.dream = BatchedDream(memory, controller, mu, logvar, dream_horizon(cfg), cfg.controller.temperature,
-                                  cfg.memory_train.use_mu, cfg.controller.dream_threads, initial_state=state)
-        # how long the real episodes went on from where the dreams start (capped at the dream's horizon): from the
-        # first frame, the whole episode; from any frame, on average what is left of it. Flags dreams that end
-        # far too soon.
+        self.dream = BatchedDream(
+            memory,
+            controller,
+            mu,
+            logvar,
+            dream_horizon(cfg),
+            cfg.controller.temperature,
+            cfg.memory_train.use_mu,
+            cfg.controller.dream_threads,
+            initial_state=state,
+        )
+        # how long the real episodes went on from where the dreams start (capped at the dream's horizon): from
+        # the first frame, the whole episode; from any frame, on average what is left of it. Flags dreams that
+        # end far too soon.
         horizon = self.dream.horizon
         lengths = [len(load_latents(path)["rewards"]) for path in list_npz(latents)]
         if cfg.controller.dream_start == "any":
@@ -93,7 +112,9 @@ class DreamFitness:
         self.warned = False
 
     def _generator(self, purpose: int, generation: int) -> torch.Generator:
-        return torch.Generator(device=self.dream.device).manual_seed(episode_seeds(self.seed, purpose, generation, 1)[0])
+        return torch.Generator(device=self.dream.device).manual_seed(
+            episode_seeds(self.seed, purpose, generation, 1)[0]
+        )
 
     def population(self, candidates: np.ndarray, rollouts: int, generation: int) -> tuple[np.ndarray, float]:
         """Each candidate's mean return over ``rollouts`` dreams, and the dreams' mean length."""
@@ -102,15 +123,23 @@ class DreamFitness:
         mean_length = float(result.lengths.double().mean())
         if mean_length < 0.25 * self.real_length and not self.warned:
             self.warned = True
-            print(f"train-controller: dreams last {mean_length:.0f} steps on average, the real episodes went on "
-                  f"for {self.real_length:.0f} from the same frames: the memory's done head ends them early, so the "
-                  "dream says little about the game (an undertrained memory is the usual cause: memory_train.epochs)",
-                  file=sys.stderr)
+            print(
+                f"train-controller: dreams last {mean_length:.0f} steps on average, the real episodes went "
+                f"on for {self.real_length:.0f} from the same frames: the memory's done head ends them "
+                "early, so the dream says little about the game (an undertrained memory is the usual cause: "
+                "memory_train.epochs)",
+                file=sys.stderr,
+            )
         return result.fitness.double().numpy(), mean_length
 
     def episodes(self, params: np.ndarray, count: int, generation: int) -> np.ndarray:
         population = torch.as_tensor(params, dtype=torch.float32).unsqueeze(0)
-        return self.dream.rollout(population, count, self._generator(EVAL, generation)).returns[0].double().numpy()
+        return (
+            self.dream.rollout(population, count, self._generator(EVAL, generation))
+            .returns[0]
+            .double()
+            .numpy()
+        )
 
     def close(self) -> None:
         pass
@@ -124,10 +153,16 @@ class RealFitness:
 
         init_ray(cfg.ray)
         vae = load_vae(run_paths(cfg).vae / "vae.pt", "cpu")
-        max_steps = cfg.controller.max_steps or None
+        max_steps = step_limit(cfg, cfg.controller.max_steps)
         self.seed, self.envs_per_worker = cfg.seed, cfg.controller.envs_per_worker
-        self.pool = rollout_pool(cfg.env, vae.state_dict(), memory.to_checkpoint(), cfg.memory_train.use_mu, max_steps,
-                                 cfg.controller.workers, cfg.controller.envs_per_worker, cfg.controller.retries)
+        self.pool = rollout_pool(
+            cfg.env,
+            vae.state_dict(),
+            memory.to_checkpoint(),
+            cfg.memory_train.use_mu,
+            max_steps,
+            cfg.controller,
+        )
 
     def population(self, candidates: np.ndarray, rollouts: int, generation: int) -> tuple[np.ndarray, float]:
         """Each candidate's mean return over ``rollouts`` real episodes, and the episodes' mean length."""
@@ -135,16 +170,18 @@ class RealFitness:
         # every (candidate, seed) episode, cut into lockstep batches of up to envs_per_worker episodes
         owners = np.repeat(np.arange(len(candidates)), rollouts)
         all_seeds = seeds * len(candidates)
-        parts = chunk_count(len(all_seeds), len(self.pool.actors), self.envs_per_worker)
-        jobs = [(np.asarray(candidates[owners[index]], np.float32), [all_seeds[i] for i in index])
-                for index in np.array_split(np.arange(len(all_seeds)), parts)]
+        parts = chunk_count(len(all_seeds), self.pool.size, self.envs_per_worker)
+        jobs = [
+            (np.asarray(candidates[owners[index]], np.float32), [all_seeds[i] for i in index])
+            for index in np.array_split(np.arange(len(all_seeds)), parts)
+        ]
         episodes = [episode for result in self.pool.map("evaluate", jobs) for episode in result]
         returns = np.array([episode.ret for episode in episodes]).reshape(len(candidates), rollouts)
         return returns.mean(axis=1), float(np.mean([episode.steps for episode in episodes]))
 
     def episodes(self, params: np.ndarray, count: int, generation: int) -> np.ndarray:
         seeds = episode_seeds(self.seed, EVAL, generation, count)
-        chunks = split_seeds(seeds, chunk_count(count, len(self.pool.actors), self.envs_per_worker))
+        chunks = split_seeds(seeds, chunk_count(count, self.pool.size, self.envs_per_worker))
         results = self.pool.map("evaluate", [(np.asarray(params, np.float32), chunk) for chunk in chunks])
         return np.array([episode.ret for episodes in results for episode in episodes])
 
@@ -152,19 +189,15 @@ class RealFitness:
         self.pool.close()
 
 
-def _signature(cfg: Config, controller: LinearController) -> dict:
-    """What a resumed ES run must share with the one that wrote the checkpoint."""
-    c = cfg.controller
-    return {"train_in": c.train_in, "population": c.population, "sigma": c.sigma, "seed": cfg.seed,
-            "num_params": controller.num_params}
-
-
 def _plot(path, rows: list[dict]) -> None:
     generations = [row["generation"] for row in rows]
     series = {name: (generations, [row[name] for row in rows]) for name in ("best", "mean", "worst")}
     scored = [row for row in rows if "eval_mean" in row]
     if scored:
-        series["best candidate, more episodes"] = ([r["generation"] for r in scored], [r["eval_mean"] for r in scored])
+        series["best candidate, more episodes"] = (
+            [r["generation"] for r in scored],
+            [r["eval_mean"] for r in scored],
+        )
     plot_curves(path, series, xlabel="generation", ylabel="fitness (mean return)", title="CMA-ES")
 
 
@@ -172,27 +205,20 @@ def run(cfg: Config) -> dict:
     """Evolve the controller where ``controller.train_in`` says; resumes from ``es_state.pt``."""
     check_controller_config(cfg)
     c = cfg.controller
-    out = run_paths(cfg).controller
-    state_path, best_path, metrics_path = out / "es_state.pt", out / "best.pt", out / "metrics.jsonl"
     memory = load_memory(cfg)
     controller = controller_for(cfg.env, memory)
-    signature = _signature(cfg, controller)
-
+    # the stage's folder holds only work made from this memory, these latents and these settings
+    stage = Stage(cfg, "train-controller")
+    if (finished := stage.open()) is not None:
+        return {**finished, "skipped": True}
+    out = stage.folder
+    state_path, best_path, metrics_path = out / "es_state.pt", out / "best.pt", out / "metrics.jsonl"
     if state_path.exists():
         state = load_checkpoint(state_path)
-        if state.get("signature") != signature:
-            raise ConfigError(
-                f"{state_path} belongs to a controller run with {state.get('signature')}, but the config asks for "
-                f"{signature}; delete {out} or choose another run name (--set name=...)"
-            )
         es, best = CMAES.from_state_dict(state["es"]), state["best"]
     else:
         es = CMAES(controller.initial_params().double().numpy(), c.sigma, c.population, cfg.seed)
         best = {"score": -float("inf"), "std": 0.0, "generation": 0, "params": None}
-    if es.generation >= c.generations and (out / "summary.json").exists():
-        return {**read_json(out / "summary.json"), "skipped": True}
-
-    prepare_stage(cfg, out)
     # rows of generations after the checkpoint were written by a run killed before it saved the ES state
     rows = [row for row in read_jsonl(metrics_path) if row["generation"] <= es.generation]
     atomic_write_text(metrics_path, "".join(json.dumps(row) + "\n" for row in rows))
@@ -200,8 +226,9 @@ def run(cfg: Config) -> dict:
     if es.generation < c.generations:
         fitness = (DreamFitness if c.train_in == "dream" else RealFitness)(cfg, memory, controller)
     started = time.perf_counter()
-    bar = tqdm(total=c.generations, initial=es.generation, desc=f"train-controller ({c.train_in})", unit="gen",
-               dynamic_ncols=True)
+    bar = progress(
+        total=c.generations, initial=es.generation, desc=f"train-controller ({c.train_in})", unit="gen"
+    )
     try:
         while es.generation < c.generations:
             tick = time.perf_counter()
@@ -209,21 +236,39 @@ def run(cfg: Config) -> dict:
             scores, mean_length = fitness.population(candidates, c.rollouts, es.generation)
             es.tell(candidates, scores)
             generation = es.generation
-            row = {"generation": generation, "best": float(scores.max()), "mean": float(scores.mean()),
-                   "worst": float(scores.min()), "sigma": es.sigma, "mean_length": mean_length}
+            row = {
+                "generation": generation,
+                "best": float(scores.max()),
+                "mean": float(scores.mean()),
+                "worst": float(scores.min()),
+                "sigma": es.sigma,
+                "mean_length": mean_length,
+            }
             if (c.eval_every and generation % c.eval_every == 0) or generation == c.generations:
                 champion = candidates[int(np.argmax(scores))]
                 returns = fitness.episodes(champion, c.eval_episodes, generation)
                 row.update(eval_mean=float(returns.mean()), eval_std=float(returns.std()))
                 if row["eval_mean"] > best["score"]:
-                    best = {"score": row["eval_mean"], "std": row["eval_std"], "generation": generation,
-                            "params": torch.as_tensor(champion, dtype=torch.float32)}
-                    save_checkpoint(best_path, params=best["params"], controller=controller.to_dict(),
-                                    fitness=best["score"], fitness_std=best["std"], generation=generation,
-                                    episodes=c.eval_episodes, train_in=c.train_in, temperature=c.temperature)
+                    best = {
+                        "score": row["eval_mean"],
+                        "std": row["eval_std"],
+                        "generation": generation,
+                        "params": torch.as_tensor(champion, dtype=torch.float32),
+                    }
+                    save_checkpoint(
+                        best_path,
+                        params=best["params"],
+                        controller=controller.to_dict(),
+                        fitness=best["score"],
+                        fitness_std=best["std"],
+                        generation=generation,
+                        episodes=c.eval_episodes,
+                        train_in=c.train_in,
+                        temperature=c.temperature,
+                    )
             row["seconds"] = round(time.perf_counter() - tick, 3)
             append_jsonl(metrics_path, row)
-            save_checkpoint(state_path, es=es.state_dict(), best=best, signature=signature)
+            save_checkpoint(state_path, es=es.state_dict(), best=best)
             rows.append(row)
             bar.update(1)
             bar.set_postfix(best=f"{row['best']:.1f}", mean=f"{row['mean']:.1f}", sigma=f"{es.sigma:.3f}")
@@ -254,12 +299,12 @@ def run(cfg: Config) -> dict:
         "cma_stop": es.stop_reasons(),
         "best": str(best_path),
     }
-    write_json(out / "summary.json", summary)
-    return summary
+    return stage.finish(summary)
 
 
 def load_best(cfg: Config) -> dict:
-    """``<run>/controller/best.pt``: params, controller shape and score (raises ``DataError`` when missing)."""
+    """``<run>/controller/best.pt``: params, controller shape and score (raises ``DataError`` when
+    missing)."""
     path = run_paths(cfg).controller / "best.pt"
     if not path.exists():
         raise DataError(f"{path}: no trained controller; run `python run.py train-controller` first")

@@ -1,13 +1,13 @@
-"""What the speech and image benchmarks share: the memory config of a benchmark model, a resumable training loop
-with early stopping on the validation NLL, and the tables and plots of the results."""
+"""What the speech and image benchmarks share: the memory config of a benchmark model, a resumable training
+loop with early stopping on the validation NLL, and the tables and plots of the results."""
 
 from __future__ import annotations
 
 import csv
 import dataclasses
 import io
+import itertools
 import math
-import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,11 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from worldmodel.config import ConfigError, MemoryConfig
 from worldmodel.io import (
-    append_jsonl,
     atomic_write_bytes,
     atomic_write_text,
     load_checkpoint,
@@ -27,12 +25,15 @@ from worldmodel.io import (
     save_checkpoint,
     write_json,
 )
-from worldmodel.memory import MemoryModel
+from worldmodel.memory import MemoryModel, check_memory_config
+from worldmodel.training import LoopSettings, TrainTask
+from worldmodel.training import train as train_loop
 
 
 @contextmanager
 def torch_threads(threads: int) -> Iterator[None]:
-    """Run the block with ``threads`` torch CPU threads (0 = leave as is), then restore the previous number."""
+    """Run the block with ``threads`` torch CPU threads (0 = leave as is), then restore the previous
+    number."""
     previous = torch.get_num_threads()
     if threads > 0:
         torch.set_num_threads(threads)
@@ -42,10 +43,17 @@ def torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+GRID_KIND = "grid"
+"""``<section>.memory.kind`` when each model takes its kind from ``<section>.kinds`` (the default)."""
+GRID_RANK = -1
+"""``<section>.memory.rank`` when each model takes its rank from ``<section>.ranks`` (the default)."""
+
+
 def benchmark_memory_config(
-    kind: str, hidden: int, components: int, rank: int, flow_blocks: int, flow_hidden: int
+    kind: str, hidden: int, components: int, rank: int, flow_blocks: int, flow_hidden: int, **fields: Any
 ) -> MemoryConfig:
-    """A memory with no reward or done head (the benchmarks model one sequence, with no actions)."""
+    """A memory with no reward or done head (the benchmarks model one sequence, with no actions); ``fields``
+    sets any other ``MemoryConfig`` field (``flow_context``, ``diag_clamp``, ...)."""
     if kind not in ("rmdn", "frmdn"):
         raise ValueError(f"benchmark model kinds are 'rmdn' and 'frmdn', got {kind!r}")
     return dataclasses.replace(
@@ -58,7 +66,16 @@ def benchmark_memory_config(
         flow_hidden=flow_hidden,
         predict_reward=False,
         predict_done=False,
+        **fields,
     )
+
+
+def model_memory_config(memory: MemoryConfig, kind: str, rank: int) -> MemoryConfig:
+    """The memory config of one model of the grid: the section's ``memory`` with that model's kind and rank,
+    as a plain ``MemoryConfig``."""
+    if kind not in ("rmdn", "frmdn"):
+        raise ValueError(f"benchmark model kinds are 'rmdn' and 'frmdn', got {kind!r}")
+    return MemoryConfig(**{**dataclasses.asdict(memory), "kind": kind, "rank": rank})
 
 
 def model_tag(kind: str, rank: int) -> str:
@@ -66,26 +83,73 @@ def model_tag(kind: str, rank: int) -> str:
     return f"{kind}_r{rank}"
 
 
+def _check_list(values: list, name: str, allowed: str, valid: Callable[[Any], bool]) -> None:
+    if not values or not all(valid(value) for value in values):
+        raise ConfigError(f"{name} must list {allowed}, got {values}")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{name} lists a model twice: {values}")
+
+
+def check_memory_section(config, section: str) -> None:
+    """The checks of ``<section>.memory`` (``ConfigError`` naming ``<section>.memory.<field>``): sizes >= 1, a
+    known diagonal activation, a valid clamp, no reward or done head, and no ``kind``/``rank`` that the grid
+    (``<section>.kinds``, ``<section>.ranks``) would override."""
+    memory, name = config.memory, f"{section}.memory"
+    for field_name, grid_name, sentinel in (("kind", "kinds", GRID_KIND), ("rank", "ranks", GRID_RANK)):
+        value, grid = getattr(memory, field_name), getattr(config, grid_name)
+        if value != sentinel and grid != [value]:
+            raise ConfigError(
+                f"{name}.{field_name}={value!r} would be ignored: each model takes its {field_name} from "
+                f"{section}.{grid_name}={grid}; to train {field_name} {value!r} alone, set "
+                f"{section}.{grid_name}=[{value}] instead"
+            )
+    check_memory_config(
+        dataclasses.replace(memory, kind="frmdn", rank=0), name
+    )  # the grid sets kind and rank
+    for field_name in ("predict_reward", "predict_done"):
+        if getattr(memory, field_name):
+            raise ConfigError(
+                f"{name}.{field_name} must be false: the {section} benchmark has no rewards or episode "
+                "ends to predict (its models have no reward or done head)"
+            )
+    if memory.flow_context and "frmdn" not in config.kinds:
+        raise ConfigError(
+            f"{name}.flow_context=true would be ignored: {section}.kinds={config.kinds} has no frmdn, "
+            "the only model with a flow"
+        )
+
+
 def check_model_grid(config, section: str, positive: tuple[str, ...]) -> None:
-    """The checks every benchmark section shares: its model kinds, its ranks, and the fields that must be >= 1
-    (``ConfigError`` naming ``<section>.<field>``)."""
-    if not config.kinds or any(kind not in ("rmdn", "frmdn") for kind in config.kinds):
-        raise ConfigError(f"{section}.kinds must list 'rmdn' and/or 'frmdn', got {config.kinds}")
-    if not config.ranks or any(rank < 0 for rank in config.ranks):
-        raise ConfigError(f"{section}.ranks must be a non-empty list of ranks >= 0, got {config.ranks}")
+    """The checks every benchmark section shares: its model kinds, its ranks, its ``memory`` sub-section, the
+    fields that must be >= 1, and the learning rate, clipping and patience (``ConfigError`` naming
+    ``<section>.<field>``)."""
+    _check_list(
+        config.kinds, f"{section}.kinds", "'rmdn' and/or 'frmdn'", lambda kind: kind in ("rmdn", "frmdn")
+    )
+    _check_list(
+        config.ranks, f"{section}.ranks", "ranks >= 0", lambda rank: isinstance(rank, int) and rank >= 0
+    )
+    check_memory_section(config, section)
     for name in positive:
         if getattr(config, name) < 1:
             raise ConfigError(f"{section}.{name} must be >= 1, got {getattr(config, name)}")
+    if not config.lr > 0:
+        raise ConfigError(f"{section}.lr must be positive, got {config.lr}")
+    for name in ("grad_clip", "patience", "threads"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{section}.{name} must be >= 0, got {getattr(config, name)}")
 
 
-def model_variants(config, data_fingerprint: dict, **extra: Any) -> Iterator[tuple[str, str, int, MemoryConfig, dict]]:
+def model_variants(
+    config, data_fingerprint: dict, **extra: Any
+) -> Iterator[tuple[str, str, int, MemoryConfig, dict]]:
     """Every (kind, rank) of a benchmark section (``ImageConfig`` or ``SpeechConfig``), as
-    ``(tag, kind, rank, memory_config, fingerprint)``; the fingerprint is what a resumed model must match."""
+    ``(tag, kind, rank, memory_config, fingerprint)``; the fingerprint is what a resumed model must match: the
+    data, the model's whole memory config (so a changed ``diag_clamp`` or ``flow_context`` trains again) and
+    the optimiser's settings."""
     for kind in config.kinds:
         for rank in config.ranks:
-            memory_config = benchmark_memory_config(
-                kind, config.hidden, config.components, rank, config.flow_blocks, config.flow_hidden
-            )
+            memory_config = model_memory_config(config.memory, kind, rank)
             fingerprint = {
                 **data_fingerprint,
                 "memory": dataclasses.asdict(memory_config),
@@ -109,114 +173,84 @@ class TrainSettings:
     lr: float
     grad_clip: float
     patience: int
+    tensorboard: bool = False
 
 
 @dataclass
 class TrainResult:
     history: list[dict]
-    """One dict per epoch: epoch, train_nll, val_nll, seconds."""
+    """One dict per epoch: epoch, train_loss, val_nll, seconds."""
     best_val: float
     best_epoch: int
     resumed: bool
 
 
-def finished(epoch: int, best_epoch: int, settings: TrainSettings) -> bool:
-    """Whether training stops after ``epoch`` epochs: the budget is spent, or ``patience`` epochs have passed
-    without a better validation NLL."""
-    return epoch >= settings.epochs or (settings.patience > 0 and epoch - max(best_epoch, 0) >= settings.patience)
-
-
 def train_or_resume(
     model: MemoryModel,
     tag: str,
-    checkpoint: Path,
+    folder: Path,
     settings: TrainSettings,
     fingerprint: dict,
     epoch_batches: Callable[[int], Iterable[Any]],
+    batches_per_epoch: int,
     batch_loss: Callable[[MemoryModel, Any], tuple[torch.Tensor, int]],
     validate: Callable[[MemoryModel], float],
-    metrics_path: Path,
 ) -> TrainResult:
-    """Train with Adam and early stopping on ``validate`` (a mean NLL: lower is better), checkpointing every
-    epoch; a rerun with the same ``fingerprint`` resumes after the last finished epoch, or returns at once
-    when training had finished (the epoch budget and patience are not part of the fingerprint, so raising
-    them continues a finished model). On return ``model`` holds the weights of the best validation epoch.
+    """Train with Adam and early stopping on ``validate`` (a mean NLL: lower is better) in the project's
+    training loop (``worldmodel.training``: a checkpoint every epoch, the NaN guard, metrics in ``folder``); a
+    rerun with the same ``fingerprint`` resumes after the last finished epoch, or returns at once when
+    training had finished (the epoch budget and patience are not part of the fingerprint, so raising them
+    continues a finished model). On return ``model`` holds the weights of the best validation epoch.
 
-    ``epoch_batches(epoch)`` yields that epoch's batches (seeded by the epoch, so a resumed run sees the same
-    data order); ``batch_loss(model, batch)`` returns (loss to minimise, number of items it averages over).
+    ``epoch_batches(epoch)`` yields that epoch's ``batches_per_epoch`` batches (seeded by the epoch, so a
+    resumed run sees the same data order); ``batch_loss(model, batch)`` returns (loss to minimise, number of
+    items it averages over).
     """
+    best_path = folder / "best.pt"
+
+    def save_best(epoch: int, score: float | None) -> None:
+        save_checkpoint(best_path, state_dict=model.state_dict(), epoch=epoch, val_nll=score)
+
+    def losses(model: MemoryModel, batch: Any) -> tuple[dict[str, torch.Tensor], int]:
+        loss, items = batch_loss(model, batch)
+        return {"loss": loss}, items
+
+    task = TrainTask(
+        epoch_batches=lambda epoch, start: itertools.islice(epoch_batches(epoch), start, None),
+        batches_per_epoch=batches_per_epoch,
+        losses=losses,
+        validate=lambda model: {"loss": validate(model)},
+        score="loss",
+        save_best=save_best,
+        shown=("loss",),
+    )
+    loop = LoopSettings(
+        epochs=settings.epochs,
+        patience=settings.patience,
+        grad_clip=settings.grad_clip,
+        tensorboard=settings.tensorboard,
+        name=tag,
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
-    start, history, best_val, best_epoch, best_state, resumed = 0, [], math.inf, -1, None, False
-    if checkpoint.exists():
-        payload = load_checkpoint(checkpoint)
-        if payload.get("fingerprint") == fingerprint:
-            model.load_state_dict(payload["model"]["state_dict"])
-            optimizer.load_state_dict(payload["optimizer"])
-            start, history = payload["epoch"], payload["history"]
-            best_val, best_epoch, best_state = payload["best_val"], payload["best_epoch"], payload["best_state"]
-            resumed = True
-            if finished(start, best_epoch, settings):
-                model.load_state_dict(best_state)
-                return TrainResult(history, best_val, best_epoch, resumed)
-        else:
-            tqdm.write(f"{checkpoint}: trained with other settings; training {tag} again")
-
-    def save(epoch: int, done: bool) -> None:
-        save_checkpoint(
-            checkpoint,
-            model=model.to_checkpoint(),
-            optimizer=optimizer.state_dict(),
-            epoch=epoch,
-            history=history,
-            best_val=best_val,
-            best_epoch=best_epoch,
-            best_state=best_state,
-            done=done,
-            fingerprint=fingerprint,
-        )
-
-    done = False
-    bar = tqdm(range(start, settings.epochs), desc=tag, initial=start, total=settings.epochs, unit="epoch")
-    for epoch in bar:
-        began, total, count, skipped = time.perf_counter(), 0.0, 0, 0
-        model.train()
-        for batch in tqdm(epoch_batches(epoch), desc=f"{tag} epoch {epoch + 1}", leave=False, unit="batch"):
-            loss, items = batch_loss(model, batch)
-            if not torch.isfinite(loss):
-                skipped += 1  # one bad batch should not poison the weights; it is counted in the metrics
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if settings.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-            optimizer.step()
-            total, count = total + loss.item() * items, count + items
-        model.eval()
-        with torch.no_grad():
-            val = validate(model)
-        row = {
+    result = train_loop(model, optimizer, task, loop, folder, fingerprint)
+    epochs = [row for row in result.rows if row["kind"] == "epoch" and row["epoch"] > 0]
+    seconds = [row["seconds"] for row in epochs]
+    history = [
+        {
             "model": tag,
-            "epoch": epoch + 1,
-            "train_loss": total / max(count, 1),
-            "val_nll": val,
-            "skipped_batches": skipped,
-            "seconds": round(time.perf_counter() - began, 3),
+            "epoch": row["epoch"],
+            "train_loss": row.get("train_loss"),
+            "val_nll": row["val_loss"],
+            "skipped_batches": row["skipped_steps"],
+            "seconds": round(now - before, 3),
         }
-        history.append(row)
-        append_jsonl(metrics_path, row)
-        if math.isfinite(val) and val < best_val:
-            best_val, best_epoch = val, epoch + 1
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        bar.set_postfix(val_nll=f"{val:.2f}", best=f"{best_val:.2f}")
-        done = finished(epoch + 1, best_epoch, settings)
-        save(epoch + 1, done)
-        if done:
-            break
-    bar.close()
-    if best_state is None:
+        for row, before, now in zip(epochs, [0.0, *seconds[:-1]], seconds, strict=True)
+    ]
+    best = load_checkpoint(best_path) if best_path.exists() else None
+    if best is None or best["val_nll"] is None:
         raise ValueError(f"{tag}: the validation NLL was never finite; lower the learning rate")
-    model.load_state_dict(best_state)
-    return TrainResult(history, best_val, best_epoch, resumed)
+    model.load_state_dict(best["state_dict"])
+    return TrainResult(history, best["val_nll"], best["epoch"], result.resumed)
 
 
 def cached_result(path: Path, key: dict) -> dict | None:
@@ -259,7 +293,9 @@ def plot_curves(path: Path, histories: dict[str, list[dict]], ylabel: str) -> No
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for tag, history in histories.items():
-        axes.plot([row["epoch"] for row in history], [row["val_nll"] for row in history], label=tag, marker=".")
+        axes.plot(
+            [row["epoch"] for row in history], [row["val_nll"] for row in history], label=tag, marker="."
+        )
     axes.set_xlabel("epoch")
     axes.set_ylabel(ylabel)
     axes.grid(alpha=0.3)

@@ -1,7 +1,7 @@
 """Readers for the benchmark corpora: MNIST (IDX), CIFAR-10 (python batches), 8x8 digits, and folders of wavs.
 
-Every reader validates what it reads and raises :class:`~worldmodel.io.DataError` naming the file (or folder) and
-what is wrong with it, so ``run.py`` can print one clear line and exit with status 2.
+Every reader validates what it reads and raises :class:`~worldmodel.io.DataError` naming the file (or folder)
+and what is wrong with it, so ``run.py`` can print one clear line and exit with status 2.
 
 Images come back as uint8 arrays ``[N, H, W]`` (grey) or ``[N, H, W, 3]`` (colour) with int64 labels, plus the
 number of intensity levels (256 for MNIST and CIFAR-10, 17 for the 8x8 digits whose pixels are 0..16).
@@ -22,6 +22,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from worldmodel.config import ConfigError
 from worldmodel.io import DataError
 
 # ----------------------------------------------------------------------------------------------------- images
@@ -71,9 +72,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     found = len(raw) - header
     if found != expected:
         what = "truncated" if found < expected else "has trailing bytes"
-        raise DataError(
-            f"{path}: IDX file {what}: shape {shape} needs {expected} data bytes, found {found}"
-        )
+        raise DataError(f"{path}: IDX file {what}: shape {shape} needs {expected} data bytes, found {found}")
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
@@ -135,7 +134,9 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if (module, name) in self._ALLOWED:
-            if module.startswith("numpy.core."):  # the original batches predate numpy 2's rename to numpy._core
+            if module.startswith(
+                "numpy.core."
+            ):  # the original batches predate numpy 2's rename to numpy._core
                 module = "numpy._core." + module.removeprefix("numpy.core.")
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} (a CIFAR-10 batch holds only arrays)")
@@ -152,11 +153,22 @@ def read_cifar_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
             batch = _ArrayOnlyUnpickler(handle, encoding="bytes").load()
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError,
-            KeyError, OSError) as error:  # what a broken, truncated or foreign file raises
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        ImportError,
+        IndexError,
+        KeyError,
+        OSError,
+    ) as error:  # what a broken, truncated or foreign file raises
         raise DataError(f"{path}: not a CIFAR-10 python batch ({type(error).__name__}: {error})") from None
     if not isinstance(batch, dict):
-        raise DataError(f"{path}: not a CIFAR-10 python batch (top level is {type(batch).__name__}, not dict)")
+        raise DataError(
+            f"{path}: not a CIFAR-10 python batch (top level is {type(batch).__name__}, not dict)"
+        )
     batch = {key.decode() if isinstance(key, bytes) else key: value for key, value in batch.items()}
     if "data" not in batch or "labels" not in batch:
         raise DataError(f"{path}: CIFAR-10 batch lacks 'data' or 'labels' (keys: {sorted(map(str, batch))})")
@@ -183,8 +195,8 @@ def load_cifar10(folder: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]
     test_paths = sorted(p for p in folder.rglob("test_batch") if p.is_file())
     if not train_paths or not test_paths:
         raise DataError(
-            f"{folder}: no CIFAR-10 python batches found (expected data_batch_1..data_batch_5 and test_batch, "
-            "as in cifar-10-python.tar.gz)"
+            f"{folder}: no CIFAR-10 python batches found (expected data_batch_1..data_batch_5 "
+            "and test_batch, as in cifar-10-python.tar.gz)"
         )
     out = {}
     for split, paths in (("train", train_paths), ("test", test_paths[:1])):
@@ -205,18 +217,112 @@ def _take(pair: tuple[np.ndarray, np.ndarray], index) -> tuple[np.ndarray, np.nd
     return pair[0][index], pair[1][index]
 
 
+IMAGE_DATASETS = ("auto", "digits", "mnist", "cifar10")
+"""The values of ``image.dataset``."""
+_DATASET_NAMES = {"mnist": "MNIST", "cifar10": "CIFAR-10"}
+_MNIST_PREFIXES = tuple(
+    f"{split}{sep}{what}" for split in ("train", "t10k") for sep in "-_" for what in ("images", "labels")
+)
+_CIFAR_BATCH = re.compile(r"(data_batch_\d+|test_batch)")
+EXPECTED_IMAGE_FILES = (
+    "MNIST's IDX files train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
+    "t10k-labels-idx1-ubyte (raw or .gz), or CIFAR-10's python batches data_batch_1 .. data_batch_5 and "
+    "test_batch (as in cifar-10-batches-py/)"
+)
+
+
+def image_datasets_in(folder: str | Path) -> list[str]:
+    """Which image data sets the files under ``folder`` (searched recursively, as the readers do) belong to:
+    ``mnist`` when an MNIST IDX file name is found, ``cifar10`` when a CIFAR-10 batch name is; possibly both
+    or neither. A missing folder raises DataError."""
+    folder = _existing_folder(folder, "image")
+    found = set()
+    for path in folder.rglob("*"):
+        name = path.name.lower()
+        if name.startswith(_MNIST_PREFIXES) and "idx" in name and path.is_file():
+            found.add("mnist")
+        elif _CIFAR_BATCH.fullmatch(path.name) and path.is_file():
+            found.add("cifar10")
+        if len(found) == 2:
+            break
+    return sorted(found, key=list(_DATASET_NAMES).index)
+
+
+def _listing(folder: Path, shown: int = 6) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    if not names:
+        return "it is empty"
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return "it holds " + ", ".join(names[:shown]) + more
+
+
+def resolve_image_dataset(dataset: str, data: str | None) -> str:
+    """The data set ``image.dataset`` and ``image.data`` (``--data``) name: ``digits``, ``mnist`` or
+    ``cifar10``.
+
+    - ``auto``: the 8x8 digits without a folder; with one, MNIST or CIFAR-10 as its files say (neither, or
+      both: refused, naming the folder and the files expected);
+    - ``digits`` with a folder: refused (the digits ship with scikit-learn, the folder would be ignored);
+    - ``mnist`` or ``cifar10``: needs a folder, and one holding only the other data set's files is refused.
+    """
+    if dataset not in IMAGE_DATASETS:
+        raise ConfigError(f"image.dataset must be one of {', '.join(IMAGE_DATASETS)}, got {dataset!r}")
+    if dataset == "digits":
+        if data:
+            raise ConfigError(
+                f"image.dataset=digits takes no data folder (the 8x8 digits ship with scikit-learn), but "
+                f"image.data (--data) is {data}: set image.dataset=auto, mnist or cifar10 to benchmark that "
+                "folder, or drop --data"
+            )
+        return "digits"
+    if not data:
+        if dataset == "auto":
+            return "digits"
+        raise DataError(
+            f"the {dataset} benchmark needs the data folder: pass --data PATH (or set image.data)"
+        )
+    found = image_datasets_in(data)
+    folder = Path(data).expanduser()
+    if dataset == "auto":
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise DataError(
+                f"{folder}: holds both MNIST and CIFAR-10 files; set image.dataset=mnist or "
+                "image.dataset=cifar10"
+            )
+        raise DataError(
+            f"{folder}: neither MNIST nor CIFAR-10 files found "
+            f"(image.dataset=auto expected {EXPECTED_IMAGE_FILES}); "
+            f"{_listing(folder)}"
+        )
+    if found and dataset not in found:
+        (other,) = found
+        raise DataError(
+            f"{folder}: holds {_DATASET_NAMES[other]} files, not {_DATASET_NAMES[dataset]} ones, "
+            f"but image.dataset is {dataset}: set image.dataset={other} (or auto)"
+        )
+    return dataset
+
+
 def load_image_splits(dataset: str, data: str | None, seed: int) -> ImageSplits:
-    """The data set cut as the MAF protocol does.
+    """The data set (``dataset`` and ``data`` resolved by :func:`resolve_image_dataset`) cut as the MAF
+    protocol does.
 
     - ``mnist``: the last 1/6 of the training file (10k of 60k) is the validation set; test = ``t10k``.
     - ``cifar10``: the last 1/10 of the training batches (5k of 50k) is the validation set; test = test_batch.
     - ``digits``: a seeded 80/10/10 split of the 1797 images.
     """
+    dataset = resolve_image_dataset(dataset, data)
     if dataset == "digits":
         images, labels = load_digits()
         order = np.random.default_rng(seed).permutation(len(images))
         n_val = n_test = round(0.1 * len(images))
-        parts = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
+        parts = {
+            "test": order[:n_test],
+            "val": order[n_test : n_test + n_val],
+            "train": order[n_test + n_val :],
+        }
         return ImageSplits(
             "digits",
             {k: images[v] for k, v in parts.items()},
@@ -224,10 +330,6 @@ def load_image_splits(dataset: str, data: str | None, seed: int) -> ImageSplits:
             levels=17,
             classes=10,
         )
-    if dataset not in ("mnist", "cifar10"):
-        raise DataError(f"image.dataset must be digits, mnist or cifar10, got {dataset!r}")
-    if not data:
-        raise DataError(f"the {dataset} benchmark needs the data folder: pass --data PATH (or set image.data)")
     loaded = load_mnist(data) if dataset == "mnist" else load_cifar10(data)
     train_images, _ = loaded["train"]
     n_val = len(train_images) // (6 if dataset == "mnist" else 10)
@@ -264,7 +366,9 @@ def list_wavs(folder: str | Path) -> list[Path]:
     converted one is kept, so no utterance is read twice."""
     folder = _existing_folder(folder, "speech")
     paths = sorted(
-        p for p in folder.rglob("*") if p.suffix.lower() == ".wav" and p.is_file() and not p.name.startswith(".")
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() == ".wav" and p.is_file() and not p.name.startswith(".")
     )
     converted = {p.with_name(p.name[: -len(".wav")]) for p in paths if p.name.lower().endswith(".wav.wav")}
     return [p for p in paths if p not in converted]
@@ -300,7 +404,8 @@ def _read_riff(path: Path) -> tuple[np.ndarray, int]:
     except (wave.Error, EOFError, ValueError) as error:
         hint = " (format 3 is floating point: convert to integer PCM, e.g. sox in.wav -b 16 out.wav)"
         raise DataError(
-            f"{path}: not a readable integer-PCM wav file ({error}){hint if 'format: 3' in str(error) else ''}"
+            f"{path}: not a readable integer-PCM wav file ({error})"
+            f"{hint if 'format: 3' in str(error) else ''}"
         ) from None
     if width not in (1, 2, 3, 4):
         raise DataError(
@@ -309,7 +414,8 @@ def _read_riff(path: Path) -> tuple[np.ndarray, int]:
         )
     if len(frames) < declared * width * channels:
         raise DataError(
-            f"{path}: truncated wav data ({len(frames)} bytes, the header declares {declared * width * channels})"
+            f"{path}: truncated wav data ({len(frames)} bytes, "
+            f"the header declares {declared * width * channels})"
         )
     return _pcm_to_float(frames, width, channels, path), rate
 
@@ -333,10 +439,16 @@ def _read_sphere(path: Path, raw: bytes) -> tuple[np.ndarray, int]:
         raise DataError(f"{path}: unreadable NIST SPHERE header") from None
     coding = fields.get("sample_coding", "pcm")
     if coding.split(",")[0] != "pcm" or "shorten" in coding:
-        raise DataError(f"{path}: NIST SPHERE with sample_coding {coding!r} is not supported; convert it to PCM wav")
+        raise DataError(
+            f"{path}: NIST SPHERE with sample_coding {coding!r} is not supported; convert it to PCM wav"
+        )
     data = raw[size:]
     if width > 1 and fields.get("sample_byte_format", "01") == "10":  # big-endian samples
-        data = np.frombuffer(data[: len(data) - len(data) % width], dtype=f">i{width}").astype(f"<i{width}").tobytes()
+        data = (
+            np.frombuffer(data[: len(data) - len(data) % width], dtype=f">i{width}")
+            .astype(f"<i{width}")
+            .tobytes()
+        )
     return _pcm_to_float(data, width, channels, path), rate
 
 
@@ -372,8 +484,8 @@ _TIMIT_DIALECT = re.compile(r"dr[1-8]", re.IGNORECASE)
 
 
 def timit_split(paths: list[Path], root: Path) -> tuple[list[Path], list[Path]] | None:
-    """TIMIT's own split when the layout ``.../TRAIN/DR<n>/<speaker>/*.WAV`` and ``.../TEST/DR<n>/...`` is found
-    (any case); None otherwise."""
+    """TIMIT's own split when the layout ``.../TRAIN/DR<n>/<speaker>/*.WAV`` and ``.../TEST/DR<n>/...`` is
+    found (any case); None otherwise."""
     train, test = [], []
     for path in paths:
         parts = [p.lower() for p in path.relative_to(root).parts]
@@ -405,7 +517,11 @@ def encode_wav_bytes(samples: np.ndarray, rate: int, width: int = 2) -> bytes:
         data = np.round(clipped * 128 + 128).astype(np.uint8).tobytes()
     elif width == 3:
         ints = np.round(clipped * (1 << 23)).astype(np.int32)
-        data = np.stack([ints & 0xFF, (ints >> 8) & 0xFF, (ints >> 16) & 0xFF], axis=1).astype(np.uint8).tobytes()
+        data = (
+            np.stack([ints & 0xFF, (ints >> 8) & 0xFF, (ints >> 16) & 0xFF], axis=1)
+            .astype(np.uint8)
+            .tobytes()
+        )
     else:
         data = np.round(clipped * (1 << (8 * width - 1))).astype(f"<i{width}").tobytes()
     buffer = io.BytesIO()

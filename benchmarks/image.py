@@ -17,10 +17,15 @@ the next row, so :math:`p(x \mid c) = \prod_t p(x_t \mid x_{<t}, c)`. The protoc
   bits/dim :math:`= (\mathrm{NLL}_x + D \log L) / (D \log 2)`.
 
 Bits/dim is an upper bound on the code length of the discrete pixels, so on average it can never be negative:
-a model scoring below 0 has lost a log-determinant somewhere (DESIGN.md).
+a model scoring below 0 has lost a log-determinant somewhere (docs/architecture.md).
 
-Models: RMDN and FRMDN with K components and each rank d' in ``image.ranks``, plus a class-conditional
-full-covariance Gaussian fitted in logit space by maximum likelihood (closed form).
+Models: RMDN and FRMDN (``image.kinds``) with each rank d' in ``image.ranks``, all with the settings of
+``image.memory`` (K, the LSTM, the flow, the diagonal's clamp), plus a class-conditional full-covariance
+Gaussian fitted in logit space by maximum likelihood (closed form).
+
+Data: ``image.dataset: auto`` (the default) benchmarks scikit-learn's 8x8 digits without ``--data``, and with
+``--data PATH`` MNIST or CIFAR-10 as the folder's files say (IDX files ``train-images-idx3-ubyte``...,
+or python batches ``data_batch_1..5``, ``test_batch``); a folder holding neither is refused.
 """
 
 from __future__ import annotations
@@ -32,7 +37,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from benchmarks.common import (
     TrainSettings,
@@ -48,10 +52,11 @@ from benchmarks.common import (
     train_or_resume,
     write_csv,
 )
-from benchmarks.datasets import ImageSplits, load_image_splits
-from worldmodel.config import Config, ConfigError, ImageConfig
+from benchmarks.datasets import IMAGE_DATASETS, ImageSplits, load_image_splits
+from worldmodel.config import Config, ConfigError
 from worldmodel.io import DataError, atomic_write_bytes, atomic_write_text, write_json
 from worldmodel.memory import MemoryModel
+from worldmodel.progress import note
 from worldmodel.runs import prepare_stage, run_paths
 
 # The paper's Table 3 as printed: (row, MNIST, CIFAR-10) test NLL in nats in logit space. The first six rows
@@ -85,7 +90,8 @@ def default_lambda(dataset: str) -> float:
 
 
 def image_rows(images: np.ndarray | Tensor) -> np.ndarray | Tensor:
-    """``[N, H, W]`` or ``[N, H, W, ch]`` -> ``[N, H, W * ch]``: each image row (all its channels) is one step."""
+    """``[N, H, W]`` or ``[N, H, W, ch]`` -> ``[N, H, W * ch]``: each image row (all its channels) is one
+    step."""
     return images.reshape(images.shape[0], images.shape[1], -1)
 
 
@@ -97,7 +103,8 @@ def dequantize(pixels: Tensor, levels: int, generator: torch.Generator | None = 
 
 
 def logit_transform(x: Tensor, lam: float) -> tuple[Tensor, Tensor]:
-    """y = logit(lambda + (1 - 2 lambda) x) and, per image, sum_i log|dy_i/dx_i| (every dim after the first)."""
+    """y = logit(lambda + (1 - 2 lambda) x) and, per image, sum_i log|dy_i/dx_i| (every dim after the
+    first)."""
     s = lam + (1 - 2 * lam) * x
     log_s, log_1ms = torch.log(s), torch.log1p(-s)
     log_jacobian = (math.log(1 - 2 * lam) - log_s - log_1ms).flatten(1).sum(1)
@@ -115,7 +122,8 @@ def pixel_space_nll(nll_logit: Tensor | float, log_jacobian: Tensor | float) -> 
 
 
 def bits_per_dim(nll_pixel: Tensor | float, dims: int, levels: int) -> Tensor | float:
-    """(NLL_x + D log L) / (D log 2): x's density at the scale of the discrete pixels, in bits per dimension."""
+    """(NLL_x + D log L) / (D log 2): x's density at the scale of the discrete pixels, in bits per
+    dimension."""
     return (nll_pixel + dims * math.log(levels)) / (dims * math.log(2))
 
 
@@ -146,13 +154,16 @@ def conditional_log_likelihood(model: MemoryModel, rows: Tensor, labels: Tensor,
 
 
 def eval_batch_size(model: MemoryModel, rows: Tensor, budget: int = 20_000_000) -> int:
-    """Images per forward pass so that the mixture parameters (B T K d max(r, 1) numbers) stay near ``budget``."""
+    """Images per forward pass so that the mixture parameters (B T K d max(r, 1) numbers) stay near
+    ``budget``."""
     config = model.config
     per_image = rows.shape[1] * config.components * model.target_dim * max(config.rank, 1)
     return max(1, budget // per_image)
 
 
-def label_log_likelihoods(model: MemoryModel, rows: Tensor, classes: int, batch_size: int | None = None) -> Tensor:
+def label_log_likelihoods(
+    model: MemoryModel, rows: Tensor, classes: int, batch_size: int | None = None
+) -> Tensor:
     """log p(x | c) for every image and every label c: float64 [N, C]."""
     batch_size = batch_size or max(1, eval_batch_size(model, rows) // classes)
     out = []
@@ -171,7 +182,8 @@ def marginal_nll(log_likelihoods: Tensor) -> Tensor:
 
 @dataclass
 class ClassGaussians:
-    """One full-covariance Gaussian per class, fitted by maximum likelihood (sample mean and biased covariance)."""
+    """One full-covariance Gaussian per class, fitted by maximum likelihood (sample mean and biased
+    covariance)."""
 
     mean: Tensor
     """[C, D]"""
@@ -186,8 +198,9 @@ class ClassGaussians:
             members = y[labels == c]
             if len(members) <= y.shape[1]:
                 raise DataError(
-                    f"the Gaussian baseline needs more than {y.shape[1]} training images of class {c} for a full "
-                    f"covariance, got {len(members)} (raise image.max_train or set image.single_gaussian=false)"
+                    f"the Gaussian baseline needs more than {y.shape[1]} training images of class {c} "
+                    f"for a full covariance, got {len(members)} "
+                    "(raise image.max_train or set image.single_gaussian=false)"
                 )
             mean = members.mean(0)
             centred = members - mean
@@ -228,14 +241,24 @@ class EvalSet:
 
 def _eval_set(images: np.ndarray, labels: np.ndarray, levels: int, lam: float, seed: int, device) -> EvalSet:
     generator = torch.Generator().manual_seed(seed)
-    y, log_jacobian = logit_transform(dequantize(torch.from_numpy(image_rows(images)), levels, generator), lam)
+    y, log_jacobian = logit_transform(
+        dequantize(torch.from_numpy(image_rows(images)), levels, generator), lam
+    )
     return EvalSet(y.float().to(device), log_jacobian, torch.from_numpy(labels).to(device))
 
 
-def _check_config(config: ImageConfig) -> None:
-    check_model_grid(config, "image", ("components", "hidden", "epochs", "batch_size"))
+def check_image_config(cfg: Config) -> None:
+    """Every image setting, before any file is read or written (``ConfigError`` naming the field); the data
+    folder is checked when it is read, still before anything is written."""
+    config = cfg.image
+    if config.dataset not in IMAGE_DATASETS:
+        raise ConfigError(f"image.dataset must be one of {', '.join(IMAGE_DATASETS)}, got {config.dataset!r}")
+    check_model_grid(config, "image", ("epochs", "batch_size", "samples_per_class"))
     if config.logit_lambda is not None and not 0 <= config.logit_lambda < 0.5:
         raise ConfigError(f"image.logit_lambda must be in [0, 0.5), got {config.logit_lambda}")
+    for name in ("max_train", "max_test"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"image.{name} must be >= 0 (0 = all), got {getattr(config, name)}")
 
 
 def _scores(log_lik: Tensor, data: EvalSet, levels: int) -> dict:
@@ -286,7 +309,8 @@ def _save_grid(path: Path, grid: np.ndarray, levels: int) -> None:
     scale = max(1, 64 // max(height, width))
     pad = 1
     canvas = np.ones(
-        (classes * (height + pad) + pad, per_class * (width + pad) + pad) + ((3,) if colour else ()), np.float64
+        (classes * (height + pad) + pad, per_class * (width + pad) + pad) + ((3,) if colour else ()),
+        np.float64,
     )
     for c in range(classes):
         for j in range(per_class):
@@ -306,13 +330,15 @@ def run(cfg: Config) -> dict:
 
 def _run(cfg: Config) -> dict:
     config = cfg.image
-    _check_config(config)
+    check_image_config(cfg)
     splits = load_image_splits(config.dataset, config.data, cfg.seed)
+    if config.dataset == "auto" and config.data:
+        what = "MNIST IDX files" if splits.name == "mnist" else "CIFAR-10 python batches"
+        note(f"image.dataset=auto: {config.data} holds {what}, so this is the {splits.name} benchmark")
     lam = config.logit_lambda if config.logit_lambda is not None else default_lambda(splits.name)
     device = torch.device(cfg.device)
     out_dir = prepare_stage(cfg, run_paths(cfg).benchmarks / "image")
     models_dir = out_dir / "models"
-    metrics_path = out_dir / "metrics.jsonl"
 
     train_images, train_labels = splits.images["train"], splits.labels["train"]
     if config.max_train:
@@ -336,9 +362,10 @@ def _run(cfg: Config) -> dict:
         "max_test": config.max_test,
         "train_images": len(train_images),
     }
-    tqdm.write(
+    note(
         f"image benchmark on {splits.name}: {len(train_images)} train / {len(evals['val'].rows)} val / "
-        f"{len(test.rows)} test images, {height} rows of {width} values, {splits.levels} levels, lambda={lam:g}"
+        f"{len(test.rows)} test images, {height} rows of {width} values, {splits.levels} levels, "
+        f"lambda={lam:g}"
     )
 
     rows_out: list[dict] = []
@@ -348,7 +375,9 @@ def _run(cfg: Config) -> dict:
         if result is None:
             generator = torch.Generator().manual_seed(cfg.seed)
             x = dequantize(torch.from_numpy(image_rows(train_images)), splits.levels, generator)
-            gaussians = ClassGaussians.fit(logit_transform(x, lam)[0], torch.from_numpy(train_labels), splits.classes)
+            gaussians = ClassGaussians.fit(
+                logit_transform(x, lam)[0], torch.from_numpy(train_labels), splits.classes
+            )
             result = {
                 "model": "Gaussian",
                 "tag": "gaussian",
@@ -384,16 +413,27 @@ def _run(cfg: Config) -> dict:
     def validate(model: MemoryModel) -> float:
         val, size = evals["val"], eval_batch_size(model, evals["val"].rows)
         chunks = zip(val.rows.split(size), val.labels.split(size), strict=True)
-        return torch.cat([-conditional_log_likelihood(model, r, c, splits.classes) for r, c in chunks]).mean().item()
+        return (
+            torch.cat([-conditional_log_likelihood(model, r, c, splits.classes) for r, c in chunks])
+            .mean()
+            .item()
+        )
 
-    settings = TrainSettings(config.epochs, config.lr, config.grad_clip, config.patience)
+    settings = TrainSettings(config.epochs, config.lr, config.grad_clip, config.patience, cfg.tensorboard)
     histories, best_by_kind, models = {}, {}, {}
     for tag, kind, rank, memory_config, fingerprint in model_variants(config, data_fingerprint, flip=flip):
         torch.manual_seed(cfg.seed)
         model = MemoryModel(width, splits.classes, memory_config).to(device)
         trained = train_or_resume(
-            model, tag, models_dir / f"{tag}.pt", settings, fingerprint,
-            epoch_batches, batch_loss, validate, metrics_path,
+            model,
+            tag,
+            models_dir / tag,
+            settings,
+            fingerprint,
+            epoch_batches,
+            -(-len(train_rows) // config.batch_size),
+            batch_loss,
+            validate,
         )
         histories[tag] = trained.history
         result_key = {**fingerprint, "epochs_trained": len(trained.history), "best_epoch": trained.best_epoch}
@@ -427,7 +467,9 @@ def _run(cfg: Config) -> dict:
         _save_grid(path, grid, splits.levels)
         samples[kind] = {"model": tag, "png": str(path)}
     if histories:
-        plot_curves(out_dir / "nll_curves.png", histories, "validation NLL given the label (nats, logit space)")
+        plot_curves(
+            out_dir / "nll_curves.png", histories, "validation NLL given the label (nats, logit space)"
+        )
 
     mean_log_jacobian = test.log_jacobian.mean().item()
     warnings = [
@@ -436,7 +478,7 @@ def _run(cfg: Config) -> dict:
         if row["bits_per_dim"] < 0
     ]
     for warning in warnings:
-        tqdm.write("warning: " + warning)
+        note("warning: " + warning)
     _write_tables(out_dir, splits, rows_out, dims, lam, mean_log_jacobian)
     summary = {
         "dataset": splits.name,
@@ -456,7 +498,8 @@ def _run(cfg: Config) -> dict:
 
 
 def _paper_bits(text: str, dims: int, levels: int, mean_log_jacobian: float) -> float:
-    """The bits/dim a paper NLL (logit space) implies on our test set's log-Jacobian (same data, same lambda)."""
+    """The bits/dim a paper NLL (logit space) implies on our test set's log-Jacobian (same data, same
+    lambda)."""
     return bits_per_dim(float(text.split("±")[0]) - mean_log_jacobian, dims, levels)
 
 
@@ -493,12 +536,23 @@ def _write_tables(
         if paper_column:
             line.append(
                 format_number(_paper_bits(paper[paper_column], dims, splits.levels, mean_log_jacobian), 3)
-                if paper else "—"
+                if paper
+                else "—"
             )
         table.append(line)
         if mine:
-            csv_rows.append(["ours", model_name, splits.name, mine["nll"], mine["nll_2se"], mine["nll_pixel"],
-                             mine["bits_per_dim"], mine["accuracy"]])
+            csv_rows.append(
+                [
+                    "ours",
+                    model_name,
+                    splits.name,
+                    mine["nll"],
+                    mine["nll_2se"],
+                    mine["nll_pixel"],
+                    mine["bits_per_dim"],
+                    mine["accuracy"],
+                ]
+            )
     for paper in PAPER_TABLE3:
         for column, dataset in ((1, "mnist"), (2, "cifar10")):
             value = float(paper[column].split("±")[0])
@@ -506,20 +560,32 @@ def _write_tables(
             csv_rows.append(["paper", paper[0], dataset, value, error, "", "", ""])
     write_csv(
         out_dir / "results.csv",
-        ["source", "model", "dataset", "nll_logit_nats", "nll_2se", "nll_pixel_nats", "bits_per_dim", "accuracy"],
+        [
+            "source",
+            "model",
+            "dataset",
+            "nll_logit_nats",
+            "nll_2se",
+            "nll_pixel_nats",
+            "bits_per_dim",
+            "accuracy",
+        ],
         csv_rows,
     )
     text = [
         f"# Image NLL benchmark (paper Table 3) on {name}\n",
         f"Test NLL, -log (1/C) sum_c p(x|c) with a uniform label prior, in nats in logit space "
         f"(lambda = {lam:g}, {splits.levels} levels, D = {dims}); ± is 2 standard errors over test images. "
-        "bits/dim is the same density in pixel space: (NLL_y - sum log|dy/dx| + D log L) / (D log 2); it cannot "
-        "be negative for a correct density. The paper's columns are copied from its Table 3 (MNIST and CIFAR-10),"
-        " for reference"
+        "bits/dim is the same density in pixel space: (NLL_y - sum log|dy/dx| + D log L) / (D log 2); "
+        "it cannot be negative for a correct density. The paper's columns are copied from its Table 3 "
+        "(MNIST and CIFAR-10), for reference"
         + (
             "; our data set differs, so only the rows' order is comparable."
             if not paper_column
-            else f"; the last column converts them with our test set's mean sum log|dy/dx| = {mean_log_jacobian:.1f}."
+            else (
+                "; the last column converts them with our test set's mean sum log|dy/dx| = "
+                f"{mean_log_jacobian:.1f}."
+            )
         )
         + "\n",
         markdown_table(headers, table),

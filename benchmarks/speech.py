@@ -12,7 +12,8 @@ otherwise a seeded random 90/5/5 split by file (clips of one file never straddle
 The memory model reads the previous frame (zeros before the first) and predicts the next one:
 :math:`\log p(x) = \sum_t \log p(x_t \mid x_{<t})`. We report the test NLL per sequence (the sum over frames,
 in nats, in *normalised units*, as VRNN and the paper do) and per sample (the total over the test set divided
-by its number of samples). Normalised units: the density of the waveform divided by its std, so the figures
+by its number of samples). The models are ``speech.kinds`` x ``speech.ranks``, all with the settings of
+``speech.memory``. Normalised units: the density of the waveform divided by its std, so the figures
 depend on that std and compare only on the same data and normalisation.
 """
 
@@ -26,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from benchmarks.common import (
     TrainSettings,
@@ -46,6 +46,7 @@ from worldmodel.config import Config, ConfigError, SpeechConfig
 from worldmodel.data import split_by_episode
 from worldmodel.io import DataError, atomic_write_text, write_json
 from worldmodel.memory import MemoryModel
+from worldmodel.progress import note, progress
 from worldmodel.runs import prepare_stage, run_paths
 
 # The paper's Table 2 as printed: test NLL per sequence (nats, normalised units) on Blizzard, TIMIT, Accent.
@@ -85,7 +86,9 @@ def _split_paths(paths: list[Path], root: Path, seed: int) -> tuple[str, dict[st
         train, val = split_by_episode(train, (0.95,), seed)
         return "timit", {"train": train, "val": val, "test": test}
     if len(paths) < 3:
-        raise DataError(f"{root}: found {len(paths)} wav file(s); a train/validation/test split needs at least 3")
+        raise DataError(
+            f"{root}: found {len(paths)} wav file(s); a train/validation/test split needs at least 3"
+        )
     train, val, test = split_by_episode(paths, (0.9, 0.05), seed)
     return "random", {"train": train, "val": val, "test": test}
 
@@ -93,7 +96,9 @@ def _split_paths(paths: list[Path], root: Path, seed: int) -> tuple[str, dict[st
 def load_speech_corpus(config: SpeechConfig, seed: int) -> SpeechSplits:
     """Read, resample, frame, split and normalise the wav folder ``config.data``."""
     if not config.data:
-        raise DataError("the speech benchmark needs a folder of .wav files: pass --data PATH (or set speech.data)")
+        raise DataError(
+            "the speech benchmark needs a folder of .wav files: pass --data PATH (or set speech.data)"
+        )
     root = Path(config.data).expanduser()
     paths = list_wavs(root)
     if not paths:
@@ -102,12 +107,16 @@ def load_speech_corpus(config: SpeechConfig, seed: int) -> SpeechSplits:
         chosen = np.sort(np.random.default_rng(seed).choice(len(paths), config.max_files, replace=False))
         paths = [paths[i] for i in chosen]
     layout, split_paths = _split_paths(paths, root, seed)
-    clip_frames = round(config.clip_seconds * config.sample_rate / config.frame) if config.clip_seconds > 0 else 0
+    clip_frames = (
+        round(config.clip_seconds * config.sample_rate / config.frame) if config.clip_seconds > 0 else 0
+    )
     if config.clip_seconds > 0 and clip_frames < 1:
-        raise ConfigError(f"speech.clip_seconds={config.clip_seconds} is shorter than one frame of {config.frame}")
+        raise ConfigError(
+            f"speech.clip_seconds={config.clip_seconds} is shorter than one frame of {config.frame}"
+        )
     rates, multichannel, too_short = Counter(), 0, 0
     raw: dict[str, list[np.ndarray]] = {}
-    bar = tqdm(total=sum(map(len, split_paths.values())), desc="reading wavs", unit="file")
+    bar = progress(total=sum(map(len, split_paths.values())), desc="reading wavs", unit="file")
     for split, files in split_paths.items():
         raw[split] = []
         for path in files:
@@ -121,21 +130,27 @@ def load_speech_corpus(config: SpeechConfig, seed: int) -> SpeechSplits:
             raw[split] += sequences
             bar.update()
     bar.close()
-    notes = [f"resampled {n} file(s) from {r} Hz to {config.sample_rate} Hz" for r, n in sorted(rates.items())]
+    notes = [
+        f"resampled {n} file(s) from {r} Hz to {config.sample_rate} Hz" for r, n in sorted(rates.items())
+    ]
     if multichannel:
         notes.append(f"mixed {multichannel} multi-channel file(s) down to mono")
     if too_short:
         notes.append(f"skipped {too_short} file(s) shorter than one {'clip' if clip_frames else 'frame'}")
     for split in ("train", "val", "test"):
         if not raw[split]:
-            raise DataError(f"{root}: no {split} sequences (every {split} file is shorter than one frame or clip)")
+            raise DataError(
+                f"{root}: no {split} sequences (every {split} file is shorter than one frame or clip)"
+            )
     train = np.concatenate([s.ravel() for s in raw["train"]]).astype(np.float64)
     mean, std = float(train.mean()), float(train.std())
     if not std > 0:
         raise DataError(f"{root}: the training audio is constant (std 0); nothing to model")
     sequences = {k: [((s - mean) / std).astype(np.float32) for s in v] for k, v in raw.items()}
     name = "TIMIT" if layout == "timit" else root.name
-    return SpeechSplits(name, layout, sequences, {k: len(v) for k, v in split_paths.items()}, mean, std, notes)
+    return SpeechSplits(
+        name, layout, sequences, {k: len(v) for k, v in split_paths.items()}, mean, std, notes
+    )
 
 
 def pad_batch(sequences: list[np.ndarray], device) -> tuple[Tensor, Tensor]:
@@ -181,10 +196,21 @@ def speech_label(kind: str, components: int, rank: int) -> str:
     return f"{kind.upper()} (K={components}" + (f", d'={rank})" if rank else ")")
 
 
-def _check_config(config: SpeechConfig) -> None:
-    check_model_grid(config, "speech", ("frame", "sample_rate", "components", "hidden", "epochs", "batch_size"))
+def check_speech_config(cfg: Config) -> None:
+    """Every speech setting, before any file is read or written (``ConfigError`` naming the field)."""
+    config = cfg.speech
+    check_model_grid(config, "speech", ("frame", "sample_rate", "epochs", "batch_size"))
     if config.frame < 2:
-        raise ConfigError(f"speech.frame must be >= 2 (the flow splits a frame in halves), got {config.frame}")
+        raise ConfigError(
+            f"speech.frame must be >= 2 (the flow splits a frame in halves), got {config.frame}"
+        )
+    for name in ("clip_seconds", "max_files", "max_eval_sequences"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"speech.{name} must be >= 0, got {getattr(config, name)}")
+    if config.clip_seconds > 0 and round(config.clip_seconds * config.sample_rate / config.frame) < 1:
+        raise ConfigError(
+            f"speech.clip_seconds={config.clip_seconds} is shorter than one frame of {config.frame}"
+        )
 
 
 def run(cfg: Config) -> dict:
@@ -195,19 +221,21 @@ def run(cfg: Config) -> dict:
 
 def _run(cfg: Config) -> dict:
     config = cfg.speech
-    _check_config(config)
+    check_speech_config(cfg)
     corpus = load_speech_corpus(config, cfg.seed)
-    for note in corpus.notes:
-        tqdm.write("note: " + note)
+    for message in corpus.notes:
+        note("note: " + message)
     device = torch.device(cfg.device)
     out_dir = prepare_stage(cfg, run_paths(cfg).benchmarks / "speech")
-    models_dir, metrics_path = out_dir / "models", out_dir / "metrics.jsonl"
+    models_dir = out_dir / "models"
     train = corpus.sequences["train"]
     evals = {}
     for split in ("val", "test"):
         sequences = corpus.sequences[split]
         if config.max_eval_sequences and len(sequences) > config.max_eval_sequences:
-            chosen = np.random.default_rng(cfg.seed + 1).choice(len(sequences), config.max_eval_sequences, replace=False)
+            chosen = np.random.default_rng(cfg.seed + 1).choice(
+                len(sequences), config.max_eval_sequences, replace=False
+            )
             sequences = [sequences[i] for i in np.sort(chosen)]
         evals[split] = sequences
     test = evals["test"]
@@ -225,9 +253,10 @@ def _run(cfg: Config) -> dict:
         "mean": corpus.mean,
         "std": corpus.std,
     }
-    tqdm.write(
-        f"speech benchmark on {corpus.name} ({corpus.layout} split): {len(train)} train / {len(evals['val'])} val "
-        f"/ {len(test)} test sequences of {config.frame}-sample frames; mean {corpus.mean:.4g}, std {corpus.std:.4g}"
+    note(
+        f"speech benchmark on {corpus.name} ({corpus.layout} split): {len(train)} train / "
+        f"{len(evals['val'])} val / {len(test)} test sequences of {config.frame}-sample frames; "
+        f"mean {corpus.mean:.4g}, std {corpus.std:.4g}"
     )
     lengths = [len(s) for s in train]
 
@@ -243,14 +272,21 @@ def _run(cfg: Config) -> dict:
     def validate(model: MemoryModel) -> float:
         return float(sequence_nll(model, evals["val"], config.batch_size, device).mean())
 
-    settings = TrainSettings(config.epochs, config.lr, config.grad_clip, config.patience)
+    settings = TrainSettings(config.epochs, config.lr, config.grad_clip, config.patience, cfg.tensorboard)
     rows, histories = [], {}
     for tag, kind, rank, memory_config, fingerprint in model_variants(config, data_fingerprint):
         torch.manual_seed(cfg.seed)
         model = MemoryModel(config.frame, 0, memory_config).to(device)
         trained = train_or_resume(
-            model, tag, models_dir / f"{tag}.pt", settings, fingerprint,
-            epoch_batches, batch_loss, validate, metrics_path,
+            model,
+            tag,
+            models_dir / tag,
+            settings,
+            fingerprint,
+            epoch_batches,
+            sum(1 for _ in length_batches(lengths, config.batch_size, np.random.default_rng(0))),
+            batch_loss,
+            validate,
         )
         histories[tag] = trained.history
         result_key = {**fingerprint, "epochs_trained": len(trained.history), "best_epoch": trained.best_epoch}
@@ -259,12 +295,14 @@ def _run(cfg: Config) -> dict:
             model.eval()
             nll = sequence_nll(model, test, config.batch_size, device)
             result = {
-                "model": speech_label(kind, config.components, rank),
+                "model": speech_label(kind, memory_config.components, rank),
                 "tag": tag,
                 "kind": kind,
                 "rank": rank,
                 "nll_per_sequence": float(nll.mean()),
-                "nll_per_sequence_2se": float(2 * nll.std(ddof=1) / math.sqrt(len(nll))) if len(nll) > 1 else None,
+                "nll_per_sequence_2se": float(2 * nll.std(ddof=1) / math.sqrt(len(nll)))
+                if len(nll) > 1
+                else None,
                 "nll_per_sample": float(nll.sum() / test_samples),
                 "val_nll_per_sequence": trained.best_val,
                 "best_epoch": trained.best_epoch,
@@ -292,7 +330,9 @@ def _run(cfg: Config) -> dict:
     return summary
 
 
-def _write_tables(out_dir: Path, corpus: SpeechSplits, rows: list[dict], sequences: int, samples: int) -> None:
+def _write_tables(
+    out_dir: Path, corpus: SpeechSplits, rows: list[dict], sequences: int, samples: int
+) -> None:
     headers = [
         "Model",
         "paper: Blizzard",
@@ -302,35 +342,54 @@ def _write_tables(out_dir: Path, corpus: SpeechSplits, rows: list[dict], sequenc
         f"ours: {corpus.name} NLL/sample",
     ]
     ours = {row["model"]: row for row in rows}
-    names = [row[0] for row in PAPER_TABLE2] + [row["model"] for row in rows if row["model"] not in
-                                                 {p[0] for p in PAPER_TABLE2}]
+    names = [row[0] for row in PAPER_TABLE2] + [
+        row["model"] for row in rows if row["model"] not in {p[0] for p in PAPER_TABLE2}
+    ]
     table = []
     for name in names:
         paper = next((p for p in PAPER_TABLE2 if p[0] == name), None)
         mine = ours.get(name)
-        table.append([
-            name,
-            *(paper[1:] if paper else ("—", "—", "—")),
-            (f"{mine['nll_per_sequence']:.1f}" + (f" ± {mine['nll_per_sequence_2se']:.1f}"
-                                                  if mine["nll_per_sequence_2se"] is not None else ""))
-            if mine else "—",
-            format_number(mine["nll_per_sample"], 4) if mine else "—",
-        ])
+        table.append(
+            [
+                name,
+                *(paper[1:] if paper else ("—", "—", "—")),
+                (
+                    f"{mine['nll_per_sequence']:.1f}"
+                    + (
+                        f" ± {mine['nll_per_sequence_2se']:.1f}"
+                        if mine["nll_per_sequence_2se"] is not None
+                        else ""
+                    )
+                )
+                if mine
+                else "—",
+                format_number(mine["nll_per_sample"], 4) if mine else "—",
+            ]
+        )
     csv_rows = [["ours", r["model"], corpus.name, r["nll_per_sequence"], r["nll_per_sample"]] for r in rows]
     for paper in PAPER_TABLE2:
         for column, dataset in ((1, "Blizzard"), (2, "TIMIT"), (3, "Accent")):
-            csv_rows.append(["paper", paper[0], dataset, paper[column].replace("≤", "<=").replace(" ", ""), ""])
-    write_csv(out_dir / "results.csv", ["source", "model", "dataset", "nll_per_sequence", "nll_per_sample"], csv_rows)
+            csv_rows.append(
+                ["paper", paper[0], dataset, paper[column].replace("≤", "<=").replace(" ", ""), ""]
+            )
+    write_csv(
+        out_dir / "results.csv",
+        ["source", "model", "dataset", "nll_per_sequence", "nll_per_sample"],
+        csv_rows,
+    )
     text = [
         f"# Speech NLL benchmark (paper Table 2) on {corpus.name}\n",
-        (f"Test NLL in nats in **normalised units** (the waveform minus the training mean {corpus.mean:.4g}, divided "
-        f"by the training std {corpus.std:.4g}), as VRNN and the paper report it: per sequence = the sum over "
-        f"its frames of -log p(frame | previous frames), averaged over {sequences} test "
-        f"sequences (± 2 standard errors); per sample = the total over the test set / its {samples} samples. "
-        f"Split: {'TIMIT' if corpus.layout == 'timit' else 'random 90/5/5 by file'} "
-        f"({corpus.files['train']} / {corpus.files['val']} / {corpus.files['test']} files). "
-        "The paper's columns are copied from its Table 2; they compare with ours only on the same corpus, "
-        "split, clip length and normalisation.\n"),
+        (
+            "Test NLL in nats in **normalised units** (the waveform minus the training mean "
+            f"{corpus.mean:.4g}, divided by the training std {corpus.std:.4g}), as VRNN and the paper "
+            "report it: per sequence = the sum over its frames of -log p(frame | previous frames), "
+            f"averaged over {sequences} test sequences (± 2 standard errors); "
+            f"per sample = the total over the test set / its {samples} samples. "
+            f"Split: {'TIMIT' if corpus.layout == 'timit' else 'random 90/5/5 by file'} "
+            f"({corpus.files['train']} / {corpus.files['val']} / {corpus.files['test']} files). "
+            "The paper's columns are copied from its Table 2; they compare with ours only on the same "
+            "corpus, split, clip length and normalisation.\n"
+        ),
         markdown_table(headers, table),
     ]
     if corpus.notes:

@@ -54,7 +54,9 @@ def measure(envs, agent: WorldModelAgent, steps: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=300, help="lockstep steps timed per setting")
     parser.add_argument("--envs", type=int, nargs="+", default=[1, 8], help="envs in lockstep (one row each)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a rollout actor uses 1)")
@@ -67,15 +69,20 @@ def main() -> None:
     controller = controller_for(env_cfg, memory)
     agent = WorldModelAgent(vae, memory, controller, 0.1 * torch.randn(controller.num_params), use_mu=False)
     envs = [make_env(env_cfg) for _ in range(max(args.envs))]
-    print(f"CarRacing-v3 64x64, {torch.get_num_threads()} torch thread(s); paper-scale agent "
-          f"(z 32, LSTM 256, K=5, d'=3, flow); {args.steps} lockstep steps per row")
+    print(
+        f"CarRacing-v3 64x64, {torch.get_num_threads()} torch thread(s); paper-scale agent "
+        f"(z 32, LSTM 256, K=5, d'=3, flow); {args.steps} lockstep steps per row"
+    )
     print(f"  {'envs':>4}  {'env step':>12}  {'agent':>12}  overhead")
     for count in args.envs:
         agent_seconds, env_seconds = measure(envs[:count], agent, args.steps)
         overhead = agent_seconds / env_seconds
         verdict = "met" if overhead <= 0.10 else "NOT met"
-        print(f"  {count:4d}  {1e3 * env_seconds:9.3f} ms  {1e3 * agent_seconds:9.3f} ms  {100 * overhead:6.1f} %"
-              f"   (per env step; goal <= 10%: {verdict})")
+        print(
+            f"  {count:4d}  {1e3 * env_seconds:9.3f} ms  {1e3 * agent_seconds:9.3f} ms  "
+            f"{100 * overhead:6.1f} %"
+            f"   (per env step; goal <= 10%: {verdict})"
+        )
     for env in envs:
         env.close()
     # what one agent call costs, by part, for one frame (medians)

@@ -1,6 +1,7 @@
 """Collection speed: frames/s of a bare env loop, of the collector with 1 Ray worker and with 2 workers.
 
-    .venv/bin/python perf/collect_speed.py [--games carracing mario] [--carracing-episodes 16] [--mario-episodes 40]
+    .venv/bin/python perf/collect_speed.py [--games carracing mario] [--carracing-episodes 16]
+        [--mario-episodes 40]
 
 For each game, the same episodes (same seeds, same exploration policy, hence the same number of frames) are
 played three ways:
@@ -31,11 +32,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.chdir(ROOT)  # Ray workers find the packages through the driver's working directory
 
-from rollouts.collect import collect_env_config, collect_episodes, episode_seeds
-from rollouts.envs import make_env
-from rollouts.parallel import init_ray
-from rollouts.policies import make_exploration_policy
-from worldmodel.config import load_config
+# the project's packages import only after the sys.path insert above (hence the noqa: E402)
+from rollouts.collect import collect_env_config, collect_episodes, episode_seeds  # noqa: E402 (sys.path)
+from rollouts.envs import make_env  # noqa: E402 (sys.path)
+from rollouts.parallel import init_ray  # noqa: E402 (sys.path)
+from rollouts.policies import make_exploration_policy  # noqa: E402 (sys.path)
+from worldmodel.config import load_config  # noqa: E402 (sys.path)
 
 STEPS_PER_EPISODE = {"carracing": 250, "mario": 1000}
 
@@ -61,7 +63,8 @@ def bare_loop(cfg, episodes: int) -> dict:
 
 
 def collector(cfg, workers: int, root: Path) -> dict:
-    """Frames, wall seconds, worker start-up and CPU seconds (workers + driver) of collecting into a fresh folder."""
+    """Frames, wall seconds, worker start-up and CPU seconds (workers + driver) of collecting into a fresh
+    folder."""
     cfg = dataclasses.replace(cfg, collect=dataclasses.replace(cfg.collect, workers=workers))
     start, cpu_start = time.perf_counter(), time.process_time()
     summary = collect_episodes(cfg, root / f"{cfg.env.name}-{workers}", progress=False)
@@ -69,7 +72,9 @@ def collector(cfg, workers: int, root: Path) -> dict:
     if summary["failed"] or summary["written"] != cfg.collect.episodes:
         raise RuntimeError(f"collection incomplete: {summary}")
     return {
-        "frames": summary["frames"], "seconds": seconds, "start": summary["worker_start_seconds"],
+        "frames": summary["frames"],
+        "seconds": seconds,
+        "start": summary["worker_start_seconds"],
         "cpu": summary["worker_cpu_seconds"] + driver_cpu,
     }
 
@@ -98,7 +103,12 @@ def measure(game: str, episodes: int, root: Path) -> dict:
     steps = STEPS_PER_EPISODE[game]
     cfg = load_config(
         None,
-        [f"env.name={game}", f"env.max_steps={steps}", f"collect.max_steps={steps}", f"collect.episodes={episodes}"],
+        [
+            f"env.name={game}",
+            f"env.max_steps={steps}",
+            f"collect.max_steps={steps}",
+            f"collect.episodes={episodes}",
+        ],
     )
     bare = ray.get(ray.remote(num_cpus=1)(bare_loop).remote(cfg, episodes))
     one = collector(cfg, 1, root)
@@ -107,25 +117,39 @@ def measure(game: str, episodes: int, root: Path) -> dict:
     capacity = (capacity_before + machine_scaling()) / 2
     frames = bare["frames"]
     if not frames == one["frames"] == two["frames"]:
-        raise RuntimeError(f"the runs played different episodes: {frames}, {one['frames']}, {two['frames']} frames")
+        raise RuntimeError(
+            f"the runs played different episodes: {frames}, {one['frames']}, {two['frames']} frames"
+        )
     fps = {name: frames / run["seconds"] for name, run in (("bare", bare), ("one", one), ("two", two))}
     return {
-        "game": game, "episodes": episodes, "frames": frames, **fps,
+        "game": game,
+        "episodes": episodes,
+        "frames": frames,
+        **fps,
         "ratio": fps["two"] / fps["one"],
         "capacity": capacity,
         "cpu_ratio": two["cpu"] / one["cpu"],
         "overhead": fps["bare"] / fps["one"] - 1.0,
         "start": one["start"],
-        "cpu_bare": bare["cpu"], "cpu_one": one["cpu"],
+        "cpu_bare": bare["cpu"],
+        "cpu_one": one["cpu"],
         "cpu_overhead": one["cpu"] / bare["cpu"] - 1.0,
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--games", nargs="+", default=["carracing", "mario"], choices=sorted(STEPS_PER_EPISODE))
-    parser.add_argument("--carracing-episodes", type=int, default=16, help=f"of {STEPS_PER_EPISODE['carracing']} steps")
-    parser.add_argument("--mario-episodes", type=int, default=40, help=f"of at most {STEPS_PER_EPISODE['mario']} steps")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--games", nargs="+", default=["carracing", "mario"], choices=sorted(STEPS_PER_EPISODE)
+    )
+    parser.add_argument(
+        "--carracing-episodes", type=int, default=16, help=f"of {STEPS_PER_EPISODE['carracing']} steps"
+    )
+    parser.add_argument(
+        "--mario-episodes", type=int, default=40, help=f"of at most {STEPS_PER_EPISODE['mario']} steps"
+    )
     args = parser.parse_args()
     init_ray(load_config(None).ray)
     print(f"cores: {os.cpu_count()}, load average before: {os.getloadavg()[0]:.2f}")
@@ -135,21 +159,31 @@ def main() -> None:
             rows.append(measure(game, getattr(args, f"{game}_episodes"), Path(tmp)))
             print(f"  {game} done, load average now {os.getloadavg()[0]:.2f}", flush=True)
     print()
-    print(f"{'':<27}{'-------- wall-clock frames/s --------':>38}{'machine':>9}{'CPU':>7}"
-          f"  {'end-to-end overhead':>19}")
-    print(f"{'game':<10} {'episodes':>8} {'frames':>7} {'bare':>9} {'1 worker':>9} {'2 workers':>10} {'2w/1w':>7} "
-          f"{'2p/1p':>8} {'2w/1w':>6} {'wall':>8} {'CPU':>8} {'worker start':>13}")
+    print(
+        f"{'':<27}{'-------- wall-clock frames/s --------':>38}{'machine':>9}{'CPU':>7}"
+        f"  {'end-to-end overhead':>19}"
+    )
+    print(
+        f"{'game':<10} {'episodes':>8} {'frames':>7} {'bare':>9} {'1 worker':>9} {'2 workers':>10} "
+        f"{'2w/1w':>7} {'2p/1p':>8} {'2w/1w':>6} {'wall':>8} {'CPU':>8} {'worker start':>13}"
+    )
     for row in rows:
-        print(f"{row['game']:<10} {row['episodes']:>8} {row['frames']:>7} {row['bare']:>9.1f} {row['one']:>9.1f} "
-              f"{row['two']:>10.1f} {row['ratio']:>6.2f}x {row['capacity']:>7.2f}x {row['cpu_ratio']:>5.2f}x "
-              f"{100 * row['overhead']:>7.1f}% {100 * row['cpu_overhead']:>7.1f}% {row['start']:>12.2f}s")
+        print(
+            f"{row['game']:<10} {row['episodes']:>8} {row['frames']:>7} {row['bare']:>9.1f} "
+            f"{row['one']:>9.1f} {row['two']:>10.1f} {row['ratio']:>6.2f}x {row['capacity']:>7.2f}x "
+            f"{row['cpu_ratio']:>5.2f}x {100 * row['overhead']:>7.1f}% {100 * row['cpu_overhead']:>7.1f}% "
+            f"{row['start']:>12.2f}s"
+        )
     print("goals: 2w/1w >= 1.80x; overhead of the 1-worker collector over the bare loop <= 10%, end to end")
     print("       (worker start-up included).")
     print("machine 2p/1p: two busy-loop Ray tasks vs one, measured around the 2-worker run: the speed-up the")
     print("       machine itself allows right now (2.00x on two free cores). CPU 2w/1w: CPU seconds of the")
     print("       2-worker collection over the 1-worker one (1.00x = parallelism costs no extra work). CPU")
     print("       overhead: collector CPU seconds (workers + driver) over the bare loop's. Other jobs on the")
-    print("       machine distort the CPU columns far less than the wall-clock ones (time-slicing still costs some).")
+    print(
+        "       machine distort the CPU columns far less than the wall-clock ones "
+        "(time-slicing still costs some)."
+    )
     for row in rows:
         verdict = [
             "speed-up OK" if row["ratio"] >= 1.8 else "speed-up BELOW goal",

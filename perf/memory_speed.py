@@ -6,10 +6,10 @@
    over the low-rank log-prob, K=20, d=200, d'=2, same batch. Goal: >= 500x.
 
 Usage: .venv/bin/python perf/memory_speed.py [--repeats 9] [--dense-batch 16] [--threads N]
-Timings are medians over repeats after warm-up, wall clock (the goals) and, in brackets, this process's CPU time,
-which is steadier on a shared machine; the two models of ratio 1 are timed interleaved, so load from other
-processes affects both alike. The dense batch is small because the naive reference stores K d^2 floats per
-element (a 16 x 100 batch would need 5 GB for the precisions alone).
+Timings are medians over repeats after warm-up, wall clock (the goals) and, in brackets, this process's CPU
+time, which is steadier on a shared machine; the two models of ratio 1 are timed interleaved, so load from
+other processes affects both alike. The dense batch is small because the naive reference stores K d^2 floats
+per element (a 16 x 100 batch would need 5 GB for the precisions alone).
 """
 
 from __future__ import annotations
@@ -104,9 +104,13 @@ def verdict(ok: bool) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=9, help="timed repeats per measurement (median)")
-    parser.add_argument("--dense-batch", type=int, default=16, help="batch of the dense-vs-low-rank comparison")
+    parser.add_argument(
+        "--dense-batch", type=int, default=16, help="batch of the dense-vs-low-rank comparison"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args()
     if args.threads:
@@ -123,10 +127,14 @@ def main() -> None:
         args.repeats,
     )
     train_ratio, train_cpu_ratio = (train["frmdn"][i] / train["rmdn"][i] for i in (0, 1))
-    print(f"train step, K=5 d=32 LSTM 256 batch 16x100: diagonal RMDN {ms(train['rmdn'])}, "
-          f"FRMDN(d'=3, 2 blocks) {ms(train['frmdn'])}")
-    print(f"  ratio FRMDN / RMDN = {train_ratio:.2f}x ({train_cpu_ratio:.2f}x CPU)  (goal <= {TRAIN_GOAL}x)  "
-          f"{verdict(train_ratio <= TRAIN_GOAL)}")
+    print(
+        f"train step, K=5 d=32 LSTM 256 batch 16x100: diagonal RMDN {ms(train['rmdn'])}, "
+        f"FRMDN(d'=3, 2 blocks) {ms(train['frmdn'])}"
+    )
+    print(
+        f"  ratio FRMDN / RMDN = {train_ratio:.2f}x ({train_cpu_ratio:.2f}x CPU)  (goal <= {TRAIN_GOAL}x)  "
+        f"{verdict(train_ratio <= TRAIN_GOAL)}"
+    )
 
     # 2. low-rank log-prob vs the dense reference
     params = mixture_params(args.dense_batch, k=20, d=200, r=2)
@@ -135,10 +143,15 @@ def main() -> None:
         low_rank = median_times({"low_rank": lambda: gmm_log_prob(*params)}, 10 * args.repeats)["low_rank"]
         dense = median_times({"dense": lambda: dense_log_prob(*params)}, 3, warmup=1)["dense"]
     dense_ratio, dense_cpu_ratio = (dense[i] / low_rank[i] for i in (0, 1))
-    print(f"log-prob, K=20 d=200 d'=2 batch {args.dense_batch}: low-rank {ms(low_rank)}, "
-          f"dense MultivariateNormal {ms(dense)}")
-    print(f"  ratio dense / low-rank = {dense_ratio:.0f}x ({dense_cpu_ratio:.0f}x CPU)  (goal >= {DENSE_GOAL:.0f}x)  "
-          f"{verdict(dense_ratio >= DENSE_GOAL)}")
+    print(
+        f"log-prob, K=20 d=200 d'=2 batch {args.dense_batch}: low-rank {ms(low_rank)}, "
+        f"dense MultivariateNormal {ms(dense)}"
+    )
+    print(
+        f"  ratio dense / low-rank = {dense_ratio:.0f}x ({dense_cpu_ratio:.0f}x CPU)  "
+        f"(goal >= {DENSE_GOAL:.0f}x)  {verdict(dense_ratio >= DENSE_GOAL)}"
+    )
+
 
 if __name__ == "__main__":
     main()

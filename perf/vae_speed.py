@@ -52,7 +52,9 @@ def report(what: str, batch_size: int, rates: tuple[float, float]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=3.0, help="timing budget per row")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args()
@@ -63,8 +65,10 @@ def main() -> None:
     vae = ConvVAE(32)
     optimizer = torch.optim.Adam(vae.parameters(), lr=1e-4)
     load = os.getloadavg()[0]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; load average {load:.1f} on "
-          f"{os.cpu_count()} cores" + ("  (busy machine: the figures below are low)" if load > 1.5 else ""))
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; load average {load:.1f} on "
+        f"{os.cpu_count()} cores" + ("  (busy machine: the figures below are low)" if load > 1.5 else "")
+    )
     print(f"{'what':<28}{'batch':>6}{'frames/s':>12}{'frames/CPU-s':>14}")
 
     for batch_size in (32, 64):

@@ -1,7 +1,7 @@
 r"""The dream: the memory model M as a ``gymnasium.Env`` (registered as ``WorldModelDream-v0``).
 
-Alignment (DESIGN.md, "The dream, done right"): the observation at step t is :math:`[z_t, h_t]`, where
-:math:`h_t` is the LSTM output *before* reading :math:`(z_t, a_t)`. ``step(a_t)`` makes the memory read
+Alignment (docs/architecture.md, "The dream, done right"): the observation at step t is :math:`[z_t, h_t]`,
+where :math:`h_t` is the LSTM output *before* reading :math:`(z_t, a_t)`. ``step(a_t)`` makes the memory read
 :math:`(z_t, a_t)`; its output predicts
 
 - :math:`z_{t+1}`: a *sample* of the mixture (``MemoryModel.sample``: temperature :math:`\tau` divides the
@@ -10,15 +10,20 @@ Alignment (DESIGN.md, "The dream, done right"): the observation at step t is :ma
 - :math:`done_t \sim \text{Bernoulli}(\sigma(\ell / \tau))` with :math:`\ell` the done head's logit (the same
   temperature divides this logit too; :math:`\tau = 0` ends the episode iff :math:`\ell > 0`, Ha's rule).
 
-A dream starts from :math:`z_0` of a real encoded first frame, drawn from the run's latents (a posterior sample
-:math:`\mu + \sigma \epsilon`, or :math:`\mu` with ``use_mu``, the same choice the memory was trained on), with
-:math:`h_0 = 0`, and is truncated at the real game's horizon. With ``controller.dream_start: any`` it starts
-from any frame :math:`t` of a real episode instead, with the LSTM state :math:`(h_t, c_t)` the memory reached by
-reading that episode's :math:`(z_{<t}, a_{<t})`: dreams from the first frames alone rehearse only the opening of
-a game (Mario's first Goomba is 28 steps in; a tiny memory's dreams last ~17).
+The start and the step are ``rollouts.dream_step.DreamDynamics`` on a batch of one dream: the very code of the
+batched dream CMA-ES trains on (``agents.dream_batch``), so the dream video shows the dream the controller was
+trained in.
 
-All randomness comes from ``np_random`` (the start frame) and a ``torch.Generator`` seeded from it at every
-reset, so a seeded reset replays exactly.
+A dream starts from :math:`z_0` of a real encoded first frame, drawn from the run's latents (a posterior
+sample :math:`\mu + \sigma \epsilon`, or :math:`\mu` with ``use_mu``, the same choice the memory was trained
+on), with :math:`h_0 = 0`, and is truncated at the real game's horizon. With ``controller.dream_start: any``
+it starts from any frame :math:`t` of a real episode instead, with the LSTM state :math:`(h_t, c_t)` the
+memory reached by reading that episode's :math:`(z_{<t}, a_{<t})`: dreams from the first frames alone rehearse
+only the opening of a game (Mario's first Goomba is 28 steps in; a tiny memory's dreams last ~17).
+
+All randomness comes from a ``torch.Generator`` seeded from ``np_random`` at every reset, so a seeded reset
+replays exactly; ``info["dream_seed"]`` is that seed (the batched dream of one rollout given a generator with
+it dreams the same dream). ``reset(options={"start_index": s})`` starts at frame s instead of a drawn one.
 
 ``render_mode="rgb_array"`` decodes :math:`z_t` with the VAE to a uint8 64x64 RGB frame.
 """
@@ -33,27 +38,27 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
+from rollouts.dream_step import DreamBatch, DreamDriver, DreamDynamics, LSTMState
 from rollouts.envs import action_dim, is_discrete
-from worldmodel.config import Config, ConfigError, EnvConfig
+from worldmodel.config import Config, ConfigError, EnvConfig, step_limit
 from worldmodel.data import list_npz, load_latents
 from worldmodel.io import DataError, load_checkpoint
 from worldmodel.memory import MemoryModel
 from worldmodel.runs import run_paths
-from worldmodel.vae import ConvVAE, load_vae, tensor_to_frames
+from worldmodel.vae import ConvVAE, load_vae, posterior_sample, tensor_to_frames
 
 DREAM_ENV_ID = "WorldModelDream-v0"
 DREAM_STARTS = ("first", "any")
 """Values of ``controller.dream_start``."""
-
-LSTMState = tuple[np.ndarray, np.ndarray]
-"""(h, c), ``[N, H]`` each: the memory's LSTM state at N start frames."""
 
 
 def game_action_space(env_cfg: EnvConfig) -> spaces.Space:
     """The real game's action space without building the game: CarRacing's box or Mario's discrete set."""
     if is_discrete(env_cfg):
         return spaces.Discrete(action_dim(env_cfg))
-    return spaces.Box(np.array([-1.0, 0.0, 0.0], np.float32), np.array([1.0, 1.0, 1.0], np.float32), dtype=np.float32)
+    return spaces.Box(
+        np.array([-1.0, 0.0, 0.0], np.float32), np.array([1.0, 1.0, 1.0], np.float32), dtype=np.float32
+    )
 
 
 def first_latents(latents_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -69,9 +74,9 @@ def first_latents(latents_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
 def warm_starts(
     latents_dir: str | Path, memory: MemoryModel, limit: int, use_mu: bool, seed: int
 ) -> tuple[np.ndarray, np.ndarray, LSTMState]:
-    """(mu, logvar) ``[N, Z]`` of up to ``limit`` frames drawn from the encoded episodes, and the memory's state
-    ``(h_t, c_t)`` there: the LSTM's after reading the episode's ``(z_<t, a_<t)`` (z as in training: ``mu``, or a
-    posterior sample with ``use_mu`` off), i.e. the state the controller sees with that frame.
+    """(mu, logvar) ``[N, Z]`` of up to ``limit`` frames drawn from the encoded episodes, and the memory's
+    state ``(h_t, c_t)`` there: the LSTM's after reading the episode's ``(z_<t, a_<t)`` (z as in training:
+    ``mu``, or a posterior sample with ``use_mu`` off), i.e. the state the controller sees with that frame.
 
     At most ``limit`` episodes are read, each giving an equal share of distinct frames (never its final
     observation, which no action follows)."""
@@ -95,7 +100,7 @@ def warm_starts(
         steps = int(wanted[-1])
         z = data["mu"][:steps]
         if not use_mu:
-            z = z + np.exp(0.5 * data["logvar"][:steps]) * rng.standard_normal(z.shape, dtype=np.float32)
+            z = posterior_sample(z, data["logvar"][:steps], rng.standard_normal(z.shape, dtype=np.float32))
         inputs[row, :steps] = np.concatenate([z, data["actions"][:steps]], axis=1)
     inputs = torch.as_tensor(inputs, device=device, dtype=dtype)
     owners = np.concatenate([np.full(len(wanted), row) for row, wanted in enumerate(frames)])
@@ -117,14 +122,15 @@ def warm_starts(
 
 
 def check_dream_start(value: str) -> None:
-    """Refuse a ``controller.dream_start`` that is not one of ``DREAM_STARTS`` (``ConfigError`` naming the field)."""
+    """Refuse a ``controller.dream_start`` that is not one of ``DREAM_STARTS`` (``ConfigError`` naming the
+    field)."""
     if value not in DREAM_STARTS:
         raise ConfigError(f"controller.dream_start must be one of {', '.join(DREAM_STARTS)}, got {value!r}")
 
 
 def dream_starts(cfg: Config, memory: MemoryModel) -> tuple[np.ndarray, np.ndarray, LSTMState | None]:
-    """Where the run's dreams begin (``controller.dream_start``): (mu, logvar) ``[N, Z]`` of the start frames and
-    the memory's state there (None: h = c = 0, the ``first`` frames)."""
+    """Where the run's dreams begin (``controller.dream_start``): (mu, logvar) ``[N, Z]`` of the start frames
+    and the memory's state there (None: h = c = 0, the ``first`` frames)."""
     check_dream_start(cfg.controller.dream_start)
     latents = run_paths(cfg).latents
     if cfg.controller.dream_start == "first":
@@ -133,8 +139,9 @@ def dream_starts(cfg: Config, memory: MemoryModel) -> tuple[np.ndarray, np.ndarr
 
 
 def dream_horizon(cfg: Config) -> int:
-    """Steps per dream: ``controller.max_steps`` if set, never beyond the real game's horizon ``env.max_steps``."""
-    return min(cfg.controller.max_steps or cfg.env.max_steps, cfg.env.max_steps)
+    """Steps per dream: ``controller.max_steps`` if set, never beyond the real game's horizon
+    ``env.max_steps``."""
+    return step_limit(cfg, cfg.controller.max_steps)
 
 
 def load_memory(cfg: Config, device: str | torch.device | None = None) -> MemoryModel:
@@ -145,7 +152,9 @@ def load_memory(cfg: Config, device: str | torch.device | None = None) -> Memory
     try:
         memory = MemoryModel.from_checkpoint(load_checkpoint(path))
     except (KeyError, TypeError, RuntimeError) as error:
-        raise DataError(f"{path}: not a memory checkpoint of this program ({type(error).__name__}: {error})") from None
+        raise DataError(
+            f"{path}: not a memory checkpoint of this program ({type(error).__name__}: {error})"
+        ) from None
     return memory.to(device or cfg.device).eval()
 
 
@@ -156,11 +165,13 @@ def encode_action_tensor(action_space: spaces.Space, action) -> torch.Tensor:
         vector = torch.zeros(int(action_space.n))
         vector[int(action) - int(action_space.start)] = 1.0
         return vector
-    clipped = np.clip(np.asarray(action, dtype=np.float32).reshape(action_space.shape), action_space.low, action_space.high)
+    clipped = np.clip(
+        np.asarray(action, dtype=np.float32).reshape(action_space.shape), action_space.low, action_space.high
+    )
     return torch.from_numpy(clipped.reshape(-1))
 
 
-class DreamEnv(gymnasium.Env):
+class DreamEnv(gymnasium.Env, DreamDriver):
     """The memory as an environment; observations are ``[z_t, h_t]`` (float32, Z + H)."""
 
     metadata: ClassVar[dict] = {"render_modes": ["rgb_array"], "render_fps": 50}
@@ -178,100 +189,68 @@ class DreamEnv(gymnasium.Env):
         render_mode: str | None = None,
         initial_state: LSTMState | None = None,
     ):
-        """``initial_state``: the memory's (h, c) ``[N, H]`` at each start frame (``warm_starts``); None = zeros."""
-        if memory.reward_head is None or memory.done_head is None:
-            raise ValueError("the dream needs a memory with reward and done heads (memory.predict_reward/predict_done)")
+        """``initial_state``: the memory's (h, c) ``[N, H]`` at each start frame (``warm_starts``);
+        None = zeros."""
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"DreamEnv renders only 'rgb_array', got render_mode={render_mode!r}")
         if render_mode == "rgb_array" and vae is None:
             raise ValueError("DreamEnv(render_mode='rgb_array') needs the VAE (vae=...) to decode frames")
-        if horizon < 1 or temperature < 0:
-            raise ValueError(f"DreamEnv needs horizon >= 1 and temperature >= 0, got {horizon}, {temperature}")
-        self.memory = memory.eval()
-        self.device = memory.mixture_head.weight.device
-        self.initial_mu = torch.as_tensor(np.asarray(initial_mu, dtype=np.float32), device=self.device)
-        if self.initial_mu.dim() != 2 or self.initial_mu.shape[1] != memory.target_dim:
-            raise ValueError(f"initial_mu must be [N, {memory.target_dim}], got {tuple(self.initial_mu.shape)}")
-        logvar = np.full(self.initial_mu.shape, -np.inf, np.float32) if initial_logvar is None else initial_logvar
-        self.initial_std = torch.exp(0.5 * torch.as_tensor(np.asarray(logvar, dtype=np.float32), device=self.device))
-        self.initial_state = start_state_tensors(initial_state, len(self.initial_mu), memory, torch.float32)
-        self.use_mu, self.horizon, self.temperature = use_mu, horizon, temperature
+        self.dynamics = DreamDynamics(
+            memory, initial_mu, initial_logvar, horizon, temperature, use_mu, initial_state
+        )
         self.vae, self.render_mode = vae, render_mode
         self.action_space = action_space
-        width = int(self.action_space.n) if isinstance(self.action_space, spaces.Discrete) else int(np.prod(self.action_space.shape))
+        width = (
+            int(self.action_space.n)
+            if isinstance(self.action_space, spaces.Discrete)
+            else int(np.prod(self.action_space.shape))
+        )
         if width != memory.cond_dim:
-            raise ValueError(f"action space {self.action_space} encodes to {width} numbers, the memory reads {memory.cond_dim}")
+            raise ValueError(
+                f"action space {self.action_space} encodes to {width} numbers, "
+                f"the memory reads {memory.cond_dim}"
+            )
         # z is a Gaussian-mixture sample (unbounded); h = o * tanh(c) of the LSTM lies in [-1, 1]
         z_bound = np.full(memory.target_dim, np.inf, np.float32)
         h_bound = np.ones(memory.config.hidden, np.float32)
         bound = np.concatenate([z_bound, h_bound])
         self.observation_space = spaces.Box(-bound, bound, dtype=np.float32)
         self._generator = torch.Generator(device=self.device)
-        self._z = self._state = None
-        self._steps = 0
+        self._dream: DreamBatch | None = None
 
     def _observation(self) -> np.ndarray:
-        h = self._state[0][0, 0]
-        return torch.cat([self._z[0], h]).cpu().numpy().astype(np.float32)
+        # a copy: the dream's buffers change in place at the next step
+        return self._dream.observation[0].cpu().numpy().astype(np.float32, copy=True)
 
+    @torch.inference_mode()
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        self._generator.manual_seed(int(self.np_random.integers(2**63 - 1)))
-        start = int(self.np_random.integers(len(self.initial_mu)))
-        z = self.initial_mu[start : start + 1]
-        if not self.use_mu:
-            noise = torch.randn(z.shape, generator=self._generator, device=self.device)
-            z = z + self.initial_std[start : start + 1] * noise
-        if self.initial_state is None:
-            state = self.memory.initial_state(1, self.device)
-        else:
-            state = tuple(part[start : start + 1].unsqueeze(0).clone() for part in self.initial_state)
-        self._z, self._state, self._steps = z, state, 0
-        return self._observation(), {"start_index": start}
+        dream_seed = int(self.np_random.integers(2**63 - 1))
+        self._generator.manual_seed(dream_seed)
+        index = None if options is None or "start_index" not in options else [int(options["start_index"])]
+        self._dream = self.dynamics.start(1, self._generator, index)
+        return self._observation(), {"start_index": int(self._dream.start[0]), "dream_seed": dream_seed}
 
     @torch.inference_mode()
     def step(self, action):
-        if self._z is None:
+        if self._dream is None:
             raise RuntimeError("DreamEnv.step before reset")
-        action_vector = encode_action_tensor(self.action_space, action).to(self.device).unsqueeze(0)
-        out, self._state = self.memory.step(self._z, action_vector, self._state)
-        self._z = self.memory.sample(out, self.temperature, self._generator)
-        reward = float(out.reward[0])
-        end_probability = _done_probability(out.done_logit, self.temperature)
-        terminated = bool(torch.rand(1, generator=self._generator, device=self.device)[0] < end_probability[0])
-        self._steps += 1
-        truncated = not terminated and self._steps >= self.horizon
-        return self._observation(), reward, terminated, truncated, {"step": self._steps}
+        self._dream.action[0] = encode_action_tensor(self.action_space, action).to(self.device)
+        reward, done = self.dynamics.step(self._dream, self._generator)
+        terminated = bool(done[0])
+        truncated = not terminated and self._dream.steps >= self.dynamics.horizon
+        return self._observation(), float(reward[0]), terminated, truncated, {"step": self._dream.steps}
 
     @torch.inference_mode()
     def render(self):
-        if self.render_mode != "rgb_array" or self._z is None:
+        if self.render_mode != "rgb_array" or self._dream is None:
             return None
-        return tensor_to_frames(self.vae.decode(self._z))[0]
+        return tensor_to_frames(self.vae.decode(self._dream.z))[0]
 
 
-def start_state_tensors(
-    initial_state: LSTMState | None, count: int, memory: MemoryModel, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Validate the (h, c) of ``count`` start frames and put them on the memory's device (None stays None)."""
-    if initial_state is None:
-        return None
-    device, hidden = memory.mixture_head.weight.device, memory.config.hidden
-    parts = tuple(torch.as_tensor(np.asarray(part), dtype=dtype, device=device) for part in initial_state)
-    if len(parts) != 2 or any(part.shape != (count, hidden) for part in parts):
-        raise ValueError(f"initial_state must be (h, c) of shape [{count}, {hidden}] each, got "
-                         f"{[tuple(part.shape) for part in parts]}")
-    return parts
-
-
-def _done_probability(done_logit: torch.Tensor, temperature: float) -> torch.Tensor:
-    """sigma(logit / tau); tau = 0 is the threshold logit > 0."""
-    if temperature == 0:
-        return (done_logit > 0).to(done_logit.dtype)
-    return torch.sigmoid(done_logit / temperature)
-
-
-def make_dream_env(cfg: Config, render_mode: str | None = None, temperature: float | None = None) -> gymnasium.Env:
+def make_dream_env(
+    cfg: Config, render_mode: str | None = None, temperature: float | None = None
+) -> gymnasium.Env:
     """The dream of the run's trained memory, through ``gymnasium.make`` (so it carries a spec)."""
     paths = run_paths(cfg)
     vae = load_vae(paths.vae / "vae.pt", cfg.device) if render_mode == "rgb_array" else None

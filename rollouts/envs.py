@@ -28,7 +28,7 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.wrappers import RepeatAction, ResizeObservation, TimeLimit, TransformObservation
 
-from worldmodel.config import ConfigError, EnvConfig
+from worldmodel.config import VAE_FRAME_SIZE, ConfigError, EnvConfig
 
 ENV_NAMES = ("carracing", "mario")
 MARIO_ACTION_SETS = ("right_only", "simple", "complex")
@@ -51,7 +51,12 @@ def check_env_config(env_cfg: EnvConfig) -> None:
                 f"env.mario_actions: unknown action set {env_cfg.mario_actions!r} "
                 f"(choose one of {', '.join(MARIO_ACTION_SETS)})"
             )
-    for key, low in (("frame_size", 8), ("max_steps", 1), ("action_repeat", 1)):
+    if env_cfg.frame_size != VAE_FRAME_SIZE:
+        raise ConfigError(
+            f"env.frame_size: the ConvVAE (V) reads {VAE_FRAME_SIZE}x{VAE_FRAME_SIZE} frames, "
+            f"got {env_cfg.frame_size}"
+        )
+    for key, low in (("max_steps", 1), ("action_repeat", 1)):
         value = getattr(env_cfg, key)
         if value < low:
             raise ConfigError(f"env.{key}: must be at least {low}, got {value}")
@@ -61,7 +66,11 @@ def mario_buttons(env_cfg: EnvConfig) -> list[list[str]]:
     """The Mario action list: entry i is the list of NES buttons held by discrete action i."""
     from gym_super_mario_bros import actions
 
-    lists = {"right_only": actions.RIGHT_ONLY, "simple": actions.SIMPLE_MOVEMENT, "complex": actions.COMPLEX_MOVEMENT}
+    lists = {
+        "right_only": actions.RIGHT_ONLY,
+        "simple": actions.SIMPLE_MOVEMENT,
+        "complex": actions.COMPLEX_MOVEMENT,
+    }
     return [list(buttons) for buttons in lists[env_cfg.mario_actions]]
 
 
@@ -93,10 +102,13 @@ def encode_action(env_cfg: EnvConfig, action) -> np.ndarray:
 
 
 def decode_action(env_cfg: EnvConfig, vector) -> np.ndarray | int:
-    """The inverse of ``encode_action`` for any float [A] vector: argmax for Mario, clipped to the box for CarRacing."""
+    """The inverse of ``encode_action`` for any float [A] vector: argmax for Mario, clipped to the box for
+    CarRacing."""
     vector = np.asarray(vector, dtype=np.float32).reshape(-1)
     if vector.shape != (action_dim(env_cfg),):
-        raise ValueError(f"expected an action vector of {action_dim(env_cfg)} numbers, got shape {vector.shape}")
+        raise ValueError(
+            f"expected an action vector of {action_dim(env_cfg)} numbers, got shape {vector.shape}"
+        )
     if is_discrete(env_cfg):
         return int(np.argmax(vector))
     return np.clip(vector, [-1.0, 0.0, 0.0], [1.0, 1.0, 1.0]).astype(np.float32)
@@ -122,14 +134,17 @@ def _make_game(env_cfg: EnvConfig, render_mode: str | None) -> gymnasium.Env:
     import gym_super_mario_bros  # noqa: F401  (registers the SuperMarioBros-* ids with gymnasium)
     from nes_py.wrappers import JoypadSpace
 
-    env = gymnasium.make(f"SuperMarioBros-{env_cfg.mario_level}-v0", render_mode=render_mode, max_episode_steps=-1)
+    env = gymnasium.make(
+        f"SuperMarioBros-{env_cfg.mario_level}-v0", render_mode=render_mode, max_episode_steps=-1
+    )
     # nes-py returns a view of the emulator's screen buffer; the resize below copies it, so stored frames
     # never change under our feet.
     return JoypadSpace(env, mario_buttons(env_cfg))
 
 
 def make_env(env_cfg: EnvConfig, seed: int | None = None, render_mode: str | None = None) -> gymnasium.Env:
-    """The real game as a gymnasium env: uint8 [S, S, 3] frames, ``env_cfg.action_repeat``, ``env_cfg.max_steps``.
+    """The real game as a gymnasium env: uint8 [S, S, 3] frames, ``env_cfg.action_repeat``,
+    ``env_cfg.max_steps``.
 
     With ``seed``, the env and its action space are seeded once here (a first ``reset(seed=seed)``), so later
     ``reset()`` calls without a seed continue a reproducible sequence; ``reset(seed=...)`` reseeds as usual.

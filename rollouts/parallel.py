@@ -1,4 +1,5 @@
-"""Starting or joining Ray: a local Ray with the machine's cores, or a cluster via ``ray.address``/RAY_ADDRESS."""
+"""Starting or joining Ray: a local Ray with the machine's cores, or a cluster via
+``ray.address``/RAY_ADDRESS."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def init_ray(config: RayConfig) -> None:
 def ray_map(config: RayConfig, num_cpus_per_task: float = 1.0):
     """A ``map_fn(fn, items) -> list`` that runs ``fn(item)`` as Ray tasks, results in the order of ``items``.
 
-    Lets code below the Ray layer (e.g. the memory sweep in ``worldmodel``) run in parallel without importing Ray.
+    Lets code below the Ray layer (e.g. the memory sweep in ``worldmodel``) run in parallel without importing
+    Ray.
     """
 
     def map_fn(fn, items):

@@ -5,8 +5,9 @@ did, the collected actions are random but smooth:
 
 - ``brownian`` (CarRacing): a latent u_t in R^3 follows the stationary Ornstein-Uhlenbeck / AR(1) process
   u_{t+1} = rho u_t + sqrt(1 - rho^2) eps_t, eps_t ~ N(0, I), u_0 ~ N(0, I), so u_t ~ N(0, I) at every t and
-  corr(u_t, u_{t+k}) = rho^k (``collect.action_persistence``). It is squashed into the action box the way World
-  Models' controller squashed its output: steer = tanh(u_0), gas = (tanh(u_1) + 1) / 2, brake = max(tanh(u_2), 0).
+  corr(u_t, u_{t+k}) = rho^k (``collect.action_persistence``). It is squashed into the action box the way
+  World Models' controller squashed its output: steer = tanh(u_0), gas = (tanh(u_1) + 1) / 2,
+  brake = max(tanh(u_2), 0).
 - ``right_biased`` (Mario): a button combination is held for a Geometric(1 / ``collect.mario_repeat``) number
   of steps (mean ``mario_repeat``); a new combination holds the right button with probability
   ``collect.right_bias`` (uniform among those that do, else uniform among the rest).
@@ -39,7 +40,8 @@ class Policy(Protocol):
 
 
 class BrownianCarPolicy:
-    """Smooth random driving: an AR(1) latent with correlation ``persistence`` per step, squashed into the box."""
+    """Smooth random driving: an AR(1) latent with correlation ``persistence`` per step, squashed into the
+    box."""
 
     def __init__(self, rng: np.random.Generator, persistence: float):
         self.rng = rng
@@ -52,7 +54,11 @@ class BrownianCarPolicy:
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         action = np.array(
-            [np.tanh(self.latent[0]), 0.5 * (np.tanh(self.latent[1]) + 1.0), max(np.tanh(self.latent[2]), 0.0)],
+            [
+                np.tanh(self.latent[0]),
+                0.5 * (np.tanh(self.latent[1]) + 1.0),
+                max(np.tanh(self.latent[2]), 0.0),
+            ],
             dtype=np.float32,
         )
         self.latent = self.persistence * self.latent + self.noise_scale * self.rng.standard_normal(3)
@@ -94,7 +100,8 @@ class HeldDiscretePolicy:
 
 
 def right_biased_probs(buttons: list[list[str]], right_bias: float) -> np.ndarray:
-    """Action probabilities: total mass ``right_bias`` spread over the combos holding ``right``, the rest over the others."""
+    """Action probabilities: total mass ``right_bias`` spread over the combos holding ``right``, the rest over
+    the others."""
     holds_right = np.array(["right" in combo for combo in buttons])
     if holds_right.all() or not holds_right.any():
         return np.full(len(buttons), 1.0 / len(buttons))
@@ -119,14 +126,18 @@ def check_policy_config(env_cfg: EnvConfig, collect_cfg: CollectConfig) -> None:
     """Refuse exploration settings that make no sense, naming the field (``ConfigError``)."""
     policy_name(env_cfg, collect_cfg)
     if not 0.0 <= collect_cfg.action_persistence < 1.0:
-        raise ConfigError(f"collect.action_persistence: must be in [0, 1), got {collect_cfg.action_persistence}")
+        raise ConfigError(
+            f"collect.action_persistence: must be in [0, 1), got {collect_cfg.action_persistence}"
+        )
     if collect_cfg.mario_repeat < 1:
         raise ConfigError(f"collect.mario_repeat: must be at least 1, got {collect_cfg.mario_repeat}")
     if not 0.0 <= collect_cfg.right_bias <= 1.0:
         raise ConfigError(f"collect.right_bias: must be in [0, 1], got {collect_cfg.right_bias}")
 
 
-def make_exploration_policy(env_cfg: EnvConfig, collect_cfg: CollectConfig, rng: np.random.Generator) -> Policy:
+def make_exploration_policy(
+    env_cfg: EnvConfig, collect_cfg: CollectConfig, rng: np.random.Generator
+) -> Policy:
     """The exploration policy chosen by ``collect.policy`` for ``env.name``, drawing from ``rng``."""
     check_policy_config(env_cfg, collect_cfg)
     name = policy_name(env_cfg, collect_cfg)

@@ -27,7 +27,9 @@ def ray_session():
         return
     # The local Ray's processes (and so its workers) take the environment at ray.init; restore ours after.
     saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([str(ROOT), *filter(None, (saved or "").split(os.pathsep))]))
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        dict.fromkeys([str(ROOT), *filter(None, (saved or "").split(os.pathsep))])
+    )
     try:
         ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, ignore_reinit_error=True)
     finally:
@@ -41,9 +43,11 @@ def ray_session():
         ray.shutdown()
 
 
-def write_tiny_latents(folder: Path, episodes: int = 6, steps: int = 40, z_dim: int = 4, a_dim: int = 2,
-                       seed: int = 0) -> None:
-    """Synthetic latents with learnable structure: z_{t+1} = A z_t + B a_t + noise, r_t = z_{t+1,0} + a_t0 / 10.
+def write_tiny_latents(
+    folder: Path, episodes: int = 6, steps: int = 40, z_dim: int = 4, a_dim: int = 2, seed: int = 0
+) -> None:
+    """Synthetic latents with learnable structure: z_{t+1} = A z_t + B a_t + noise,
+    r_t = z_{t+1,0} + a_t0 / 10.
 
     Episodes get shorter by 3 steps each, so windows end in padded tails; each ends with one terminal.
     """
@@ -63,8 +67,14 @@ def write_tiny_latents(folder: Path, episodes: int = 6, steps: int = 40, z_dim: 
             z[t + 1] = dynamics @ z[t] + control @ actions[t] + 0.05 * rng.standard_normal(z_dim)
         terminals = np.zeros(length, dtype=bool)
         terminals[-1] = True
-        save_latents(folder / f"episode_{episode:04d}.npz", z, np.full_like(z, -4.0), actions,
-                     z[1:, 0] + 0.1 * actions[:, 0], terminals)
+        save_latents(
+            folder / f"episode_{episode:04d}.npz",
+            z,
+            np.full_like(z, -4.0),
+            actions,
+            z[1:, 0] + 0.1 * actions[:, 0],
+            terminals,
+        )
 
 
 @pytest.fixture
@@ -74,12 +84,24 @@ def tiny_memory_run(tmp_path):
     from worldmodel.config import load_config
 
     def make(name: str = "m", *overrides: str):
-        config = load_config(None, [
-            f"runs_dir={tmp_path / 'runs'}", f"name={name}", "memory.hidden=16", "memory.components=2",
-            "memory.rank=1", "memory.flow_hidden=8", "memory_train.seq_len=8", "memory_train.batch_size=4",
-            "memory_train.epochs=3", "memory_train.val_fraction=0.2", "memory_train.test_fraction=0.2",
-            "memory_train.lr=0.01", *overrides,
-        ])
+        config = load_config(
+            None,
+            [
+                f"runs_dir={tmp_path / 'runs'}",
+                f"name={name}",
+                "memory.hidden=16",
+                "memory.components=2",
+                "memory.rank=1",
+                "memory.flow_hidden=8",
+                "memory_train.seq_len=8",
+                "memory_train.batch_size=4",
+                "memory_train.epochs=3",
+                "memory_train.val_fraction=0.2",
+                "memory_train.test_fraction=0.2",
+                "memory_train.lr=0.01",
+                *overrides,
+            ],
+        )
         write_tiny_latents(config.run_dir / "latents")
         return config
 
@@ -88,7 +110,8 @@ def tiny_memory_run(tmp_path):
 
 @pytest.fixture
 def one_thread():
-    """Tiny models train fastest on one torch thread, and don't fight other work for a busy machine's cores."""
+    """Tiny models train fastest on one torch thread, and don't fight other work for a busy machine's
+    cores."""
     import torch
 
     threads = torch.get_num_threads()

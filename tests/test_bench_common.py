@@ -45,8 +45,15 @@ def train(tmp_path, name, epochs=4, interrupt_at=None):
 
     model = fresh_model()
     result = train_or_resume(
-        model, name, tmp_path / f"{name}.pt", TrainSettings(epochs, 1e-2, 1.0, 0), {"data": "toy"},
-        epoch_batches, batch_loss, validate, tmp_path / f"{name}.jsonl",
+        model,
+        name,
+        tmp_path / name,
+        TrainSettings(epochs, 1e-2, 1.0, 0),
+        {"data": "toy"},
+        epoch_batches,
+        3,
+        batch_loss,
+        validate,
     )
     return model, result, calls["batches"]
 
@@ -57,7 +64,10 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
         train(tmp_path, "resumed", interrupt_at=2)
     model, result, batches = train(tmp_path, "resumed")
     assert result.resumed and batches == 2 * 3  # only epochs 3 and 4 were trained after the restart
-    assert [row["epoch"] for row in read_jsonl(tmp_path / "resumed.jsonl")] == [1, 2, 3, 4]
+    epochs = [
+        row["epoch"] for row in read_jsonl(tmp_path / "resumed" / "metrics.jsonl") if row["kind"] == "epoch"
+    ]
+    assert epochs == [0, 1, 2, 3, 4]
     assert result.best_val == pytest.approx(reference_result.best_val, rel=1e-6)
     for (name, a), b in zip(reference.state_dict().items(), model.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=1e-6), name
@@ -70,9 +80,15 @@ def test_other_settings_train_again(tmp_path):
     sequences = data()
     model = fresh_model()
     result = train_or_resume(
-        model, "m", tmp_path / "m.pt", TrainSettings(1, 1e-2, 1.0, 0), {"data": "other"},
-        lambda epoch: [sequences], lambda m, b: (m.sequence_loss(b)["loss"], len(b)),
-        lambda m: 0.0, tmp_path / "m.jsonl",
+        model,
+        "m",
+        tmp_path / "m",
+        TrainSettings(1, 1e-2, 1.0, 0),
+        {"data": "other"},
+        lambda epoch: [sequences],
+        1,
+        lambda m, b: (m.sequence_loss(b)["loss"], len(b)),
+        lambda m: 0.0,
     )
     assert not result.resumed
 

@@ -22,8 +22,10 @@ from benchmarks.datasets import (
     read_cifar_batch,
     read_idx,
     resample,
+    resolve_image_dataset,
     timit_split,
 )
+from worldmodel.config import ConfigError
 from worldmodel.io import DataError
 
 # ------------------------------------------------------------------------------------------------ MNIST IDX
@@ -209,6 +211,50 @@ def test_digits_split_is_seeded_and_complete():
     np.testing.assert_array_equal(a.images["test"], b.images["test"])
 
 
+def test_auto_dataset_is_inferred_from_the_folder(tmp_path):
+    rng = np.random.default_rng(5)
+    assert resolve_image_dataset("auto", None) == "digits"
+    write_mnist(tmp_path / "mnist", rng, compress=True)
+    write_mnist(tmp_path / "kaggle" / "MNIST" / "raw", rng, dotted=True)
+    write_cifar(tmp_path / "cifar" / "cifar-10-batches-py", rng, sizes=(6, 6))
+    assert resolve_image_dataset("auto", str(tmp_path / "mnist")) == "mnist"
+    assert resolve_image_dataset("auto", str(tmp_path / "kaggle")) == "mnist"
+    assert resolve_image_dataset("auto", str(tmp_path / "cifar")) == "cifar10"
+    assert resolve_image_dataset("mnist", str(tmp_path / "mnist")) == "mnist"
+    assert resolve_image_dataset("cifar10", str(tmp_path / "cifar")) == "cifar10"
+    splits = load_image_splits("auto", str(tmp_path / "cifar"), seed=0)
+    assert splits.name == "cifar10" and splits.images["test"].shape == (2, 32, 32, 3)
+
+
+def test_image_folders_that_are_refused(tmp_path):
+    rng = np.random.default_rng(6)
+    with pytest.raises(DataError, match="nowhere: the image data folder does not exist"):
+        resolve_image_dataset("auto", str(tmp_path / "nowhere"))
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.png").write_bytes(b"")
+    with pytest.raises(
+        DataError,
+        match=r"photos: neither MNIST nor CIFAR-10 .*train-images-idx3-ubyte.*data_batch_1"
+        r".*test_batch.*it holds cat.png",
+    ):
+        resolve_image_dataset("auto", str(tmp_path / "photos"))
+    write_cifar(tmp_path / "cifar", rng)
+    with pytest.raises(DataError, match="cifar: holds CIFAR-10 files, not MNIST ones.*image.dataset=cifar10"):
+        resolve_image_dataset("mnist", str(tmp_path / "cifar"))
+    write_mnist(tmp_path / "mnist", rng)
+    with pytest.raises(DataError, match="mnist: holds MNIST files, not CIFAR-10 ones.*image.dataset=mnist"):
+        resolve_image_dataset("cifar10", str(tmp_path / "mnist"))
+    write_mnist(tmp_path / "cifar", rng)
+    with pytest.raises(DataError, match="cifar: holds both MNIST and CIFAR-10 files"):
+        resolve_image_dataset("auto", str(tmp_path / "cifar"))
+    with pytest.raises(ConfigError, match="image.dataset=digits takes no data folder"):
+        resolve_image_dataset("digits", str(tmp_path / "mnist"))
+    with pytest.raises(ConfigError, match="image.dataset must be one of auto, digits, mnist, cifar10"):
+        resolve_image_dataset("svhn", None)
+    with pytest.raises(DataError, match="--data PATH"):
+        resolve_image_dataset("cifar10", None)
+
+
 # -------------------------------------------------------------------------------------------------- audio
 
 
@@ -242,7 +288,9 @@ def riff_bytes(format_tag: int, bits: int, frames: int = 50) -> bytes:
     width = (bits + 7) // 8
     fmt = struct.pack("<HHIIHH", format_tag, 1, 16000, 16000 * width, width, bits)
     data = bytes(frames * width)
-    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
+    body = (
+        b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
+    )
     return b"RIFF" + struct.pack("<I", len(body)) + body
 
 

@@ -1,5 +1,5 @@
-"""The speech benchmark on small wav folders written here: reading, splitting, normalising, the per-sequence NLL
-with padding, an end-to-end run, and bad input on the command line."""
+"""The speech benchmark on small wav folders written here: reading, splitting, normalising, the per-sequence
+NLL with padding, an end-to-end run, and bad input on the command line."""
 
 from __future__ import annotations
 
@@ -37,17 +37,20 @@ def write_wavs(folder: Path, count: int, rng, rate=16000, seconds=(0.2, 0.5)) ->
 
 
 def speech_config(tmp_path, data, *overrides):
-    return load_config(None, [
-        f"runs_dir={json.dumps(str(tmp_path / 'runs'))}",
-        f"speech.data={json.dumps(str(data))}",
-        "speech.hidden=8",
-        "speech.components=2",
-        "speech.flow_hidden=8",
-        "speech.epochs=2",
-        "speech.batch_size=4",
-        "speech.threads=1",
-        *overrides,
-    ])
+    return load_config(
+        None,
+        [
+            f"runs_dir={json.dumps(str(tmp_path / 'runs'))}",
+            f"speech.data={json.dumps(str(data))}",
+            "speech.memory.hidden=8",
+            "speech.memory.components=2",
+            "speech.memory.flow_hidden=8",
+            "speech.epochs=2",
+            "speech.batch_size=4",
+            "speech.threads=1",
+            *overrides,
+        ],
+    )
 
 
 def test_corpus_random_split_and_normalisation(tmp_path):
@@ -107,7 +110,14 @@ def test_speech_run_end_to_end_and_rerun(tmp_path):
     cfg = speech_config(tmp_path, tmp_path / "wavs")
     summary = run(cfg)
     out = tmp_path / "runs" / "tiny" / "benchmarks" / "speech"
-    for name in ("results.md", "results.csv", "summary.json", "metrics.jsonl", "nll_curves.png", "models/frmdn_r0.pt"):
+    for name in (
+        "results.md",
+        "results.csv",
+        "summary.json",
+        "models/frmdn_r0/metrics.jsonl",
+        "nll_curves.png",
+        "models/frmdn_r0/best.pt",
+    ):
         assert (out / name).exists(), name
     assert [r["model"] for r in summary["results"]] == ["RMDN (K=2)", "FRMDN (K=2)"]
     for row in summary["results"]:
@@ -116,9 +126,9 @@ def test_speech_run_end_to_end_and_rerun(tmp_path):
         )
     table = (out / "results.md").read_text()
     assert "normalised units" in table and "-32505" in table and "FRMDN (K=2)" in table
-    lines = (out / "metrics.jsonl").read_text().count("\n")
+    before = (out / "models" / "frmdn_r0" / "metrics.jsonl").read_text()
     again = run(cfg)
-    assert (out / "metrics.jsonl").read_text().count("\n") == lines
+    assert (out / "models" / "frmdn_r0" / "metrics.jsonl").read_text() == before
     assert again["results"] == summary["results"]
 
 
@@ -136,11 +146,85 @@ def test_cli_rejects_a_wav_with_a_wrong_sample_width(tmp_path):
     width = 8  # 64-bit PCM: the wave module reads the header, we refuse the width
     fmt = struct.pack("<HHIIHH", 1, 1, 16000, 16000 * width, width, 8 * width)
     data = bytes(100 * width)
-    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
+    body = (
+        b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
+    )
     bad = folder / "utt99.wav"
     bad.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
-    command = [sys.executable, "run.py", "benchmark", "speech", "--data", str(folder),
-               "--set", f"runs_dir={json.dumps(str(tmp_path / 'runs'))}"]
+    command = [
+        sys.executable,
+        "run.py",
+        "benchmark",
+        "speech",
+        "--data",
+        str(folder),
+        "--set",
+        f"runs_dir={json.dumps(str(tmp_path / 'runs'))}",
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 2
     assert f"error: {bad}: unsupported sample width of 8 bytes (64-bit)" in result.stderr
+
+
+def cli(tmp_path, *args):
+    command = [
+        sys.executable,
+        "run.py",
+        "benchmark",
+        "speech",
+        "--set",
+        f"runs_dir={json.dumps(str(tmp_path / 'runs'))}",
+        *args,
+    ]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_cli_refuses_a_missing_folder_and_bad_memory_settings_before_any_work(tmp_path):
+    missing = tmp_path / "no" / "such" / "dir"
+    cases = (
+        (("--data", str(missing)), f"error: {missing}: the speech data folder does not exist"),
+        (
+            ("--data", str(tmp_path), "--set", "speech.memory.predict_done=true"),
+            "error: speech.memory.predict_done must be false",
+        ),
+        (
+            ("--data", str(tmp_path), "--set", "speech.memory.kind=frmdn"),
+            "error: speech.memory.kind='frmdn' would be ignored: each model takes its kind from speech.kinds",
+        ),
+    )
+    for args, message in cases:
+        result = cli(tmp_path, *args)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert not (tmp_path / "runs").exists(), "a refused command must write nothing"
+
+
+def test_memory_settings_reach_the_speech_models(tmp_path, monkeypatch):
+    import benchmarks.speech
+
+    built = []
+
+    class Recording(MemoryModel):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(benchmarks.speech, "MemoryModel", Recording)
+    write_wavs(tmp_path / "wavs", 20, np.random.default_rng(4), seconds=(0.1, 0.2))
+    summary = run(
+        speech_config(
+            tmp_path,
+            tmp_path / "wavs",
+            "speech.epochs=1",
+            "speech.kinds=[frmdn]",
+            "speech.memory.flow_context=true",
+            "speech.memory.diag_clamp=[0.05, 20]",
+            "speech.memory.components=3",
+        )
+    )
+    (model,) = built
+    assert (
+        model.config.flow_context and model.config.diag_clamp == [0.05, 20.0] and model.flow.context_dim == 8
+    )
+    assert (model.config.kind, model.config.rank, model.config.components) == ("frmdn", 0, 3)
+    assert model.reward_head is None and model.done_head is None
+    assert [row["model"] for row in summary["results"]] == ["FRMDN (K=3)"]

@@ -1,4 +1,5 @@
-"""Episode collection on Ray: valid files for both games, resume, corrupt files, failing workers, bad config."""
+"""Episode collection on Ray: valid files for both games, resume, corrupt files, failing workers, bad
+config."""
 
 from __future__ import annotations
 
@@ -38,7 +39,13 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 def make_cfg(tmp_path: Path, *overrides: str):
     return load_config(
         None,
-        [f"runs_dir={tmp_path}", "collect.episodes=3", "collect.max_steps=12", "collect.workers=2", *overrides],
+        [
+            f"runs_dir={tmp_path}",
+            "collect.episodes=3",
+            "collect.max_steps=12",
+            "collect.workers=2",
+            *overrides,
+        ],
     )
 
 
@@ -76,8 +83,9 @@ def test_both_games_give_valid_reproducible_episodes(ray_session, tmp_path, game
             np.testing.assert_array_equal(episode[key], expected[key], err_msg=f"{path.name} {key}")
     assert summary["frames"] == frames
     # different episodes really differ
-    assert not np.array_equal(load_episode(folder / "ep_00000.npz")["actions"],
-                              load_episode(folder / "ep_00001.npz")["actions"])
+    assert not np.array_equal(
+        load_episode(folder / "ep_00000.npz")["actions"], load_episode(folder / "ep_00001.npz")["actions"]
+    )
 
 
 def test_resume_after_a_partial_run_gives_exactly_n_valid_files(ray_session, tmp_path):
@@ -125,8 +133,8 @@ class BrokenEnv(gymnasium.Wrapper):
 
 def flaky_episode(env, env_cfg, policy, seed, log_dir: str, plan: dict[int, str]):
     """``rollout_episode``, except for the seeds in ``plan``: ``broken`` (the env always raises),
-    ``raise_once`` (raises on the first attempt), ``crash_once`` (the worker process dies on the first attempt)
-    or ``hang_once`` (the first attempt never returns).
+    ``raise_once`` (raises on the first attempt), ``crash_once`` (the worker process dies on the first
+    attempt) or ``hang_once`` (the first attempt never returns).
     """
     mode = plan.get(seed)
     if mode is None:
@@ -147,8 +155,13 @@ def flaky_episode(env, env_cfg, policy, seed, log_dir: str, plan: dict[int, str]
 
 
 def test_failing_env_or_dying_worker_loses_no_other_episode(ray_session, tmp_path):
-    cfg = make_cfg(tmp_path, "collect.episodes=5", "collect.max_steps=8", "collect.retries=2",
-                   "collect.episode_timeout=8")
+    cfg = make_cfg(
+        tmp_path,
+        "collect.episodes=5",
+        "collect.max_steps=8",
+        "collect.retries=2",
+        "collect.episode_timeout=8",
+    )
     folder = run_paths(cfg).episodes
     seed_of = {index: episode_seeds(cfg.seed, index)[0] for index in range(5)}
     plan = {seed_of[1]: "raise_once", seed_of[2]: "broken", seed_of[3]: "crash_once", seed_of[4]: "hang_once"}
@@ -162,8 +175,15 @@ def test_failing_env_or_dying_worker_loses_no_other_episode(ray_session, tmp_pat
     assert len((tmp_path / f"{seed_of[2]}.attempts").read_text().splitlines()) == 3  # 1 try + 2 retries
     assert len((tmp_path / f"{seed_of[1]}.attempts").read_text().splitlines()) == 2
     assert len((tmp_path / f"{seed_of[3]}.attempts").read_text().splitlines()) == 2
-    assert len((tmp_path / f"{seed_of[4]}.attempts").read_text().splitlines()) == 2  # killed after 8 s, retried
-    assert [p.name for p in list_npz(folder)] == ["ep_00000.npz", "ep_00001.npz", "ep_00003.npz", "ep_00004.npz"]
+    assert (
+        len((tmp_path / f"{seed_of[4]}.attempts").read_text().splitlines()) == 2
+    )  # killed after 8 s, retried
+    assert [p.name for p in list_npz(folder)] == [
+        "ep_00000.npz",
+        "ep_00001.npz",
+        "ep_00003.npz",
+        "ep_00004.npz",
+    ]
     for index in (0, 1, 3, 4):
         episode = load_episode(folder / episode_name(index))
         np.testing.assert_array_equal(episode["obs"], reference_episode(cfg, index)["obs"])
@@ -175,7 +195,7 @@ def test_failing_env_or_dying_worker_loses_no_other_episode(ray_session, tmp_pat
         ("env.name=pong", "env.name"),
         ("collect.episodes=-1", "collect.episodes"),
         ("collect.retries=-2", "collect.retries"),
-        ("collect.max_steps=0", "collect.max_steps"),
+        ("collect.max_steps=-1", "collect.max_steps"),  # 0 is valid: the game's horizon
         ("collect.episode_timeout=-1", "collect.episode_timeout"),
         ("collect.policy=brownian", "collect.policy"),
     ],
@@ -198,8 +218,13 @@ def test_episodes_of_another_game_are_not_mixed_in(tmp_path):
     cfg = make_cfg(tmp_path)
     folder = run_paths(cfg).episodes
     steps = 4
-    save_episode(folder / "ep_00000.npz", np.zeros((steps + 1, 64, 64, 3), np.uint8),
-                 np.eye(7, dtype=np.float32)[np.zeros(steps, int)], np.zeros(steps), np.zeros(steps, bool))
+    save_episode(
+        folder / "ep_00000.npz",
+        np.zeros((steps + 1, 64, 64, 3), np.uint8),
+        np.eye(7, dtype=np.float32)[np.zeros(steps, int)],
+        np.zeros(steps),
+        np.zeros(steps, bool),
+    )
     with pytest.raises(DataError, match="ep_00000.npz"):
         collect_episodes(cfg, folder, progress=False)
 
@@ -208,14 +233,24 @@ def run_cli(*args: str, ray_address: str | None = None) -> subprocess.CompletedP
     env = {**os.environ, "RAY_ADDRESS": ray_address} if ray_address else None
     return subprocess.run(
         [sys.executable, str(ROOT / "run.py"), "collect", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False, env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env=env,
     )
 
 
 def test_command_line_collects_valid_files(ray_session, tmp_path):
     # The command joins the test session's Ray through RAY_ADDRESS, as it would join a cluster.
     result = run_cli(
-        "--set", "collect.episodes=2", "--set", "collect.max_steps=10", "--set", f"runs_dir={tmp_path}",
+        "--set",
+        "collect.episodes=2",
+        "--set",
+        "collect.max_steps=10",
+        "--set",
+        f"runs_dir={tmp_path}",
         ray_address=ray_session.get_runtime_context().gcs_address,
     )
     assert result.returncode == 0, result.stderr

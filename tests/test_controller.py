@@ -56,7 +56,9 @@ def test_continuous_actions_are_in_the_carracing_box(car):
     assert actions[:, 1:].min() >= 0 and actions[:, 1:].max() <= 1
     assert actions[:, 0].min() < -0.5 and actions[:, 1:].max() > 0.5  # not squashed to a point
     zero = car.act(torch.zeros(car.num_params), torch.zeros(1, 5), torch.zeros(1, 7))
-    torch.testing.assert_close(zero, torch.tensor([[0.0, 0.5, 0.0]]))  # brake = max(tanh, 0): a fresh controller does not brake
+    torch.testing.assert_close(
+        zero, torch.tensor([[0.0, 0.5, 0.0]])
+    )  # brake = max(tanh, 0): a fresh controller does not brake
 
 
 def test_discrete_action_is_the_argmax(mario):
@@ -73,7 +75,9 @@ def test_memory_input_matches_the_envs_encode_action(car, mario):
     expected = np.stack([encode_action(MARIO, int(a)) for a in [0, 3, 5]])
     assert np.array_equal(mario.encode(actions).numpy(), expected)
     continuous = torch.tensor([[0.3, 0.2, 0.9]])
-    assert np.array_equal(car.encode(continuous).numpy()[0], encode_action(EnvConfig(), continuous[0].numpy()))
+    assert np.array_equal(
+        car.encode(continuous).numpy()[0], encode_action(EnvConfig(), continuous[0].numpy())
+    )
 
 
 def test_wrong_shapes_are_refused(car):

@@ -1,12 +1,19 @@
-"""The dream, done right (DESIGN.md): the gymnasium dream env and the batched dream of a population.
+"""The dream, done right (docs/architecture.md): the gymnasium dream env and the batched dream of a
+population.
 
 Pinned here: env_checker passes (with render); seeded determinism; alignment (the memory reads (z_t, a_t)
 from the state h_t the controller saw, its output gives z_{t+1}, r_t, done_t); sampled z (not the mean) with
-the temperature on logits and covariance; the horizon cap; z_0 from real latents with h = 0; and the batched
-dream equal to a step-by-step reference loop.
+the temperature on logits and covariance; the horizon cap; z_0 from real latents with h = 0; the batched
+dream equal to a step-by-step reference loop; and the dream env dreaming the batched dream's very dreams
+(same seeds, controller and starts: the same z, h, rewards and dones), so the dream video shows the dream the
+controller was trained in.
+
+Across two code paths (the memory's full head vs the chosen-component step, a controller on [n] vs [P, n])
+floats agree to a tolerance; exact equality only where the same code runs twice.
 """
 
 import warnings
+from itertools import product
 
 import gymnasium
 import numpy as np
@@ -14,11 +21,11 @@ import pytest
 import torch
 from gymnasium import spaces
 from gymnasium.utils.env_checker import check_env
-from tracing import TracedMemory
 
 from agents.controller import LinearController
 from agents.dream_batch import BatchedDream
 from rollouts.dream_env import DREAM_ENV_ID, DreamEnv, game_action_space, warm_starts
+from rollouts.dream_step import DreamDynamics
 from worldmodel.config import EnvConfig, MemoryConfig
 from worldmodel.data import save_latents
 from worldmodel.memory import MemoryModel
@@ -29,9 +36,12 @@ CAR_ACTIONS = game_action_space(EnvConfig(name="carracing"))
 
 
 def tiny_memory(kind="frmdn", rank=2, cond=A, components=3, done_bias=None, seed=0, cls=MemoryModel, **extra):
-    """A small memory with every weight perturbed (a fresh flow is the identity, which would hide mistakes)."""
+    """A small memory with every weight perturbed (a fresh flow is the identity, which would hide
+    mistakes)."""
     torch.manual_seed(seed)
-    config = MemoryConfig(kind=kind, hidden=H, components=components, rank=rank, flow_blocks=2, flow_hidden=8, **extra)
+    config = MemoryConfig(
+        kind=kind, hidden=H, components=components, rank=rank, flow_blocks=2, flow_hidden=8, **extra
+    )
     memory = cls(Z, cond, config)
     with torch.no_grad():
         for parameter in memory.parameters():
@@ -49,13 +59,16 @@ def starts(count=4, seed=1):
 
 def make_dream(memory, action_space=CAR_ACTIONS, **kwargs):
     mu, logvar = starts()
-    return DreamEnv(memory, mu, logvar, action_space=action_space, **{"horizon": 30, "temperature": 1.15, **kwargs})
+    return DreamEnv(
+        memory, mu, logvar, action_space=action_space, **{"horizon": 30, "temperature": 1.15, **kwargs}
+    )
 
 
 def assert_passes_check_env(env):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        # z is a Gaussian-mixture sample: its box is honestly unbounded, which check_env flags as a style warning
+        # z is a Gaussian-mixture sample: its box is honestly unbounded, which check_env flags as a style
+        # warning
         warnings.filterwarnings("ignore", message=".*infinity")
         check_env(env.unwrapped)
 
@@ -65,9 +78,15 @@ def test_dream_env_passes_gymnasium_env_checker_with_render(discrete):
     memory = tiny_memory(kind="rmdn", rank=0, cond=5) if discrete else tiny_memory()
     mu, logvar = starts()
     env = gymnasium.make(
-        DREAM_ENV_ID, memory=memory, initial_mu=mu, initial_logvar=logvar,
-        action_space=spaces.Discrete(5) if discrete else CAR_ACTIONS, horizon=20, temperature=1.15,
-        vae=ConvVAE(Z), render_mode="rgb_array",
+        DREAM_ENV_ID,
+        memory=memory,
+        initial_mu=mu,
+        initial_logvar=logvar,
+        action_space=spaces.Discrete(5) if discrete else CAR_ACTIONS,
+        horizon=20,
+        temperature=1.15,
+        vae=ConvVAE(Z),
+        render_mode="rgb_array",
     )
     assert env.spec.id == DREAM_ENV_ID and isinstance(env.unwrapped, DreamEnv)
     assert_passes_check_env(env)
@@ -96,30 +115,41 @@ def test_dream_env_is_deterministic_given_the_seed():
     assert not np.array_equal(first[5], other[5])
 
 
-def test_dream_env_alignment_reads_z_a_from_the_h_the_controller_saw():
-    memory = tiny_memory(cls=TracedMemory, done_bias=-20.0)
-    env = make_dream(memory, temperature=1.3)
+@pytest.mark.parametrize("done_bias", [-20.0, 0.5])
+def test_dream_env_alignment_reads_z_a_from_the_h_the_controller_saw(done_bias):
+    """Against the memory's own ``step`` and ``sample``, fed the env's observations and replaying its
+    draws."""
+    memory = tiny_memory(done_bias=done_bias)
+    env = make_dream(memory, temperature=1.3, horizon=6)
     obs, _ = env.reset(seed=0)
     env.action_space.seed(0)
-    observations, actions, rewards = [obs], [], []
+    assert np.all(obs[Z:] == 0)  # a first frame: h_0 = c_0 = 0
+    state, replay, ended = memory.initial_state(1), torch.Generator(), []
     for _ in range(6):
-        actions.append(env.action_space.sample())
-        obs, reward, *_ = env.step(actions[-1])
-        observations.append(obs)
-        rewards.append(reward)
-    assert len(memory.trace) == 6
-    for t, read in enumerate(memory.trace):
-        # step t reads z_t and a_t, starting from h_t: exactly the observation the controller acted on
-        np.testing.assert_array_equal(read["y"][0].numpy(), observations[t][:Z])
-        np.testing.assert_array_equal(read["h_before"][0].numpy(), observations[t][Z:])
-        np.testing.assert_array_equal(read["cond"][0].numpy(), actions[t])
-        # its output predicts z_{t+1} (a sample of that very output, at the env's temperature) and r_t
-        assert read["sampled_from"] is read["out"] and read["temperature"] == 1.3
-        np.testing.assert_array_equal(observations[t + 1][:Z], read["sampled"][0].numpy())
-        assert rewards[t] == pytest.approx(float(read["out"].reward[0]))
+        action = env.action_space.sample()
+        replay.set_state(env.unwrapped._generator.get_state())
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        with torch.no_grad():
+            # step t reads z_t and a_t, starting from h_t: exactly the observation the controller acted on
+            np.testing.assert_allclose(obs[Z:], state[0][0, 0].numpy(), rtol=1e-5, atol=1e-6)
+            out, state = memory.step(torch.from_numpy(obs[None, :Z]), torch.from_numpy(action[None]), state)
+            # its output predicts z_{t+1} (a sample of that very output, at the env's temperature), r_t,
+            # done_t
+            np.testing.assert_allclose(
+                next_obs[:Z], memory.sample(out, 1.3, replay)[0].numpy(), rtol=1e-5, atol=1e-5
+            )
+            assert reward == pytest.approx(float(out.reward[0]), rel=1e-5, abs=1e-6)
+            assert terminated == bool(
+                torch.rand(1, generator=replay)[0] < torch.sigmoid(out.done_logit[0] / 1.3)
+            )
         # h_{t+1} is the LSTM output after reading (z_t, a_t)
-        np.testing.assert_allclose(observations[t + 1][Z:], read["out"].hidden[0].numpy(), rtol=0, atol=0)
-    assert np.all(observations[0][Z:] == 0)  # h_0 = 0
+        np.testing.assert_allclose(next_obs[Z:], out.hidden[0].numpy(), rtol=1e-5, atol=1e-6)
+        ended.append(terminated)
+        if terminated or truncated:
+            break
+        obs = next_obs
+    # a done logit of -20 never ends the dream (truncated at the horizon); sigma(0.5 / 1.3) = 0.6 soon does
+    assert (ended == [False] * 6) if done_bias < 0 else ended[-1]
 
 
 def test_dream_feeds_sampled_z_not_the_mixture_mean():
@@ -128,7 +158,9 @@ def test_dream_feeds_sampled_z_not_the_mixture_mean():
     action = np.array([0.1, 0.5, 0.0], np.float32)
     next_z = {}
     for temperature in (1.0, 0.0):
-        env = DreamEnv(memory, mu, None, action_space=CAR_ACTIONS, horizon=5, temperature=temperature, use_mu=True)
+        env = DreamEnv(
+            memory, mu, None, action_space=CAR_ACTIONS, horizon=5, temperature=temperature, use_mu=True
+        )
         draws = []
         for seed in range(20):
             _, info = env.reset(seed=seed)
@@ -159,9 +191,10 @@ def test_dream_starts_from_real_first_frames_with_zero_state():
     offset = (obs[:Z] - mu[info["start_index"]]) / np.exp(0.5 * logvar[0])
     assert 0 < np.abs(offset).max() < 5
     dream = BatchedDream(memory, controller(), mu, logvar, horizon=5, use_mu=True)
-    z0, h0, c0 = dream.initial_states(16, torch.Generator().manual_seed(0))
-    assert all(any(np.array_equal(row, start) for start in mu) for row in z0.numpy())
-    assert h0.eq(0).all() and c0.eq(0).all()
+    first = dream.dynamics.start(16, torch.Generator().manual_seed(0))
+    assert all(any(np.array_equal(row, start) for start in mu) for row in first.z.numpy())
+    np.testing.assert_array_equal(first.z.numpy(), mu[first.start.numpy()])
+    assert first.h.eq(0).all() and first.cell.eq(0).all()
 
 
 def test_dreams_are_capped_at_the_horizon_and_end_when_done():
@@ -172,13 +205,17 @@ def test_dreams_are_capped_at_the_horizon_and_end_when_done():
     flags = [env.step(CAR_ACTIONS.sample())[2:4] for _ in range(7)]
     assert flags[:-1] == [(False, False)] * 6 and flags[-1] == (False, True)
     params = torch.randn(3, controller().num_params)
-    result = BatchedDream(never, controller(), mu, logvar, horizon=7).rollout(params, 2, torch.Generator().manual_seed(0))
+    result = BatchedDream(never, controller(), mu, logvar, horizon=7).rollout(
+        params, 2, torch.Generator().manual_seed(0)
+    )
     assert result.lengths.eq(7).all()
     always = tiny_memory(done_bias=50.0)
     env = DreamEnv(always, mu, logvar, action_space=CAR_ACTIONS, horizon=7)
     env.reset(seed=0)
     assert env.step(CAR_ACTIONS.sample())[2:4] == (True, False)
-    result = BatchedDream(always, controller(), mu, logvar, horizon=7).rollout(params, 2, torch.Generator().manual_seed(0))
+    result = BatchedDream(always, controller(), mu, logvar, horizon=7).rollout(
+        params, 2, torch.Generator().manual_seed(0)
+    )
     assert result.lengths.eq(1).all()
 
 
@@ -187,8 +224,8 @@ def controller(discrete=False, actions=A):
 
 
 def reference_returns(memory, ctrl, params, z0, horizon, h0=None, c0=None):
-    """Step-by-step dreams with ``MemoryModel.step``/``sample`` at tau = 0 (deterministic): [P, R] returns, lengths.
-    Each dream r starts from z0[r] and the LSTM state (h0[r], c0[r]) (zeros if not given)."""
+    """Step-by-step dreams with ``MemoryModel.step``/``sample`` at tau = 0 (deterministic): [P, R] returns,
+    lengths. Each dream r starts from z0[r] and the LSTM state (h0[r], c0[r]) (zeros if not given)."""
     population, rollouts = params.shape[0], z0.shape[0]
     returns, lengths = torch.zeros(population, rollouts), torch.zeros(population, rollouts, dtype=torch.long)
     with torch.no_grad():
@@ -229,13 +266,22 @@ def test_batched_dream_equals_a_step_by_step_reference(kind, rank, discrete, don
     params = torch.randn(4, ctrl.num_params)
     mu, _ = starts()
     # warm: every start frame comes with its own nonzero LSTM state (h in [-1, 1] as an LSTM's)
-    state = (np.tanh(np.random.default_rng(3).normal(size=(len(mu), H))).astype(np.float32),
-             np.random.default_rng(4).normal(size=(len(mu), H)).astype(np.float32)) if warm else None
-    dream = BatchedDream(memory, ctrl, mu, None, horizon=12, temperature=0.0, use_mu=True, initial_state=state)
+    state = (
+        (
+            np.tanh(np.random.default_rng(3).normal(size=(len(mu), H))).astype(np.float32),
+            np.random.default_rng(4).normal(size=(len(mu), H)).astype(np.float32),
+        )
+        if warm
+        else None
+    )
+    dream = BatchedDream(
+        memory, ctrl, mu, None, horizon=12, temperature=0.0, use_mu=True, initial_state=state
+    )
     result = dream.rollout(params, 3, torch.Generator().manual_seed(2))
-    z0, h0, c0 = dream.initial_states(3, torch.Generator().manual_seed(2))
-    assert bool(h0.ne(0).any()) == warm
-    returns, lengths = reference_returns(memory, ctrl, params, z0, 12, h0, c0)
+    first = dream.dynamics.start(3, torch.Generator().manual_seed(2))  # the rollout's starts: the same draws
+    assert torch.equal(result.starts, first.start) and bool(first.h.ne(0).any()) == warm
+    returns, lengths = reference_returns(memory, ctrl, params, first.z, 12, first.h, first.cell)
+    # integers: only a done logit within float error of 0 could tell the two paths apart
     assert torch.equal(result.lengths, lengths)
     assert lengths.min() < 12 and lengths.float().mean() > 2, lengths
     torch.testing.assert_close(result.returns, returns, atol=1e-4, rtol=1e-4)
@@ -244,10 +290,10 @@ def test_batched_dream_equals_a_step_by_step_reference(kind, rank, discrete, don
 
 def test_chosen_component_head_equals_the_memory_heads():
     memory = tiny_memory(rank=3, components=4, diag_clamp=[0.2, 3.0])
-    dream = BatchedDream(memory, controller(), *starts(), horizon=3)
+    dynamics = DreamDynamics(memory, *starts(), horizon=3)
     hidden = torch.randn(50, H)
     component = torch.randint(4, (50,))
-    mu, diag, u = dream._chosen_component(hidden, component)
+    mu, diag, u = dynamics.chosen_component(hidden, component)
     out = memory._heads(hidden)
     rows = torch.arange(50)
     torch.testing.assert_close(mu, out.mu[rows, component])
@@ -257,17 +303,18 @@ def test_chosen_component_head_equals_the_memory_heads():
 
 @pytest.mark.parametrize("temperature", [0.5, 1.6])
 def test_batched_sampler_draws_from_the_memory_distribution(temperature):
-    """Component from softmax(logits / tau), covariance x tau, then the flow: same law as ``MemoryModel.sample``."""
+    """Component from softmax(logits / tau), covariance x tau, then the flow: same law as
+    ``MemoryModel.sample``."""
     memory = tiny_memory(rank=2, components=3)
     with torch.no_grad():
         memory.mixture_head.bias[:3] = torch.tensor([1.0, 0.0, -0.5])  # unequal weights: tau matters
-    dream = BatchedDream(memory, controller(), *starts(), horizon=3, temperature=temperature)
+    dynamics = DreamDynamics(memory, *starts(), horizon=3, temperature=temperature)
     count = 40_000
     hidden = torch.randn(1, H).expand(count, H).contiguous()
     with torch.no_grad():
         out = memory._heads(hidden)
         reference = memory.sample(out, temperature, torch.Generator().manual_seed(0))
-        fast = dream._sample_next(hidden, out.logit_pi, torch.Generator().manual_seed(1))
+        fast = dynamics.sample_next(hidden, out.logit_pi, torch.Generator().manual_seed(1))
     spread = reference.std(0)
     torch.testing.assert_close(fast.mean(0), reference.mean(0), atol=float(0.05 * spread.max()), rtol=0)
     torch.testing.assert_close(fast.std(0), spread, atol=0, rtol=0.05)
@@ -296,23 +343,34 @@ def test_warm_starts_carry_the_memory_state_reached_by_reading_the_real_episode(
     for index, steps in enumerate([9, 4, 13]):
         mu = rng.normal(size=(steps + 1, Z)).astype(np.float32)
         actions = rng.uniform(size=(steps, A)).astype(np.float32)
-        save_latents(tmp_path / f"ep_{index:05d}.npz", mu, np.full_like(mu, -2.0), actions,
-                     np.zeros(steps, np.float32), np.eye(1, steps, steps - 1, dtype=bool)[0])
+        save_latents(
+            tmp_path / f"ep_{index:05d}.npz",
+            mu,
+            np.full_like(mu, -2.0),
+            actions,
+            np.zeros(steps, np.float32),
+            np.eye(1, steps, steps - 1, dtype=bool)[0],
+        )
         episodes.append((mu, actions))
     mu, logvar, (hidden, cell) = warm_starts(tmp_path, memory, limit=12, use_mu=True, seed=0)
     # 12 starts over 3 episodes: 4 distinct frames each (all 4 of the 4-step one), never a final observation
     assert mu.shape == (12, Z) and hidden.shape == cell.shape == (12, H) and np.all(logvar == -2.0)
     found = []
     for row, z in enumerate(mu):
-        (episode, frame), = [(e, t) for e, (m, _) in enumerate(episodes) for t in range(len(m)) if np.array_equal(m[t], z)]
+        ((episode, frame),) = [
+            (e, t) for e, (m, _) in enumerate(episodes) for t in range(len(m)) if np.array_equal(m[t], z)
+        ]
         assert frame < len(episodes[episode][1])
         found.append((episode, frame))
         # reference: MemoryModel.step through the episode's real (z_<t, a_<t)
         state = memory.initial_state(1)
         with torch.no_grad():
             for t in range(frame):
-                _, state = memory.step(torch.from_numpy(episodes[episode][0][t : t + 1]),
-                                       torch.from_numpy(episodes[episode][1][t : t + 1]), state)
+                _, state = memory.step(
+                    torch.from_numpy(episodes[episode][0][t : t + 1]),
+                    torch.from_numpy(episodes[episode][1][t : t + 1]),
+                    state,
+                )
         np.testing.assert_allclose(hidden[row], state[0][0, 0].numpy(), atol=1e-5)
         np.testing.assert_allclose(cell[row], state[1][0, 0].numpy(), atol=1e-5)
     assert len(set(found)) == 12 and sorted(f for e, f in found if e == 1) == [0, 1, 2, 3]
@@ -320,7 +378,9 @@ def test_warm_starts_carry_the_memory_state_reached_by_reading_the_real_episode(
     # at most `limit` episodes are read, and the draw is seeded
     few = warm_starts(tmp_path, memory, limit=2, use_mu=False, seed=1)
     assert len(few[0]) == 2 and not np.array_equal(few[2][0][0], few[2][0][1])
-    np.testing.assert_array_equal(few[2][0], warm_starts(tmp_path, memory, limit=2, use_mu=False, seed=1)[2][0])
+    np.testing.assert_array_equal(
+        few[2][0], warm_starts(tmp_path, memory, limit=2, use_mu=False, seed=1)[2][0]
+    )
     # the dream env begins each dream in the start frame's state
     env = DreamEnv(memory, mu, logvar, action_space=CAR_ACTIONS, use_mu=True, initial_state=(hidden, cell))
     for seed in range(5):
@@ -329,3 +389,142 @@ def test_warm_starts_carry_the_memory_state_reached_by_reading_the_real_episode(
         np.testing.assert_allclose(obs[Z:], hidden[info["start_index"]])
     with pytest.raises(ValueError, match="initial_state"):
         DreamEnv(memory, mu, logvar, action_space=CAR_ACTIONS, initial_state=(hidden[:3], cell[:3]))
+
+
+def warm_state(count, seed=3):
+    """(h, c) ``[count, H]`` of a warm start: h in [-1, 1] as an LSTM's."""
+    rng = np.random.default_rng(seed)
+    return np.tanh(rng.normal(size=(count, H))).astype(np.float32), rng.normal(size=(count, H)).astype(
+        np.float32
+    )
+
+
+def drive(env, ctrl, params, seed=None, options=None):
+    """One dream of ``env`` driven by the controller as ``agents.evaluate.run_dream`` drives it: observations
+    [T + 1, Z + H], rewards [T], dones [T] and the reset's info."""
+    obs, info = env.reset(seed=seed, options=options)
+    observations, rewards, dones = [obs], [], []
+    terminated = truncated = False
+    while not (terminated or truncated):
+        features = torch.as_tensor(obs)
+        action = ctrl.act(params, features[None, :Z], features[None, Z:])[0]
+        obs, reward, terminated, truncated, _ = env.step(int(action) if ctrl.discrete else action.numpy())
+        observations.append(obs)
+        rewards.append(reward)
+        dones.append(terminated)
+    return np.stack(observations), np.array(rewards, np.float32), np.array(dones), info
+
+
+def twin_dreams(kind, rank, start, temperature, probe, use_mu=False, horizon=25):
+    """A DreamEnv, a BatchedDream of one memory with the same starts and settings, and their controller.
+    Mario's dreams (discrete actions) start anywhere, as its configs do; CarRacing's at first frames.
+
+    Some dreams must end within a few steps and others run long. Sampled dones (tau > 0) spread the ends by
+    themselves; at tau = 0 a dream ends where w . h_{t+1} first exceeds -b, so b is set from the dreams the
+    test compares: ``probe(env, dream)`` records them with no end ([D, T + 1, Z + H] observations), and half
+    of them cross -b within 6 steps. (A dream's steps before its end do not depend on b: done is a step's last
+    draw.)
+    """
+    discrete = start == "any"
+    actions = 5 if discrete else A
+    memory = tiny_memory(
+        kind=kind, rank=rank, cond=actions, **({"flow_context": True} if kind == "frmdn" else {})
+    )
+    weight = torch.linspace(-1.0, 1.0, H)
+    mu, logvar = starts()
+    ctrl = controller(discrete, actions)
+    settings = {
+        "horizon": horizon,
+        "temperature": temperature,
+        "use_mu": use_mu,
+        "initial_state": warm_state(len(mu)) if start == "any" else None,
+    }
+    action_space = spaces.Discrete(actions) if discrete else CAR_ACTIONS
+
+    def build(bias):
+        with torch.no_grad():
+            memory.done_head.weight.copy_(weight)
+            memory.done_head.bias.fill_(bias)
+        env = DreamEnv(memory, mu, logvar, action_space=action_space, **settings)
+        return env, BatchedDream(memory, ctrl, mu, logvar, **settings)
+
+    if temperature > 0:
+        return (*build(-1.5), ctrl)
+    peaks = (probe(*build(-1e4))[:, 1:7, Z:] @ weight).amax(1).sort().values
+    # -b midway across the widest gap between the middle half of the peaks: no dream's logit sits at the
+    # threshold, where the two code paths' last bits could end one and not the other
+    quarter = len(peaks) // 4
+    low = quarter + int((peaks[quarter + 1 : -quarter] - peaks[quarter : -quarter - 1]).argmax())
+    return (*build(-float(peaks[low] + peaks[low + 1]) / 2), ctrl)
+
+
+def candidates(start, count, seed):
+    """``count`` controllers' parameters for the game ``twin_dreams`` pairs with ``start``."""
+    ctrl = controller(start == "any", 5 if start == "any" else A)
+    return 0.5 * torch.randn(count, ctrl.num_params, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_same_dream(trace, p, r, observations, rewards, dones):
+    """Dream (p, r) of a recorded batched rollout is the env's dream (z, h, rewards, dones)."""
+    steps = int(trace.lengths[p, r])
+    assert steps == len(rewards)
+    np.testing.assert_allclose(
+        trace.observations[p, r, : steps + 1].numpy(), observations, rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(trace.rewards[p, r, :steps].numpy(), rewards, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(trace.dones[p, r, :steps].numpy(), dones)
+    assert float(trace.returns[p, r]) == pytest.approx(float(rewards.sum()), rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.15])
+@pytest.mark.parametrize("start", ["first", "any"])
+@pytest.mark.parametrize("rank", [0, 2])
+@pytest.mark.parametrize("kind", ["rmdn", "frmdn"])
+def test_dream_env_dreams_the_dreams_the_controller_is_trained_in(kind, rank, start, temperature):
+    """Same seed, candidate and start: the env's dream (as the dream video plays it) is the batched dream's,
+    the batched dream of one rollout given a generator seeded with the env's ``dream_seed``."""
+    params = candidates(start, 3, seed=0)
+    dreams = list(product(range(4), params))
+
+    def batched(env, dream, candidate, seed):
+        info = env.reset(seed=seed)[1]
+        return dream.rollout(
+            candidate[None], 1, torch.Generator().manual_seed(info["dream_seed"]), record=True
+        )
+
+    def probe(env, dream):
+        return torch.cat([batched(env, dream, candidate, seed).observations[0] for seed, candidate in dreams])
+
+    env, dream, ctrl = twin_dreams(kind, rank, start, temperature, probe)
+    lengths, frames = [], set()
+    for seed, candidate in dreams:
+        observations, rewards, dones, info = drive(env, ctrl, candidate, seed=seed)
+        trace = batched(env, dream, candidate, seed)
+        assert int(trace.starts[0]) == info["start_index"]
+        assert_same_dream(trace, 0, 0, observations, rewards, dones)
+        lengths.append(len(rewards))
+        frames.add(info["start_index"])
+    assert min(lengths) < 25 and max(lengths) > 6 and len(frames) > 1, (lengths, frames)
+
+
+@pytest.mark.parametrize("kind, rank, start", [("frmdn", 2, "any"), ("rmdn", 0, "first")])
+def test_every_dream_of_a_population_batch_is_the_dream_env_dream_from_its_start(kind, rank, start):
+    """At tau = 0 with z_0 = mu a dream is fixed by its start and its candidate: each of the P x R dreams of
+    one batch (its component groups span many dreams) is the env's dream from that start frame."""
+    params = candidates(start, 3, seed=1)
+
+    def batched(env, dream):
+        return dream.rollout(params, 4, torch.Generator().manual_seed(2), record=True)
+
+    env, dream, ctrl = twin_dreams(
+        kind, rank, start, 0.0, lambda *twins: batched(*twins).observations.flatten(0, 1), use_mu=True
+    )
+    trace = batched(env, dream)
+    assert len(set(trace.starts.tolist())) > 1
+    for p, r in product(range(3), range(4)):
+        observations, rewards, dones, info = drive(
+            env, ctrl, params[p], options={"start_index": int(trace.starts[r])}
+        )
+        assert info["start_index"] == int(trace.starts[r])
+        assert_same_dream(trace, p, r, observations, rewards, dones)
+    assert trace.lengths.min() < 25 and trace.lengths.max() > 6, trace.lengths

@@ -1,26 +1,22 @@
-"""CMA-ES: it improves fitness on cheap tasks, its state is plain data, a killed run resumes exactly as if it had
-never stopped, and a crashing rollout actor is replaced and its candidate evaluated again."""
+"""CMA-ES: it improves fitness on cheap tasks, its state is plain data, and a killed run resumes exactly as if
+it had never stopped. (The rollout actors' pool, which replaces a crashing actor and evaluates its candidate
+again, is tested in tests/test_pool.py.)"""
 
 import dataclasses
 import json
-import os
 import sys
 
 import numpy as np
 import pytest
-import ray
 import torch
 
 from agents import train_controller
 from agents.es import CMAES
-from agents.workers import ActorPool
 from worldmodel.config import ConfigError, load_config
 from worldmodel.data import save_latents
 from worldmodel.io import load_checkpoint, read_jsonl, save_checkpoint
 from worldmodel.memory import MemoryModel
 from worldmodel.runs import run_paths
-
-ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 Z = 4
 
@@ -70,11 +66,24 @@ def test_tell_refuses_bad_fitness():
 
 def tiny_run(root, generations=6, extra=()):
     """A run folder with a memory whose reward the actions can steer, and a few latents files."""
-    cfg = load_config(None, [
-        f"runs_dir={root}", "memory.hidden=8", "memory.components=2", "memory.rank=1", "memory.flow_hidden=8",
-        f"controller.generations={generations}", "controller.population=8", "controller.rollouts=2",
-        "controller.sigma=0.5", "controller.eval_every=2", "controller.eval_episodes=4", "env.max_steps=10", *extra,
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"runs_dir={root}",
+            "memory.hidden=8",
+            "memory.components=2",
+            "memory.rank=1",
+            "memory.flow_hidden=8",
+            f"controller.generations={generations}",
+            "controller.population=8",
+            "controller.rollouts=2",
+            "controller.sigma=0.5",
+            "controller.eval_every=2",
+            "controller.eval_episodes=4",
+            "env.max_steps=10",
+            *extra,
+        ],
+    )
     torch.manual_seed(0)
     memory = MemoryModel(Z, 3, cfg.memory)
     with torch.no_grad():
@@ -86,13 +95,22 @@ def tiny_run(root, generations=6, extra=()):
     save_checkpoint(paths.memory / "memory.pt", **memory.to_checkpoint())
     rng = np.random.default_rng(0)
     for i in range(3):
-        save_latents(paths.latents / f"ep_{i:05d}.npz", rng.normal(size=(6, Z)), np.full((6, Z), -2.0),
-                     rng.uniform(0, 1, (5, 3)), np.zeros(5), np.zeros(5, bool))
+        save_latents(
+            paths.latents / f"ep_{i:05d}.npz",
+            rng.normal(size=(6, Z)),
+            np.full((6, Z), -2.0),
+            rng.uniform(0, 1, (5, 3)),
+            np.zeros(5),
+            np.zeros(5, bool),
+        )
     return cfg
 
 
 def rows_without_time(cfg):
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in read_jsonl(run_paths(cfg).controller / "metrics.jsonl")]
+    return [
+        {k: v for k, v in row.items() if k != "seconds"}
+        for row in read_jsonl(run_paths(cfg).controller / "metrics.jsonl")
+    ]
 
 
 def test_train_controller_in_a_tiny_dream_improves_fitness(tmp_path):
@@ -102,14 +120,19 @@ def test_train_controller_in_a_tiny_dream_improves_fitness(tmp_path):
     rows = read_jsonl(out / "metrics.jsonl")
     assert [row["generation"] for row in rows] == list(range(1, 11))
     assert all(row["mean_length"] == 10 for row in rows)  # no dream ends before the horizon (done bias -20)
-    assert np.mean([row["mean"] for row in rows[-3:]]) > rows[0]["mean"] + 2.0  # the population's mean fitness rises
+    assert (
+        np.mean([row["mean"] for row in rows[-3:]]) > rows[0]["mean"] + 2.0
+    )  # the population's mean fitness rises
     assert summary["generations"] == 10 and summary["train_in"] == "dream"
     best = load_checkpoint(out / "best.pt")
     assert best["params"].shape == (summary["num_params"],) and best["fitness"] == summary["best_score"]
     assert best["generation"] in (2, 4, 6, 8, 10) and "eval_mean" in rows[best["generation"] - 1]
     # the kept candidate beats the starting controller (zeros) on the dream
     fitness = train_controller.DreamFitness(cfg, *_memory_and_controller(cfg))
-    assert fitness.episodes(best["params"].numpy(), 8, 99).mean() > fitness.episodes(np.zeros_like(best["params"]), 8, 99).mean()
+    assert (
+        fitness.episodes(best["params"].numpy(), 8, 99).mean()
+        > fitness.episodes(np.zeros_like(best["params"]), 8, 99).mean()
+    )
     for name in ("es_state.pt", "fitness.png", "summary.json", "config.yaml"):
         assert (out / name).exists()
     assert train_controller.run(cfg)["skipped"] is True
@@ -122,7 +145,10 @@ def test_dreams_that_end_far_sooner_than_the_game_are_flagged(tmp_path, capsys):
     payload["state_dict"]["done_head.bias"].fill_(20.0)  # every dream ends after its first step
     save_checkpoint(path, **payload)
     train_controller.run(cfg)
-    assert "dreams last 1 steps on average, the real episodes went on for 5 from the same frames" in capsys.readouterr().err
+    assert (
+        "dreams last 1 steps on average, the real episodes went on for 5 from the same frames"
+        in capsys.readouterr().err
+    )
     assert read_jsonl(run_paths(cfg).controller / "metrics.jsonl")[0]["mean_length"] == 1
     # from any frame of the 5-step episodes, the real game went on for 3 steps on average (5, 4, 3, 2 or 1)
     anywhere = dataclasses.replace(cfg, controller=dataclasses.replace(cfg.controller, dream_start="any"))
@@ -131,11 +157,15 @@ def test_dreams_that_end_far_sooner_than_the_game_are_flagged(tmp_path, capsys):
 
 
 def test_train_controller_dreams_from_any_frame_and_refuses_unknown_starts(tmp_path):
-    cfg = tiny_run(tmp_path, generations=2, extra=["controller.dream_start=any", "controller.dream_start_limit=8"])
+    cfg = tiny_run(
+        tmp_path, generations=2, extra=["controller.dream_start=any", "controller.dream_start_limit=8"]
+    )
     fitness = train_controller.DreamFitness(cfg, *_memory_and_controller(cfg))
     hidden, cell = fitness.dream.initial_state
     assert len(fitness.dream.initial_mu) == len(hidden) == 6  # 8 // 3 episodes = 2 frames from each
-    assert hidden.abs().sum(1).gt(0).sum() >= 3 and cell.abs().sum(1).gt(0).sum() >= 3  # not only first frames
+    assert (
+        hidden.abs().sum(1).gt(0).sum() >= 3 and cell.abs().sum(1).gt(0).sum() >= 3
+    )  # not only first frames
     assert train_controller.run(cfg)["generations"] == 2
     bad = tiny_run(tmp_path / "bad", extra=["controller.dream_start=middle"])
     with pytest.raises(ConfigError, match="controller.dream_start"):
@@ -169,78 +199,67 @@ def test_train_controller_resumes_after_a_kill_as_if_uninterrupted(tmp_path, mon
     assert CMAES.from_state_dict(load_checkpoint(out / "es_state.pt")["es"]).generation == 2
     # a metrics row written just before a kill, without its checkpoint, must not survive the resume
     with open(out / "metrics.jsonl", "a") as handle:
-        handle.write(json.dumps({"generation": 3, "best": 0.0, "mean": 0.0, "worst": 0.0, "sigma": 1.0}) + "\n")
+        handle.write(
+            json.dumps({"generation": 3, "best": 0.0, "mean": 0.0, "worst": 0.0, "sigma": 1.0}) + "\n"
+        )
     monkeypatch.undo()
 
     summary = train_controller.run(cfg)
     assert summary["generations"] == 5
     assert rows_without_time(cfg) == rows_without_time(reference_cfg)
-    ours, theirs = load_checkpoint(out / "best.pt"), load_checkpoint(run_paths(reference_cfg).controller / "best.pt")
+    ours, theirs = (
+        load_checkpoint(out / "best.pt"),
+        load_checkpoint(run_paths(reference_cfg).controller / "best.pt"),
+    )
     assert torch.equal(ours["params"], theirs["params"]) and ours["generation"] == theirs["generation"]
     es_ours = CMAES.from_state_dict(load_checkpoint(out / "es_state.pt")["es"])
-    es_theirs = CMAES.from_state_dict(load_checkpoint(run_paths(reference_cfg).controller / "es_state.pt")["es"])
+    es_theirs = CMAES.from_state_dict(
+        load_checkpoint(run_paths(reference_cfg).controller / "es_state.pt")["es"]
+    )
     assert np.array_equal(es_ours.mean, es_theirs.mean) and es_ours.sigma == es_theirs.sigma
 
-    # more generations continue the finished run; a different population cannot reuse its state
+    # more generations continue the finished run; a different population cannot reuse its state: the stage is
+    # refused with --refuse-stale, else redone from generation 0
     cfg_more = tiny_run(tmp_path / "b", generations=7)
     assert train_controller.run(cfg_more)["generations"] == 7
-    with pytest.raises(ConfigError, match="population"):
-        train_controller.run(tiny_run(tmp_path / "b", generations=9, extra=["controller.population=6"]))
-
-
-# ---- Ray rollout actors --------------------------------------------------------------------------------------
-
-
-class ToyWorker:
-    """Scores a candidate as sum(params) + seed; dies (the whole process) on candidates listed in ``crash_on``,
-    the first time for each, or every time with ``always``."""
-
-    def __init__(self, marker_dir: str, crash_on: tuple = (), always: bool = False):
-        self.marker_dir, self.crash_on, self.always = marker_dir, crash_on, always
-
-    def evaluate(self, params, seeds):
-        key = int(params[0])
-        marker = os.path.join(self.marker_dir, f"crashed_{key}")
-        if key in self.crash_on and (self.always or not os.path.exists(marker)):
-            open(marker, "w").close()
-            os._exit(1)
-        return [float(np.sum(params)) + seed for seed in seeds]
-
-
-def test_a_crashing_rollout_actor_is_replaced_and_its_candidate_reevaluated(ray_session, tmp_path):
-    actor_class = ray.remote(num_cpus=0, max_restarts=0)(ToyWorker)
-    pool = ActorPool(lambda: actor_class.remote(str(tmp_path), crash_on=(3,)), size=2, max_retries=2)
-    candidates = [np.full(4, float(i)) for i in range(6)]
-    try:
-        results = pool.map("evaluate", [(candidate, [10, 20]) for candidate in candidates])
-    finally:
-        pool.close()
-    assert results == [[4.0 * i + 10, 4.0 * i + 20] for i in range(6)]  # every candidate, in order, once
-    assert pool.replaced == 1 and (tmp_path / "crashed_3").exists()
-
-
-def test_a_candidate_that_always_kills_its_actor_fails_after_bounded_retries(ray_session, tmp_path):
-    actor_class = ray.remote(num_cpus=0, max_restarts=0)(ToyWorker)
-    pool = ActorPool(lambda: actor_class.remote(str(tmp_path), crash_on=(1,), always=True), size=2, max_retries=1)
-    try:
-        with pytest.raises(RuntimeError, match="job 1 failed 2 times"):
-            pool.map("evaluate", [(np.full(2, float(i)), [0]) for i in range(3)])
-    finally:
-        pool.close()
+    with pytest.raises(ConfigError, match=r"controller.population: \d+ -> 6"):
+        train_controller.run(
+            tiny_run(tmp_path / "b", generations=9, extra=["controller.population=6", "stale=refuse"])
+        )
+    redone = train_controller.run(tiny_run(tmp_path / "b", generations=2, extra=["controller.population=6"]))
+    assert redone["population"] == 6 and redone["generations"] == 2 and "skipped" not in redone
+    # fewer generations than a finished run holds: stale, so redone as well
+    assert (
+        train_controller.run(tiny_run(tmp_path / "b", generations=1, extra=["controller.population=6"]))[
+            "generations"
+        ]
+        == 1
+    )
 
 
 @pytest.mark.slow
 def test_train_controller_killed_with_sigkill_resumes_from_its_checkpoint(tmp_path):
-    """The command line, killed for real (SIGKILL) after a generation, then run again: same result as uninterrupted."""
+    """The command line, killed for real (SIGKILL) after a generation, then run again: same result as
+    uninterrupted."""
     import signal
     import subprocess
     import time
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    overrides = ["memory.hidden=8", "memory.components=2", "memory.rank=1", "memory.flow_hidden=8",
-                 "controller.generations=12", "controller.population=8", "controller.rollouts=2",
-                 "controller.sigma=0.5", "controller.eval_every=2", "controller.eval_episodes=4", "env.max_steps=10"]
+    overrides = [
+        "memory.hidden=8",
+        "memory.components=2",
+        "memory.rank=1",
+        "memory.flow_hidden=8",
+        "controller.generations=12",
+        "controller.population=8",
+        "controller.rollouts=2",
+        "controller.sigma=0.5",
+        "controller.eval_every=2",
+        "controller.eval_episodes=4",
+        "env.max_steps=10",
+    ]
     reference = tiny_run(tmp_path / "a", generations=12)
     train_controller.run(reference)
     cfg = tiny_run(tmp_path / "b", generations=12)

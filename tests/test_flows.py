@@ -9,8 +9,8 @@ F64 = torch.float64
 
 
 def random_flow(dim, blocks=2, hidden=16, context_dim=0, seed=0, scale=0.5):
-    """A float64 flow with every weight random, including the zero-initialised last layers (a fresh flow is the
-    identity, which would make these tests vacuous)."""
+    """A float64 flow with every weight random, including the zero-initialised last layers (a fresh flow is
+    the identity, which would make these tests vacuous)."""
     torch.manual_seed(seed)
     flow = CouplingFlow(dim, blocks=blocks, hidden=hidden, context_dim=context_dim).double()
     with torch.no_grad():

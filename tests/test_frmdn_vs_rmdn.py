@@ -34,20 +34,31 @@ def crescent_sequences(n: int, steps: int, generator: torch.Generator) -> torch.
 
 
 def true_nll(y: torch.Tensor) -> float:
-    """Mean per-step NLL of y[:, 1:] under the true transition density (the floor no model can beat on average)."""
+    """Mean per-step NLL of y[:, 1:] under the true transition density (the floor no model can beat on
+    average)."""
     previous, current = y[:, :-1], y[:, 1:]
     normal = torch.distributions.Normal
     log_p = normal(0.5 * previous[..., 0], 1.0).log_prob(current[..., 0])
-    log_p = log_p + normal(current[..., 0].square() + 0.3 * previous[..., 1] - 1.0, NOISE).log_prob(current[..., 1])
+    log_p = log_p + normal(current[..., 0].square() + 0.3 * previous[..., 1] - 1.0, NOISE).log_prob(
+        current[..., 1]
+    )
     return -log_p.mean().item()
 
 
-def train_test_nll(kind: str, train: torch.Tensor, test: torch.Tensor, steps: int = 150, seed: int = 0) -> float:
+def train_test_nll(
+    kind: str, train: torch.Tensor, test: torch.Tensor, steps: int = 150, seed: int = 0
+) -> float:
     """Same everything (K=2, rank 1, LSTM 32, Adam 3e-3, batch 32, seed) except the flow."""
     torch.manual_seed(seed)
     config = MemoryConfig(
-        kind=kind, hidden=32, components=2, rank=1, flow_blocks=2, flow_hidden=32,
-        predict_reward=False, predict_done=False,
+        kind=kind,
+        hidden=32,
+        components=2,
+        rank=1,
+        flow_blocks=2,
+        flow_hidden=32,
+        predict_reward=False,
+        predict_done=False,
     )
     model = MemoryModel(target_dim=2, cond_dim=0, config=config)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -61,7 +72,6 @@ def train_test_nll(kind: str, train: torch.Tensor, test: torch.Tensor, steps: in
         optimizer.step()
     with torch.no_grad():
         return model.sequence_loss(test)["nll"].item()
-
 
 
 def test_frmdn_beats_rmdn_with_the_same_components_on_crescent_sequences(one_thread):

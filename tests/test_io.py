@@ -79,7 +79,9 @@ def test_latents_validate(tmp_path):
     save_latents(tmp_path / "l.npz", mu, mu, episode["actions"], episode["rewards"], episode["terminals"])
     assert load_latents(tmp_path / "l.npz")["mu"].shape == (6, 4)
     with pytest.raises(DataError, match="logvar"):
-        save_latents(tmp_path / "m.npz", mu, mu[:, :3], episode["actions"], episode["rewards"], episode["terminals"])
+        save_latents(
+            tmp_path / "m.npz", mu, mu[:, :3], episode["actions"], episode["rewards"], episode["terminals"]
+        )
 
 
 def test_list_npz_skips_temporary_files(tmp_path):

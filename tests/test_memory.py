@@ -1,4 +1,5 @@
-"""The memory model: the full FRMDN density (integrates to 1), alignment, sampling, masks, heads, checkpoints."""
+"""The memory model: the full FRMDN density (integrates to 1), alignment, sampling, masks, heads,
+checkpoints."""
 
 import dataclasses
 
@@ -21,7 +22,8 @@ def small_config(**overrides) -> MemoryConfig:
 
 
 def make_model(target_dim=3, cond_dim=2, seed=0, flow_scale=0.4, **overrides) -> MemoryModel:
-    """A float64 model whose flow is NOT the identity (its zero-initialised last layers get random weights)."""
+    """A float64 model whose flow is NOT the identity (its zero-initialised last layers get random
+    weights)."""
     torch.manual_seed(seed)
     model = MemoryModel(target_dim, cond_dim, small_config(**overrides)).double()
     if model.flow is not None:
@@ -50,6 +52,7 @@ def expand_output(out: MemoryOutput, n: int) -> MemoryOutput:
 
 
 # ---------------------------------------------------------------- the density itself
+
 
 def grid_density(model, out, half_width=20.0, points=700):
     """log p and log|det df/dy| of the whole model on a 2-D grid, with the cell area."""
@@ -128,6 +131,7 @@ def test_rmdn_has_no_flow_and_scores_the_target_directly():
 
 # ---------------------------------------------------------------- shapes and alignment
 
+
 @pytest.mark.parametrize("kind, rank", [("frmdn", 2), ("rmdn", 0), ("frmdn", 0), ("rmdn", 3)])
 def test_output_shapes(kind, rank):
     b, t, d, c, k, h = 3, 5, 4, 2, 3, 12
@@ -155,7 +159,8 @@ def test_heads_can_be_switched_off():
 
 
 def test_sequence_log_prob_matches_step_by_step_calls():
-    """Output t reads (y_t, c_t) and scores y_{t+1}: the same numbers whether run as a sequence or stepwise."""
+    """Output t reads (y_t, c_t) and scores y_{t+1}: the same numbers whether run as a sequence or
+    stepwise."""
     model = make_model(flow_context=True, seed=6)
     y, cond = random_sequences(3, 6)
     with torch.no_grad():
@@ -198,6 +203,7 @@ def test_initial_state_follows_model_dtype_and_equals_no_state():
 
 
 # ---------------------------------------------------------------- sampling
+
 
 def test_zero_temperature_sample_is_flow_inverse_of_the_most_likely_mean():
     model = make_model(flow_context=True, seed=9)
@@ -242,6 +248,7 @@ def test_sampling_is_reproducible_with_a_generator():
 
 # ---------------------------------------------------------------- losses, masks, heads
 
+
 def test_mask_excludes_padded_steps():
     model = make_model(seed=12)
     y, cond = random_sequences(3, 6)
@@ -274,7 +281,9 @@ def test_heads_losses_and_done_pos_weight_match_manual_formulas():
     rewards = torch.randn(2, 5, dtype=F64)
     dones = torch.zeros(2, 5, dtype=F64)
     dones[:, -1] = 1.0  # one positive per episode, at its last transition
-    losses = model.sequence_loss(y, cond, rewards, dones, done_pos_weight=4.0, reward_weight=0.5, done_weight=2.0)
+    losses = model.sequence_loss(
+        y, cond, rewards, dones, done_pos_weight=4.0, reward_weight=0.5, done_weight=2.0
+    )
     log_p, out = model.sequence_log_prob(y, cond)
     torch.testing.assert_close(losses["reward_loss"], (out.reward - rewards).square().mean())
     p = torch.sigmoid(out.done_logit)
@@ -287,7 +296,9 @@ def test_heads_losses_and_done_pos_weight_match_manual_formulas():
     # no pos_weight (None or 0) is the plain BCE
     plain = F.binary_cross_entropy_with_logits(out.done_logit, dones)
     for weight in (None, 0.0):
-        torch.testing.assert_close(model.sequence_loss(y, cond, None, dones, done_pos_weight=weight)["done_loss"], plain)
+        torch.testing.assert_close(
+            model.sequence_loss(y, cond, None, dones, done_pos_weight=weight)["done_loss"], plain
+        )
     # absent targets give zero head losses
     bare = model.sequence_loss(y, cond)
     assert bare["reward_loss"] == 0 and bare["done_loss"] == 0
@@ -303,7 +314,8 @@ def test_done_pos_weight_scales_the_gradient_of_positive_steps():
         model.sequence_loss(y, cond, None, dones, done_pos_weight=weight)["done_loss"].backward()
         return model.done_head.bias.grad.clone()
 
-    # dBCE/dlogit is -w (1 - sigmoid) on a positive and sigmoid on a negative; the bias sums them (mean over T)
+    # dBCE/dlogit is -w (1 - sigmoid) on a positive and sigmoid on a negative; the bias sums them
+    # (mean over T)
     _, out = model.sequence_log_prob(y, cond)
     p = torch.sigmoid(out.done_logit.detach())[0]
     for weight in (1.0, 10.0):
@@ -314,7 +326,9 @@ def test_done_pos_weight_scales_the_gradient_of_positive_steps():
 def test_loss_gradients_reach_every_module():
     model = make_model(flow_context=True, seed=15)
     y, cond = random_sequences(2, 4)
-    losses = model.sequence_loss(y, cond, torch.randn(2, 4, dtype=F64), torch.zeros(2, 4, dtype=F64), done_pos_weight=5.0)
+    losses = model.sequence_loss(
+        y, cond, torch.randn(2, 4, dtype=F64), torch.zeros(2, 4, dtype=F64), done_pos_weight=5.0
+    )
     losses["loss"].backward()
     for name, parameter in model.named_parameters():
         assert parameter.grad is not None and parameter.grad.isfinite().all(), name
@@ -340,6 +354,7 @@ def test_diagonal_respects_floor_and_clamp(activation):
 
 
 # ---------------------------------------------------------------- checkpoints and errors
+
 
 def test_checkpoint_round_trip(tmp_path):
     model = make_model(flow_context=True, diag_clamp=[0.1, 1.9], rank=1, seed=17).float()

@@ -1,4 +1,5 @@
-"""Low-rank-precision Gaussian mixtures against dense float64 references (log-prob, sample moments, shapes)."""
+"""Low-rank-precision Gaussian mixtures against dense float64 references (log-prob, sample moments,
+shapes)."""
 
 import math
 
@@ -58,7 +59,9 @@ def test_log_prob_batch_shapes_and_per_component_density(batch):
 def test_rank_zero_factor_is_the_diagonal_mixture():
     x, logit_pi, mu, diag, _ = random_mixture((6,), 4, 5, 0, seed=2)
     empty_u = torch.zeros(6, 4, 5, 0, dtype=F64)
-    torch.testing.assert_close(gmm_log_prob(x, logit_pi, mu, diag, empty_u), gmm_log_prob(x, logit_pi, mu, diag))
+    torch.testing.assert_close(
+        gmm_log_prob(x, logit_pi, mu, diag, empty_u), gmm_log_prob(x, logit_pi, mu, diag)
+    )
 
 
 def test_float32_log_prob_is_close_to_float64():
@@ -69,6 +72,7 @@ def test_float32_log_prob_is_close_to_float64():
 
 
 # ---------------------------------------------------------------- sampling
+
 
 def assert_moments(samples, mean, cov, sigmas=5.0):
     """Sample mean and covariance within `sigmas` Monte-Carlo standard errors of the truth (Gaussian data:
@@ -141,6 +145,7 @@ def test_negative_temperature_is_refused():
 
 # ---------------------------------------------------------------- extreme parameters
 
+
 @pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
 @pytest.mark.parametrize(
     "diag_value, u_scale",
@@ -165,19 +170,23 @@ def test_gradients_and_samples_are_finite_at_extreme_parameters(diag_value, u_sc
 
 
 def test_extreme_log_det_matches_float64_dense_reference():
-    """Tiny diagonal and large U (condition number ~1e10): the lemma in float64 still agrees with a dense slogdet."""
+    """Tiny diagonal and large U (condition number ~1e10): the lemma in float64 still agrees with a dense
+    slogdet."""
     d, r = 32, 3
     gen = torch.Generator().manual_seed(10)
     diag = 1e-4 * torch.logspace(-1, 1, d, dtype=F64)
     u = 30.0 * torch.randn(d, r, generator=gen, dtype=F64)
     x = torch.randn(d, generator=gen, dtype=F64) * 1e-2
     precision = torch.diag(diag) + u @ u.T
-    expected = 0.5 * (torch.linalg.slogdet(precision).logabsdet - x @ precision @ x - d * math.log(2 * math.pi))
+    expected = 0.5 * (
+        torch.linalg.slogdet(precision).logabsdet - x @ precision @ x - d * math.log(2 * math.pi)
+    )
     got = gmm_log_prob(x, torch.zeros(1, dtype=F64), torch.zeros(1, d, dtype=F64), diag[None], u[None])
     torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-6)
 
 
 # ---------------------------------------------------------------- shape errors
+
 
 def _shapes_case(name):
     x, logit_pi, mu, diag, u = random_mixture((4,), 3, 5, 2)
@@ -199,12 +208,22 @@ def _shapes_case(name):
 
 @pytest.mark.parametrize(
     "name",
-    ["x_dim", "x_batch", "x_missing_batch", "logit_k", "logit_batch", "diag_d", "diag_batch", "u_d", "u_k",
-     "u_missing_rank_axis"],
+    [
+        "x_dim",
+        "x_batch",
+        "x_missing_batch",
+        "logit_k",
+        "logit_batch",
+        "diag_d",
+        "diag_batch",
+        "u_d",
+        "u_k",
+        "u_missing_rank_axis",
+    ],
 )
 def test_mismatched_shapes_raise_value_error_naming_the_shapes(name):
     args, bad = _shapes_case(name)
-    (bad_name, bad_tensor), = bad.items()
+    ((bad_name, bad_tensor),) = bad.items()
     with pytest.raises(ValueError) as error:
         gmm_log_prob(**args)
     message = str(error.value)
@@ -212,7 +231,9 @@ def test_mismatched_shapes_raise_value_error_naming_the_shapes(name):
     assert str(tuple(args["mu"].shape)) in message, message
     if bad_name != "x":
         sample_args = {key: value for key, value in args.items() if key != "x"}
-        with pytest.raises(ValueError, match=str(tuple(bad_tensor.shape)).replace("(", r"\(").replace(")", r"\)")):
+        with pytest.raises(
+            ValueError, match=str(tuple(bad_tensor.shape)).replace("(", r"\(").replace(")", r"\)")
+        ):
             gmm_sample(**sample_args)
 
 

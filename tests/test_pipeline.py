@@ -11,17 +11,27 @@ from worldmodel.config import load_config
 from worldmodel.data import list_npz, load_episode, load_latents
 from worldmodel.io import load_checkpoint, read_json
 from worldmodel.memory import MemoryModel
+from worldmodel.stages import output_digest
 from worldmodel.vae import load_vae
 
 REPO = Path(__file__).resolve().parent.parent
 
 # Reduced counts for the default run: every stage runs for real, on a handful of short episodes.
 TINY = [
-    "collect.episodes=3", "collect.max_steps=24", "env.max_steps=24",
-    "vae.epochs=1", "vae.batch_size=16",
-    "memory.hidden=16", "memory_train.epochs=2", "memory_train.seq_len=8", "memory_train.batch_size=4",
-    "controller.generations=2", "controller.population=4", "controller.rollouts=1",
-    "controller.eval_every=1", "controller.eval_episodes=1",
+    "collect.episodes=3",
+    "collect.max_steps=24",
+    "env.max_steps=24",
+    "vae.epochs=1",
+    "vae.batch_size=16",
+    "memory.hidden=16",
+    "memory_train.epochs=2",
+    "memory_train.seq_len=8",
+    "memory_train.batch_size=4",
+    "controller.generations=2",
+    "controller.population=4",
+    "controller.rollouts=1",
+    "controller.eval_every=1",
+    "controller.eval_episodes=1",
     "evaluate.episodes=2",
 ]
 
@@ -52,13 +62,20 @@ def check_outputs(root: Path, episodes: int) -> None:
     memory = MemoryModel.from_checkpoint(load_checkpoint(root / "memory" / "memory.pt"))
     assert memory.target_dim == latents[0]["mu"].shape[1]
     assert memory.cond_dim == latents[0]["actions"].shape[1]
-    assert all(key in read_json(root / "memory" / "summary.json") for key in ("test_nll_per_step", "test_nll_per_dim"))
+    assert all(
+        key in read_json(root / "memory" / "summary.json")
+        for key in ("test_nll_per_step", "test_nll_per_dim")
+    )
 
     assert load_checkpoint(root / "controller" / "best.pt")
     evaluation = read_json(root / "evaluate" / "summary.json")
     assert evaluation["episodes"] >= 1
-    for stage, picture in [("vae", "reconstructions.png"), ("memory", "nll.png"), ("controller", "fitness.png"),
-                           ("dream", "dream.gif")]:
+    for stage, picture in [
+        ("vae", "reconstructions.png"),
+        ("memory", "nll.png"),
+        ("controller", "fitness.png"),
+        ("dream", "dream.gif"),
+    ]:
         assert (root / stage / picture).stat().st_size > 0, f"{stage}/{picture} missing"
     report = (root / "report.md").read_text()
     for link in ("vae/reconstructions.png", "memory/nll.png", "controller/fitness.png", "dream/dream.gif"):
@@ -68,20 +85,74 @@ def check_outputs(root: Path, episodes: int) -> None:
     assert f"dreams of up to {controller['dream_horizon']} steps from {starts}" in report.splitlines()[0]
 
 
-def test_tiny_pipeline_end_to_end_and_rerun_skips_done_stages(tmp_path):
+def redone(log: str) -> list[str]:
+    """The stages the pipeline's log says it redid because they were stale."""
+    return [line.split("]")[0].lstrip("[") for line in log.splitlines() if "redoing it" in line]
+
+
+def test_tiny_pipeline_end_to_end_reruns_skip_done_stages_and_redo_stale_ones(tmp_path):
     summary, log = run_pipeline(tmp_path, TINY)
     root = tmp_path / "tiny"
     check_outputs(root, episodes=3)
-    assert set(summary["seconds"]) >= {"collect", "train-vae", "encode", "train-memory", "train-controller", "evaluate"}
-    assert "other settings" not in log
-    first_vae = (root / "vae" / "vae.pt").stat().st_mtime_ns
+    assert set(summary["seconds"]) >= {
+        "collect",
+        "train-vae",
+        "encode",
+        "train-memory",
+        "train-controller",
+        "evaluate",
+    }
+    assert redone(log) == []
+    made = {
+        name: (root / name).stat().st_mtime_ns
+        for name in (
+            "vae/vae.pt",
+            "latents/ep_00000.npz",
+            "memory/memory.pt",
+            "controller/best.pt",
+            "evaluate/summary.json",
+        )
+    }
+
+    # a controller setting: the controller and its evaluation are redone, V and M are kept
     _, log = run_pipeline(tmp_path, [*TINY, "controller.temperature=0.5"])
-    assert (root / "vae" / "vae.pt").stat().st_mtime_ns == first_vae, "a finished VAE must not be retrained"
-    # the changed setting is named for the stage it concerns (and the later ones), never for the earlier ones
-    warned = [line.split()[1].rstrip(":") for line in log.splitlines() if "was made with other settings" in line]
-    assert warned == ["train-controller", "evaluate"], log[-3000:]
-    assert f"train-controller: {root / 'controller'} was made with other settings" in log
-    assert "controller.temperature: 1.15 -> 0.5" in log
+    assert redone(log) == ["train-controller", "evaluate"], log[-3000:]
+    assert (
+        "controller.temperature: 1.15 -> 0.5" in log and "the output of train-controller changed since" in log
+    )
+    for name in ("vae/vae.pt", "latents/ep_00000.npz", "memory/memory.pt"):
+        assert (root / name).stat().st_mtime_ns == made[name], f"{name} must be kept"
+    check_outputs(root, episodes=3)
+
+    # --refuse-stale: a changed V is refused before anything is redone
+    args = [
+        sys.executable,
+        "run.py",
+        "pipeline",
+        "--refuse-stale",
+        "--set",
+        f"runs_dir={tmp_path}",
+        *(f"--set={o}" for o in [*TINY, "controller.temperature=0.5", "vae.lr=0.002"]),
+    ]
+    refused = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert (
+        refused.returncode == 2
+        and "train-vae" in refused.stderr
+        and "vae.lr: 0.001 -> 0.002" in refused.stderr
+    )
+    assert (root / "vae" / "vae.pt").stat().st_mtime_ns == made["vae/vae.pt"]
+
+    # a retrained V: the latents, the memory, the controller and the evaluation are all redone, never mixed
+    _, log = run_pipeline(tmp_path, [*TINY, "controller.temperature=0.5", "vae.lr=0.002"])
+    assert redone(log) == ["train-vae", "encode", "train-memory", "train-controller", "evaluate"], log[-3000:]
+    for name, before in made.items():
+        assert (root / name).stat().st_mtime_ns > before, f"{name} must be redone"
+    check_outputs(root, episodes=3)
+    memory = read_json(root / "memory" / "made_from.json")
+    assert memory["fingerprint"]["inputs"]["encode"] == output_digest(
+        load_config(None, [f"runs_dir={tmp_path}", *TINY, "controller.temperature=0.5", "vae.lr=0.002"]),
+        "encode",
+    )
 
 
 @pytest.mark.slow

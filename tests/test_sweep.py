@@ -1,4 +1,5 @@
-"""train-memory --sweep table1: every cell trained on the same split, the paper's layout, resumable, on Ray too."""
+"""train-memory --sweep table1: every cell trained on the same split, the paper's layout, resumable, on Ray
+too."""
 
 from __future__ import annotations
 
@@ -10,8 +11,12 @@ import pytest
 from worldmodel.io import read_json
 from worldmodel.sweep import run_table1, table1_dir
 
-GRID = ("memory_train.sweep_components=[1,2]", "memory_train.sweep_ranks=[0,1]", "memory_train.epochs=2",
-        "memory.hidden=8")
+GRID = (
+    "memory_train.sweep_components=[1,2]",
+    "memory_train.sweep_ranks=[0,1]",
+    "memory_train.epochs=2",
+    "memory.hidden=8",
+)
 
 
 def sequential(fn, items):
@@ -50,7 +55,9 @@ def test_table1_has_every_cell_in_the_papers_layout_and_a_rerun_skips_them(tiny_
         cells = [line.split("|")[column].strip() for line in table]
         bold = [cell for cell in cells if cell.startswith("**")]
         assert len(bold) == 1
-        assert float(bold[0].strip("*")) == pytest.approx(min(v for (_, kk, _), v in values.items() if kk == k), abs=1e-4)
+        assert float(bold[0].strip("*")) == pytest.approx(
+            min(v for (_, kk, _), v in values.items() if kk == k), abs=1e-4
+        )
     wins = sum(values[("frmdn", k, r)] < values[("rmdn", k, r)] for k in (1, 2) for r in (0, 1))
     assert re.search(rf"FRMDN has the lower test NLL in {wins} of 4 cells", markdown)
     assert (out / "table1.png").stat().st_size > 0
@@ -63,8 +70,9 @@ def test_table1_has_every_cell_in_the_papers_layout_and_a_rerun_skips_them(tiny_
 
 
 def test_a_partly_done_sweep_trains_only_the_missing_cells(tiny_memory_run):
-    cfg = tiny_memory_run("partial", *GRID[:-2], "memory_train.sweep_components=[1]", "memory_train.epochs=1",
-                          "memory.hidden=8")
+    cfg = tiny_memory_run(
+        "partial", *GRID[:-2], "memory_train.sweep_components=[1]", "memory_train.epochs=1", "memory.hidden=8"
+    )
     run_table1(cfg, map_fn=sequential)
     (table1_dir(cfg) / "frmdn_K1_r1" / "summary.json").unlink()
     sent = []
@@ -75,7 +83,9 @@ def test_a_partly_done_sweep_trains_only_the_missing_cells(tiny_memory_run):
 def test_cells_run_as_ray_tasks(tiny_memory_run, ray_session):
     from rollouts.parallel import ray_map
 
-    cfg = tiny_memory_run("ray", *GRID[2:], "memory_train.sweep_components=[2]", "memory_train.sweep_ranks=[1]")
+    cfg = tiny_memory_run(
+        "ray", *GRID[2:], "memory_train.sweep_components=[2]", "memory_train.sweep_ranks=[1]"
+    )
     summary = run_table1(cfg, map_fn=ray_map(cfg.ray))
     assert summary["cells_trained"] == 2
     assert all(value is not None for value in summary["test_nll_per_dim"].values())

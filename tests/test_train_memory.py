@@ -1,4 +1,5 @@
-"""train-memory: windows and alignment, the loss falls, resume after a kill, the NaN guard, the command line."""
+"""train-memory: windows and alignment, the loss falls, resume after a kill, the NaN guard, the command
+line."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-import worldmodel.train_memory as train_memory_module
+import worldmodel.training as training
 from worldmodel.data import list_npz, load_latents
 from worldmodel.io import DataError, load_checkpoint, read_json, read_jsonl
 from worldmodel.memory import MemoryModel
 from worldmodel.sequences import SequenceSet, chunk_episode, load_sequences, split_latent_files
-from worldmodel.train_memory import TrainingStopped, run
+from worldmodel.train_memory import run
+from worldmodel.training import TrainingStopped
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,8 +39,13 @@ def _finite_tensors(payload) -> bool:
 def test_windows_align_inputs_targets_and_mask_the_tail():
     steps, seq_len = 10, 4
     mu = np.arange((steps + 1) * 2, dtype=np.float32).reshape(steps + 1, 2)
-    arrays = {"mu": mu, "logvar": -mu, "actions": np.arange(steps, dtype=np.float32)[:, None],
-              "rewards": np.arange(steps, dtype=np.float32) * 10, "terminals": np.arange(steps) == steps - 1}
+    arrays = {
+        "mu": mu,
+        "logvar": -mu,
+        "actions": np.arange(steps, dtype=np.float32)[:, None],
+        "rewards": np.arange(steps, dtype=np.float32) * 10,
+        "terminals": np.arange(steps) == steps - 1,
+    }
     windows = chunk_episode(arrays, seq_len)
     assert windows["mu"].shape == (3, seq_len + 1, 2) and windows["actions"].shape == (3, seq_len, 1)
     np.testing.assert_array_equal(windows["mask"].sum(1), [4, 4, 2])
@@ -60,8 +67,15 @@ def test_posterior_sample_is_fresh_and_has_the_posterior_moments():
     rng = np.random.default_rng(0)
     mu = rng.standard_normal((200, 3, 2)).astype(np.float32)
     logvar = np.log(np.full_like(mu, 0.25))
-    data = SequenceSet(mu, logvar, np.zeros((200, 2, 1), np.float32), np.zeros((200, 2), np.float32),
-                       np.zeros((200, 2), bool), np.ones((200, 2), bool), ["a"])
+    data = SequenceSet(
+        mu,
+        logvar,
+        np.zeros((200, 2, 1), np.float32),
+        np.zeros((200, 2), np.float32),
+        np.zeros((200, 2), bool),
+        np.ones((200, 2), bool),
+        ["a"],
+    )
     first = data.latents(False, np.random.default_rng(1))
     second = data.latents(False, np.random.default_rng(2))
     assert not np.allclose(first, second)
@@ -83,12 +97,16 @@ def test_loss_falls_test_nll_is_finite_and_a_rerun_is_skipped(tiny_memory_run):
     assert summary["test_nll_per_step"] == pytest.approx(4 * summary["test_nll_per_dim"])
     assert summary["skipped_steps"] == 0 and summary["episodes"] == {"train": 4, "val": 1, "test": 1}
     parameters = summary["parameters"]
-    assert parameters["flow"] > 0 and parameters["total"] == sum(v for k, v in parameters.items() if k != "total")
+    assert parameters["flow"] > 0 and parameters["total"] == sum(
+        v for k, v in parameters.items() if k != "total"
+    )
     assert (out / "nll.png").stat().st_size > 0
 
     # the contract others load: the best-validation model, plain data
     payload = load_checkpoint(out / "memory.pt")
-    assert payload["epoch"] == summary["best_epoch"] and payload["val_nll"] == pytest.approx(summary["val_nll_per_dim"])
+    assert payload["epoch"] == summary["best_epoch"] and payload["val_nll"] == pytest.approx(
+        summary["val_nll_per_dim"]
+    )
     model = MemoryModel.from_checkpoint(payload)
     assert (model.target_dim, model.cond_dim, model.config.kind) == (4, 2, "frmdn")
 
@@ -117,26 +135,33 @@ def test_a_kill_mid_epoch_resumes_from_the_saved_step(tiny_memory_run, monkeypat
     assert (saved["epoch"], saved["step_in_epoch"], saved["global_step"]) == (0, 4, 4)
 
     calls = []
-    real_step = train_memory_module.optimisation_step
-    monkeypatch.setattr(train_memory_module, "optimisation_step", lambda *a, **k: calls.append(1) or real_step(*a, **k))
+    real_step = training.guarded_step
+    monkeypatch.setattr(training, "guarded_step", lambda *a, **k: calls.append(1) or real_step(*a, **k))
     resumed = run(cfg)
     assert len(calls) == reference["steps"] - 4  # it went on from step 4, it did not start over
     assert resumed["steps"] == reference["steps"]
-    train_rows = [row["step"] for row in read_jsonl(cfg.run_dir / "memory" / "metrics.jsonl") if row["kind"] == "train"]
+    train_rows = [
+        row["step"] for row in read_jsonl(cfg.run_dir / "memory" / "metrics.jsonl") if row["kind"] == "train"
+    ]
     assert len(train_rows) == len(set(train_rows))
     # the epoch's sample and order are replayed, so the result is that of the uninterrupted run
     for name in ("memory.pt", "checkpoint.pt"):
         got = load_checkpoint(cfg.run_dir / "memory" / name)
         want = load_checkpoint(reference_cfg.run_dir / "memory" / name)
-        got, want = (p.get("state_dict") or p["model"]["state_dict"] for p in (got, want))
+        got, want = (p.get("state_dict") or p["model"] for p in (got, want))
         torch.testing.assert_close(got, want)
     assert resumed["test_nll_per_dim"] == pytest.approx(reference["test_nll_per_dim"], rel=1e-5)
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "rmsprop"])
 def test_an_exploding_learning_rate_skips_steps_and_leaves_finite_checkpoints(tiny_memory_run, optimizer):
-    cfg = tiny_memory_run("boom", "memory_train.lr=1000000.0", "memory_train.grad_clip=0",
-                          f"memory_train.optimizer={optimizer}", "memory_train.checkpoint_every=1")
+    cfg = tiny_memory_run(
+        "boom",
+        "memory_train.lr=1000000.0",
+        "memory_train.grad_clip=0",
+        f"memory_train.optimizer={optimizer}",
+        "memory_train.checkpoint_every=1",
+    )
     summary = run(cfg)
     out = cfg.run_dir / "memory"
     skipped = [row for row in read_jsonl(out / "metrics.jsonl") if row["kind"] == "skipped"]
@@ -155,14 +180,18 @@ def test_missing_latents_tell_the_user_to_encode(tiny_memory_run):
         run(cfg)
 
 
-def test_a_changed_model_refuses_to_resume_the_old_checkpoint(tiny_memory_run):
+def test_a_changed_model_is_redone_or_refused_never_resumed(tiny_memory_run):
     from worldmodel.config import ConfigError
 
     cfg = tiny_memory_run("m", "memory_train.epochs=1")
-    run(cfg)
-    other = tiny_memory_run("m", "memory_train.epochs=1", "memory.rank=2")
-    with pytest.raises(ConfigError, match="delete"):
-        run(other)
+    assert run(cfg)["rank"] == 1
+    refused = tiny_memory_run("m", "memory_train.epochs=1", "memory.rank=2", "stale=refuse")
+    with pytest.raises(ConfigError, match=r"memory.rank: 1 -> 2"):
+        run(refused)
+    redone = run(tiny_memory_run("m", "memory_train.epochs=1", "memory.rank=2"))
+    assert redone["rank"] == 2 and redone["steps"] > 0
+    model = MemoryModel.from_checkpoint(load_checkpoint(cfg.run_dir / "memory" / "memory.pt"))
+    assert model.config.rank == 2
 
 
 def test_use_mu_trains_on_the_posterior_mean(tiny_memory_run):
@@ -172,22 +201,36 @@ def test_use_mu_trains_on_the_posterior_mean(tiny_memory_run):
     summary = run(cfg)
     model = MemoryModel.from_checkpoint(load_checkpoint(cfg.run_dir / "memory" / "memory.pt"))
     with torch.no_grad():
-        losses = model.sequence_loss(torch.from_numpy(test.mu), torch.from_numpy(test.actions),
-                                     mask=torch.from_numpy(test.mask))
+        losses = model.sequence_loss(
+            torch.from_numpy(test.mu), torch.from_numpy(test.actions), mask=torch.from_numpy(test.mask)
+        )
     assert summary["use_mu"] and summary["test_nll_per_step"] == pytest.approx(losses["nll"].item(), rel=1e-5)
 
 
 def test_command_line_smoke(tiny_memory_run):
     cfg = tiny_memory_run("cli")
-    args = [sys.executable, str(ROOT / "run.py"), "train-memory", "--set", f"runs_dir={cfg.runs_dir}",
-            "--set", "memory.hidden=8", "--set", "memory_train.epochs=1", "--set", "memory_train.seq_len=8"]
-    result = subprocess.run([*args, "--set", "name=cli"], check=False, capture_output=True, text=True, cwd=ROOT,
-                            timeout=120)
+    args = [
+        sys.executable,
+        str(ROOT / "run.py"),
+        "train-memory",
+        "--set",
+        f"runs_dir={cfg.runs_dir}",
+        "--set",
+        "memory.hidden=8",
+        "--set",
+        "memory_train.epochs=1",
+        "--set",
+        "memory_train.seq_len=8",
+    ]
+    result = subprocess.run(
+        [*args, "--set", "name=cli"], check=False, capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert np.isfinite(summary["test_nll_per_dim"])
     assert read_json(Path(cfg.runs_dir) / "cli" / "memory" / "summary.json") == summary
 
-    missing = subprocess.run([*args, "--set", "name=nothing"], check=False, capture_output=True, text=True, cwd=ROOT,
-                            timeout=120)
+    missing = subprocess.run(
+        [*args, "--set", "name=nothing"], check=False, capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert missing.returncode == 2 and "run.py encode" in missing.stderr

@@ -1,9 +1,9 @@
-"""V: the ConvVAE, its loss, the streaming frame loader, train-vae (resume), encode, and the run.py commands."""
+"""V: the ConvVAE, its loss, the streaming frame loader, train-vae (resume), encode, and the run.py
+commands."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,30 +20,44 @@ from worldmodel.data import load_latents, save_episode
 from worldmodel.io import DataError, load_checkpoint, read_json, read_jsonl, save_checkpoint
 from worldmodel.plots import plot_curves, save_image_grid
 from worldmodel.runs import run_paths
+from worldmodel.training import TrainingStopped
 from worldmodel.vae import ConvVAE, frames_to_tensor, load_vae, tensor_to_frames, vae_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def write_episodes(folder: Path, count: int = 4, steps: int = 20, seed: int = 0) -> list[Path]:
-    """Synthetic episodes whose frames are blocky random images (8x8 blocks, so they compress and are learnable)."""
+    """Synthetic episodes whose frames are blocky random images (8x8 blocks, so they compress and are
+    learnable)."""
     rng = np.random.default_rng(seed)
     paths = []
     for index in range(count):
         blocks = rng.integers(0, 256, (steps + 1, 8, 8, 3), dtype=np.uint8)
         obs = blocks.repeat(8, axis=1).repeat(8, axis=2)
         path = folder / f"episode_{index:04d}.npz"
-        save_episode(path, obs, rng.uniform(-1, 1, (steps, 3)), rng.normal(size=steps), np.arange(steps) == steps - 1)
+        save_episode(
+            path, obs, rng.uniform(-1, 1, (steps, 3)), rng.normal(size=steps), np.arange(steps) == steps - 1
+        )
         paths.append(path)
     return paths
 
 
 def tiny_config(tmp_path: Path, name: str = "v", *overrides: str):
-    return load_config(None, [
-        f"runs_dir={tmp_path / 'runs'}", f"name={name}", "vae.epochs=2", "vae.batch_size=8",
-        "vae.shuffle_buffer=16", "vae.log_every=1", "vae.checkpoint_every=3", "vae.val_fraction=0.25",
-        "vae.encode_batch=16", *overrides,
-    ])
+    return load_config(
+        None,
+        [
+            f"runs_dir={tmp_path / 'runs'}",
+            f"name={name}",
+            "vae.epochs=2",
+            "vae.batch_size=8",
+            "vae.shuffle_buffer=16",
+            "vae.log_every=1",
+            "vae.checkpoint_every=3",
+            "vae.val_fraction=0.25",
+            "vae.encode_batch=16",
+            *overrides,
+        ],
+    )
 
 
 @pytest.fixture
@@ -108,7 +122,9 @@ def test_frames_tensor_round_trip():
 def test_vae_loss_matches_hand_computation():
     rng = np.random.default_rng(1)
     x, recon = rng.uniform(size=(2, 3, 4, 4)), rng.uniform(size=(2, 3, 4, 4))
-    mu = np.array([[0.1, -0.2, 0.05], [2.0, -1.5, 1.0]])  # frame 0 under the free-bits floor, frame 1 above it
+    mu = np.array(
+        [[0.1, -0.2, 0.05], [2.0, -1.5, 1.0]]
+    )  # frame 0 under the free-bits floor, frame 1 above it
     logvar = np.array([[0.0, -0.1, 0.1], [-1.0, 0.5, -2.0]])
     tolerance = 0.5
 
@@ -175,7 +191,9 @@ def test_shuffled_batches_emit_every_frame_once_in_bounded_memory(tmp_path, monk
         obs = np.zeros((length, 64, 64, 3), dtype=np.uint8)
         obs[:, 0, 0, 0], obs[:, 0, 0, 1] = episode, np.arange(length)  # each frame labelled (episode, index)
         paths.append(tmp_path / f"e{episode}.npz")
-        save_episode(paths[-1], obs, rng.normal(size=(length - 1, 2)), np.zeros(length - 1), np.zeros(length - 1))
+        save_episode(
+            paths[-1], obs, rng.normal(size=(length - 1, 2)), np.zeros(length - 1), np.zeros(length - 1)
+        )
 
     loaded = []
     original = frames_module.load_episode
@@ -197,7 +215,10 @@ def test_shuffled_batches_emit_every_frame_once_in_bounded_memory(tmp_path, monk
     assert frames_module.count_batches(len(expected), batch_size) == -(-len(expected) // batch_size)
     assert [frames_module.episode_length(path) for path in paths] == [13, 30, 7, 21, 16]
 
-    again = [b.copy() for b in frames_module.shuffled_batches(paths, batch_size, buffer_size, np.random.default_rng(5))]
+    again = [
+        b.copy()
+        for b in frames_module.shuffled_batches(paths, batch_size, buffer_size, np.random.default_rng(5))
+    ]
     first = list(frames_module.shuffled_batches(paths, batch_size, buffer_size, np.random.default_rng(5)))
     assert all(np.array_equal(a, b) for a, b in zip(again, first))  # a pass is a function of the seed
 
@@ -218,7 +239,14 @@ def test_train_writes_outputs_and_skips_when_done(episode_run, count_train_steps
     config = episode_run()
     summary = train_vae.run(config)
     out = run_paths(config).vae
-    for name in ("vae.pt", "checkpoint.pt", "metrics.jsonl", "summary.json", "reconstructions.png", "loss.png"):
+    for name in (
+        "vae.pt",
+        "checkpoint.pt",
+        "metrics.jsonl",
+        "summary.json",
+        "reconstructions.png",
+        "loss.png",
+    ):
         assert (out / name).is_file(), name
     assert summary == read_json(out / "summary.json")
     assert summary["train_episodes"] == 3 and summary["val_episodes"] == 1
@@ -226,7 +254,7 @@ def test_train_writes_outputs_and_skips_when_done(episode_run, count_train_steps
     assert summary["steps"] == 2 * 8 == len(count_train_steps)  # ceil(63 / 8) batches per epoch
     assert np.isfinite(summary["val_loss"])
     epochs = [row for row in read_jsonl(out / "metrics.jsonl") if row["kind"] == "epoch"]
-    assert [row["epoch"] for row in epochs] == [1, 2]
+    assert [row["epoch"] for row in epochs] == [0, 1, 2]  # epoch 0: the untrained model
     assert min(row["val_loss"] for row in epochs) == pytest.approx(summary["val_loss"])
 
     vae = load_vae(out / "vae.pt")
@@ -250,17 +278,19 @@ def test_resume_after_a_kill_continues_from_the_checkpoint(
 
     killed = episode_run("killed", setting)
     count_train_steps.clear()
-    with pytest.raises(train_vae.TrainingStopped):
+    with pytest.raises(TrainingStopped):
         train_vae.run(killed, stop_after_steps=stop_at)
     assert len(count_train_steps) == stop_at
     state = load_checkpoint(run_paths(killed).vae / "checkpoint.pt")
-    assert state["global_step"] == resume_at
+    assert state["state"]["global_step"] == resume_at
 
     count_train_steps.clear()
     summary = train_vae.run(killed)
     assert len(count_train_steps) == total - resume_at  # resumed, not restarted
     assert summary["steps"] == total
-    steps = [row["step"] for row in read_jsonl(run_paths(killed).vae / "metrics.jsonl") if row["kind"] == "train"]
+    steps = [
+        row["step"] for row in read_jsonl(run_paths(killed).vae / "metrics.jsonl") if row["kind"] == "train"
+    ]
     assert steps == list(range(1, total + 1))  # no step logged twice, none missing
 
     final = load_checkpoint(run_paths(killed).vae / "checkpoint.pt")["model"]
@@ -332,10 +362,10 @@ def test_encode_writes_valid_latents_and_resumes(episode_run):
     assert again["skipped"] == 3 and again["encoded"] == 1
     load_latents(broken)
 
-    # a VAE trained after the latents were written makes them stale
-    vae_time = (paths.vae / "vae.pt").stat().st_mtime
-    os.utime(paths.latents / "episode_0002.npz", (vae_time - 60, vae_time - 60))
-    assert encode_module.run(config)["encoded"] == 1
+    # another VAE makes every latents file stale
+    retrained = episode_run("e", "vae.epochs=1", "vae.lr=0.002")
+    train_vae.run(retrained)
+    assert encode_module.run(retrained)["encoded"] == 4
 
 
 def test_encode_without_episodes_says_to_collect(tmp_path):
@@ -350,7 +380,9 @@ def test_encode_without_episodes_says_to_collect(tmp_path):
 
 
 def test_plot_helpers_write_pngs(tmp_path):
-    plot_curves(tmp_path / "curves.png", {"a": [3.0, 2.0, 1.0], "b": ([0, 5, 10], [1.0, 2.0, 4.0])}, title="t")
+    plot_curves(
+        tmp_path / "curves.png", {"a": [3.0, 2.0, 1.0], "b": ([0, 5, 10], [1.0, 2.0, 4.0])}, title="t"
+    )
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     image = np.full((4, 6, 3), 200, dtype=np.uint8)
     save_image_grid(tmp_path / "grid.png", [[image, image, image], [image]], pad=1, scale=2)
@@ -364,18 +396,38 @@ def test_plot_helpers_write_pngs(tmp_path):
 
 
 def test_run_py_train_vae_and_encode(tmp_path):
-    sets = ["--set", f"runs_dir={tmp_path / 'runs'}", "--set", "name=smoke", "--set", "vae.epochs=1",
-            "--set", "vae.batch_size=16"]
+    sets = [
+        "--set",
+        f"runs_dir={tmp_path / 'runs'}",
+        "--set",
+        "name=smoke",
+        "--set",
+        "vae.epochs=1",
+        "--set",
+        "vae.batch_size=16",
+    ]
     write_episodes(tmp_path / "runs" / "smoke" / "episodes", count=3, steps=10)
     for command in ("train-vae", "encode"):
-        result = subprocess.run([sys.executable, "run.py", command, *sets], cwd=ROOT, capture_output=True,
-                                text=True, timeout=120, check=False)
+        result = subprocess.run(
+            [sys.executable, "run.py", command, *sets],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         assert result.returncode == 0, result.stderr
         summary = json.loads(result.stdout)
         assert isinstance(summary, dict)
     assert summary["encoded"] == 3
     assert len(list((tmp_path / "runs" / "smoke" / "latents").glob("*.npz"))) == 3
 
-    result = subprocess.run([sys.executable, "run.py", "train-vae", "--set", f"runs_dir={tmp_path / 'empty'}"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    result = subprocess.run(
+        [sys.executable, "run.py", "train-vae", "--set", f"runs_dir={tmp_path / 'empty'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 2 and "run.py collect" in result.stderr

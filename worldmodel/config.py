@@ -32,9 +32,10 @@ class EnvConfig:
     mario_actions: str = "simple"
     """Mario action set: ``right_only``, ``simple`` (SIMPLE_MOVEMENT) or ``complex``."""
     frame_size: int = 64
-    """Side of the square RGB frame fed to the VAE (resized with opencv)."""
+    """Side of the square RGB frame fed to the VAE (resized with opencv); the ConvVAE takes 64 only."""
     max_steps: int = 1000
-    """The real game's horizon in agent steps; every dream is capped at it too."""
+    """The game's horizon in agent steps: the real game's time limit, which ``collect.max_steps`` and
+    ``controller.max_steps`` may shorten but never extend (``step_limit``)."""
     action_repeat: int = 1
     """How many env frames one agent action lasts (rewards are summed)."""
     crop_indicators: bool = True
@@ -45,10 +46,11 @@ class EnvConfig:
 class CollectConfig:
     episodes: int = 8
     """Number of episodes to collect (resumable: complete files are skipped)."""
-    max_steps: int = 200
-    """Cap on steps per collected episode."""
+    max_steps: int = 0
+    """Cap on steps per collected episode; 0 = the game's horizon (env.max_steps), never beyond it."""
     policy: str = "auto"
-    """Exploration policy: ``auto``, ``brownian``/``random`` (CarRacing), ``right_biased``/``random`` (Mario)."""
+    """Exploration policy: ``auto``, ``brownian``/``random`` (CarRacing), ``right_biased``/``random``
+    (Mario)."""
     action_persistence: float = 0.9
     """How strongly an exploration action persists from one step to the next (0 = white noise)."""
     mario_repeat: int = 4
@@ -60,7 +62,8 @@ class CollectConfig:
     workers: int = 0
     """Parallel Ray workers; 0 = one per core that Ray sees."""
     episode_timeout: float = 600.0
-    """Seconds one episode may take before its worker is killed and the episode retried (0 = no limit)."""
+    """Seconds one episode may take on a ready worker before the worker is killed and the episode retried;
+    also how long collection waits with no worker ready before the episodes left fail (0 = no limit)."""
 
 
 @dataclass
@@ -79,6 +82,10 @@ class VAEConfig:
     """Fraction of episodes held out for validation."""
     shuffle_buffer: int = 4096
     """Frames held in the streaming shuffle buffer."""
+    patience: int = 0
+    """Early stopping: epochs without a better validation loss (0 = never stop early)."""
+    grad_clip: float = 0.0
+    """Max gradient norm (0 = no clipping; non-finite gradients are skipped either way)."""
     checkpoint_every: int = 250
     """Optimiser steps between mid-epoch checkpoints (0 = only at the end of each epoch)."""
     log_every: int = 10
@@ -176,18 +183,26 @@ class ControllerConfig:
     eval_episodes: int = 4
     """Episodes for that periodic evaluation."""
     max_steps: int = 0
-    """Cap on rollout length; 0 = the env's horizon (env.max_steps)."""
+    """Cap on the controller's training rollouts (dreams and real games); 0 = the game's horizon
+    (env.max_steps), never beyond it."""
     workers: int = 0
     """Ray rollout actors for real-game evaluation; 0 = one per core."""
     retries: int = 2
-    """How often a real-game rollout job whose actor crashed is run again before the stage fails."""
+    """How often a failed real-game rollout job (its actor died, raised or timed out) is run again before the
+    stage fails."""
+    job_timeout: float = 1800.0
+    """Seconds one real-game rollout job (up to ``envs_per_worker`` episodes in lockstep) may run on a ready
+    actor before the actor is killed and the job run again (a hung emulator); also how long the jobs may wait
+    with no actor ready (the cluster lost the nodes they need) before the stage fails. 0 = no limit."""
     envs_per_worker: int = 16
     """Real-game envs one rollout actor plays in lockstep (one batched V + M + C call per step for all)."""
     dream_threads: int = 1
-    """Torch threads of the batched dream (0 = torch's default); results depend on it, so it is fixed per run."""
+    """Torch threads of the batched dream (0 = torch's default); results depend on it, so it is fixed per
+    run."""
     dream_start: str = "first"
-    """Where dreams begin: ``first`` frames of the collected episodes with h = 0 (World Models), or ``any`` frame,
-    with the memory's state after reading the real episode up to it (dreams then cover the whole explored game)."""
+    """Where dreams begin: ``first`` frames of the collected episodes with h = 0 (World Models), or ``any``
+    frame, with the memory's state after reading the real episode up to it (dreams then cover the whole
+    explored game)."""
     dream_start_limit: int = 4096
     """``any``: at most this many start frames, spread over at most this many episodes."""
 
@@ -222,24 +237,36 @@ class SpeechConfig:
     """Target sample rate (other rates are resampled)."""
     clip_seconds: float = 0.0
     """Cut sequences to this length (0.5 for Accent and Blizzard in the paper); 0 = whole files."""
-    components: int = 20
-    """Mixture components K."""
-    hidden: int = 256
-    """LSTM size (the paper: 2000-4000)."""
+
+    @dataclass
+    class Memory(MemoryConfig):
+        """The memory section with the speech benchmark's defaults (a partial ``speech.memory`` keeps
+        them)."""
+
+        kind: str = "grid"
+        hidden: int = 256
+        components: int = 20
+        rank: int = -1
+        flow_blocks: int = 2
+        flow_hidden: int = 64
+        predict_reward: bool = False
+        predict_done: bool = False
+
+    memory: Memory = field(default_factory=Memory)
+    """Every model's memory settings (``hidden``: the LSTM, 256 here, the paper's 2000-4000; ``components``:
+    K, 20; the ``flow_*`` and ``diag_*`` fields). ``kind`` and ``rank`` stay ``grid`` and -1: each model takes
+    its own from ``kinds`` and ``ranks`` (another value is refused unless that list holds just it).
+    ``predict_reward``/``predict_done`` must stay false: speech has no rewards or episode ends."""
+    kinds: list[str] = field(default_factory=lambda: ["rmdn", "frmdn"])
+    """Models to train: ``rmdn`` and/or ``frmdn`` (the table's rows)."""
+    ranks: list[int] = field(default_factory=lambda: [0])
+    """Ranks d' to compare (0 = diagonal, the paper's best for speech)."""
     epochs: int = 10
     """Training epochs."""
     batch_size: int = 32
     """Sequences per step."""
     lr: float = 1e-3
     """Adam learning rate."""
-    kinds: list[str] = field(default_factory=lambda: ["rmdn", "frmdn"])
-    """Models to train: ``rmdn`` and/or ``frmdn``."""
-    ranks: list[int] = field(default_factory=lambda: [0])
-    """Ranks d' to compare (0 = diagonal, the paper's best for speech)."""
-    flow_blocks: int = 2
-    """Affine coupling blocks in the FRMDN flow."""
-    flow_hidden: int = 64
-    """Hidden width of each coupling block's s and t networks."""
     grad_clip: float = 1.0
     """Max gradient norm (0 = no clipping)."""
     patience: int = 5
@@ -254,32 +281,44 @@ class SpeechConfig:
 
 @dataclass
 class ImageConfig:
-    dataset: str = "digits"
-    """``digits`` (scikit-learn 8x8, shipped), ``mnist`` (IDX files) or ``cifar10`` (python batches)."""
+    dataset: str = "auto"
+    """``digits`` (scikit-learn 8x8, shipped: takes no ``data``), ``mnist`` (IDX files), ``cifar10`` (python
+    batches), or ``auto``: the digits without ``data``, else MNIST or CIFAR-10 as the folder's files say."""
     data: str | None = None
     """Folder with the MNIST IDX files or the CIFAR-10 python batches."""
     logit_lambda: float | None = None
     """lambda of the logit transform; None = 1e-6 for MNIST/digits, 0.05 for CIFAR-10."""
-    components: int = 10
-    """Mixture components K."""
+
+    @dataclass
+    class Memory(MemoryConfig):
+        """The memory section with the image benchmark's defaults (a partial ``image.memory`` keeps them)."""
+
+        kind: str = "grid"
+        hidden: int = 32
+        components: int = 10
+        rank: int = -1
+        flow_blocks: int = 2
+        flow_hidden: int = 64
+        predict_reward: bool = False
+        predict_done: bool = False
+
+    memory: Memory = field(default_factory=Memory)
+    """Every model's memory settings (``hidden``: the LSTM, 32 as in the paper; ``components``: K, 10; the
+    ``flow_*`` and ``diag_*`` fields). ``kind`` and ``rank`` stay ``grid`` and -1: each model takes its own
+    from ``kinds`` and ``ranks`` (another value is refused unless that list holds just it).
+    ``predict_reward``/``predict_done`` must stay false: images have no rewards or episode ends."""
+    kinds: list[str] = field(default_factory=lambda: ["rmdn", "frmdn"])
+    """Models to train: ``rmdn`` and/or ``frmdn`` (the table's rows)."""
     ranks: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
-    """Ranks d' to compare (0 = diagonal)."""
-    hidden: int = 32
-    """LSTM size (the paper: 32)."""
+    """Ranks d' to compare (0 = diagonal; the table's columns)."""
     epochs: int = 30
     """Training epochs."""
     batch_size: int = 256
     """Images per step."""
     lr: float = 1e-3
     """Adam learning rate."""
-    kinds: list[str] = field(default_factory=lambda: ["rmdn", "frmdn"])
-    """Models to train: ``rmdn`` and/or ``frmdn``."""
     single_gaussian: bool = True
     """Also fit the class-conditional full-covariance Gaussian baseline (closed-form maximum likelihood)."""
-    flow_blocks: int = 2
-    """Affine coupling blocks in the FRMDN flow."""
-    flow_hidden: int = 64
-    """Hidden width of each coupling block's s and t networks."""
     grad_clip: float = 1.0
     """Max gradient norm (0 = no clipping)."""
     patience: int = 10
@@ -293,7 +332,8 @@ class ImageConfig:
     samples_per_class: int = 10
     """Columns of the PNG grid of class-conditioned samples."""
     threads: int = 1
-    """Torch CPU threads (0 = torch's default); 1 suits these tiny models (2 ran 35x slower on a busy 2-core box)."""
+    """Torch CPU threads (0 = torch's default); 1 suits these tiny models (2 ran 35x slower on a busy 2-core
+    box)."""
 
 
 @dataclass
@@ -309,6 +349,12 @@ class Config:
     threads: int = 0
     """Torch CPU threads of the command's own process (0 = torch's default, one per core). 1 keeps the VAE and
     memory stages' speed on a machine other processes keep busy, where two threads ran 10-30x slower here."""
+    stale: str = "redo"
+    """What a stage does when its folder was made from other inputs (settings or upstream outputs): ``redo``
+    it, or ``refuse`` with the list of what changed (``--refuse-stale``)."""
+    tensorboard: bool = False
+    """Also write every training loop's metrics (VAE, memory, benchmarks) as TensorBoard scalars, to
+    ``<stage folder>/tensorboard/`` (``tensorboard --logdir runs/<name>``)."""
     env: EnvConfig = field(default_factory=EnvConfig)
     collect: CollectConfig = field(default_factory=CollectConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
@@ -323,6 +369,46 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.name
+
+
+VAE_FRAME_SIZE = 64
+"""The side of the square frames the ConvVAE (``worldmodel.vae``) reads."""
+STALE_POLICIES = ("redo", "refuse")
+"""Values of ``Config.stale``."""
+DEVICE_KINDS = ("cpu", "cuda", "mps")
+
+
+def step_limit(cfg: Config, cap: int) -> int:
+    """The one rule of the three ``max_steps``: ``env.max_steps`` is the game's horizon; a section's cap
+    (``collect.max_steps``, ``controller.max_steps``) shortens it, 0 keeps it (``check_run_config`` refuses a
+    cap beyond the horizon, so that no value the user gave is silently clipped)."""
+    return cap or cfg.env.max_steps
+
+
+def check_run_config(cfg: Config) -> None:
+    """The top-level fields and the rules that span sections (``ConfigError`` naming the field)."""
+    if cfg.seed < 0:
+        raise ConfigError(f"seed must be >= 0 (it seeds numpy's SeedSequence), got {cfg.seed}")
+    if cfg.threads < 0:
+        raise ConfigError(f"threads must be at least 0 (0 = torch's default), got {cfg.threads}")
+    if cfg.stale not in STALE_POLICIES:
+        raise ConfigError(f"stale must be one of {', '.join(STALE_POLICIES)}, got {cfg.stale!r}")
+    kind, _, index = cfg.device.partition(":")
+    if kind not in DEVICE_KINDS or (index and not index.isdigit()):
+        raise ConfigError(f"device must be cpu, cuda, cuda:N or mps, got {cfg.device!r}")
+    if not cfg.name or "/" in cfg.name:
+        raise ConfigError(f"name must be a non-empty folder name (no '/'), got {cfg.name!r}")
+    if cfg.ray.num_cpus is not None and cfg.ray.num_cpus < 1:
+        raise ConfigError(
+            f"ray.num_cpus must be at least 1 (or null for the machine's cores), got {cfg.ray.num_cpus}"
+        )
+    for section in ("collect", "controller"):
+        cap = getattr(cfg, section).max_steps
+        if not 0 <= cap <= cfg.env.max_steps:
+            raise ConfigError(
+                f"{section}.max_steps must be between 0 (the game's horizon) and env.max_steps="
+                f"{cfg.env.max_steps}, got {cap}"
+            )
 
 
 def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
@@ -371,8 +457,8 @@ def _build(cls: type, values: dict, source: str, prefix: str = "") -> Any:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(
-            f"{source}: unknown key {prefix}{unknown[0]!s} (known keys of {prefix.rstrip('.') or 'the config'}: "
-            f"{', '.join(sorted(known))})"
+            f"{source}: unknown key {prefix}{unknown[0]!s} "
+            f"(known keys of {prefix.rstrip('.') or 'the config'}: {', '.join(sorted(known))})"
         )
     kwargs = {name: _coerce(value, hints[name], prefix + name, source) for name, value in values.items()}
     return cls(**kwargs)

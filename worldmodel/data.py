@@ -1,6 +1,8 @@
-"""Episodes and latents on disk (layout in DESIGN.md), with loaders that validate and name the bad file.
+"""Episodes and latents on disk (layout in docs/architecture.md), with loaders that validate and name the bad
+file.
 
-Episode: ``obs`` uint8 [T+1, H, W, 3], ``actions`` float32 [T, A], ``rewards`` float32 [T], ``terminals`` bool [T].
+Episode: ``obs`` uint8 [T+1, H, W, 3], ``actions`` float32 [T, A], ``rewards`` float32 [T],
+``terminals`` bool [T].
 Latents: the same, with ``mu`` and ``logvar`` float32 [T+1, Z] in place of ``obs``.
 """
 
@@ -53,7 +55,9 @@ def validate_episode(path: str | Path, arrays: dict[str, np.ndarray]) -> dict[st
     _require_keys(path, arrays, EPISODE_KEYS)
     obs = arrays["obs"]
     if obs.dtype != np.uint8 or obs.ndim != 4 or obs.shape[-1] != 3:
-        raise DataError(f"{path}: obs has shape {obs.shape} and dtype {obs.dtype}, expected uint8 [T+1, H, W, 3]")
+        raise DataError(
+            f"{path}: obs has shape {obs.shape} and dtype {obs.dtype}, expected uint8 [T+1, H, W, 3]"
+        )
     _check_transitions(path, arrays, "obs")
     return arrays
 
@@ -64,7 +68,9 @@ def validate_latents(path: str | Path, arrays: dict[str, np.ndarray]) -> dict[st
     mu, logvar = arrays["mu"], arrays["logvar"]
     for key, array in (("mu", mu), ("logvar", logvar)):
         if array.dtype != np.float32 or array.ndim != 2:
-            raise DataError(f"{path}: {key} has shape {array.shape} and dtype {array.dtype}, expected float32 [T+1, Z]")
+            raise DataError(
+                f"{path}: {key} has shape {array.shape} and dtype {array.dtype}, expected float32 [T+1, Z]"
+            )
         if not np.all(np.isfinite(array)):
             raise DataError(f"{path}: {key} contains NaN or inf")
     if mu.shape != logvar.shape:
@@ -108,7 +114,8 @@ def load_latents(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def list_npz(folder: str | Path) -> list[Path]:
-    """The complete ``.npz`` files of a folder, sorted (temporary files of an interrupted write are skipped)."""
+    """The complete ``.npz`` files of a folder, sorted (temporary files of an interrupted write are
+    skipped)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []

@@ -4,8 +4,9 @@ Each latents file holds mu and logvar of q(z|x) for every frame (including the l
 target for the final transition) and the episode's actions, rewards and terminals unchanged. The memory
 trains on fresh draws z = mu + exp(logvar / 2) * eps, so both moments are kept, not a single sample.
 
-Resumable: a latents file that exists, validates and is newer than ``vae/vae.pt`` is kept; a missing,
-broken or stale one (the VAE was retrained after it was written) is encoded again.
+Resumable: a latents file that exists and validates is kept, a missing or broken one is encoded again. The
+stage records the VAE and the episodes it was made from (``worldmodel.stages``): with another VAE every file
+is encoded again.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from worldmodel.config import Config
 from worldmodel.data import load_episode, load_latents, save_latents
-from worldmodel.io import DataError, write_json
-from worldmodel.runs import prepare_stage, run_paths
+from worldmodel.io import DataError
+from worldmodel.progress import progress
+from worldmodel.runs import run_paths
+from worldmodel.stages import Stage
 from worldmodel.train_vae import check_vae_config, find_episodes
 from worldmodel.vae import ConvVAE, frames_to_tensor, load_vae
 
@@ -45,9 +47,8 @@ def encode_frames(
     return np.concatenate(mus), np.concatenate(logvars)
 
 
-def _is_current(path, vae_mtime: float) -> bool:
-    """A latents file that validates and was written after the VAE it came from."""
-    if not path.exists() or path.stat().st_mtime < vae_mtime:
+def _is_valid(path) -> bool:
+    if not path.exists():
         return False
     try:
         load_latents(path)
@@ -64,17 +65,20 @@ def run(cfg: Config) -> dict:
     if not vae_path.exists():
         raise DataError(f"{vae_path}: no trained VAE; run `python run.py train-vae` first")
     episodes = find_episodes(cfg)
-    out = prepare_stage(cfg, paths.latents)
+    stage = Stage(cfg, "encode")
+    stage.open()  # even when finished, every file is checked again: a broken one is encoded again
+    out = stage.folder
     vae = load_vae(vae_path, cfg.device)
-    vae_mtime = vae_path.stat().st_mtime
 
-    todo = [episode for episode in episodes if not _is_current(out / episode.name, vae_mtime)]
+    todo = [episode for episode in episodes if not _is_valid(out / episode.name)]
     frames, started = 0, time.perf_counter()
-    bar = tqdm(todo, desc="encode", unit="episode", dynamic_ncols=True)
+    bar = progress(todo, desc="encode", unit="episode")
     for episode in bar:
         data = load_episode(episode)
         if data["obs"].shape[1:] != (64, 64, 3):
-            raise DataError(f"{episode}: frames have shape {data['obs'].shape[1:]}, the ConvVAE takes (64, 64, 3)")
+            raise DataError(
+                f"{episode}: frames have shape {data['obs'].shape[1:]}, the ConvVAE takes (64, 64, 3)"
+            )
         mu, logvar = encode_frames(vae, data["obs"], cfg.device, cfg.vae.encode_batch)
         save_latents(out / episode.name, mu, logvar, data["actions"], data["rewards"], data["terminals"])
         frames += len(mu)
@@ -90,5 +94,4 @@ def run(cfg: Config) -> dict:
         "frames_per_s": round(frames / seconds, 1) if frames and seconds > 0 else None,
         "latents": str(out),
     }
-    write_json(out / "summary.json", summary)
-    return summary
+    return stage.finish(summary)

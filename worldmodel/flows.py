@@ -18,14 +18,17 @@ from torch import Tensor, nn
 
 
 class AffineCoupling(nn.Module):
-    """One affine coupling block: coordinates ``[:split]`` condition ``[split:]``, or the reverse if ``flip``."""
+    """One affine coupling block: coordinates ``[:split]`` condition ``[split:]``, or the reverse if
+    ``flip``."""
 
     def __init__(self, dim: int, split: int, flip: bool, hidden: int, context_dim: int = 0):
         super().__init__()
         self.split, self.flip = split, flip
         kept, moved = (dim - split, split) if flip else (split, dim - split)
         inputs = kept + context_dim
-        self.scale = nn.Sequential(nn.Linear(inputs, hidden), nn.LeakyReLU(), nn.Linear(hidden, moved), nn.Tanh())
+        self.scale = nn.Sequential(
+            nn.Linear(inputs, hidden), nn.LeakyReLU(), nn.Linear(hidden, moved), nn.Tanh()
+        )
         self.shift = nn.Sequential(nn.Linear(inputs, hidden), nn.LeakyReLU(), nn.Linear(hidden, moved))
         for last in (self.scale[2], self.shift[2]):
             nn.init.zeros_(last.weight)

@@ -1,4 +1,5 @@
-"""Streaming frame loaders for the VAE: shuffled minibatches in bounded memory, however many episodes there are.
+"""Streaming frame loaders for the VAE: shuffled minibatches in bounded memory, however many episodes there
+are.
 
 ``shuffled_batches`` visits the episode files in a random order and pours their frames into a fixed-size
 shuffle buffer; once the buffer is full, each minibatch is drawn uniformly (without replacement) from it
@@ -84,7 +85,9 @@ def shuffled_batches(
         if buffer is None:
             buffer = np.empty((capacity, *obs.shape[1:]), dtype=np.uint8)
         elif obs.shape[1:] != buffer.shape[1:]:
-            raise DataError(f"{paths[index]}: frames have shape {obs.shape[1:]}, other episodes {buffer.shape[1:]}")
+            raise DataError(
+                f"{paths[index]}: frames have shape {obs.shape[1:]}, other episodes {buffer.shape[1:]}"
+            )
         read = 0
         while read < len(obs):
             if filled < capacity:
@@ -109,7 +112,8 @@ def shuffled_batches(
 def sequential_batches(
     paths: Sequence[Path], batch_size: int, frame_shape: tuple[int, ...] | None = None
 ) -> Iterator[np.ndarray]:
-    """Every frame of ``paths`` in file order, in batches of at most ``batch_size`` (never across episodes)."""
+    """Every frame of ``paths`` in file order, in batches of at most ``batch_size`` (never across
+    episodes)."""
     for path in paths:
         obs = _load_obs(Path(path), frame_shape)
         for start in range(0, len(obs), batch_size):

@@ -1,11 +1,12 @@
 r"""The memory M: an LSTM whose output parameterises a Gaussian mixture over :math:`f(y_{t+1})`.
 
-At step t it reads :math:`(y_t, c_t)` (latent and action in the world model; previous frame or row and label in
-the benchmarks) and outputs K logits, K means, K diagonal precisions :math:`D_k` and K factors :math:`U_k`
+At step t it reads :math:`(y_t, c_t)` (latent and action in the world model; previous frame or row and label
+in the benchmarks) and outputs K logits, K means, K diagonal precisions :math:`D_k` and K factors :math:`U_k`
 (:math:`d \times d'`), so that
 
 .. math::
-    \log p(y_{t+1} \mid y_{\le t}, c_{\le t}) = \log \sum_k \pi_k N\big(f(y_{t+1}); \mu_k, (D_k + U_k U_k^\top)^{-1}\big)
+    \log p(y_{t+1} \mid y_{\le t}, c_{\le t}) = \log \sum_k \pi_k
+        N\big(f(y_{t+1}); \mu_k, (D_k + U_k U_k^\top)^{-1}\big)
         + \log\lvert\det \partial f / \partial y_{t+1}\rvert.
 
 ``kind="rmdn"`` uses no flow (f = identity), ``rank=0`` diagonal precisions. Optional heads predict the
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from worldmodel.config import MemoryConfig
+from worldmodel.config import ConfigError, MemoryConfig
 from worldmodel.flows import CouplingFlow
 from worldmodel.mixture import gmm_log_prob, gmm_sample
 
@@ -49,22 +50,38 @@ class MemoryOutput:
     """[..., H] the LSTM output these were computed from (the flow's context)."""
 
 
+MEMORY_KINDS = ("rmdn", "frmdn")
+DIAG_ACTIVATIONS = ("softplus", "exp")
+
+
+def check_memory_config(config: MemoryConfig, section: str = "memory") -> None:
+    """Refuse a memory model that cannot be built (``ConfigError`` naming ``<section>.<field>``)."""
+    if config.kind not in MEMORY_KINDS:
+        raise ConfigError(f"{section}.kind must be 'rmdn' or 'frmdn', got {config.kind!r}")
+    if config.diag_activation not in DIAG_ACTIVATIONS:
+        raise ConfigError(
+            f"{section}.diag_activation must be 'softplus' or 'exp', got {config.diag_activation!r}"
+        )
+    for name in ("hidden", "components", "flow_blocks", "flow_hidden"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{section}.{name} must be at least 1, got {getattr(config, name)}")
+    if config.rank < 0:
+        raise ConfigError(f"{section}.rank must be >= 0 (0 = diagonal precisions), got {config.rank}")
+    if not config.diag_floor >= 0:
+        raise ConfigError(f"{section}.diag_floor must be >= 0, got {config.diag_floor}")
+    clamp = config.diag_clamp
+    if clamp is not None and (len(clamp) != 2 or not 0 < clamp[0] < clamp[1]):
+        raise ConfigError(
+            f"{section}.diag_clamp must be null or [low, high] with 0 < low < high, got {clamp}"
+        )
+
+
 class MemoryModel(nn.Module):
     """RMDN / FRMDN memory with low-rank-plus-diagonal precisions (see the module docstring)."""
 
     def __init__(self, target_dim: int, cond_dim: int, config: MemoryConfig):
         super().__init__()
-        if config.kind not in ("rmdn", "frmdn"):
-            raise ValueError(f"memory.kind must be 'rmdn' or 'frmdn', got {config.kind!r}")
-        if config.diag_activation not in ("softplus", "exp"):
-            raise ValueError(f"memory.diag_activation must be 'softplus' or 'exp', got {config.diag_activation!r}")
-        if config.components < 1 or config.rank < 0 or config.hidden < 1:
-            raise ValueError(
-                f"memory needs components >= 1, rank >= 0, hidden >= 1 (got components={config.components}, "
-                f"rank={config.rank}, hidden={config.hidden})"
-            )
-        if config.diag_clamp is not None and (len(config.diag_clamp) != 2 or not 0 < config.diag_clamp[0] < config.diag_clamp[1]):
-            raise ValueError(f"memory.diag_clamp must be [low, high] with 0 < low < high, got {config.diag_clamp}")
+        check_memory_config(config)
         self.target_dim, self.cond_dim, self.config = target_dim, cond_dim, config
         k, d, r, h = config.components, target_dim, config.rank, config.hidden
         self.lstm = nn.LSTM(target_dim + cond_dim, h, batch_first=True)
@@ -80,7 +97,9 @@ class MemoryModel(nn.Module):
         self.reward_head = nn.Linear(h, 1) if config.predict_reward else None
         self.done_head = nn.Linear(h, 1) if config.predict_done else None
         self.flow = (
-            CouplingFlow(d, config.flow_blocks, config.flow_hidden, context_dim=h if config.flow_context else 0)
+            CouplingFlow(
+                d, config.flow_blocks, config.flow_hidden, context_dim=h if config.flow_context else 0
+            )
             if config.kind == "frmdn"
             else None
         )
@@ -88,7 +107,9 @@ class MemoryModel(nn.Module):
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         """Zero LSTM state (h, c), each ``[1, B, H]``."""
         device = device if device is not None else self.mixture_head.weight.device
-        zeros = torch.zeros(1, batch_size, self.config.hidden, device=device, dtype=self.mixture_head.weight.dtype)
+        zeros = torch.zeros(
+            1, batch_size, self.config.hidden, device=device, dtype=self.mixture_head.weight.dtype
+        )
         return zeros, zeros.clone()
 
     def _heads(self, hidden: Tensor) -> MemoryOutput:
@@ -122,16 +143,21 @@ class MemoryModel(nn.Module):
             return y
         if cond is None or cond.shape != (*y.shape[:-1], self.cond_dim):
             got = None if cond is None else tuple(cond.shape)
-            raise ValueError(f"memory expects cond [..., {self.cond_dim}] matching y {tuple(y.shape)}, got {got}")
+            raise ValueError(
+                f"memory expects cond [..., {self.cond_dim}] matching y {tuple(y.shape)}, got {got}"
+            )
         return torch.cat([y, cond.to(y.dtype)], dim=-1)
 
-    def forward(self, inputs: Tensor, cond: Tensor | None = None, state: State | None = None) -> tuple[MemoryOutput, State]:
+    def forward(
+        self, inputs: Tensor, cond: Tensor | None = None, state: State | None = None
+    ) -> tuple[MemoryOutput, State]:
         """Read ``inputs`` [B, T, d] (and ``cond`` [B, T, c]); output t is the distribution of y_{t+1}."""
         hidden, state = self.lstm(self._lstm_input(inputs, cond), state)
         return self._heads(hidden), state
 
     def step(self, y: Tensor, cond: Tensor | None, state: State | None) -> tuple[MemoryOutput, State]:
-        """One recurrent step: ``y`` [B, d], ``cond`` [B, c]; returns outputs of batch shape [B] and the new state."""
+        """One recurrent step: ``y`` [B, d], ``cond`` [B, c]; returns outputs of batch shape [B] and the new
+        state."""
         hidden, state = self.lstm(self._lstm_input(y, cond).unsqueeze(1), state)
         return self._heads(hidden.squeeze(1)), state
 
@@ -146,13 +172,16 @@ class MemoryModel(nn.Module):
             z, logdet = self.flow(target, self._context(out))
         return gmm_log_prob(z, out.logit_pi, out.mu, out.diag, out.u) + logdet
 
-    def sample(self, out: MemoryOutput, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+    def sample(
+        self, out: MemoryOutput, temperature: float = 1.0, generator: torch.Generator | None = None
+    ) -> Tensor:
         """Draw y: z from the mixture (tau divides logits, multiplies covariance), then y = f^{-1}(z)."""
         z = gmm_sample(out.logit_pi, out.mu, out.diag, out.u, temperature=temperature, generator=generator)
         return z if self.flow is None else self.flow.inverse(z, self._context(out))
 
     def sequence_log_prob(self, y: Tensor, cond: Tensor | None = None) -> tuple[Tensor, MemoryOutput]:
-        """Per-step log p(y_{t+1} | y_<=t, c_<=t) for ``y`` [B, T+1, d], ``cond`` [B, T, c] -> ([B, T], outputs)."""
+        """Per-step log p(y_{t+1} | y_<=t, c_<=t) for ``y`` [B, T+1, d], ``cond`` [B, T, c] -> ([B, T],
+        outputs)."""
         if y.dim() != 3 or y.shape[1] < 2:
             raise ValueError(f"sequence_log_prob expects y [B, T+1, d] with T >= 1, got {tuple(y.shape)}")
         out, _ = self(y[:, :-1], cond)
@@ -169,7 +198,8 @@ class MemoryModel(nn.Module):
         reward_weight: float = 1.0,
         done_weight: float = 1.0,
     ) -> dict[str, Tensor]:
-        """Training loss over sequences: NLL per dimension plus the weighted reward (MSE) and done (BCE) losses.
+        """Training loss over sequences: NLL per dimension plus the weighted reward (MSE) and done (BCE)
+        losses.
 
         Returns ``loss``, ``nll`` (mean NLL per step, nats), ``nll_per_dim``, ``reward_loss``, ``done_loss``.
         """
@@ -184,7 +214,9 @@ class MemoryModel(nn.Module):
         for name, targets in (("rewards", rewards), ("dones", dones)):
             if targets is not None and targets.shape != log_prob.shape:
                 # A [B, T, 1] or [T] target would broadcast against [B, T] predictions into a wrong loss.
-                raise ValueError(f"{name} must be [B, T] = {tuple(log_prob.shape)}, got {tuple(targets.shape)}")
+                raise ValueError(
+                    f"{name} must be [B, T] = {tuple(log_prob.shape)}, got {tuple(targets.shape)}"
+                )
         if out.reward is not None and rewards is not None:
             reward_loss = ((out.reward - rewards.to(log_prob.dtype)).square() * weights).sum() / count
         if out.done_logit is not None and dones is not None:

@@ -68,16 +68,15 @@ def plot_curves(
 
 
 def image_grid(rows: Sequence[Sequence[np.ndarray]], pad: int = 2, scale: int = 1) -> np.ndarray:
-    """Tile uint8 images ``[H, W, 3]`` (or ``[H, W]``) row by row on a white background, enlarged ``scale`` x."""
+    """Tile uint8 images ``[H, W, 3]`` (or ``[H, W]``) row by row on a white background, enlarged
+    ``scale`` x."""
     rows = [[_as_rgb_uint8(image) for image in row] for row in rows if len(row) > 0]
     if not rows:
         raise ValueError("image_grid: no images")
     height = max(image.shape[0] for row in rows for image in row)
     width = max(image.shape[1] for row in rows for image in row)
     columns = max(len(row) for row in rows)
-    grid = np.full(
-        (len(rows) * (height + pad) + pad, columns * (width + pad) + pad, 3), 255, dtype=np.uint8
-    )
+    grid = np.full((len(rows) * (height + pad) + pad, columns * (width + pad) + pad, 3), 255, dtype=np.uint8)
     for r, row in enumerate(rows):
         for c, image in enumerate(row):
             top, left = pad + r * (height + pad), pad + c * (width + pad)
@@ -87,7 +86,9 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], pad: int = 2, scale: int = 
     return grid
 
 
-def save_image_grid(path: str | Path, rows: Sequence[Sequence[np.ndarray]], pad: int = 2, scale: int = 1) -> None:
+def save_image_grid(
+    path: str | Path, rows: Sequence[Sequence[np.ndarray]], pad: int = 2, scale: int = 1
+) -> None:
     """Write ``image_grid(rows)`` as a PNG at ``path`` (each row a list of uint8 images)."""
     buffer = io.BytesIO()
     plt.imsave(buffer, image_grid(rows, pad=pad, scale=scale), format="png")

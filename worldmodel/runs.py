@@ -5,9 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from worldmodel.config import Config, config_to_dict, save_config
+from worldmodel.config import Config, save_config
 
 
 @dataclass(frozen=True)
@@ -31,6 +29,11 @@ class RunPaths:
     @property
     def memory(self) -> Path:
         return self.root / "memory"
+
+    @property
+    def table1(self) -> Path:
+        """The paper's Table 1 on this run's latents (``train-memory --sweep table1``), a folder per cell."""
+        return self.root / "table1"
 
     @property
     def controller(self) -> Path:
@@ -59,27 +62,3 @@ def prepare_stage(config: Config, stage_dir: Path) -> Path:
     save_config(config, stage_dir / "config.yaml")
     save_config(config, config.run_dir / "config.yaml")
     return stage_dir
-
-
-def changed_settings(config: Config, stage_dir: Path, sections: tuple[str, ...]) -> list[str]:
-    """The settings of ``sections`` (top-level fields or whole sections) that differ between ``config`` and the
-    config last recorded in ``stage_dir``, as ``key: recorded -> now`` lines (none when nothing is recorded)."""
-    try:
-        recorded = yaml.safe_load((stage_dir / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        return []
-    if not isinstance(recorded, dict):
-        return []
-    current = config_to_dict(config)
-
-    def flat(values: object, prefix: str) -> dict[str, object]:
-        if not isinstance(values, dict):
-            return {prefix: values}
-        return {key: value for name, inner in values.items() for key, value in flat(inner, f"{prefix}.{name}").items()}
-
-    lines = []
-    for section in sections:
-        before, now = flat(recorded.get(section), section), flat(current.get(section), section)
-        lines += [f"{key}: {before.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(before) | set(now))
-                  if before.get(key) != now.get(key)]
-    return lines

@@ -1,13 +1,13 @@
 r"""The memory's data: encoded episodes cut into fixed-length windows of (z_t, a_t) -> (z_{t+1}, r_t, done_t).
 
 An episode with T transitions holds ``mu``/``logvar`` [T+1, Z] and ``actions``/``rewards``/``terminals`` [T].
-It is cut into ceil(T / L) windows of L transitions; window j covers transitions s = jL .. jL+L-1 and keeps the
-L+1 frames z_s .. z_{s+L} (consecutive windows share one frame). The last window is padded with zeros and its
-``mask`` is False on the padding, so no padded step ever enters a loss.
+It is cut into ceil(T / L) windows of L transitions; window j covers transitions s = jL .. jL+L-1 and keeps
+the L+1 frames z_s .. z_{s+L} (consecutive windows share one frame). The last window is padded with zeros and
+its ``mask`` is False on the padding, so no padded step ever enters a loss.
 
-Each epoch draws a fresh posterior sample :math:`z = \mu + e^{\log\sigma^2/2}\,\epsilon` (as World Models does),
-or uses :math:`\mu` itself when asked. Validation and test use one fixed sample, the same for every run with the
-same seed, so test NLLs of different models are comparable.
+Each epoch draws a fresh posterior sample :math:`z = \mu + e^{\log\sigma^2/2}\,\epsilon` (as World Models
+does), or uses :math:`\mu` itself when asked. Validation and test use one fixed sample, the same for every run
+with the same seed, so test NLLs of different models are comparable.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 
 from worldmodel.data import list_npz, load_latents, split_by_episode
 from worldmodel.io import DataError
+from worldmodel.vae import posterior_sample
 
 SPLITS = ("train", "val", "test")
 
@@ -66,7 +67,7 @@ class SequenceSet:
         if use_mu:
             return self.mu
         eps = rng.standard_normal(self.mu.shape, dtype=np.float32)
-        return self.mu + np.exp(0.5 * self.logvar) * eps
+        return posterior_sample(self.mu, self.logvar, eps)
 
     def batches(
         self, z: np.ndarray, order: np.ndarray, batch_size: int, device: torch.device | str = "cpu"
@@ -141,7 +142,9 @@ def split_latent_files(
     """The latent files of ``folder`` split by episode into train / val / test (seeded, reproducible)."""
     paths = list_npz(folder)
     if not paths:
-        raise DataError(f"no latents in {folder}: run `python run.py encode` first (after collect and train-vae)")
+        raise DataError(
+            f"no latents in {folder}: run `python run.py encode` first (after collect and train-vae)"
+        )
     for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0 <= fraction < 1:
             raise ValueError(f"memory_train.{name} must be in [0, 1), got {fraction}")
@@ -163,5 +166,6 @@ def fixed_sample_rng(seed: int, split: str) -> np.random.Generator:
 
 
 def epoch_rngs(seed: int, epoch: int) -> tuple[np.random.Generator, np.random.Generator]:
-    """Generators of epoch ``epoch``'s posterior sample and batch order: a resumed epoch replays them exactly."""
+    """Generators of epoch ``epoch``'s posterior sample and batch order: a resumed epoch replays them
+    exactly."""
     return np.random.default_rng([seed, epoch, 0]), np.random.default_rng([seed, epoch, 1])

@@ -16,6 +16,7 @@ the model spends that much information on the frame for free.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 import torch
@@ -31,20 +32,28 @@ class ConvVAE(nn.Module):
         super().__init__()
         self.latent_dim = latent_dim
         self.encoder = nn.Sequential(
-            nn.Conv2d(3, 32, 4, stride=2), nn.ReLU(),     # 64 -> 31
-            nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),    # 31 -> 14
-            nn.Conv2d(64, 128, 4, stride=2), nn.ReLU(),   # 14 -> 6
-            nn.Conv2d(128, 256, 4, stride=2), nn.ReLU(),  # 6 -> 2
+            nn.Conv2d(3, 32, 4, stride=2),
+            nn.ReLU(),  # 64 -> 31
+            nn.Conv2d(32, 64, 4, stride=2),
+            nn.ReLU(),  # 31 -> 14
+            nn.Conv2d(64, 128, 4, stride=2),
+            nn.ReLU(),  # 14 -> 6
+            nn.Conv2d(128, 256, 4, stride=2),
+            nn.ReLU(),  # 6 -> 2
             nn.Flatten(),
         )
         self.fc_mu = nn.Linear(2 * 2 * 256, latent_dim)
         self.fc_logvar = nn.Linear(2 * 2 * 256, latent_dim)
         self.fc_decode = nn.Linear(latent_dim, 1024)
         self.decoder = nn.Sequential(
-            nn.ConvTranspose2d(1024, 128, 5, stride=2), nn.ReLU(),  # 1 -> 5
-            nn.ConvTranspose2d(128, 64, 5, stride=2), nn.ReLU(),    # 5 -> 13
-            nn.ConvTranspose2d(64, 32, 6, stride=2), nn.ReLU(),     # 13 -> 30
-            nn.ConvTranspose2d(32, 3, 6, stride=2), nn.Sigmoid(),   # 30 -> 64
+            nn.ConvTranspose2d(1024, 128, 5, stride=2),
+            nn.ReLU(),  # 1 -> 5
+            nn.ConvTranspose2d(128, 64, 5, stride=2),
+            nn.ReLU(),  # 5 -> 13
+            nn.ConvTranspose2d(64, 32, 6, stride=2),
+            nn.ReLU(),  # 13 -> 30
+            nn.ConvTranspose2d(32, 3, 6, stride=2),
+            nn.Sigmoid(),  # 30 -> 64
         )
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -62,14 +71,34 @@ class ConvVAE(nn.Module):
         return self.decode(reparameterize(mu, logvar, generator)), mu, logvar
 
 
+@overload
+def posterior_sample(mu: Tensor, logvar: Tensor, eps: Tensor) -> Tensor: ...
+
+
+@overload
+def posterior_sample(mu: np.ndarray, logvar: np.ndarray, eps: np.ndarray) -> np.ndarray: ...
+
+
+def posterior_sample(
+    mu: Tensor | np.ndarray, logvar: Tensor | np.ndarray, eps: Tensor | np.ndarray
+) -> Tensor | np.ndarray:
+    """z = mu + exp(logvar / 2) * eps: the draw from q(z|x) = N(mu, diag(exp(logvar))) that standard normal
+    ``eps`` gives (torch tensors, gradients flowing through mu and logvar, or numpy arrays). The one place of
+    the formula: callers differ only in where eps comes from (a generator, a numpy rng, one generator per
+    episode)."""
+    exp = torch.exp if isinstance(logvar, Tensor) else np.exp
+    return mu + exp(0.5 * logvar) * eps
+
+
 def reparameterize(mu: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """A draw z ~ N(mu, diag(exp(logvar))) that gradients flow through."""
+    """A draw z ~ N(mu, diag(exp(logvar))) that gradients flow through (eps from ``generator``)."""
     eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-    return mu + torch.exp(0.5 * logvar) * eps
+    return posterior_sample(mu, logvar, eps)
 
 
 def vae_loss(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, kl_tolerance: float) -> dict[str, Tensor]:
-    """World Models loss: summed squared error + KL clamped below at ``kl_tolerance * Z`` (means over the batch)."""
+    """World Models loss: summed squared error + KL clamped below at ``kl_tolerance * Z`` (means over the
+    batch)."""
     recon_loss = (recon - x).pow(2).flatten(1).sum(dim=1).mean()
     kl = -0.5 * (1.0 + logvar - mu.pow(2) - logvar.exp()).sum(dim=1)
     kl_loss = kl.clamp(min=kl_tolerance * mu.shape[1]).mean()
@@ -80,7 +109,9 @@ def frames_to_tensor(obs: np.ndarray, device: str | torch.device = "cpu") -> Ten
     """uint8 frames ``[..., H, W, 3]`` -> float tensor ``[..., 3, H, W]`` in [0, 1] on ``device``."""
     obs = np.asarray(obs)
     if obs.dtype != np.uint8 or obs.ndim < 3 or obs.shape[-1] != 3:
-        raise ValueError(f"frames_to_tensor: expected uint8 [..., H, W, 3] frames, got {obs.dtype} {obs.shape}")
+        raise ValueError(
+            f"frames_to_tensor: expected uint8 [..., H, W, 3] frames, got {obs.dtype} {obs.shape}"
+        )
     # convert on the device: a uint8 copy is 4x smaller than a float one
     tensor = torch.from_numpy(np.ascontiguousarray(obs)).to(device)
     return tensor.movedim(-1, -3).float().div_(255.0).contiguous()

@@ -1,0 +1,353 @@
+r"""The dream's one step, shared by both dreams: the gymnasium env (``rollouts.dream_env.DreamEnv``, one
+dream, what the dream video shows) and the batched dream CMA-ES trains on
+(``agents.dream_batch.BatchedDream``, B = P candidates x R rollouts).
+
+B dreams advance together in a ``DreamBatch``; the driver writes each dream's action :math:`a_t` into it and
+calls ``DreamDynamics.step``. Per step, with :math:`h_t` the LSTM output *before* reading :math:`(z_t, a_t)`:
+
+1. the LSTM reads :math:`(z_t, a_t)` from :math:`(h_t, c_t)`: one fused ``[z, h, a] @ W`` for all four gates;
+2. its output :math:`h_{t+1}` gives the mixture logits, :math:`r_t` and the done logit :math:`\ell_t` (one
+   small matmul); a component :math:`k \sim \text{softmax}(\text{logits} / \tau)` (the argmax at
+   :math:`\tau = 0`); then *only the chosen component's* mean, diagonal and low-rank factor are computed (one
+   matmul per component over the dreams that chose it, about K times fewer flops than the full head), and
+   :math:`z_{t+1}` is drawn from it with the project's sampler (``gmm_sample``: covariance times :math:`\tau`)
+   and mapped through the inverse flow;
+3. :math:`done_t \sim \text{Bernoulli}(\sigma(\ell_t / \tau))`, and :math:`\tau = 0` ends a dream iff
+   :math:`\ell_t > 0` (Ha's rule); a dream that ended is masked, not removed (the tensors keep their shape):
+   it collects no more reward or steps. The drivers stop every dream at the horizon.
+
+That is the law of ``MemoryModel.step`` followed by ``MemoryModel.sample`` (the tests pin the two together).
+
+A dream starts (``DreamDynamics.start``) at a real frame: an index :math:`s` uniform over the N start frames,
+:math:`z_0 = \mu_s + \exp(\log\sigma^2_s / 2)\,\epsilon` (:math:`\mu_s` with ``use_mu``, as the memory was
+trained), and the memory's LSTM state there (zeros at first frames; ``rollouts.dream_env.warm_starts`` for any
+frame).
+
+Every draw comes from one ``torch.Generator``, in a fixed order (start indices, the z_0 noise; then per step:
+components, z noise, low-rank noise, dones), so one generator seed gives the same dream of batch 1 in both
+drivers.
+
+Variations fixed per dream (a dropout mask, an ensemble member) belong in ``DreamBatch``: drawn by ``start``,
+carried to every candidate by ``DreamBatch.repeat`` (candidates are compared on the same dreams), applied by
+``step``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from worldmodel.memory import MemoryModel
+from worldmodel.mixture import gmm_sample
+from worldmodel.vae import posterior_sample
+
+LSTMState = tuple[np.ndarray, np.ndarray]
+"""(h, c), ``[N, H]`` each: the memory's LSTM state at N start frames."""
+
+
+def start_state_tensors(
+    initial_state: LSTMState | None, count: int, memory: MemoryModel, dtype: torch.dtype
+) -> tuple[Tensor, Tensor] | None:
+    """Validate the (h, c) of ``count`` start frames and put them on the memory's device (None stays None)."""
+    if initial_state is None:
+        return None
+    device, hidden = memory.mixture_head.weight.device, memory.config.hidden
+    parts = tuple(torch.as_tensor(np.asarray(part), dtype=dtype, device=device) for part in initial_state)
+    if len(parts) != 2 or any(part.shape != (count, hidden) for part in parts):
+        raise ValueError(
+            f"initial_state must be (h, c) of shape [{count}, {hidden}] each, got "
+            f"{[tuple(part.shape) for part in parts]}"
+        )
+    return parts
+
+
+def dream_done(done_logit: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
+    """done ~ Bernoulli(sigmoid(logit / tau)) as bools; tau = 0 is the threshold logit > 0 (and draws
+    nothing)."""
+    if temperature == 0:
+        return done_logit > 0
+    uniform = torch.rand(
+        done_logit.shape, generator=generator, device=done_logit.device, dtype=done_logit.dtype
+    )
+    return uniform < torch.sigmoid(done_logit / temperature)
+
+
+class DreamBatch:
+    """B dreams in flight, updated in place by ``DreamDynamics.step`` (no per-step allocation of the
+    state)."""
+
+    def __init__(self, inputs: Tensor, cell: Tensor, start: Tensor, z_dim: int):
+        """``inputs [B, Z + H + A]``: the row ``[z_t, h_t, a_t]`` the LSTM reads next; ``cell [B, H]``: c_t;
+        ``start [B]``: each dream's start frame."""
+        self.inputs, self.cell, self.start, self.z_dim = inputs, cell, start, z_dim
+        batch, hidden = cell.shape
+        self.alive = torch.ones(batch, dtype=torch.bool, device=inputs.device)
+        """[B] not ended yet."""
+        self.returns = inputs.new_zeros(batch)
+        """[B] the rewards summed until the end."""
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=inputs.device)
+        """[B] steps until the end."""
+        self.steps = 0
+        # the step's scratch, reused: gates i, f, g, o and the new LSTM output
+        self.gates = inputs.new_empty(batch, 4 * hidden)
+        self.gate_parts = self.gates.split(hidden, dim=1)
+        self.new_hidden = inputs.new_empty(batch, hidden)
+
+    @property
+    def size(self) -> int:
+        return self.inputs.shape[0]
+
+    @property
+    def observation(self) -> Tensor:
+        """[B, Z + H]: [z_t, h_t], what the controller reads (a view: copy it to keep it)."""
+        return self.inputs[:, : self.z_dim + self.cell.shape[1]]
+
+    @property
+    def z(self) -> Tensor:
+        """[B, Z] z_t (a view)."""
+        return self.inputs[:, : self.z_dim]
+
+    @property
+    def h(self) -> Tensor:
+        """[B, H] h_t, the LSTM output before reading (z_t, a_t) (a view)."""
+        return self.inputs[:, self.z_dim : self.z_dim + self.cell.shape[1]]
+
+    @property
+    def action(self) -> Tensor:
+        """[B, A] the encoded a_t, written by the driver before ``step`` (a view)."""
+        return self.inputs[:, self.z_dim + self.cell.shape[1] :]
+
+    def repeat(self, times: int) -> DreamBatch:
+        """``times`` copies of these unstarted dreams, copy j of dream b at row j * B + b: P candidates dream
+        from the same R starts (and any per-dream variation), which makes their ranking less noisy."""
+        if self.steps:
+            raise RuntimeError("DreamBatch.repeat after the dreams started")
+        return DreamBatch(
+            self.inputs.repeat(times, 1), self.cell.repeat(times, 1), self.start.repeat(times), self.z_dim
+        )
+
+
+class DreamDynamics:
+    """The memory's dream: where dreams start and how they step (see the module docstring)."""
+
+    def __init__(
+        self,
+        memory: MemoryModel,
+        initial_mu: Tensor | np.ndarray,
+        initial_logvar: Tensor | np.ndarray | None,
+        horizon: int,
+        temperature: float = 1.0,
+        use_mu: bool = False,
+        initial_state: LSTMState | None = None,
+    ):
+        """``initial_mu``, ``initial_logvar`` ``[N, Z]``: the start frames' posteriors (logvar None: their
+        means); ``initial_state``: the memory's (h, c) ``[N, H]`` at each start frame; None = zeros."""
+        if memory.reward_head is None or memory.done_head is None:
+            raise ValueError(
+                "the dream needs a memory with reward and done heads (memory.predict_reward/predict_done)"
+            )
+        if horizon < 1 or temperature < 0:
+            raise ValueError(
+                f"the dream needs horizon >= 1 and temperature >= 0, got {horizon}, {temperature}"
+            )
+        self.memory = memory.eval()
+        self.horizon, self.temperature, self.use_mu = horizon, temperature, use_mu
+        weight = memory.mixture_head.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.initial_mu = torch.as_tensor(initial_mu, dtype=self.dtype, device=self.device)
+        if self.initial_mu.dim() != 2 or self.initial_mu.shape[1] != memory.target_dim:
+            raise ValueError(
+                f"initial_mu must be [N, {memory.target_dim}], got {tuple(self.initial_mu.shape)}"
+            )
+        # no logvar: std exp(-inf / 2) = 0, so z_0 is the mean
+        self.initial_logvar = (
+            torch.full_like(self.initial_mu, -torch.inf)
+            if initial_logvar is None
+            else torch.as_tensor(initial_logvar, dtype=self.dtype, device=self.device)
+        )
+        self.initial_state = start_state_tensors(initial_state, len(self.initial_mu), memory, self.dtype)
+        self._fuse_weights()
+
+    @torch.no_grad()
+    def _fuse_weights(self) -> None:
+        """Rearrange the memory's weights for the fast step (copies: the memory itself is untouched)."""
+        memory, z_dim = self.memory, self.memory.target_dim
+        k, d, r = memory.config.components, memory.target_dim, memory.config.rank
+        lstm = memory.lstm
+        # the step's input row is laid out [z, h, a], so the controller reads its first Z + H columns in place
+        fused = torch.cat(
+            [lstm.weight_ih_l0[:, :z_dim], lstm.weight_hh_l0, lstm.weight_ih_l0[:, z_dim:]], dim=1
+        )
+        self.gate_weight = fused.T.contiguous()
+        self.gate_bias = (lstm.bias_ih_l0 + lstm.bias_hh_l0).clone()
+        head_w, head_b = memory.mixture_head.weight, memory.mixture_head.bias
+        # logits, reward and done from one small matmul
+        self.small_weight = torch.cat(
+            [head_w[:k], memory.reward_head.weight, memory.done_head.weight]
+        ).T.contiguous()
+        self.small_bias = torch.cat([head_b[:k], memory.reward_head.bias, memory.done_head.bias])
+        # rows of component j: its mean, its raw diagonal and its raw low-rank factor
+        rows = [
+            torch.cat(
+                [
+                    torch.arange(k + j * d, k + (j + 1) * d),
+                    torch.arange(k + k * d + j * d, k + k * d + (j + 1) * d),
+                    torch.arange(k + 2 * k * d + j * d * r, k + 2 * k * d + (j + 1) * d * r),
+                ]
+            )
+            for j in range(k)
+        ]
+        self.component_weight = torch.stack(
+            [head_w[index].T for index in rows]
+        ).contiguous()  # [K, H, 2d + dr]
+        self.component_bias = torch.stack([head_b[index] for index in rows])  # [K, 2d + dr]
+
+    def start(
+        self,
+        count: int,
+        generator: torch.Generator | None = None,
+        index: Sequence[int] | Tensor | None = None,
+    ) -> DreamBatch:
+        """``count`` dreams at start frames drawn uniformly (or at the frames ``index [count]``): z_0 the
+        frame's posterior sample (its mean with ``use_mu``) and the memory's (h, c) there."""
+        n, z_dim, hidden = len(self.initial_mu), self.memory.target_dim, self.memory.config.hidden
+        if index is None:
+            index = torch.randint(n, (count,), generator=generator, device=self.device)
+        else:
+            index = torch.as_tensor(index, dtype=torch.long, device=self.device).reshape(-1)
+            if len(index) != count or bool(((index < 0) | (index >= n)).any()):
+                raise ValueError(f"start index must be {count} frames in [0, {n}), got {index.tolist()}")
+        z = self.initial_mu[index]
+        if not self.use_mu:
+            eps = torch.randn(z.shape, generator=generator, device=self.device, dtype=self.dtype)
+            z = posterior_sample(z, self.initial_logvar[index], eps)
+        inputs = torch.zeros(
+            count, z_dim + hidden + self.memory.cond_dim, dtype=self.dtype, device=self.device
+        )
+        inputs[:, :z_dim] = z
+        if self.initial_state is None:
+            cell = inputs.new_zeros(count, hidden)
+        else:
+            inputs[:, z_dim : z_dim + hidden] = self.initial_state[0][index]
+            cell = self.initial_state[1][index]
+        return DreamBatch(inputs, cell, index, z_dim)
+
+    def step(self, batch: DreamBatch, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Advance every dream of ``batch`` by one step, in place, its actions a_t already in
+        ``batch.action``. Returns r_t ``[B]`` (0 for dreams that had ended) and done_t ``[B]`` (true where a
+        live dream ends now)."""
+        k = self.memory.config.components
+        gates, hidden, cell = batch.gates, batch.new_hidden, batch.cell
+        input_gate, forget_gate, cell_input, output_gate = batch.gate_parts
+        # 1. the LSTM reads (z_t, a_t) from (h_t, c_t), in place in the batch's buffers
+        torch.addmm(self.gate_bias, batch.inputs, self.gate_weight, out=gates)
+        gates[:, : 2 * hidden.shape[1]].sigmoid_()
+        cell_input.tanh_()
+        output_gate.sigmoid_()
+        cell.mul_(forget_gate).addcmul_(input_gate, cell_input)
+        torch.tanh(cell, out=hidden).mul_(output_gate)
+        # 2. its output predicts z_{t+1}, r_t and done_t
+        small = torch.addmm(self.small_bias, hidden, self.small_weight)
+        batch.z[:] = self.sample_next(hidden, small[:, :k], generator)
+        batch.h[:] = hidden
+        # 3. ended dreams are masked: no reward, no steps, no second end
+        live = batch.alive
+        reward = small[:, k] * live
+        batch.returns += reward
+        batch.lengths += live
+        done = dream_done(small[:, k + 1], self.temperature, generator) & live
+        live &= ~done
+        batch.steps += 1
+        return reward, done
+
+    def _diag(self, raw: Tensor) -> Tensor:
+        """The memory's positivity map for D_k (``MemoryModel._heads``)."""
+        config = self.memory.config
+        diag = F.softplus(raw) if config.diag_activation == "softplus" else raw.clamp(max=30.0).exp()
+        diag = diag + config.diag_floor
+        return diag.clamp(*config.diag_clamp) if config.diag_clamp is not None else diag
+
+    def chosen_component(self, hidden: Tensor, component: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(mu, diag, u) of each dream's chosen component: ``[B, d]``, ``[B, d]``, ``[B, d, r]`` or None."""
+        d, r, k = self.memory.target_dim, self.memory.config.rank, self.memory.config.components
+        # group the dreams by component: one gather, one matmul per component on a contiguous slice, one
+        # scatter
+        order = torch.argsort(component)
+        counts = torch.bincount(component, minlength=k).tolist()
+        grouped = hidden.index_select(0, order)
+        raw_grouped = hidden.new_empty(hidden.shape[0], self.component_bias.shape[1])
+        start = 0
+        for j, count in enumerate(counts):
+            if count:
+                torch.addmm(
+                    self.component_bias[j],
+                    grouped[start : start + count],
+                    self.component_weight[j],
+                    out=raw_grouped[start : start + count],
+                )
+                start += count
+        raw = torch.empty_like(raw_grouped).index_copy_(0, order, raw_grouped)
+        mu, raw_diag, raw_u = raw.split([d, d, d * r], dim=1)
+        # the layout of MemoryModel._heads: U_k^T row by row (a test pins the two together)
+        return mu, self._diag(raw_diag), raw_u.reshape(-1, r, d).transpose(1, 2) if r > 0 else None
+
+    def sample_next(self, hidden: Tensor, logits: Tensor, generator: torch.Generator | None) -> Tensor:
+        """z_{t+1}: a component from softmax(logits / tau), a draw from it (covariance x tau), the inverse
+        flow."""
+        if self.temperature == 0 or logits.shape[1] == 1:
+            # one component: nothing to draw, as in gmm_sample (so both consume the generator alike)
+            component = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits / self.temperature, dim=-1)
+            component = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        mu, diag, u = self.chosen_component(hidden, component)
+        one = logits.new_zeros(logits.shape[0], 1)
+        z = gmm_sample(
+            one,
+            mu.unsqueeze(1),
+            diag.unsqueeze(1),
+            None if u is None else u.unsqueeze(1),
+            temperature=self.temperature,
+            generator=generator,
+        )
+        flow = self.memory.flow
+        if flow is None:
+            return z
+        return flow.inverse(z, hidden if self.memory.config.flow_context else None)
+
+
+class DreamDriver:
+    """Base of the dreams' drivers (``DreamEnv``, ``BatchedDream``): their ``dynamics``' settings,
+    read-only."""
+
+    dynamics: DreamDynamics
+
+    @property
+    def memory(self) -> MemoryModel:
+        return self.dynamics.memory
+
+    @property
+    def device(self) -> torch.device:
+        return self.dynamics.device
+
+    @property
+    def horizon(self) -> int:
+        return self.dynamics.horizon
+
+    @property
+    def temperature(self) -> float:
+        return self.dynamics.temperature
+
+    @property
+    def initial_mu(self) -> Tensor:
+        """[N, Z] the start frames' posterior means."""
+        return self.dynamics.initial_mu
+
+    @property
+    def initial_state(self) -> tuple[Tensor, Tensor] | None:
+        """(h, c) ``[N, H]`` at the start frames, None for zeros."""
+        return self.dynamics.initial_state

@@ -1,0 +1,218 @@
+"""The Ray actor pool of collection and real-game rollouts (``rollouts.pool``): results in job order, a dead
+actor replaced and its job rerun on a live actor at once (never waiting on a replacement Ray cannot schedule),
+a hung job killed after its timeout and rerun, bounded retries, and a clear end when no actor is left or
+actors keep dying. (The two-node cluster version is tests/test_cluster.py.)"""
+
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+import ray
+
+from rollouts.pool import ActorPool, PoolWorker
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class ToyWorker(PoolWorker):
+    """Scores a candidate as sum(params) + seed. ``plan`` maps a candidate's first parameter to what its job
+    does instead: ``crash_once`` / ``crash`` (the whole process dies, the first time or every time) or
+    ``hang_once`` (the first attempt never returns)."""
+
+    def __init__(self, marker_dir: str, plan: dict[int, str] | None = None, fail_init: bool = False):
+        if fail_init:
+            raise RuntimeError("injected start-up failure")
+        self.marker_dir, self.plan = marker_dir, plan or {}
+
+    def evaluate(self, params, seeds):
+        key = int(params[0])
+        mode = self.plan.get(key)
+        marker = os.path.join(self.marker_dir, f"attempt_{key}")
+        first = not os.path.exists(marker)
+        with open(marker, "a") as handle:
+            handle.write(f"{os.getpid()}\n")
+        if mode == "crash" or (mode == "crash_once" and first):
+            os._exit(1)
+        if mode == "hang_once" and first:
+            time.sleep(3600)
+        return [float(np.sum(params)) + seed for seed in seeds]
+
+
+def attempts(folder, key: int) -> list[int]:
+    """The pids of the processes that attempted candidate ``key``'s job, in order."""
+    path = folder / f"attempt_{key}"
+    return [int(line) for line in path.read_text().split()] if path.exists() else []
+
+
+def toy_jobs(count: int, seeds=(10, 20)) -> list[tuple]:
+    return [(np.full(4, float(i)), list(seeds)) for i in range(count)]
+
+
+def expected(count: int, seeds=(10, 20)) -> list[list[float]]:
+    return [[4.0 * i + seed for seed in seeds] for i in range(count)]
+
+
+def timed_map(pool: ActorPool, count: int, warm_up: bool = False) -> tuple[list, float]:
+    """(results, seconds) of ``pool.map`` over ``count`` toy jobs, after a first job when ``warm_up``; closes
+    the pool."""
+    try:
+        if warm_up:
+            pool.map("evaluate", toy_jobs(1))
+        began = time.perf_counter()
+        results = pool.map("evaluate", toy_jobs(count))
+        return results, time.perf_counter() - began
+    finally:
+        pool.close()
+
+
+def first_live_then_unschedulable(folder, live: int, **kwargs):
+    """``make_actor`` whose first ``live`` actors start normally and whose replacements need a resource no
+    node has, so Ray never schedules them: what a replacement sees when its node is gone and the others are
+    busy."""
+    actor_class = ray.remote(num_cpus=0, max_restarts=0)(ToyWorker)
+    made = []
+
+    def make():
+        made.append(1)
+        options = {} if len(made) <= live else {"resources": {"absent_resource": 1}}
+        return actor_class.options(**options).remote(str(folder), **kwargs)
+
+    return make
+
+
+def test_a_crashing_rollout_actor_is_replaced_and_its_candidate_reevaluated(ray_session, tmp_path):
+    actor_class = ray.remote(num_cpus=0, max_restarts=0)(ToyWorker)
+    pool = ActorPool(lambda: actor_class.remote(str(tmp_path), {3: "crash_once"}), size=2, retries=2)
+    try:
+        results = pool.map("evaluate", toy_jobs(6))
+    finally:
+        pool.close()
+    assert results == expected(6)  # every candidate, in order, once
+    assert pool.replaced == 1 and pool.retried == 1 and len(attempts(tmp_path, 3)) == 2
+    assert sum(pool.jobs_per_node.values()) == 6
+
+
+def test_a_candidate_that_always_kills_its_actor_fails_after_bounded_retries(ray_session, tmp_path):
+    actor_class = ray.remote(num_cpus=0, max_restarts=0)(ToyWorker)
+    pool = ActorPool(
+        lambda: actor_class.remote(str(tmp_path), {1: "crash"}), size=2, retries=1, label="rollout job"
+    )
+    try:
+        with pytest.raises(RuntimeError, match="rollout job 1 failed 2 times; last error: worker died"):
+            pool.map("evaluate", toy_jobs(3))
+    finally:
+        pool.close()
+    assert len(attempts(tmp_path, 1)) == 2  # 1 try + 1 retry
+
+
+def test_a_hung_job_is_killed_after_its_timeout_and_rerun(ray_session, tmp_path):
+    actor_class = ray.remote(num_cpus=0, max_restarts=0)(ToyWorker)
+    pool = ActorPool(
+        lambda: actor_class.remote(str(tmp_path), {2: "hang_once"}), size=2, retries=1, timeout=2.0
+    )
+    results, elapsed = timed_map(pool, 5, warm_up=True)  # the first start-up is not timed
+    assert results == expected(5)
+    assert 2.0 <= elapsed < 30.0
+    hung, rerun = attempts(tmp_path, 2)
+    assert hung != rerun  # the rerun ran in another process: the hung one was killed
+    assert pool.replaced == 1 and pool.retried == 1
+
+
+def test_a_dead_actors_job_goes_to_a_live_actor_without_waiting_for_its_replacement(ray_session, tmp_path):
+    make = first_live_then_unschedulable(tmp_path, live=2, plan={1: "crash_once"})
+    pool = ActorPool(make, size=2, retries=2, timeout=120.0, start_timeout=120.0)
+    results, elapsed = timed_map(pool, 6)
+    assert results == expected(6)
+    assert elapsed < 30.0  # not the 120 s timeout: the lost job was rerun on the actor that was alive
+    crashed, rerun = attempts(tmp_path, 1)
+    assert crashed != rerun
+    assert (
+        pool.replaced == 1 and len(pool.started) == 2
+    )  # the replacement never started, and nobody waited on it
+
+
+def test_jobs_fail_clearly_when_no_actor_is_left(ray_session, tmp_path):
+    make = first_live_then_unschedulable(tmp_path, live=2, plan={0: "crash", 1: "crash"})
+    pool = ActorPool(
+        make, size=2, retries=3, start_timeout=5.0, timeout_name="controller.job_timeout", label="rollout job"
+    )
+    try:
+        with pytest.raises(
+            RuntimeError,
+            match=r"rollout job \d failed [12] times; last error: no worker became ready "
+            r"within 5 s \(controller\.job_timeout\); Ray sees \d+ CPUs on 1 alive",
+        ):
+            pool.map("evaluate", toy_jobs(2))
+    finally:
+        pool.close()
+    assert (
+        len(attempts(tmp_path, 0)) + len(attempts(tmp_path, 1)) == 2
+    )  # each actor died once, then none was left
+
+
+def test_workers_that_die_on_start_up_end_the_pool_with_the_reason(ray_session, tmp_path):
+    actor_class = ray.remote(num_cpus=0, max_restarts=0)(ToyWorker)
+    failures = []
+    pool = ActorPool(lambda: actor_class.remote(str(tmp_path), fail_init=True), size=1, retries=2)
+    try:
+        pool.run(
+            "evaluate",
+            toy_jobs(3),
+            on_result=lambda *_: pytest.fail("no job can succeed"),
+            on_failure=lambda index, count, error: failures.append((index, count, error)),
+        )
+    finally:
+        pool.close()
+    assert [index for index, _, _ in failures] == [0, 1, 2]
+    for _, count, error in failures:
+        assert count == 0 and error.startswith("not attempted: workers keep dying")
+        assert "injected start-up failure" in error
+    assert pool.gave_up and pool.started == []
+    assert not list(tmp_path.iterdir())  # no job ever reached an actor
+
+
+def test_a_result_the_check_rejects_is_retried_and_the_actor_kept(ray_session, tmp_path):
+    actor_class = ray.remote(num_cpus=0, max_restarts=0)(ToyWorker)
+    pool = ActorPool(lambda: actor_class.remote(str(tmp_path)), size=1, retries=1)
+    seen, failures, retries = [], [], []
+    rejected = set()
+
+    def check(result):
+        if result[0] == 14.0 and 1 not in rejected:  # job 1's first result
+            rejected.add(1)
+            return "bad result"
+        return None
+
+    try:
+        pool.run(
+            "evaluate",
+            toy_jobs(3),
+            lambda index, result, worker: seen.append((index, result, worker.pid)),
+            lambda *args: failures.append(args),
+            lambda *args: retries.append(args),
+            check=check,
+        )
+    finally:
+        pool.close()
+    assert sorted(index for index, _, _ in seen) == [0, 1, 2] and failures == []
+    assert retries == [(1, 1, "bad result")]
+    assert len({pid for _, _, pid in seen}) == 1 and pool.replaced == 0
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "controller.job_timeout=-1",
+        "controller.retries=-1",
+        "controller.workers=-1",
+        "controller.envs_per_worker=0",
+    ],
+)
+def test_bad_rollout_pool_settings_are_refused_with_the_field(override):
+    from agents.workers import check_rollout_config
+    from worldmodel.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
+        check_rollout_config(load_config(None, [override]).controller)

@@ -1,0 +1,253 @@
+"""Stages that know what they were made from.
+
+Every stage of the pipeline writes ``made_from.json`` into its folder: the settings its output depends on and
+a digest of every upstream stage's output (the VAE's weights, the episode and latent files, the memory's
+weights, ...). When the stage runs again:
+
+- same fingerprint, finished: the stage is skipped (its ``summary.json`` is returned);
+- same fingerprint, unfinished: the stage resumes (its checkpoints were made from the same inputs);
+- another fingerprint: the folder is **stale** (say a retrained VAE under an old memory). It is cleared and
+  the stage is redone, or, with ``stale: refuse`` (``--refuse-stale``), refused with the list of what changed.
+  Downstream stages then see a new digest of this one's output, so a new V is never mixed with an old M or C.
+
+Some settings only extend a stage's work (``vae.epochs``, ``memory_train.epochs``, ``controller.generations``,
+``collect.episodes``): a larger value continues the finished stage from where it stopped, a smaller one makes
+it stale. Settings that change no result (log and checkpoint cadence, worker counts, timeouts) are left out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from worldmodel.config import Config, ConfigError, config_to_dict
+from worldmodel.io import DataError, read_json, write_json
+from worldmodel.progress import note
+from worldmodel.runs import prepare_stage, run_paths
+
+MADE_FROM = "made_from.json"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What one stage's output depends on."""
+
+    folder: str
+    """Its folder: an attribute of ``worldmodel.runs.RunPaths``."""
+    settings: tuple[str, ...]
+    """Config fields or sections (dotted) its output depends on."""
+    upstream: tuple[str, ...] = ()
+    """Stages whose output it reads."""
+    outputs: tuple[str, ...] = ()
+    """Files of its folder that identify its output (a ``*`` pattern: by names and sizes; else by content)."""
+    neutral: tuple[str, ...] = ()
+    """Fields inside ``settings`` that change no result."""
+    extendable: tuple[str, ...] = ()
+    """Fields inside ``settings`` whose larger value continues the finished stage."""
+
+
+STAGES: dict[str, StageSpec] = {
+    "collect": StageSpec(
+        "episodes",
+        ("seed", "env", "collect"),
+        outputs=("ep_*.npz",),
+        neutral=("collect.workers", "collect.retries", "collect.episode_timeout"),
+        extendable=("collect.episodes",),
+    ),
+    "train-vae": StageSpec(
+        "vae",
+        ("seed", "vae"),
+        upstream=("collect",),
+        outputs=("vae.pt",),
+        neutral=("vae.checkpoint_every", "vae.log_every", "vae.encode_batch"),
+        extendable=("vae.epochs",),
+    ),
+    "encode": StageSpec("latents", (), upstream=("collect", "train-vae"), outputs=("ep_*.npz",)),
+    "train-memory": StageSpec(
+        "memory",
+        ("seed", "memory", "memory_train"),
+        upstream=("encode",),
+        outputs=("memory.pt",),
+        neutral=(
+            "memory_train.checkpoint_every",
+            "memory_train.log_every",
+            "memory_train.sweep_kinds",
+            "memory_train.sweep_components",
+            "memory_train.sweep_ranks",
+        ),
+        extendable=("memory_train.epochs",),
+    ),
+    "train-controller": StageSpec(
+        "controller",
+        ("seed", "env", "controller", "memory_train.use_mu"),
+        upstream=("encode", "train-vae", "train-memory"),
+        outputs=("best.pt",),
+        neutral=(
+            "controller.workers",
+            "controller.retries",
+            "controller.envs_per_worker",
+            "controller.job_timeout",
+        ),
+        extendable=("controller.generations",),
+    ),
+    "evaluate": StageSpec(
+        "evaluate",
+        ("seed", "env", "evaluate", "memory_train.use_mu"),
+        upstream=("train-vae", "train-memory", "train-controller"),
+    ),
+}
+
+
+def _flat(values: Any, prefix: str) -> dict[str, Any]:
+    if not isinstance(values, dict):
+        return {prefix: values}
+    return {
+        key: value
+        for name, inner in values.items()
+        for key, value in _flat(inner, f"{prefix}.{name}").items()
+    }
+
+
+def _within(key: str, names: tuple[str, ...]) -> bool:
+    return any(key == name or key.startswith(name + ".") for name in names)
+
+
+def stage_settings(cfg: Config, spec: StageSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the settings that must match, the extendable ones), as flat ``dotted.key: value`` dicts."""
+    everything = _flat(config_to_dict(cfg), "")
+    everything = {key[1:]: value for key, value in everything.items()}
+    chosen = {key: value for key, value in everything.items() if _within(key, spec.settings)}
+    strict = {key: value for key, value in chosen.items() if not _within(key, spec.neutral + spec.extendable)}
+    extent = {key: value for key, value in chosen.items() if _within(key, spec.extendable)}
+    return strict, extent
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def output_digest(cfg: Config, name: str) -> str | None:
+    """A digest of stage ``name``'s output as it is on disk now (None when it has made nothing yet): its own
+    fingerprint and its output files (patterns by names and sizes, single files by content)."""
+    spec = STAGES[name]
+    folder = getattr(run_paths(cfg), spec.folder)
+    record = _read_record(folder)
+    if record is None:
+        return None
+    parts: dict[str, Any] = {"made_from": record.get("fingerprint"), "extent": record.get("extent")}
+    for pattern in spec.outputs:
+        if "*" in pattern:
+            parts[pattern] = [(path.name, path.stat().st_size) for path in sorted(folder.glob(pattern))]
+        else:
+            path = folder / pattern
+            parts[pattern] = _file_digest(path) if path.exists() else None
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _read_record(folder: Path) -> dict | None:
+    try:
+        record = read_json(folder / MADE_FROM)
+    except DataError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _differences(before: dict, now: dict) -> list[str]:
+    return [
+        f"{key}: {before.get(key)!r} -> {now.get(key)!r}"
+        for key in sorted(set(before) | set(now))
+        if before.get(key) != now.get(key)
+    ]
+
+
+class Stage:
+    """One stage's folder, checked against what the stage would be made from now (see the module
+    docstring)."""
+
+    def __init__(self, cfg: Config, name: str, folder: Path | None = None):
+        """``folder``: where this stage's output goes, when not the run's own (a cell of the Table 1
+        sweep)."""
+        self.cfg, self.name, self.spec = cfg, name, STAGES[name]
+        self.folder = folder if folder is not None else getattr(run_paths(cfg), self.spec.folder)
+        settings, self.extent = stage_settings(cfg, self.spec)
+        inputs = {upstream: output_digest(cfg, upstream) for upstream in self.spec.upstream}
+        self.fingerprint = {"settings": settings, "inputs": inputs}
+
+    def stale_reasons(self) -> list[str]:
+        """Why the folder's content was not made from this stage's inputs now (empty: it was, or is empty)."""
+        if not self.folder.exists() or not any(self.folder.iterdir()):
+            return []
+        record = _read_record(self.folder)
+        if record is None:
+            return [f"{self.folder / MADE_FROM} is missing or unreadable"]
+        before = record.get("fingerprint") or {}
+        reasons = _differences(before.get("settings") or {}, self.fingerprint["settings"])
+        reasons += [
+            f"the output of {upstream} changed since"
+            for upstream, digest in self.fingerprint["inputs"].items()
+            if (before.get("inputs") or {}).get(upstream) != digest
+        ]
+        recorded_extent = record.get("extent") or {}
+        reasons += [
+            f"{key}: {recorded_extent[key]!r} -> {value!r} (less than was done)"
+            for key, value in self.extent.items()
+            if key in recorded_extent and isinstance(value, int | float) and value < recorded_extent[key]
+        ]
+        return reasons
+
+    def open(self) -> dict | None:
+        """Make the folder hold work of this fingerprint (clearing a stale one, or refusing it with
+        ``stale: refuse``); return the stage's summary if it is finished, else None (run or resume it)."""
+        reasons = self.stale_reasons()
+        if reasons:
+            listed = "\n  ".join(reasons[:12])
+            if self.cfg.stale == "refuse":
+                raise ConfigError(
+                    f"{self.name}: {self.folder} is stale, it was made from other inputs:\n  {listed}\n"
+                    "rerun without --refuse-stale (stale: redo) to redo it"
+                )
+            note(f"[{self.name}] {self.folder} was made from other inputs; redoing it:\n  {listed}")
+            shutil.rmtree(self.folder)
+        if (summary := self.done()) is not None:
+            return summary
+        prepare_stage(self.cfg, self.folder)
+        write_json(
+            self.folder / MADE_FROM,
+            {"stage": self.name, "fingerprint": self.fingerprint, "extent": self.extent, "finished": False},
+        )
+        return None
+
+    def done(self) -> dict | None:
+        """The summary of this stage's finished work in the folder, if it was made from these inputs (no side
+        effects)."""
+        if self.stale_reasons():
+            return None
+        record = _read_record(self.folder)
+        if record is None or not record.get("finished") or record.get("extent") != self.extent:
+            return None
+        try:
+            return read_json(self.folder / "summary.json")
+        except DataError:
+            return None
+
+    def finish(self, summary: dict) -> dict:
+        """Write the stage's ``summary.json`` and mark it finished; returns ``summary``."""
+        write_json(self.folder / "summary.json", summary)
+        write_json(
+            self.folder / MADE_FROM,
+            {"stage": self.name, "fingerprint": self.fingerprint, "extent": self.extent, "finished": True},
+        )
+        return summary
+
+    @property
+    def key(self) -> str:
+        """A short digest of the fingerprint, for checkpoints that must match it."""
+        return hashlib.sha256(json.dumps(self.fingerprint, sort_keys=True, default=str).encode()).hexdigest()
