@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "train-controller": "agents.train_controller:run",
     "evaluate": "agents.evaluate:run",
     "dream": "agents.evaluate:run_dream",
+    "iterate": "agents.iterate:run",
     "benchmark speech": "benchmarks.speech:run",
     "benchmark image": "benchmarks.image:run",
 }
@@ -46,6 +47,7 @@ SECTION_CHECKS: dict[str, tuple[str, str | None]] = {
     "sweep": ("worldmodel.sweep:sweep_cells", None),
     "controller": ("agents.train_controller:check_controller_config", None),
     "evaluate": ("agents.evaluate:check_evaluate_config", None),
+    "iterate": ("agents.iterate:check_iterate_config", None),
     "image": ("benchmarks.image:check_image_config", None),
     "speech": ("benchmarks.speech:check_speech_config", None),
 }
@@ -57,6 +59,7 @@ COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
     "train-controller": ("env", "memory", "controller"),
     "evaluate": ("env", "controller", "evaluate"),
     "dream": ("env", "controller", "evaluate"),
+    "iterate": ("env", "collect", "vae", "memory", "memory_train", "controller", "iterate"),
     "benchmark speech": ("speech",),
     "benchmark image": ("image",),
 }
@@ -65,7 +68,7 @@ COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
 def check_config(config: Config, command: str, sweep: bool = False) -> None:
     """Refuse a bad value in any section ``command`` will use (``ConfigError`` naming the field), before any
     work."""
-    commands = PIPELINE_STAGES if command == "pipeline" else (command,)
+    commands = (*PIPELINE_STAGES, "iterate") if command == "pipeline" else (command,)
     sections = ["run", *(section for name in commands for section in COMMAND_SECTIONS[name])]
     if sweep:
         sections.append("sweep")
@@ -90,15 +93,24 @@ def use_threads(count: int) -> None:
 
 def run_pipeline(config: Config) -> dict:
     """Every stage in order, then ``<run>/report.md`` with each stage's figures and pictures."""
+    from agents.iterate import iteration_config
     from agents.report import write_report
+    from worldmodel.runs import run_paths
 
+    # with iterative training, the iterations come after the first controller, and the final evaluation and
+    # dream video are those of the last iteration's controller
+    stages = list(PIPELINE_STAGES)
+    if config.iterate.iterations:
+        stages.insert(stages.index("evaluate"), "iterate")
+    final = iteration_config(config, config.iterate.iterations)
     summaries, seconds = {}, {}
-    for stage in PIPELINE_STAGES:
+    for stage in stages:
         print(f"[pipeline] {stage}", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        summaries[stage] = resolve(COMMANDS[stage])(config)
+        summaries[stage] = resolve(COMMANDS[stage])(final if stage in ("evaluate", "dream") else config)
         seconds[stage] = round(time.perf_counter() - start, 1)
-    report = write_report(config, summaries, seconds)
+    folders = {stage: getattr(run_paths(final), stage) for stage in ("evaluate", "dream")}
+    report = write_report(config, summaries, seconds, folders)
     return {"report": str(report), "seconds": seconds, "total_seconds": round(sum(seconds.values()), 1)}
 
 
@@ -151,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     benchmark.add_argument("kind", choices=["speech", "image"])
     benchmark.add_argument(
         "--data", help="folder holding the data set (speech: .wav files; image: MNIST/CIFAR-10)"
+    )
+    commands.add_parser(
+        "iterate",
+        parents=[common],
+        help="iterative training: collect with the best controller, train M further, continue CMA-ES",
     )
     commands.add_parser("pipeline", parents=[common], help="every stage in order, skipping what is done")
     return parser

@@ -25,17 +25,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from agents.controller import LinearController
-from rollouts.envs import action_dim, is_discrete
+from agents.controller import Controller
+from rollouts.envs import CARRACING_HIGH, CARRACING_LOW, action_dim, is_discrete
 from worldmodel.config import EnvConfig
 from worldmodel.memory import MemoryModel
 from worldmodel.vae import ConvVAE, frames_to_tensor, posterior_sample
 
 
-def controller_for(env_cfg: EnvConfig, memory: MemoryModel) -> LinearController:
-    """The linear controller that reads this memory's z and h and drives this game."""
-    return LinearController(
-        memory.target_dim, memory.config.hidden, action_dim(env_cfg), is_discrete(env_cfg)
+def controller_for(env_cfg: EnvConfig, memory: MemoryModel, hidden: int) -> Controller:
+    """The controller that reads this memory's z and h and drives this game, with ``hidden`` tanh units
+    (``controller.hidden``; 0 = linear)."""
+    return Controller(
+        memory.target_dim, memory.config.hidden, action_dim(env_cfg), is_discrete(env_cfg), hidden
     )
 
 
@@ -68,7 +69,7 @@ class WorldModelAgent:
         self,
         vae: ConvVAE,
         memory: MemoryModel,
-        controller: LinearController,
+        controller: Controller,
         params: Tensor | np.ndarray,
         use_mu: bool = False,
         device: str | torch.device = "cpu",
@@ -82,6 +83,8 @@ class WorldModelAgent:
         self.channels_last_vae = copy.deepcopy(vae).to(memory_format=torch.channels_last).eval()
         self.generators: list[torch.Generator] = []
         self.state = None
+        self.noise: ActionNoise | None = None
+        """Exploration noise on the actions (iterative training's collection), applied before M reads them."""
 
     def set_params(self, params: Tensor | np.ndarray) -> None:
         """Drive with other controller parameters (the models stay loaded): ``[n]`` for every env, or
@@ -105,6 +108,8 @@ class WorldModelAgent:
             else:
                 generator.manual_seed(int(seed))
         self.state = self.memory.initial_state(len(seeds), self.device)
+        if self.noise is not None:
+            self.noise.reset(seeds)
 
     def encode(self, frames: np.ndarray) -> Tensor:
         """z ``[N, Z]`` of uint8 frames ``[N, 64, 64, 3]``: the posterior mean with ``use_mu``, else a
@@ -144,6 +149,8 @@ class WorldModelAgent:
         else:
             logits = self.controller.logits(self.params, features)
         action = self.controller.squash(logits)
+        if self.noise is not None:  # M reads the action the env gets
+            action = self.noise(action)
         with onednn(False):
             _, self.state = self.memory.step(z, self.controller.encode(action), self.state)
         actions = (
@@ -152,6 +159,32 @@ class WorldModelAgent:
             else list(action.cpu().numpy().astype(np.float32))
         )
         return actions[0] if single else actions
+
+
+class ActionNoise:
+    """Exploration noise on the agent's actions, from one generator per episode seeded by the episode's seed:
+    Gaussian of std ``scale`` on a continuous action, clipped to CarRacing's box; for a discrete game, a
+    uniformly random action with probability ``scale``."""
+
+    def __init__(self, controller: Controller, scale: float):
+        self.controller, self.scale = controller, scale
+        self.generators: list[np.random.Generator] = []
+
+    def reset(self, seeds: Sequence[int | None]) -> None:
+        self.generators = [np.random.default_rng([7, int(seed or 0)]) for seed in seeds]
+
+    def __call__(self, action: Tensor) -> Tensor:
+        if self.controller.discrete:
+            action = action.clone()
+            for i, generator in enumerate(self.generators):
+                if generator.random() < self.scale:
+                    action[i] = int(generator.integers(self.controller.action_dim))
+            return action
+        noise = np.stack([generator.standard_normal(action.shape[-1]) for generator in self.generators])
+        noisy = action + self.scale * torch.as_tensor(noise, dtype=action.dtype, device=action.device)
+        low, high = (torch.as_tensor(bound, dtype=action.dtype, device=action.device)
+                     for bound in (CARRACING_LOW, CARRACING_HIGH))
+        return torch.maximum(torch.minimum(noisy, high), low)
 
 
 @dataclass
@@ -163,7 +196,13 @@ class Episode:
     """Sum of the env's rewards."""
     steps: int
     frames: list[np.ndarray] = field(default_factory=list)
-    """The observed uint8 frames, when recorded."""
+    """The observed uint8 frames, when recorded (the first, then one after every action)."""
+    actions: list = field(default_factory=list)
+    """When recorded: the env action of every step."""
+    rewards: list[float] = field(default_factory=list)
+    """When recorded: the reward of every step."""
+    terminals: list[bool] = field(default_factory=list)
+    """When recorded: whether the game itself ended with the step (gymnasium's ``terminated``)."""
     max_x: float | None = None
     """The furthest ``info["x_pos"]`` reached (Super Mario Bros reports it; None for games that don't)."""
 
@@ -213,6 +252,9 @@ def play_episodes(
             episode.steps += 1
             if record:
                 episode.frames.append(observations[i])
+                episode.actions.append(actions[i])
+                episode.rewards.append(float(reward))
+                episode.terminals.append(bool(terminated))
             playing[i] = not (
                 terminated or truncated or (max_steps is not None and episode.steps >= max_steps)
             )

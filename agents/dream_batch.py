@@ -2,7 +2,7 @@ r"""The batched dream: a whole CMA-ES population x its rollouts dreamt as one te
 
 B = P x R dreams advance together (P candidates, R rollouts each); there is no Python loop over candidates
 or rollouts, only over time. Per step, with :math:`x_t = [z_t, h_t]` (``h_t`` the LSTM output *before*
-reading :math:`(z_t, a_t)`), :math:`a_t = C_p(z_t, h_t)` for every candidate p at once (one batched matmul),
+reading :math:`(z_t, a_t)`), :math:`a_t = C_p(z_t, h_t)` for every candidate p at once (batched matmuls),
 then the dream's step (``rollouts.dream_step.DreamDynamics``, the very step ``rollouts.dream_env.DreamEnv``
 takes, so the dream video shows the dream the controller was trained in): the LSTM reads :math:`(z_t, a_t)`,
 its output gives :math:`z_{t+1}` (the chosen component's sample through the inverse flow), :math:`r_t` and
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from agents.controller import LinearController
+from agents.controller import Controller
 from rollouts.dream_step import DreamDriver, DreamDynamics, LSTMState
 from worldmodel.memory import MemoryModel
 
@@ -51,6 +51,8 @@ class DreamRollouts:
     """[P, R] steps each dream lasted."""
     starts: Tensor
     """[R] the start frame of each rollout (the same for every candidate)."""
+    members: Tensor | None = None
+    """[R] the ensemble member each rollout dreamt in (the same for every candidate); None: one member."""
     observations: Tensor | None = None
     """With ``record``: [P, R, T + 1, Z + H] the controller's inputs [z_t, h_t], t = 0..T (T steps dreamt)."""
     rewards: Tensor | None = None
@@ -65,12 +67,12 @@ class DreamRollouts:
 
 
 class BatchedDream(DreamDriver):
-    """Dreams of ``memory`` driven by a population of linear controllers (see the module docstring)."""
+    """Dreams of ``memory`` driven by a population of controllers (see the module docstring)."""
 
     def __init__(
         self,
         memory: MemoryModel,
-        controller: LinearController,
+        controller: Controller,
         initial_mu: Tensor | np.ndarray,
         initial_logvar: Tensor | np.ndarray | None,
         horizon: int,
@@ -133,6 +135,7 @@ class BatchedDream(DreamDriver):
             batch.returns.reshape(population, rollouts),
             batch.lengths.reshape(population, rollouts),
             batch.start[:rollouts],
+            None if batch.member is None else batch.member[:rollouts],
         )
         if record:
             # rows are candidate-major (row p * R + r): [B, T, ...] -> [P, R, T, ...]

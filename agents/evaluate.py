@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from agents.agent import controller_for
-from agents.controller import LinearController
+from agents.controller import Controller
 from agents.train_controller import TEST, episode_seeds, load_best
 from agents.workers import check_rollout_config, chunk_count, rollout_pool, split_seeds
 from rollouts.dream_env import load_memory, make_dream_env
@@ -56,9 +56,10 @@ def _stats(values: Sequence[float], name: str = "returns") -> dict:
     }
 
 
-def _controller(expected: LinearController, best: dict, path: Path) -> LinearController:
-    """The controller shape stored in ``best.pt``, which must fit this run's memory and game."""
-    controller = LinearController(**best["controller"])
+def _controller(expected: Controller, best: dict, path: Path) -> Controller:
+    """The controller shape stored in ``best.pt`` (one saved before ``hidden`` existed is linear), which must
+    fit this run's memory, game and ``controller.hidden``."""
+    controller = Controller(**best["controller"])
     if controller != expected:
         raise DataError(
             f"{path}: the controller was trained for {controller}, but this run's memory and game need "
@@ -86,7 +87,7 @@ def run(cfg: Config) -> dict:
         return {**finished, "skipped": True}
     out = stage.folder
     memory = load_memory(cfg, "cpu")
-    _controller(controller_for(cfg.env, memory), best, best_path)  # the workers build the same one
+    _controller(controller_for(cfg.env, memory, cfg.controller.hidden), best, best_path)  # as the workers do
     vae = load_vae(paths.vae / "vae.pt", "cpu")
     seeds = episode_seeds(cfg.seed, TEST, 0, cfg.evaluate.episodes)
     params = best["params"].numpy().astype(np.float32)
@@ -148,7 +149,8 @@ def run_dream(cfg: Config) -> dict:
     paths = run_paths(cfg)
     env = make_dream_env(cfg, render_mode="rgb_array")
     dream = env.unwrapped
-    controller = _controller(controller_for(cfg.env, dream.memory), best, paths.controller / "best.pt")
+    expected = controller_for(cfg.env, dream.memory, cfg.controller.hidden)
+    controller = _controller(expected, best, paths.controller / "best.pt")
     params = best["params"].to(dream.device)
     out = prepare_stage(cfg, paths.dream)
     obs, info = env.reset(seed=cfg.seed)

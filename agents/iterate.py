@@ -13,9 +13,10 @@ exploits what the memory never saw. Ha & Schmidhuber's remedy, iteration i = 1 .
 
 Iteration i is a run of its own in ``<run>/iterate/it<i>/`` (its ``episodes/``, ``vae/``, ``latents/``,
 ``memory/``, ``controller/``), made by the pipeline's own stages, so each step resumes after a kill and is
-redone when what it was made from changed. Earlier episodes are hard links, not copies. ``iterate/summary.json``
-holds one row per iteration (0 = the pipeline's controller): ``iteration``, ``episodes_total``, ``real_mean``,
-``real_std``, ``dream_best``, ``random_mean``, ``seconds``; ``iterate/scores.png`` plots them.
+redone when what it was made from changed. Earlier episodes are hard links, not copies.
+``iterate/summary.json`` holds one row per iteration (0 = the pipeline's controller): ``iteration``,
+``episodes_total``, ``real_mean``, ``real_std``, ``dream_best``, ``random_mean``, ``seconds``;
+``iterate/scores.png`` plots them.
 """
 
 from __future__ import annotations
@@ -45,8 +46,13 @@ EVAL_PURPOSE = 3
 def check_iterate_config(cfg: Config) -> None:
     """Refuse an iterate section that cannot be used (``ConfigError`` naming the field)."""
     it = cfg.iterate
-    for key, low in (("iterations", 0), ("episodes", 1), ("memory_epochs", 1), ("generations", 1),
-                     ("eval_episodes", 1)):
+    for key, low in (
+        ("iterations", 0),
+        ("episodes", 1),
+        ("memory_epochs", 1),
+        ("generations", 1),
+        ("eval_episodes", 1),
+    ):
         if getattr(it, key) < low:
             raise ConfigError(f"iterate.{key} must be at least {low}, got {getattr(it, key)}")
     if it.noise not in NOISE_KINDS:
@@ -54,8 +60,10 @@ def check_iterate_config(cfg: Config) -> None:
     if not it.noise_scale >= 0:
         raise ConfigError(f"iterate.noise_scale must be >= 0, got {it.noise_scale}")
     if it.iterations and cfg.controller.train_in != "dream":
-        raise ConfigError("iterate.iterations > 0 trains the controller in the dream: controller.train_in must be "
-                          f"'dream', got {cfg.controller.train_in!r}")
+        raise ConfigError(
+            "iterate.iterations > 0 trains the controller in the dream: controller.train_in must be "
+            f"'dream', got {cfg.controller.train_in!r}"
+        )
 
 
 def iteration_config(cfg: Config, iteration: int) -> Config:
@@ -75,7 +83,7 @@ def iteration_config(cfg: Config, iteration: int) -> Config:
 
 
 def _link_all(sources: list[Path], folder: Path) -> None:
-    """Hard-link ``sources`` into ``folder`` (a copy where the file system cannot link), keeping their names."""
+    """Hard-link ``sources`` into ``folder`` (a copy where the file system cannot link), keeping the names."""
     folder.mkdir(parents=True, exist_ok=True)
     for source in sources:
         target = folder / source.name
@@ -101,8 +109,19 @@ def collect_iteration(cfg: Config, previous: Config, current: Config, iteration:
     from agents.train_controller import load_best
 
     it = cfg.iterate
-    stage = Stage(current, "collect", inputs={"policy": _policy_digest(previous), "iterate": {
-        "episodes": it.episodes, "noise": it.noise, "noise_scale": it.noise_scale, "iteration": iteration}})
+    stage = Stage(
+        current,
+        "collect",
+        inputs={
+            "policy": _policy_digest(previous),
+            "iterate": {
+                "episodes": it.episodes,
+                "noise": it.noise,
+                "noise_scale": it.noise_scale,
+                "iteration": iteration,
+            },
+        },
+    )
     done = stage.done()
     if done is not None:
         return done
@@ -118,8 +137,9 @@ def collect_iteration(cfg: Config, previous: Config, current: Config, iteration:
     if todo:
         from agents.workers import chunk_count, split_seeds
 
-        chunks = split_seeds([seeds[i] for i in todo], chunk_count(len(todo), pool.size,
-                                                                   cfg.controller.envs_per_worker))
+        chunks = split_seeds(
+            [seeds[i] for i in todo], chunk_count(len(todo), pool.size, cfg.controller.envs_per_worker)
+        )
         index_of = {seed: index for index, seed in zip(todo, [seeds[i] for i in todo], strict=True)}
         results = pool.map("collect", [(params, chunk, it.noise, it.noise_scale) for chunk in chunks])
         for result in results:
@@ -128,35 +148,59 @@ def collect_iteration(cfg: Config, previous: Config, current: Config, iteration:
                 atomic_write_bytes(folder / name, episode["data"])
                 played[name] = {key: episode[key] for key in ("seed", "return", "steps", "max_x")}
     previous_summary = read_json(folder / "summary.json") if (folder / "summary.json").exists() else {}
-    episodes = {**previous_summary.get("episodes", {}), **{
-        name: {**info, "iteration": iteration, "policy": str(run_paths(previous).controller / "best.pt"),
-               "policy_params": _params_digest(params), "noise": it.noise, "noise_scale": it.noise_scale}
-        for name, info in played.items()}}
-    summary = {"iteration": iteration, "episodes_total": len(list_npz(folder)), "new_episodes": len(names),
-               "episodes": episodes}
+    episodes = {
+        **previous_summary.get("episodes", {}),
+        **{
+            name: {
+                **info,
+                "iteration": iteration,
+                "policy": str(run_paths(previous).controller / "best.pt"),
+                "policy_params": _params_digest(params),
+                "noise": it.noise,
+                "noise_scale": it.noise_scale,
+            }
+            for name, info in played.items()
+        },
+    }
+    summary = {
+        "iteration": iteration,
+        "episodes_total": len(list_npz(folder)),
+        "new_episodes": len(names),
+        "episodes": episodes,
+    }
     return stage.finish(summary)
 
 
 def _share_vae(previous: Config, current: Config) -> None:
     """Without ``iterate.retrain_vae`` every iteration reads the pipeline's V: its folder's files, linked."""
     source, target = run_paths(previous).vae, run_paths(current).vae
-    _link_all([source / name for name in ("vae.pt", "made_from.json", "summary.json", "config.yaml")
-               if (source / name).exists()], target)
+    _link_all(
+        [
+            source / name
+            for name in ("vae.pt", "made_from.json", "summary.json", "config.yaml")
+            if (source / name).exists()
+        ],
+        target,
+    )
 
 
-def score(pool, params: np.ndarray | None, seeds: list[int]) -> np.ndarray:
+def score(pool, params: np.ndarray | None, seeds: list[int], envs_per_worker: int) -> np.ndarray:
     """Returns of ``params`` (None: uniformly random actions) on the real-game ``seeds``."""
     from agents.workers import chunk_count, split_seeds
 
-    chunks = split_seeds(seeds, chunk_count(len(seeds), pool.size, 16))
-    episodes = [episode for result in pool.map("evaluate", [(params, chunk) for chunk in chunks])
-                for episode in result]
+    chunks = split_seeds(seeds, chunk_count(len(seeds), pool.size, envs_per_worker))
+    episodes = [
+        episode
+        for result in pool.map("evaluate", [(params, chunk) for chunk in chunks])
+        for episode in result
+    ]
     return np.array([episode.ret for episode in episodes])
 
 
 def run(cfg: Config) -> dict:
     """Run every iteration that is not done yet (each resumes where a kill left it); returns the summary."""
     from agents import train_controller
+    from agents.es import CMAES
     from agents.workers import rollout_pool
     from rollouts.dream_env import load_memory
     from rollouts.parallel import init_ray
@@ -167,13 +211,16 @@ def run(cfg: Config) -> dict:
     it = cfg.iterate
     base = run_paths(cfg)
     if not (base.controller / "best.pt").exists():
-        raise DataError(f"{base.controller / 'best.pt'}: no controller to iterate from; run `python run.py "
-                        "pipeline` (or collect .. train-controller) first")
+        raise DataError(
+            f"{base.controller / 'best.pt'}: no controller to iterate from; run `python run.py "
+            "pipeline` (or collect .. train-controller) first"
+        )
     out = base.root / "iterate"
     out.mkdir(parents=True, exist_ok=True)
     init_ray(cfg.ray)
-    eval_seeds = [int(s) for s in np.random.SeedSequence([cfg.seed, EVAL_PURPOSE]).generate_state(
-        it.eval_episodes)]
+    eval_seeds = [
+        int(s) for s in np.random.SeedSequence([cfg.seed, EVAL_PURPOSE]).generate_state(it.eval_episodes)
+    ]
     rows = []
     for iteration in range(it.iterations + 1):
         current = iteration_config(cfg, iteration)
@@ -187,8 +234,9 @@ def run(cfg: Config) -> dict:
         previous = iteration_config(cfg, max(iteration - 1, 0))
         vae = load_vae(run_paths(previous).vae / "vae.pt", "cpu")
         memory = load_memory(previous, "cpu")
-        pool = rollout_pool(cfg.env, vae.state_dict(), memory.to_checkpoint(), cfg.memory_train.use_mu,
-                            None, cfg.controller)
+        pool = rollout_pool(
+            cfg.env, vae.state_dict(), memory.to_checkpoint(), cfg.memory_train.use_mu, None, cfg.controller
+        )
         try:
             if iteration:
                 note(f"[iterate] iteration {iteration}/{it.iterations}: collecting {it.episodes} episodes")
@@ -202,8 +250,8 @@ def run(cfg: Config) -> dict:
                 _share_vae(previous, current)
             encode.run(current)
             train_memory.run(current, initial=run_paths(previous).memory / "memory.pt")
-            es_state = load_checkpoint(run_paths(previous).controller / "es_state.pt")
-            controller = train_controller.run(current, initial_mean=np.asarray(es_state["es"]["mean"]))
+            es = CMAES.from_state_dict(load_checkpoint(run_paths(previous).controller / "es_state.pt")["es"])
+            controller = train_controller.run(current, initial_mean=es.mean)
         else:
             collected = {"episodes_total": len(list_npz(base.episodes))}
             controller = read_json(base.controller / "summary.json")
@@ -212,31 +260,44 @@ def run(cfg: Config) -> dict:
         params = best["params"].numpy().astype(np.float32)
         vae = load_vae(run_paths(current).vae / "vae.pt", "cpu")
         memory = load_memory(current, "cpu")
-        pool = rollout_pool(cfg.env, vae.state_dict(), memory.to_checkpoint(), cfg.memory_train.use_mu,
-                            None, cfg.controller)
+        pool = rollout_pool(
+            cfg.env, vae.state_dict(), memory.to_checkpoint(), cfg.memory_train.use_mu, None, cfg.controller
+        )
         try:
-            real = score(pool, params, eval_seeds)
+            real = score(pool, params, eval_seeds, cfg.controller.envs_per_worker)
             random_path = out / "random.json"
             if random_path.exists() and read_json(random_path).get("seeds") == eval_seeds:
                 random = np.array(read_json(random_path)["returns"])
             else:
-                random = score(pool, None, eval_seeds)
+                random = score(pool, None, eval_seeds, cfg.controller.envs_per_worker)
                 write_json(random_path, {"seeds": eval_seeds, "returns": random.tolist()})
         finally:
             pool.close()
-        row = {"iteration": iteration, "episodes_total": collected["episodes_total"],
-               "real_mean": float(real.mean()), "real_std": float(real.std()),
-               "dream_best": controller.get("best_score"), "random_mean": float(random.mean()),
-               "random_std": float(random.std()), "controller": str(run_paths(current).controller / "best.pt"),
-               "seconds": round(time.perf_counter() - started, 1), "eval_seeds": eval_seeds}
+        row = {
+            "iteration": iteration,
+            "episodes_total": collected["episodes_total"],
+            "real_mean": float(real.mean()),
+            "real_std": float(real.std()),
+            "dream_best": controller.get("best_score"),
+            "random_mean": float(random.mean()),
+            "random_std": float(random.std()),
+            "controller": str(run_paths(current).controller / "best.pt"),
+            "seconds": round(time.perf_counter() - started, 1),
+            "eval_seeds": eval_seeds,
+        }
         write_json(marker, row)
-        note(f"[iterate] iteration {iteration}: real {row['real_mean']:.1f} ± {row['real_std']:.1f} "
-             f"(random {row['random_mean']:.1f}), dream best {row['dream_best']}")
+        note(
+            f"[iterate] iteration {iteration}: real {row['real_mean']:.1f} ± {row['real_std']:.1f} "
+            f"(random {row['random_mean']:.1f}), dream best {row['dream_best']}"
+        )
         rows.append(row)
     plot_scores(out / "scores.png", rows)
-    summary = {"iterations": it.iterations, "rows": [{k: v for k, v in row.items() if k != "eval_seeds"}
-                                                      for row in rows],
-               "final_controller": rows[-1]["controller"], "plot": str(out / "scores.png")}
+    summary = {
+        "iterations": it.iterations,
+        "rows": [{k: v for k, v in row.items() if k != "eval_seeds"} for row in rows],
+        "final_controller": rows[-1]["controller"],
+        "plot": str(out / "scores.png"),
+    }
     write_json(out / "summary.json", summary)
     return summary
 
@@ -244,8 +305,11 @@ def run(cfg: Config) -> dict:
 def plot_scores(path: Path, rows: list[dict]) -> None:
     """Real and dream score of each iteration's best controller, with the random policy's."""
     iterations = [row["iteration"] for row in rows]
-    series = {"real game (best controller)": (iterations, [row["real_mean"] for row in rows]),
-              "dream (its training score)": (iterations, [row["dream_best"] for row in rows]),
-              "random policy, real game": (iterations, [row["random_mean"] for row in rows])}
-    plot_curves(path, series, xlabel="iteration", ylabel="mean return",
-                title="Iterative training: dream vs real game")
+    series = {
+        "real game (best controller)": (iterations, [row["real_mean"] for row in rows]),
+        "dream (its training score)": (iterations, [row["dream_best"] for row in rows]),
+        "random policy, real game": (iterations, [row["random_mean"] for row in rows]),
+    }
+    plot_curves(
+        path, series, xlabel="iteration", ylabel="mean return", title="Iterative training: dream vs real game"
+    )

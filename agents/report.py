@@ -4,6 +4,7 @@ see."""
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 from worldmodel.config import Config
@@ -19,6 +20,7 @@ STAGE_FOLDERS = {
     "train-controller": "controller",
     "evaluate": "evaluate",
     "dream": "dream",
+    "iterate": "iterate",
 }
 MEDIA_SUFFIXES = (".png", ".gif", ".mp4")
 SKIPPED_KEYS = {"settings", "memory_config"}
@@ -68,6 +70,26 @@ def _headline(summaries: dict[str, dict]) -> list[str]:
                 f"{controller['best_score']:.2f} after {controller.get('generations')} generations",
             )
         )
+    gap = controller.get("gap")
+    if gap:
+        rows.append(
+            (
+                "dream vs real game (best candidate)",
+                f"{gap['dream_mean']:.1f} in the dream, {gap['real_mean']:.1f} ± {gap['real_std']:.1f} "
+                f"in the real game, at generation {gap['generation']}",
+            )
+        )
+    iterate = summaries.get("iterate") or {}
+    if iterate.get("rows"):
+        first, last = iterate["rows"][0], iterate["rows"][-1]
+        rows.append(
+            (
+                "iterative training",
+                f"real score {first['real_mean']:.1f} -> {last['real_mean']:.1f} over "
+                f"{iterate['iterations']} iterations ({last['episodes_total']} episodes; random policy "
+                f"{last['random_mean']:.1f})",
+            )
+        )
     memory = summaries.get("train-memory") or {}
     if memory.get("test_nll_per_dim") is not None:
         rows.append(("memory test NLL", f"{memory['test_nll_per_dim']:.4f} nats per latent dimension"))
@@ -87,8 +109,14 @@ def _format(value: object) -> str:
     return str(value).replace("|", "\\|")
 
 
-def write_report(config: Config, summaries: dict[str, dict], seconds: dict[str, float]) -> Path:
-    """Write ``<run>/report.md`` and return its path."""
+def write_report(
+    config: Config,
+    summaries: dict[str, dict],
+    seconds: dict[str, float],
+    folders: dict[str, Path] | None = None,
+) -> Path:
+    """Write ``<run>/report.md`` and return its path. ``folders``: where a stage's pictures are, when not in
+    the run's own folder of that stage (the last iteration's evaluation)."""
     root = run_paths(config).root
     title = (
         f"# Run `{config.name}`: {config.env.name}, memory {config.memory.kind} "
@@ -117,10 +145,25 @@ def write_report(config: Config, summaries: dict[str, dict], seconds: dict[str, 
         rows = _scalars(summary or {})
         if rows:
             lines += ["| figure | value |", "|---|---|", *[f"| {k} | {_format(v)} |" for k, v in rows], ""]
-        folder = root / STAGE_FOLDERS.get(stage, stage)
+        if stage == "iterate" and summary.get("rows"):
+            columns = (
+                "iteration",
+                "episodes_total",
+                "real_mean",
+                "real_std",
+                "dream_best",
+                "random_mean",
+                "seconds",
+            )
+            lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            lines += [
+                "| " + " | ".join(_format(row.get(c)) for c in columns) + " |" for row in summary["rows"]
+            ]
+            lines.append("")
+        folder = (folders or {}).get(stage, root / STAGE_FOLDERS.get(stage, stage))
         media = sorted(p for p in folder.glob("*") if p.suffix in MEDIA_SUFFIXES) if folder.is_dir() else []
         for path in media:
-            relative = path.relative_to(root).as_posix()
+            relative = os.path.relpath(path, root).replace(os.sep, "/")
             lines += [
                 f"![{path.stem}]({relative})" if path.suffix != ".mp4" else f"[{path.name}]({relative})",
                 "",

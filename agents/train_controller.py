@@ -1,4 +1,4 @@
-"""``python run.py train-controller [--in dream|real]``: evolve the linear controller C with CMA-ES.
+"""``python run.py train-controller [--in dream|real]``: evolve the controller C with CMA-ES.
 
 Each generation: ``ask`` P candidates, score each by its mean return over ``controller.rollouts`` episodes,
 ``tell``. The episodes are dreams of the trained memory (``--in dream``: the whole population in one batched
@@ -18,6 +18,7 @@ Episodes are seeded from (``seed``, generation), so the same config gives the sa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from agents.agent import controller_for
-from agents.controller import LinearController
+from agents.controller import Controller
 from agents.dream_batch import BatchedDream
 from agents.es import CMAES
 from agents.workers import check_rollout_config, chunk_count, rollout_pool, split_seeds
@@ -70,6 +71,7 @@ def check_controller_config(cfg: Config) -> None:
         ("max_steps", 0),
         ("dream_threads", 0),
         ("dream_start_limit", 1),
+        ("hidden", 0),
     ):
         if getattr(c, key) < low:
             raise ConfigError(f"controller.{key} must be at least {low}, got {getattr(c, key)}")
@@ -84,7 +86,7 @@ def check_controller_config(cfg: Config) -> None:
 class DreamFitness:
     """Scores candidates in the batched dream of the memory."""
 
-    def __init__(self, cfg: Config, memory: MemoryModel, controller: LinearController):
+    def __init__(self, cfg: Config, memory: MemoryModel, controller: Controller):
         latents = run_paths(cfg).latents
         mu, logvar, state = dream_starts(cfg, memory)
         self.seed = cfg.seed
@@ -148,7 +150,7 @@ class DreamFitness:
 class RealFitness:
     """Scores candidates in the real game with a pool of Ray rollout actors."""
 
-    def __init__(self, cfg: Config, memory: MemoryModel, controller: LinearController):
+    def __init__(self, cfg: Config, memory: MemoryModel, controller: Controller):
         from worldmodel.vae import load_vae
 
         init_ray(cfg.ray)
@@ -189,6 +191,18 @@ class RealFitness:
         self.pool.close()
 
 
+def _gap(rows: list[dict]) -> dict:
+    """The dream-vs-real gap at the periodic evaluations that scored the champion in both."""
+    scored = [row for row in rows if "real_mean" in row]
+    if not scored:
+        return {}
+    last = scored[-1]
+    return {"gap": {"generation": last["generation"], "dream_mean": last["eval_mean"],
+                    "real_mean": last["real_mean"], "real_std": last["real_std"],
+                    "evaluations": [{key: row[key] for key in ("generation", "eval_mean", "real_mean")}
+                                    for row in scored]}}
+
+
 def _plot(path, rows: list[dict]) -> None:
     generations = [row["generation"] for row in rows]
     series = {name: (generations, [row[name] for row in rows]) for name in ("best", "mean", "worst")}
@@ -198,17 +212,34 @@ def _plot(path, rows: list[dict]) -> None:
             [r["generation"] for r in scored],
             [r["eval_mean"] for r in scored],
         )
+    real = [row for row in rows if "real_mean" in row]
+    if real:  # the dream-vs-real gap: the same candidate in the real game
+        series["best candidate, real game"] = (
+            [r["generation"] for r in real],
+            [r["real_mean"] for r in real],
+        )
     plot_curves(path, series, xlabel="generation", ylabel="fitness (mean return)", title="CMA-ES")
 
 
-def run(cfg: Config) -> dict:
-    """Evolve the controller where ``controller.train_in`` says; resumes from ``es_state.pt``."""
+def run(cfg: Config, *, initial_mean: np.ndarray | None = None) -> dict:
+    """Evolve the controller where ``controller.train_in`` says; resumes from ``es_state.pt``.
+
+    ``initial_mean``: where CMA-ES starts (iterative training continues from the previous iteration's mean)
+    instead of the controller's initial parameters; one of the stage's inputs."""
     check_controller_config(cfg)
     c = cfg.controller
     memory = load_memory(cfg)
-    controller = controller_for(cfg.env, memory)
+    controller = controller_for(cfg.env, memory, c.hidden)
+    if initial_mean is not None and np.shape(initial_mean) != (controller.num_params,):
+        raise DataError(
+            f"the initial CMA-ES mean has shape {np.shape(initial_mean)}, "
+            f"the controller {controller.num_params} parameters"
+        )
     # the stage's folder holds only work made from this memory, these latents and these settings
-    stage = Stage(cfg, "train-controller")
+    inputs = None
+    if initial_mean is not None:
+        inputs = {"initial_mean": hashlib.sha256(np.asarray(initial_mean, np.float64).tobytes()).hexdigest()}
+    stage = Stage(cfg, "train-controller", inputs=inputs)
     if (finished := stage.open()) is not None:
         return {**finished, "skipped": True}
     out = stage.folder
@@ -217,14 +248,18 @@ def run(cfg: Config) -> dict:
         state = load_checkpoint(state_path)
         es, best = CMAES.from_state_dict(state["es"]), state["best"]
     else:
-        es = CMAES(controller.initial_params().double().numpy(), c.sigma, c.population, cfg.seed)
+        start = controller.initial_params(torch.Generator().manual_seed(cfg.seed))  # seeded W1 (hidden > 0)
+        x0 = start.double().numpy() if initial_mean is None else np.asarray(initial_mean, np.float64)
+        es = CMAES(x0, c.sigma, c.population, cfg.seed)
         best = {"score": -float("inf"), "std": 0.0, "generation": 0, "params": None}
     # rows of generations after the checkpoint were written by a run killed before it saved the ES state
     rows = [row for row in read_jsonl(metrics_path) if row["generation"] <= es.generation]
     atomic_write_text(metrics_path, "".join(json.dumps(row) + "\n" for row in rows))
-    fitness = None
+    fitness = real = None
     if es.generation < c.generations:
         fitness = (DreamFitness if c.train_in == "dream" else RealFitness)(cfg, memory, controller)
+        if c.train_in == "dream" and c.eval_real_episodes:
+            real = RealFitness(cfg, memory, controller)  # the dream-vs-real gap, never used to rank
     started = time.perf_counter()
     bar = progress(
         total=c.generations, initial=es.generation, desc=f"train-controller ({c.train_in})", unit="gen"
@@ -248,6 +283,9 @@ def run(cfg: Config) -> dict:
                 champion = candidates[int(np.argmax(scores))]
                 returns = fitness.episodes(champion, c.eval_episodes, generation)
                 row.update(eval_mean=float(returns.mean()), eval_std=float(returns.std()))
+                if real is not None:
+                    real_returns = real.episodes(champion, c.eval_real_episodes, generation)
+                    row.update(real_mean=float(real_returns.mean()), real_std=float(real_returns.std()))
                 if row["eval_mean"] > best["score"]:
                     best = {
                         "score": row["eval_mean"],
@@ -274,8 +312,9 @@ def run(cfg: Config) -> dict:
             bar.set_postfix(best=f"{row['best']:.1f}", mean=f"{row['mean']:.1f}", sigma=f"{es.sigma:.3f}")
     finally:
         bar.close()
-        if fitness is not None:
-            fitness.close()
+        for scorer in (fitness, real):
+            if scorer is not None:
+                scorer.close()
     _plot(out / "fitness.png", rows)
     summary = {
         "train_in": c.train_in,
@@ -290,6 +329,7 @@ def run(cfg: Config) -> dict:
         "best_score_std": best["std"],
         "best_generation": best["generation"],
         "best_score_episodes": c.eval_episodes,
+        **_gap(rows),
         "last_mean_fitness": rows[-1]["mean"],
         "last_mean_length": rows[-1].get("mean_length"),
         "first_mean_fitness": rows[0]["mean"],

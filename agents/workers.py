@@ -13,10 +13,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from agents.agent import Episode, WorldModelAgent, controller_for, play_episodes
-from rollouts.envs import make_env
+from agents.agent import ActionNoise, Episode, WorldModelAgent, controller_for, play_episodes
+from rollouts.envs import encode_action, make_env
 from rollouts.pool import ActorPool, PoolWorker
 from worldmodel.config import ConfigError, ControllerConfig, EnvConfig
+from worldmodel.data import validate_episode
+from worldmodel.io import npz_bytes
 from worldmodel.memory import MemoryModel
 from worldmodel.vae import ConvVAE
 
@@ -35,7 +37,10 @@ class RolloutWorker(PoolWorker):
         envs: int = 16,
         device: str = "cpu",
         threads: int = 1,
+        hidden: int = 0,
     ):
+        """``hidden``: the controller's hidden units (``controller.hidden``), so the actor builds the
+        controller the candidates' parameters are for."""
         # one core per actor: torch's own thread pool would fight the other actors for the same cores
         torch.set_num_threads(threads)
         if envs < 1:
@@ -47,7 +52,7 @@ class RolloutWorker(PoolWorker):
         self.vae.load_state_dict(vae_state)
         self.vae.to(device).eval()
         self.memory = MemoryModel.from_checkpoint(memory_payload).to(device).eval()
-        self.controller = controller_for(env_cfg, self.memory)
+        self.controller = controller_for(env_cfg, self.memory, hidden)
         self.agent = WorldModelAgent(
             self.vae, self.memory, self.controller, torch.zeros(self.controller.num_params), use_mu, device
         )
@@ -72,6 +77,40 @@ class RolloutWorker(PoolWorker):
                 agent.set_params(params[start : start + len(chunk)] if params.ndim == 2 else params)
             episodes += play_episodes(self.envs, agent, chunk, self.max_steps, record)
         return episodes
+
+    def collect(self, params: np.ndarray, seeds: Sequence[int], noise: str, scale: float) -> list[dict]:
+        """Episodes for M's data, one per seed, played by the controller ``params [n]`` with exploration noise
+        (``noise``: ``action`` or ``params``, see ``IterateConfig``): per episode ``{"seed", "data"`` (the npz
+        bytes of the episode file), ``"return", "steps", "max_x"}``."""
+        params = np.asarray(params, dtype=np.float32)
+        out = []
+        for start in range(0, len(seeds), self.max_envs):
+            chunk = [int(seed) for seed in seeds[start : start + self.max_envs]]
+            while len(self.envs) < len(chunk):
+                self.envs.append(make_env(self.env_cfg))
+            if noise == "params":  # one perturbed controller per episode, seeded by the episode
+                draws = [np.random.default_rng([8, seed]).standard_normal(len(params)) for seed in chunk]
+                self.agent.set_params(params + scale * np.stack(draws).astype(np.float32))
+            else:
+                self.agent.set_params(params)
+                self.agent.noise = ActionNoise(self.controller, scale)
+            try:
+                episodes = play_episodes(self.envs, self.agent, chunk, self.max_steps, record=True)
+            finally:
+                self.agent.noise = None
+            for episode in episodes:
+                arrays = {
+                    "obs": np.stack(episode.frames).astype(np.uint8, copy=False),
+                    "actions": np.stack([encode_action(self.env_cfg, a) for a in episode.actions]).astype(
+                        np.float32
+                    ),
+                    "rewards": np.asarray(episode.rewards, dtype=np.float32),
+                    "terminals": np.asarray(episode.terminals, dtype=np.bool_),
+                }
+                validate_episode(f"episode of seed {episode.seed}", arrays)
+                out.append({"seed": episode.seed, "data": npz_bytes(**arrays), "return": episode.ret,
+                            "steps": episode.steps, "max_x": episode.max_x})
+        return out
 
     def close(self) -> None:
         for env in self.envs:
@@ -108,7 +147,13 @@ def rollout_pool(
     vae_ref, memory_ref = ray.put(vae_state), ray.put(memory_payload)
     return ActorPool(
         lambda: actor_class.remote(
-            env_cfg, vae_ref, memory_ref, use_mu, max_steps, controller.envs_per_worker
+            env_cfg,
+            vae_ref,
+            memory_ref,
+            use_mu,
+            max_steps,
+            controller.envs_per_worker,
+            hidden=controller.hidden,
         ),
         size,
         controller.retries,

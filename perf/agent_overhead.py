@@ -66,7 +66,7 @@ def main() -> None:
     env_cfg = EnvConfig(name="carracing", max_steps=args.steps + 10)
     vae = ConvVAE(32).eval()
     memory = MemoryModel(32, 3, MemoryConfig(kind="frmdn", hidden=256, components=5, rank=3)).eval()
-    controller = controller_for(env_cfg, memory)
+    controller = controller_for(env_cfg, memory, hidden=0)
     agent = WorldModelAgent(vae, memory, controller, 0.1 * torch.randn(controller.num_params), use_mu=False)
     envs = [make_env(env_cfg) for _ in range(max(args.envs))]
     print(

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agents.controller import LinearController
+from agents.controller import Controller
 from agents.dream_batch import BatchedDream
 from worldmodel.config import MemoryConfig
 from worldmodel.memory import MemoryModel
@@ -47,14 +47,15 @@ def matmul_peak(seconds: float = 1.0) -> float:
     return statistics.median(rates)
 
 
-def flops_per_latent_step(memory: MemoryModel, controller: LinearController) -> float:
+def flops_per_latent_step(memory: MemoryModel, controller: Controller) -> float:
     """Multiply-adds x 2 of the dream step's matmuls, per dream."""
     z, h, a = memory.target_dim, memory.config.hidden, controller.action_dim
+    weights = sum(rows * cols for rows, cols in controller.shapes[::2])  # the controller's matmuls
     k, r = memory.config.components, memory.config.rank
     flow = (
         memory.config.flow_blocks * 2 * 2 * (z // 2) * memory.config.flow_hidden
     )  # s and t nets, 2 layers each
-    return 2.0 * ((z + h + a) * 4 * h + h * (k + 2) + h * (2 * z + z * r) + (z + h) * a + flow)
+    return 2.0 * ((z + h + a) * 4 * h + h * (k + 2) + h * (2 * z + z * r) + weights + flow)
 
 
 def main() -> None:
@@ -78,7 +79,7 @@ def main() -> None:
             parameter.normal_(0.0, 0.1)
         memory.done_head.weight.zero_()
         memory.done_head.bias.fill_(-1e4)  # no dream ends: every step of every dream is timed
-    controller = LinearController(32, 256, 3, discrete=False)
+    controller = Controller(32, 256, 3, discrete=False)
     population = args.batch // args.rollouts
     params = 0.1 * torch.randn(population, controller.num_params)
     print(

@@ -39,7 +39,7 @@ import torch
 from gymnasium import spaces
 
 from rollouts.dream_step import DreamBatch, DreamDriver, DreamDynamics, LSTMState
-from rollouts.envs import action_dim, is_discrete
+from rollouts.envs import CARRACING_HIGH, CARRACING_LOW, action_dim, is_discrete
 from worldmodel.config import Config, ConfigError, EnvConfig, step_limit
 from worldmodel.data import list_npz, load_latents
 from worldmodel.io import DataError, load_checkpoint
@@ -56,9 +56,7 @@ def game_action_space(env_cfg: EnvConfig) -> spaces.Space:
     """The real game's action space without building the game: CarRacing's box or Mario's discrete set."""
     if is_discrete(env_cfg):
         return spaces.Discrete(action_dim(env_cfg))
-    return spaces.Box(
-        np.array([-1.0, 0.0, 0.0], np.float32), np.array([1.0, 1.0, 1.0], np.float32), dtype=np.float32
-    )
+    return spaces.Box(CARRACING_LOW, CARRACING_HIGH, dtype=np.float32)
 
 
 def first_latents(latents_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -229,7 +227,10 @@ class DreamEnv(gymnasium.Env, DreamDriver):
         self._generator.manual_seed(dream_seed)
         index = None if options is None or "start_index" not in options else [int(options["start_index"])]
         self._dream = self.dynamics.start(1, self._generator, index)
-        return self._observation(), {"start_index": int(self._dream.start[0]), "dream_seed": dream_seed}
+        info = {"start_index": int(self._dream.start[0]), "dream_seed": dream_seed}
+        if self._dream.member is not None:
+            info["member"] = int(self._dream.member[0])  # the ensemble member this dream runs in
+        return self._observation(), info
 
     @torch.inference_mode()
     def step(self, action):

@@ -23,13 +23,23 @@ A dream starts (``DreamDynamics.start``) at a real frame: an index :math:`s` uni
 trained), and the memory's LSTM state there (zeros at first frames; ``rollouts.dream_env.warm_starts`` for any
 frame).
 
-Every draw comes from one ``torch.Generator``, in a fixed order (start indices, the z_0 noise; then per step:
-components, z noise, low-rank noise, dones), so one generator seed gives the same dream of batch 1 in both
-drivers.
+Every draw comes from one ``torch.Generator``, in a fixed order (start indices, the z_0 noise, the dropout
+mask, the ensemble members; then per step: components, z noise, low-rank noise, dones), so one generator seed
+gives the same dream of batch 1 in both drivers.
 
-Variations fixed per dream (a dropout mask, an ensemble member) belong in ``DreamBatch``: drawn by ``start``,
-carried to every candidate by ``DreamBatch.repeat`` (candidates are compared on the same dreams), applied by
-``step``.
+Variations fixed per dream belong in ``DreamBatch``: drawn by ``start``, carried to every candidate by
+``DreamBatch.repeat`` (candidates are compared on the same dreams), applied by ``step``. Two exist, each off
+by default (and then drawing nothing and costing nothing):
+
+- ``memory.dropout`` p > 0 (Dropout's Dream Land): one mask per dream, ``Bernoulli(1 - p) / (1 - p)`` per
+  unit of h, multiplies the LSTM output the heads (and the flow's context) read at every step of that dream,
+  a family of slightly different dreams. The controller still reads the undropped h_t, as in the real game,
+  and the LSTM's recurrent state is never dropped.
+- ``memory.ensemble`` N > 1: each dream runs in one member (head set on the shared LSTM), fixed for the
+  dream. Each dream's member is uniform over the N, and the B dreams of a start are balanced over them (a
+  random rotation of ``0, 1, ..., N-1, 0, 1, ...`` in random order), so every member is used whenever
+  B >= N. The step's heads are fused per member; the chosen-component matmuls group the dreams by (member,
+  component) and the inverse flow by member.
 """
 
 from __future__ import annotations
@@ -80,10 +90,23 @@ class DreamBatch:
     """B dreams in flight, updated in place by ``DreamDynamics.step`` (no per-step allocation of the
     state)."""
 
-    def __init__(self, inputs: Tensor, cell: Tensor, start: Tensor, z_dim: int):
+    def __init__(
+        self,
+        inputs: Tensor,
+        cell: Tensor,
+        start: Tensor,
+        z_dim: int,
+        head_mask: Tensor | None = None,
+        member: Tensor | None = None,
+    ):
         """``inputs [B, Z + H + A]``: the row ``[z_t, h_t, a_t]`` the LSTM reads next; ``cell [B, H]``: c_t;
-        ``start [B]``: each dream's start frame."""
+        ``start [B]``: each dream's start frame; ``head_mask [B, H]``, ``member [B]``: see below."""
         self.inputs, self.cell, self.start, self.z_dim = inputs, cell, start, z_dim
+        self.head_mask = head_mask
+        """[B, H] each dream's fixed dropout mask (0 or 1 / (1 - p)) on what the heads read; None: no
+        dropout."""
+        self.member = member
+        """[B] the ensemble member each dream runs in; None: one member."""
         batch, hidden = cell.shape
         self.alive = torch.ones(batch, dtype=torch.bool, device=inputs.device)
         """[B] not ended yet."""
@@ -96,6 +119,8 @@ class DreamBatch:
         self.gates = inputs.new_empty(batch, 4 * hidden)
         self.gate_parts = self.gates.split(hidden, dim=1)
         self.new_hidden = inputs.new_empty(batch, hidden)
+        self.features = inputs.new_empty(batch, hidden) if head_mask is not None else None
+        """The masked h_{t+1} the heads read (scratch), with dropout."""
 
     @property
     def size(self) -> int:
@@ -127,7 +152,12 @@ class DreamBatch:
         if self.steps:
             raise RuntimeError("DreamBatch.repeat after the dreams started")
         return DreamBatch(
-            self.inputs.repeat(times, 1), self.cell.repeat(times, 1), self.start.repeat(times), self.z_dim
+            self.inputs.repeat(times, 1),
+            self.cell.repeat(times, 1),
+            self.start.repeat(times),
+            self.z_dim,
+            None if self.head_mask is None else self.head_mask.repeat(times, 1),
+            None if self.member is None else self.member.repeat(times),
         )
 
 
@@ -174,9 +204,12 @@ class DreamDynamics:
 
     @torch.no_grad()
     def _fuse_weights(self) -> None:
-        """Rearrange the memory's weights for the fast step (copies: the memory itself is untouched)."""
+        """Rearrange the memory's weights for the fast step (copies: the memory itself is untouched); with an
+        ensemble, member m's small-head columns are ``[m (K + 2), (m + 1) (K + 2))`` and its component heads
+        ``[m K, (m + 1) K)``."""
         memory, z_dim = self.memory, self.memory.target_dim
-        k, d, r = memory.config.components, memory.target_dim, memory.config.rank
+        k, d, r, n = memory.config.components, memory.target_dim, memory.config.rank, memory.ensemble
+        width = k + 2 * k * d + k * d * r  # one member's rows of the mixture head
         lstm = memory.lstm
         # the step's input row is laid out [z, h, a], so the controller reads its first Z + H columns in place
         fused = torch.cat(
@@ -185,26 +218,35 @@ class DreamDynamics:
         self.gate_weight = fused.T.contiguous()
         self.gate_bias = (lstm.bias_ih_l0 + lstm.bias_hh_l0).clone()
         head_w, head_b = memory.mixture_head.weight, memory.mixture_head.bias
-        # logits, reward and done from one small matmul
-        self.small_weight = torch.cat(
-            [head_w[:k], memory.reward_head.weight, memory.done_head.weight]
-        ).T.contiguous()
-        self.small_bias = torch.cat([head_b[:k], memory.reward_head.bias, memory.done_head.bias])
-        # rows of component j: its mean, its raw diagonal and its raw low-rank factor
+        reward, done = memory.reward_head, memory.done_head
+        # logits, reward and done (of every member) from one small matmul
+        logit_rows = torch.cat([torch.arange(m * width, m * width + k) for m in range(n)])
+        self.small_weight = (
+            torch.cat([head_w[logit_rows].reshape(n, k, -1), reward.weight[:, None], done.weight[:, None]], 1)
+            .reshape(n * (k + 2), -1)
+            .T.contiguous()
+        )
+        self.small_bias = torch.cat(
+            [head_b[logit_rows].reshape(n, k), reward.bias[:, None], done.bias[:, None]], 1
+        ).reshape(-1)
+        # rows of member m's component j: its mean, its raw diagonal and its raw low-rank factor
         rows = [
-            torch.cat(
+            m * width
+            + torch.cat(
                 [
                     torch.arange(k + j * d, k + (j + 1) * d),
                     torch.arange(k + k * d + j * d, k + k * d + (j + 1) * d),
                     torch.arange(k + 2 * k * d + j * d * r, k + 2 * k * d + (j + 1) * d * r),
                 ]
             )
+            for m in range(n)
             for j in range(k)
         ]
         self.component_weight = torch.stack(
             [head_w[index].T for index in rows]
-        ).contiguous()  # [K, H, 2d + dr]
-        self.component_bias = torch.stack([head_b[index] for index in rows])  # [K, 2d + dr]
+        ).contiguous()  # [N K, H, 2d + dr]
+        self.component_bias = torch.stack([head_b[index] for index in rows])  # [N K, 2d + dr]
+        self.flows = [memory.member_flow(m) for m in range(n)]
 
     def start(
         self,
@@ -213,7 +255,9 @@ class DreamDynamics:
         index: Sequence[int] | Tensor | None = None,
     ) -> DreamBatch:
         """``count`` dreams at start frames drawn uniformly (or at the frames ``index [count]``): z_0 the
-        frame's posterior sample (its mean with ``use_mu``) and the memory's (h, c) there."""
+        frame's posterior sample (its mean with ``use_mu``) and the memory's (h, c) there; with
+        ``memory.dropout`` each dream's mask, with ``memory.ensemble`` each dream's member (module
+        docstring)."""
         n, z_dim, hidden = len(self.initial_mu), self.memory.target_dim, self.memory.config.hidden
         if index is None:
             index = torch.randint(n, (count,), generator=generator, device=self.device)
@@ -234,7 +278,15 @@ class DreamDynamics:
         else:
             inputs[:, z_dim : z_dim + hidden] = self.initial_state[0][index]
             cell = self.initial_state[1][index]
-        return DreamBatch(inputs, cell, index, z_dim)
+        head_mask = member = None
+        if (p := self.memory.config.dropout) > 0:
+            keep = torch.rand(count, hidden, generator=generator, device=self.device, dtype=self.dtype) >= p
+            head_mask = keep.to(self.dtype) / (1 - p)
+        if (members := self.memory.ensemble) > 1:
+            # uniform per dream, balanced over the batch: a random order and a random rotation of 0..N-1, ...
+            order = torch.randperm(count, generator=generator, device=self.device)
+            member = (order + torch.randint(members, (1,), generator=generator, device=self.device)) % members
+        return DreamBatch(inputs, cell, index, z_dim, head_mask, member)
 
     def step(self, batch: DreamBatch, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Advance every dream of ``batch`` by one step, in place, its actions a_t already in
@@ -250,10 +302,15 @@ class DreamDynamics:
         output_gate.sigmoid_()
         cell.mul_(forget_gate).addcmul_(input_gate, cell_input)
         torch.tanh(cell, out=hidden).mul_(output_gate)
-        # 2. its output predicts z_{t+1}, r_t and done_t
-        small = torch.addmm(self.small_bias, hidden, self.small_weight)
-        batch.z[:] = self.sample_next(hidden, small[:, :k], generator)
-        batch.h[:] = hidden
+        # 2. its output (with dropout: times the dream's mask) predicts z_{t+1}, r_t and done_t
+        features = hidden
+        if batch.head_mask is not None:
+            features = torch.mul(hidden, batch.head_mask, out=batch.features)
+        small = torch.addmm(self.small_bias, features, self.small_weight)
+        if batch.member is not None:  # each dream's own member's columns
+            small = small.view(batch.size, -1, k + 2)[torch.arange(batch.size), batch.member]
+        batch.z[:] = self.sample_next(features, small[:, :k], generator, batch.member)
+        batch.h[:] = hidden  # the controller reads the undropped h
         # 3. ended dreams are masked: no reward, no steps, no second end
         live = batch.alive
         reward = small[:, k] * live
@@ -272,12 +329,13 @@ class DreamDynamics:
         return diag.clamp(*config.diag_clamp) if config.diag_clamp is not None else diag
 
     def chosen_component(self, hidden: Tensor, component: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(mu, diag, u) of each dream's chosen component: ``[B, d]``, ``[B, d]``, ``[B, d, r]`` or None."""
-        d, r, k = self.memory.target_dim, self.memory.config.rank, self.memory.config.components
+        """(mu, diag, u) of each dream's chosen component: ``[B, d]``, ``[B, d]``, ``[B, d, r]`` or None.
+        With an ensemble, ``component`` is ``m K + k`` for member m's component k."""
+        d, r = self.memory.target_dim, self.memory.config.rank
         # group the dreams by component: one gather, one matmul per component on a contiguous slice, one
         # scatter
         order = torch.argsort(component)
-        counts = torch.bincount(component, minlength=k).tolist()
+        counts = torch.bincount(component, minlength=len(self.component_bias)).tolist()
         grouped = hidden.index_select(0, order)
         raw_grouped = hidden.new_empty(hidden.shape[0], self.component_bias.shape[1])
         start = 0
@@ -295,16 +353,23 @@ class DreamDynamics:
         # the layout of MemoryModel._heads: U_k^T row by row (a test pins the two together)
         return mu, self._diag(raw_diag), raw_u.reshape(-1, r, d).transpose(1, 2) if r > 0 else None
 
-    def sample_next(self, hidden: Tensor, logits: Tensor, generator: torch.Generator | None) -> Tensor:
+    def sample_next(
+        self,
+        hidden: Tensor,
+        logits: Tensor,
+        generator: torch.Generator | None,
+        member: Tensor | None = None,
+    ) -> Tensor:
         """z_{t+1}: a component from softmax(logits / tau), a draw from it (covariance x tau), the inverse
-        flow."""
+        flow; ``hidden`` is what the heads read, ``member [B]`` each dream's member (None: one member)."""
         if self.temperature == 0 or logits.shape[1] == 1:
             # one component: nothing to draw, as in gmm_sample (so both consume the generator alike)
             component = logits.argmax(-1)
         else:
             probs = torch.softmax(logits / self.temperature, dim=-1)
             component = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        mu, diag, u = self.chosen_component(hidden, component)
+        k = self.memory.config.components
+        mu, diag, u = self.chosen_component(hidden, component if member is None else member * k + component)
         one = logits.new_zeros(logits.shape[0], 1)
         z = gmm_sample(
             one,
@@ -314,10 +379,22 @@ class DreamDynamics:
             temperature=self.temperature,
             generator=generator,
         )
-        flow = self.memory.flow
-        if flow is None:
+        context = hidden if self.memory.config.flow_context else None
+        if self.memory.flow is None:
             return z
-        return flow.inverse(z, hidden if self.memory.config.flow_context else None)
+        if member is None:
+            return self.flows[0].inverse(z, context)
+        # group the dreams by member, as the components above
+        order = torch.argsort(member)
+        grouped = z.index_select(0, order)
+        context = None if context is None else context.index_select(0, order)
+        start = 0
+        for flow, count in zip(self.flows, torch.bincount(member, minlength=len(self.flows)).tolist()):
+            if count:
+                rows = slice(start, start + count)
+                grouped[rows] = flow.inverse(grouped[rows], None if context is None else context[rows])
+                start += count
+        return torch.empty_like(grouped).index_copy_(0, order, grouped)
 
 
 class DreamDriver:

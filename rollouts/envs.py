@@ -33,6 +33,9 @@ from worldmodel.config import VAE_FRAME_SIZE, ConfigError, EnvConfig
 ENV_NAMES = ("carracing", "mario")
 MARIO_ACTION_SETS = ("right_only", "simple", "complex")
 CARRACING_INDICATOR_ROWS = 12
+CARRACING_LOW = np.array([-1.0, 0.0, 0.0], dtype=np.float32)
+CARRACING_HIGH = np.array([1.0, 1.0, 1.0], dtype=np.float32)
+"""CarRacing's action box: steering in [-1, 1], gas and brake in [0, 1]."""
 """Height of CarRacing's indicator bar at the bottom of its 96x96 frame (World Models kept rows 0..83)."""
 
 
@@ -111,7 +114,7 @@ def decode_action(env_cfg: EnvConfig, vector) -> np.ndarray | int:
         )
     if is_discrete(env_cfg):
         return int(np.argmax(vector))
-    return np.clip(vector, [-1.0, 0.0, 0.0], [1.0, 1.0, 1.0]).astype(np.float32)
+    return np.clip(vector, CARRACING_LOW, CARRACING_HIGH).astype(np.float32)
 
 
 def _crop_rows(env: gymnasium.Env, rows: int) -> gymnasium.Env:

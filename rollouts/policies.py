@@ -23,14 +23,12 @@ from typing import Protocol
 
 import numpy as np
 
-from rollouts.envs import check_env_config, is_discrete, mario_buttons
+from rollouts.envs import CARRACING_HIGH, CARRACING_LOW, check_env_config, is_discrete, mario_buttons
 from worldmodel.config import CollectConfig, ConfigError, EnvConfig
 
 POLICIES = {"carracing": ("brownian", "random"), "mario": ("right_biased", "random")}
 """Exploration policies each game accepts; the first is what ``auto`` picks."""
 
-CARRACING_LOW = np.array([-1.0, 0.0, 0.0], dtype=np.float32)
-CARRACING_HIGH = np.array([1.0, 1.0, 1.0], dtype=np.float32)
 
 
 class Policy(Protocol):

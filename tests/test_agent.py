@@ -12,7 +12,7 @@ from tracing import TracedMemory
 
 from agents import evaluate
 from agents.agent import WorldModelAgent, controller_for, play_episode, play_episodes
-from agents.controller import LinearController
+from agents.controller import Controller
 from agents.workers import RolloutWorker
 from rollouts.envs import action_dim
 from worldmodel.config import EnvConfig, MemoryConfig, load_config
@@ -58,7 +58,7 @@ def models(actions=3, cls=MemoryModel, seed=0):
 def test_agent_acts_on_z_and_the_h_from_before_the_memory_reads_z_and_a(discrete):
     actions = 5 if discrete else 3
     vae, memory = models(actions, cls=TracedMemory)
-    controller = LinearController(Z, H, actions, discrete)
+    controller = Controller(Z, H, actions, discrete)
     torch.manual_seed(1)
     params = 2.0 * torch.randn(controller.num_params)
     weight, bias = controller.split(params)
@@ -102,7 +102,7 @@ def test_agent_acts_on_z_and_the_h_from_before_the_memory_reads_z_and_a(discrete
 
 def test_agent_samples_z_from_the_posterior_unless_use_mu():
     vae, memory = models()
-    controller = LinearController(Z, H, 3, False)
+    controller = Controller(Z, H, 3, False)
     frame = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     agent = WorldModelAgent(vae, memory, controller, torch.zeros(controller.num_params), use_mu=False)
     with torch.no_grad():
@@ -133,7 +133,7 @@ def test_agent_samples_z_from_the_posterior_unless_use_mu():
 
 def test_episodes_are_reproducible_from_their_seed():
     vae, memory = models()
-    controller = LinearController(Z, H, 3, False)
+    controller = Controller(Z, H, 3, False)
     agent = WorldModelAgent(vae, memory, controller, torch.randn(controller.num_params), use_mu=False)
     game = NoiseGame(spaces.Box(-1.0, 1.0, (3,), np.float32), length=7)
     first, again = play_episode(game, agent, 5, record=True), play_episode(game, agent, 5)
@@ -143,9 +143,12 @@ def test_episodes_are_reproducible_from_their_seed():
     assert play_episode(game, agent, 5, max_steps=3).steps == 3
 
 
-def test_lockstep_episodes_match_episodes_played_alone():
+@pytest.mark.parametrize("hidden", [0, 4])
+def test_lockstep_episodes_match_episodes_played_alone(hidden):
+    """[N, n] (one controller per env, the population form) against [n] (each alone), linear and with Ha's
+    hidden layer."""
     vae, memory = models()
-    controller = LinearController(Z, H, 3, False)
+    controller = Controller(Z, H, 3, False, hidden)
     population = torch.randn(3, controller.num_params)
     games = [NoiseGame(spaces.Box(-1.0, 1.0, (3,), np.float32), length=length) for length in (4, 7, 5)]
     agent = WorldModelAgent(vae, memory, controller, population, use_mu=False)  # one controller per env
@@ -165,7 +168,10 @@ def test_rollout_worker_plays_carracing_with_the_models_it_holds():
     env_cfg = EnvConfig(name="carracing", max_steps=1000)
     vae, memory = models()
     worker = RolloutWorker(env_cfg, vae.state_dict(), memory.to_checkpoint(), use_mu=False, max_steps=6)
-    assert worker.controller == LinearController(Z, H, action_dim(env_cfg), False)
+    assert worker.controller == Controller(Z, H, action_dim(env_cfg), False)
+    hidden = RolloutWorker(env_cfg, vae.state_dict(), memory.to_checkpoint(), False, 6, hidden=4)
+    assert hidden.controller == Controller(Z, H, action_dim(env_cfg), False, hidden=4)
+    hidden.close()
     params = np.random.default_rng(0).normal(size=worker.controller.num_params).astype(np.float32)
     first, second = worker.evaluate(params, [11, 12], record=True)
     assert second.seed == 12 and second.steps == 6
@@ -216,7 +222,7 @@ def tiny_run(tmp_path):
             np.zeros(3),
             np.zeros(3, bool),
         )
-    controller = controller_for(cfg.env, memory)
+    controller = controller_for(cfg.env, memory, cfg.controller.hidden)
     params = torch.as_tensor(rng.normal(size=controller.num_params), dtype=torch.float32)
     save_checkpoint(
         paths.controller / "best.pt",
@@ -252,6 +258,26 @@ def test_dream_command_renders_a_dream_of_the_controller(tiny_run):
     assert 1 <= summary["steps"] <= 6 and summary["ended"] in ("done", "horizon")
 
 
+def test_dream_and_evaluate_rebuild_a_hidden_layer_controller_and_refuse_another_shape(tiny_run):
+    from dataclasses import replace
+
+    from worldmodel.io import DataError, load_checkpoint
+
+    hidden_cfg = replace(tiny_run, controller=replace(tiny_run.controller, hidden=4))
+    for command in (evaluate.run, evaluate.run_dream):  # best.pt holds a linear controller
+        with pytest.raises(DataError, match="train the controller again"):
+            command(hidden_cfg)
+    path = run_paths(tiny_run).controller / "best.pt"
+    best = load_checkpoint(path)
+    controller = controller_for(tiny_run.env, models()[1], 4)
+    params = controller.initial_params(torch.Generator().manual_seed(3), scale=1.0)
+    save_checkpoint(path, **{**best, "params": params, "controller": controller.to_dict()})
+    summary = evaluate.run_dream(hidden_cfg)
+    assert 1 <= summary["steps"] <= 6 and iio.imread(summary["video"]).shape[0] == summary["steps"] + 1
+    with pytest.raises(DataError, match="hidden=4"):  # a linear config, a hidden-layer best.pt
+        evaluate.run_dream(tiny_run)
+
+
 def test_train_controller_in_the_real_game_on_ray(ray_session, tiny_run):
     from dataclasses import replace
 
@@ -268,6 +294,7 @@ def test_train_controller_in_the_real_game_on_ray(ray_session, tiny_run):
             rollouts=1,
             eval_every=2,
             eval_episodes=1,
+            hidden=4,  # the Ray actors build Ha's controller with a hidden layer too
         ),
     )
     summary = train_controller.run(cfg)
@@ -277,6 +304,7 @@ def test_train_controller_in_the_real_game_on_ray(ray_session, tiny_run):
     assert all(row["worst"] - 1e-9 <= row["mean"] <= row["best"] + 1e-9 for row in rows)
     best = load_checkpoint(out / "best.pt")
     assert best["train_in"] == "real" and best["generation"] == 2 and best["fitness"] == rows[1]["eval_mean"]
+    assert best["controller"]["hidden"] == 4 and summary["num_params"] == (Z + H + 1) * 4 + 5 * 3
 
 
 class _WalkRight(gymnasium.Env):

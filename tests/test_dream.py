@@ -22,7 +22,7 @@ import torch
 from gymnasium import spaces
 from gymnasium.utils.env_checker import check_env
 
-from agents.controller import LinearController
+from agents.controller import Controller
 from agents.dream_batch import BatchedDream
 from rollouts.dream_env import DREAM_ENV_ID, DreamEnv, game_action_space, warm_starts
 from rollouts.dream_step import DreamDynamics
@@ -219,8 +219,8 @@ def test_dreams_are_capped_at_the_horizon_and_end_when_done():
     assert result.lengths.eq(1).all()
 
 
-def controller(discrete=False, actions=A):
-    return LinearController(Z, H, actions, discrete)
+def controller(discrete=False, actions=A, hidden=0):
+    return Controller(Z, H, actions, discrete, hidden)
 
 
 def reference_returns(memory, ctrl, params, z0, horizon, h0=None, c0=None):
@@ -252,16 +252,20 @@ def reference_returns(memory, ctrl, params, z0, horizon, h0=None, c0=None):
         ("frmdn", 3, False, -0.2, {"flow_context": True, "diag_activation": "exp", "diag_clamp": [0.1, 1.9]}),
         ("rmdn", 0, True, -0.05, {}),
         ("frmdn", 2, True, -0.8, {"warm": True}),
+        # Ha's controller with a hidden layer: the population form against the single-vector one
+        ("frmdn", 2, False, -0.05, {"controller_hidden": 4}),
+        ("frmdn", 2, True, -0.8, {"warm": True, "controller_hidden": 3}),
     ],
 )
 def test_batched_dream_equals_a_step_by_step_reference(kind, rank, discrete, done_bias, extra):
-    warm = extra.pop("warm", False)
+    extra = dict(extra)  # the parameters are shared between runs of the test
+    warm, hidden = extra.pop("warm", False), extra.pop("controller_hidden", 0)
     actions = 4 if discrete else A
     memory = tiny_memory(kind=kind, rank=rank, cond=actions, done_bias=None, **extra)
     with torch.no_grad():  # some dreams end early, others run to the horizon
         memory.done_head.weight.copy_(torch.linspace(-1.0, 1.0, H))
         memory.done_head.bias.fill_(done_bias)
-    ctrl = controller(discrete, actions)
+    ctrl = controller(discrete, actions, hidden)
     torch.manual_seed(5)
     params = torch.randn(4, ctrl.num_params)
     mu, _ = starts()
@@ -415,7 +419,7 @@ def drive(env, ctrl, params, seed=None, options=None):
     return np.stack(observations), np.array(rewards, np.float32), np.array(dones), info
 
 
-def twin_dreams(kind, rank, start, temperature, probe, use_mu=False, horizon=25):
+def twin_dreams(kind, rank, start, temperature, probe, use_mu=False, horizon=25, **regularisers):
     """A DreamEnv, a BatchedDream of one memory with the same starts and settings, and their controller.
     Mario's dreams (discrete actions) start anywhere, as its configs do; CarRacing's at first frames.
 
@@ -423,12 +427,17 @@ def twin_dreams(kind, rank, start, temperature, probe, use_mu=False, horizon=25)
     themselves; at tau = 0 a dream ends where w . h_{t+1} first exceeds -b, so b is set from the dreams the
     test compares: ``probe(env, dream)`` records them with no end ([D, T + 1, Z + H] observations), and half
     of them cross -b within 6 steps. (A dream's steps before its end do not depend on b: done is a step's last
-    draw.)
+    draw.) ``regularisers``: ``memory.dropout`` (which the calibration at tau = 0 ignores) and
+    ``memory.ensemble`` (every member gets the same done head).
     """
     discrete = start == "any"
     actions = 5 if discrete else A
     memory = tiny_memory(
-        kind=kind, rank=rank, cond=actions, **({"flow_context": True} if kind == "frmdn" else {})
+        kind=kind,
+        rank=rank,
+        cond=actions,
+        **({"flow_context": True} if kind == "frmdn" else {}),
+        **regularisers,
     )
     weight = torch.linspace(-1.0, 1.0, H)
     mu, logvar = starts()
@@ -483,6 +492,31 @@ def assert_same_dream(trace, p, r, observations, rewards, dones):
 def test_dream_env_dreams_the_dreams_the_controller_is_trained_in(kind, rank, start, temperature):
     """Same seed, candidate and start: the env's dream (as the dream video plays it) is the batched dream's,
     the batched dream of one rollout given a generator seeded with the env's ``dream_seed``."""
+    check_twin_dreams(kind, rank, start, temperature)
+
+
+@pytest.mark.parametrize(
+    "kind, rank, start, temperature, regularisers",
+    [
+        ("frmdn", 2, "first", 1.15, {"dropout": 0.3}),
+        ("rmdn", 0, "any", 1.15, {"dropout": 0.5}),
+        ("frmdn", 2, "any", 0.0, {"ensemble": 3}),
+        ("rmdn", 2, "first", 0.0, {"ensemble": 2}),
+        ("frmdn", 0, "first", 1.15, {"ensemble": 3}),
+        ("frmdn", 2, "any", 1.15, {"ensemble": 3, "dropout": 0.3}),
+    ],
+)
+def test_dream_env_dreams_the_batched_dreams_with_dropout_and_an_ensemble(
+    kind, rank, start, temperature, regularisers
+):
+    """The same with the dream's regularisers: the env's dream has the batched dream's dropout mask and
+    member (drawn from the same seed), so the dream video still shows a dream the controller trained in."""
+    check_twin_dreams(kind, rank, start, temperature, **regularisers)
+
+
+def check_twin_dreams(kind, rank, start, temperature, **regularisers):
+    """Drive the env and the batched dream of one rollout with the same seeds and candidates (4 x 3 dreams)
+    and compare each dream's z, h, rewards, dones, start frame and ensemble member."""
     params = candidates(start, 3, seed=0)
     dreams = list(product(range(4), params))
 
@@ -495,8 +529,8 @@ def test_dream_env_dreams_the_dreams_the_controller_is_trained_in(kind, rank, st
     def probe(env, dream):
         return torch.cat([batched(env, dream, candidate, seed).observations[0] for seed, candidate in dreams])
 
-    env, dream, ctrl = twin_dreams(kind, rank, start, temperature, probe)
-    lengths, frames = [], set()
+    env, dream, ctrl = twin_dreams(kind, rank, start, temperature, probe, **regularisers)
+    lengths, frames, members = [], set(), set()
     for seed, candidate in dreams:
         observations, rewards, dones, info = drive(env, ctrl, candidate, seed=seed)
         trace = batched(env, dream, candidate, seed)
@@ -504,7 +538,13 @@ def test_dream_env_dreams_the_dreams_the_controller_is_trained_in(kind, rank, st
         assert_same_dream(trace, 0, 0, observations, rewards, dones)
         lengths.append(len(rewards))
         frames.add(info["start_index"])
+        if regularisers.get("ensemble", 1) > 1:
+            assert int(trace.members[0]) == info["member"]
+            members.add(info["member"])
+        else:
+            assert trace.members is None and "member" not in info
     assert min(lengths) < 25 and max(lengths) > 6 and len(frames) > 1, (lengths, frames)
+    assert len(members) > 1 or "ensemble" not in regularisers, members  # 4 seeds: 4 draws of the member
 
 
 @pytest.mark.parametrize("kind, rank, start", [("frmdn", 2, "any"), ("rmdn", 0, "first")])
@@ -528,3 +568,146 @@ def test_every_dream_of_a_population_batch_is_the_dream_env_dream_from_its_start
         assert info["start_index"] == int(trace.starts[r])
         assert_same_dream(trace, p, r, observations, rewards, dones)
     assert trace.lengths.min() < 25 and trace.lengths.max() > 6, trace.lengths
+
+
+# ---------------------------------------------------------------- dream regularisers: dropout, an ensemble
+
+
+def reference_dream(memory, ctrl, params, z0, horizon, mask=None):
+    """One dream at tau = 0, step by step with ``MemoryModel``: the LSTM's step from the h the controller
+    saw, the heads on ``h_{t+1} * mask`` (the dream's fixed dropout mask at every step, or none), the mode of
+    their mixture through the inverse flow (context: what the heads read). Observations [T + 1, Z + H] (the
+    undropped h), rewards [T] and dones [T] up to the end."""
+    z, state = z0[None], memory.initial_state(1)
+    observations, rewards, dones = [torch.cat([z[0], state[0][0, 0]])], [], []
+    with torch.no_grad():
+        for _ in range(horizon):
+            action = ctrl.act(params, z, state[0][0])
+            _, state = memory.step(z, ctrl.encode(action), state)
+            hidden = state[0][0]
+            out = memory._heads(hidden if mask is None else hidden * mask)
+            z = memory.sample(out, temperature=0.0)
+            observations.append(torch.cat([z[0], hidden[0]]))
+            rewards.append(float(out.reward[0]))
+            dones.append(bool(out.done_logit[0] > 0))
+            if dones[-1]:
+                break
+    return torch.stack(observations).numpy(), np.array(rewards, np.float32), np.array(dones)
+
+
+@pytest.mark.parametrize(
+    "kind, regularisers",
+    [
+        ("frmdn", {"dropout": 0.5, "flow_context": True}),
+        ("rmdn", {"dropout": 0.3}),
+        ("frmdn", {"ensemble": 3, "flow_context": True}),
+        ("rmdn", {"ensemble": 3}),
+        ("frmdn", {"ensemble": 3, "dropout": 0.3, "flow_context": True}),
+    ],
+)
+def test_dreams_with_dropout_and_an_ensemble_equal_a_step_by_step_reference(kind, regularisers):
+    """Each batched dream (P candidates x R rollouts at tau = 0, z_0 = mu) is the dream of its member alone
+    (``MemoryModel.member_model``: a one-member memory built from that member's weights) with its own
+    dropout mask, fixed for the whole dream, on what the heads read; the controller reads the undropped h."""
+    members = regularisers.get("ensemble", 1)
+    memory = tiny_memory(kind=kind, rank=2, **regularisers)
+    with torch.no_grad():  # member 1 (of an ensemble) ends every dream at once, the others never do
+        memory.done_head.weight.zero_()
+        memory.done_head.bias.copy_(torch.tensor([-20.0, 20.0, -20.0][:members]))
+    ctrl = controller()
+    params = 0.5 * torch.randn(2, ctrl.num_params, generator=torch.Generator().manual_seed(0))
+    mu, _ = starts()
+    dream = BatchedDream(memory, ctrl, mu, None, horizon=8, temperature=0.0, use_mu=True)
+    trace = dream.rollout(params, 6, torch.Generator().manual_seed(4), record=True)
+    first = dream.dynamics.start(6, torch.Generator().manual_seed(4))  # the rollout's draws
+    assert torch.equal(trace.starts, first.start)
+    if members > 1:
+        assert torch.equal(trace.members, first.member) and set(trace.members.tolist()) == {0, 1, 2}
+        assert torch.equal(trace.lengths.eq(1), trace.members.eq(1).expand(2, -1))  # each its own done head
+    singles = [memory.member_model(m) for m in range(members)]
+    member = [0] * 6 if first.member is None else first.member.tolist()
+    mask = [None] * 6 if first.head_mask is None else first.head_mask
+    for p, r in product(range(2), range(6)):
+        reference = reference_dream(singles[member[r]], ctrl, params[p], first.z[r], 8, mask[r])
+        assert_same_dream(trace, p, r, *reference)
+    # the mask and the member matter: without the mask, or in another member, a dream is another one
+    r = member.index(0)  # a dream of member 0, which runs to the horizon
+    # one member: the same dream without its mask; an ensemble: the same dream (and mask) in member 2
+    other = reference_dream(singles[-1], ctrl, params[0], first.z[r], 8, mask[r] if members > 1 else None)[0]
+    assert not np.allclose(other[:, :Z], trace.observations[0, r, :, :Z].numpy(), atol=1e-3)
+
+
+def test_dropout_masks_and_members_are_drawn_per_dream_at_its_start():
+    memory = tiny_memory(dropout=0.25, ensemble=3)
+    dynamics = DreamDynamics(memory, *starts(), horizon=5)
+    batch = dynamics.start(64, torch.Generator().manual_seed(0))
+    # one inverted-dropout mask per dream: 0 or 1 / (1 - p), a fraction p of zeros, different dreams apart
+    mask = batch.head_mask
+    assert mask.shape == (64, H)
+    torch.testing.assert_close(mask.unique(), torch.tensor([0.0, 1 / 0.75]))
+    assert 0.18 < float((mask == 0).float().mean()) < 0.32
+    assert len({tuple(row) for row in mask.tolist()}) > 60
+    # the members: balanced over the batch (64 = 21 + 21 + 22), each dream's uniform over the three
+    assert sorted(torch.bincount(batch.member, minlength=3).tolist()) == [21, 21, 22]
+    firsts = torch.stack([dynamics.start(2, torch.Generator().manual_seed(s)).member[0] for s in range(600)])
+    assert (torch.bincount(firsts, minlength=3) - 200).abs().max() < 45
+    # the candidates dream the same dreams: repeat copies each dream's mask and member
+    repeated = batch.repeat(3)
+
+    def copied() -> bool:
+        return torch.equal(repeated.head_mask, mask.repeat(3, 1)) and torch.equal(
+            repeated.member, batch.member.repeat(3)
+        )
+
+    assert copied()
+    # fixed for the dream: stepping changes neither
+    repeated.action[:] = 0.3
+    with torch.inference_mode():
+        for _ in range(3):
+            dynamics.step(repeated, torch.Generator().manual_seed(1))
+    assert copied()
+    # and the env's dream has one too, reproducible from its seed, fixed over its steps
+    env = DreamEnv(memory, *starts(), action_space=CAR_ACTIONS, horizon=5, temperature=0.0, use_mu=True)
+    drawn = []
+    for seed in (0, 1, 0):
+        info = env.reset(seed=seed, options={"start_index": 0})[1]
+        drawn.append((env.unwrapped._dream.head_mask.clone(), info["member"]))
+    assert torch.equal(drawn[0][0], drawn[2][0]) and drawn[0][1] == drawn[2][1]
+    assert not torch.equal(drawn[0][0], drawn[1][0])
+
+
+def test_without_dropout_or_an_ensemble_the_dream_draws_what_it_always_drew():
+    """dropout 0 and one member: no mask, no member, and the start consumes the generator exactly as the
+    dream before these switches (start frames, then the z_0 noise), so every seed gives the old dream."""
+    memory = tiny_memory()
+    assert memory.dropout is None and memory.ensemble == 1
+    dynamics = DreamDynamics(memory, *starts(), horizon=5)
+    generator = torch.Generator().manual_seed(3)
+    batch = dynamics.start(5, generator)
+    assert batch.head_mask is None and batch.member is None and batch.features is None
+    reference = torch.Generator().manual_seed(3)
+    torch.randint(4, (5,), generator=reference)
+    torch.randn((5, Z), generator=reference)
+    assert torch.equal(generator.get_state(), reference.get_state())
+    repeated = batch.repeat(2)
+    assert repeated.head_mask is None and repeated.member is None
+    rollouts = BatchedDream(memory, controller(), *starts(), horizon=3).rollout(
+        torch.zeros(2, controller().num_params), 2, torch.Generator().manual_seed(0)
+    )
+    assert rollouts.members is None
+
+
+def test_dream_env_with_dropout_and_an_ensemble_passes_the_env_checker():
+    mu, logvar = starts()
+    env = gymnasium.make(
+        DREAM_ENV_ID,
+        memory=tiny_memory(dropout=0.3, ensemble=2),
+        initial_mu=mu,
+        initial_logvar=logvar,
+        action_space=CAR_ACTIONS,
+        horizon=20,
+        temperature=1.15,
+        vae=ConvVAE(Z),
+        render_mode="rgb_array",
+    )
+    assert_passes_check_env(env)

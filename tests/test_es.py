@@ -80,6 +80,7 @@ def tiny_run(root, generations=6, extra=()):
             "controller.sigma=0.5",
             "controller.eval_every=2",
             "controller.eval_episodes=4",
+            "controller.eval_real_episodes=0",  # a dream of its own: no VAE for the real game
             "env.max_steps=10",
             *extra,
         ],
@@ -172,12 +173,34 @@ def test_train_controller_dreams_from_any_frame_and_refuses_unknown_starts(tmp_p
         train_controller.run(bad)
 
 
+def test_train_controller_trains_a_controller_with_a_hidden_layer(tmp_path):
+    extra = ["controller.hidden=4", "controller.sigma=1.0"]
+    cfg = tiny_run(tmp_path, generations=6, extra=extra)
+    summary = train_controller.run(cfg)
+    out = run_paths(cfg).controller
+    best = load_checkpoint(out / "best.pt")
+    assert best["controller"]["hidden"] == 4 and summary["num_params"] == (Z + 8 + 1) * 4 + (4 + 1) * 3
+    assert best["params"].shape == (summary["num_params"],) and np.isfinite(summary["best_score"])
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [row["generation"] for row in rows] == list(range(1, 7))
+    assert rows[-1]["mean"] > rows[0]["mean"] + 2.0  # the population's mean fitness rises
+    fitness = train_controller.DreamFitness(cfg, *_memory_and_controller(cfg))
+    assert fitness.dream.controller.hidden == 4
+    again = tiny_run(tmp_path / "again", generations=6, extra=extra)
+    train_controller.run(again)
+    assert rows_without_time(again) == rows_without_time(cfg)  # the same config, the same run
+    # the hidden size is a setting of the stage: another one redoes it
+    assert train_controller.run(tiny_run(tmp_path, generations=1))["num_params"] == (Z + 8 + 1) * 3
+    with pytest.raises(ConfigError, match="controller.hidden"):
+        train_controller.run(tiny_run(tmp_path / "bad", extra=["controller.hidden=-2"]))
+
+
 def _memory_and_controller(cfg):
     from agents.agent import controller_for
     from rollouts.dream_env import load_memory
 
     memory = load_memory(cfg)
-    return memory, controller_for(cfg.env, memory)
+    return memory, controller_for(cfg.env, memory, cfg.controller.hidden)
 
 
 def test_train_controller_resumes_after_a_kill_as_if_uninterrupted(tmp_path, monkeypatch):

@@ -22,13 +22,13 @@ def small_config(**overrides) -> MemoryConfig:
 
 
 def make_model(target_dim=3, cond_dim=2, seed=0, flow_scale=0.4, **overrides) -> MemoryModel:
-    """A float64 model whose flow is NOT the identity (its zero-initialised last layers get random
+    """A float64 model whose flows are NOT the identity (their zero-initialised last layers get random
     weights)."""
     torch.manual_seed(seed)
     model = MemoryModel(target_dim, cond_dim, small_config(**overrides)).double()
     if model.flow is not None:
         with torch.no_grad():
-            for parameter in model.flow.parameters():
+            for parameter in [*model.flow.parameters(), *model.member_flows.parameters()]:
                 parameter.normal_(0.0, flow_scale)
     return model
 
@@ -44,7 +44,7 @@ def expand_output(out: MemoryOutput, n: int) -> MemoryOutput:
     """Repeat a single-element output [1, ...] n times (to score a grid of targets under one distribution)."""
     return MemoryOutput(
         **{
-            field.name: None if value is None else value.expand(n, *value.shape[1:])
+            field.name: value.expand(n, *value.shape[1:]) if torch.is_tensor(value) else value
             for field in dataclasses.fields(out)
             for value in [getattr(out, field.name)]
         }
@@ -380,6 +380,9 @@ def test_checkpoint_round_trip(tmp_path):
         (3, {"diag_clamp": [1.0, 0.5]}, "diag_clamp"),
         (3, {"diag_clamp": [0.0, 1.0]}, "diag_clamp"),
         (3, {"diag_clamp": [0.5]}, "diag_clamp"),
+        (3, {"dropout": 1.0}, "dropout"),
+        (3, {"dropout": -0.1}, "dropout"),
+        (3, {"ensemble": 0}, "ensemble"),
         (1, {"kind": "frmdn"}, "dim"),  # a coupling flow cannot split a 1-D target
     ],
 )
@@ -410,3 +413,146 @@ def test_bad_inputs_raise_value_error_naming_the_shapes():
     unconditioned = make_model(cond_dim=0, seed=18)
     with pytest.raises(ValueError, match="no conditioning"):
         unconditioned.sequence_log_prob(y, cond)
+
+
+# ---------------------------------------------------------------- dream regularisers: dropout, an ensemble
+
+
+def test_dropout_drops_what_the_heads_read_in_training_only():
+    """M trains with dropout on the LSTM output before the heads: train-mode losses vary from call to call,
+    eval mode is deterministic and is the model without dropout; the LSTM's state is never dropped."""
+    model = make_model(dropout=0.4, flow_context=True, seed=19)
+    plain = make_model(seed=19, flow_context=True)
+    plain.load_state_dict(model.state_dict())  # dropout has no parameters: the same names
+    y, cond = random_sequences(3, 6)
+    rewards, dones = torch.randn(3, 6, dtype=F64), torch.zeros(3, 6, dtype=F64)
+    model.train()
+    trained = [model.sequence_loss(y, cond, rewards, dones)["loss"] for _ in range(3)]
+    assert len({loss.item() for loss in trained}) == 3
+    trained[0].backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+    model.eval()
+    evaluated = [model.sequence_loss(y, cond, rewards, dones) for _ in range(2)]
+    reference = plain.sequence_loss(y, cond, rewards, dones)
+    for key in reference:
+        torch.testing.assert_close(evaluated[0][key], evaluated[1][key], rtol=0, atol=0)
+        torch.testing.assert_close(evaluated[0][key], reference[key], rtol=0, atol=0)
+    assert all(loss.item() != evaluated[0]["loss"].item() for loss in trained)
+    # in training: the heads read h * mask / (1 - p); the LSTM's state (and its next steps) are untouched
+    model.train()
+    with torch.no_grad():
+        out, state = model(y[:, :-1], cond)
+        reference_out, reference_state = plain(y[:, :-1], cond)
+    for part, reference_part in zip(state, reference_state):
+        torch.testing.assert_close(part, reference_part, rtol=0, atol=0)
+    dropped = out.hidden == 0
+    assert 0.25 < dropped.double().mean() < 0.55
+    torch.testing.assert_close(out.hidden[~dropped], reference_out.hidden[~dropped] / 0.6)
+    # no dropout: no module, and eval mode is train mode
+    assert plain.dropout is None and plain.training
+    plain.eval()
+    for key, value in plain.sequence_loss(y, cond, rewards, dones).items():
+        torch.testing.assert_close(value, reference[key], rtol=0, atol=0)
+
+
+def test_one_member_is_the_single_memory_of_before():
+    """ensemble = 1 (the default) keeps the parameter names and shapes of the memory before ensembles, so
+    its checkpoints (whose config has no ``dropout`` or ``ensemble``) load."""
+    k, d, r, h = 3, 3, 2, 12
+    model = make_model(seed=20).float()
+    flow = [
+        f"flow.blocks.{block}.{net}.{layer}.{part}"
+        for block in range(2)
+        for net in ("scale", "shift")
+        for layer in (0, 2)
+        for part in ("weight", "bias")
+    ]
+    lstm = [f"lstm.{part}_l0" for part in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    heads = [
+        f"{head}.{part}"
+        for head in ("mixture_head", "reward_head", "done_head")
+        for part in ("weight", "bias")
+    ]
+    assert sorted(model.state_dict()) == sorted(lstm + heads + flow)
+    assert model.mixture_head.weight.shape == (k + 2 * k * d + k * d * r, h)
+    assert model.reward_head.weight.shape == model.done_head.weight.shape == (1, h)
+    payload = model.to_checkpoint()
+    old = payload | {
+        "config": {
+            key: value for key, value in payload["config"].items() if key not in ("dropout", "ensemble")
+        }
+    }
+    restored = MemoryModel.from_checkpoint(old)
+    assert restored.config == model.config and restored.ensemble == 1 and restored.dropout is None
+    y, cond = (t.float() for t in random_sequences(2, 4))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            restored.sequence_log_prob(y, cond)[0], model.sequence_log_prob(y, cond)[0], rtol=0, atol=0
+        )
+
+
+@pytest.mark.parametrize("kind, flow_context", [("frmdn", True), ("frmdn", False), ("rmdn", False)])
+def test_an_ensemble_is_its_members_on_one_lstm_trained_on_their_mean_loss(kind, flow_context):
+    model = make_model(ensemble=3, kind=kind, flow_context=flow_context, seed=21)
+    assert len(model.member_flows) == (2 if kind == "frmdn" else 0)
+    y, cond = random_sequences(3, 5)
+    rewards, dones = torch.randn(3, 5, dtype=F64), (torch.rand(3, 5) < 0.3).to(F64)
+    singles = [model.member_model(m) for m in range(3)]
+    with torch.no_grad():
+        for m, single in enumerate(singles):
+            assert single.ensemble == 1 and single.config.kind == kind
+            # each member alone: the shared LSTM and that member's heads and flow
+            for name, parameter in single.lstm.named_parameters():
+                assert torch.equal(parameter, getattr(model.lstm, name))
+            out, _ = model(y[:, :-1], cond, member=m)
+            alone, _ = single(y[:, :-1], cond)
+            assert out.member == m
+            for field in ("logit_pi", "mu", "diag", "u", "reward", "done_logit", "hidden"):
+                torch.testing.assert_close(getattr(out, field), getattr(alone, field))
+            torch.testing.assert_close(model.log_prob(y[:, 1:], out), single.log_prob(y[:, 1:], alone))
+            generator = torch.Generator().manual_seed(m)
+            torch.testing.assert_close(
+                model.sample(out, 1.1, generator), single.sample(alone, 1.1, torch.Generator().manual_seed(m))
+            )
+        # the members differ (their heads start apart), and the reported NLL is the mean of theirs
+        log_probs = [single.sequence_log_prob(y, cond)[0] for single in singles]
+        assert not torch.allclose(log_probs[0], log_probs[1])
+        torch.testing.assert_close(model.sequence_log_prob(y, cond)[0], sum(log_probs) / 3)
+    # the loss (and each part) is the mean over the members
+    losses = model.sequence_loss(y, cond, rewards, dones, done_pos_weight=2.0)
+    parts = [single.sequence_loss(y, cond, rewards, dones, done_pos_weight=2.0) for single in singles]
+    for key in losses:
+        torch.testing.assert_close(losses[key], sum(part[key] for part in parts) / 3)
+    losses["loss"].backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    width = model.mixture_head.weight.shape[0] // 3
+    for m in range(3):  # every member's rows of every head get a gradient
+        assert model.mixture_head.weight.grad[m * width : (m + 1) * width].abs().sum() > 0
+        assert (
+            model.reward_head.weight.grad[m].abs().sum() > 0
+            and model.done_head.weight.grad[m].abs().sum() > 0
+        )
+    with pytest.raises(ValueError, match="member"):
+        model.step(y[:, 0], cond[:, 0], None, member=3)
+
+
+def test_an_ensemble_with_dropout_round_trips_through_a_checkpoint(tmp_path):
+    model = make_model(ensemble=3, dropout=0.2, flow_context=True, seed=22).float().eval()
+    path = tmp_path / "memory.pt"
+    save_checkpoint(path, **model.to_checkpoint())
+    restored = MemoryModel.from_checkpoint(load_checkpoint(path)).eval()
+    assert restored.config == model.config and restored.ensemble == 3 and restored.dropout.p == 0.2
+    assert sorted(restored.state_dict()) == sorted(model.state_dict())
+    y, cond = (t.float() for t in random_sequences(2, 4))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            restored.sequence_log_prob(y, cond)[0], model.sequence_log_prob(y, cond)[0], rtol=0, atol=0
+        )
+        for m in range(3):
+            torch.testing.assert_close(
+                restored.member_model(m).sequence_log_prob(y, cond)[0],
+                model.member_model(m).sequence_log_prob(y, cond)[0],
+                rtol=0,
+                atol=0,
+            )

@@ -9,7 +9,7 @@ import pytest
 
 from worldmodel.config import load_config
 from worldmodel.data import list_npz, load_episode, load_latents
-from worldmodel.io import load_checkpoint, read_json
+from worldmodel.io import load_checkpoint, read_json, read_jsonl
 from worldmodel.memory import MemoryModel
 from worldmodel.stages import output_digest
 from worldmodel.vae import load_vae
@@ -81,6 +81,10 @@ def check_outputs(root: Path, episodes: int) -> None:
     for link in ("vae/reconstructions.png", "memory/nll.png", "controller/fitness.png", "dream/dream.gif"):
         assert link in report
     controller = read_json(root / "controller" / "summary.json")
+    # the dream-vs-real gap of the tiny config: each periodic evaluation scored the champion in both
+    rows = [row for row in read_jsonl(root / "controller" / "metrics.jsonl") if "eval_mean" in row]
+    assert rows and all("real_mean" in row for row in rows)
+    assert controller["gap"]["real_mean"] == rows[-1]["real_mean"] and "dream vs real game" in report
     starts = "any frame" if controller["dream_start"] == "any" else "the first frames"
     assert f"dreams of up to {controller['dream_horizon']} steps from {starts}" in report.splitlines()[0]
 

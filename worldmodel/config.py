@@ -120,6 +120,12 @@ class MemoryConfig:
     """Add a reward head (needed by the dream)."""
     predict_done: bool = True
     """Add an episode-end head (needed by the dream)."""
+    dropout: float = 0.0
+    """Dropout p on the LSTM output before the heads (Dropout's Dream Land): in training, and in the dream one
+    fixed mask per dream; 0 = off. The LSTM's own state and the controller's h are never dropped."""
+    ensemble: int = 1
+    """Head sets (mixture, reward, done heads and flow) on the shared LSTM; the loss is their mean and each
+    dream runs in one member drawn at its start. 1 = the single memory."""
 
 
 @dataclass
@@ -176,6 +182,9 @@ class ControllerConfig:
     """Rollouts per candidate; fitness is their mean return."""
     sigma: float = 0.1
     """Initial CMA-ES step size."""
+    hidden: int = 0
+    """Hidden tanh units of the controller: 0 = World Models' linear ``a = g(W [z, h] + b)``; N > 0 = Ha's
+    variant with one hidden layer, ``a = g(W2 tanh(W1 [z, h] + b1) + b2)``."""
     temperature: float = 1.15
     """Dream temperature tau (divides logits, multiplies covariance)."""
     eval_every: int = 5
@@ -205,6 +214,35 @@ class ControllerConfig:
     explored game)."""
     dream_start_limit: int = 4096
     """``any``: at most this many start frames, spread over at most this many episodes."""
+    eval_real_episodes: int = 0
+    """Dream training: at every periodic evaluation, also score the generation's best candidate on this many
+    real episodes (Ray workers), next to its dream score: the dream-vs-real gap (0 = off). Candidates are
+    still ranked and kept by their dream scores alone."""
+
+
+@dataclass
+class IterateConfig:
+    iterations: int = 0
+    """Rounds of World Models' iterative training after the pipeline's first controller (``run.py iterate``;
+    ``pipeline`` runs them when > 0): collect with the best controller, train M further, continue CMA-ES."""
+    episodes: int = 16
+    """Real episodes each iteration collects with the current best controller (plus exploration noise)."""
+    noise: str = "action"
+    """Exploration noise while collecting: ``action`` (CarRacing: Gaussian noise of std ``noise_scale`` on
+    each action, clipped to the box; Mario: a uniformly random action with probability ``noise_scale``) or
+    ``params`` (one Gaussian perturbation of std ``noise_scale`` of the controller's parameters per
+    episode)."""
+    noise_scale: float = 0.1
+    """Size of the exploration noise (see ``noise``)."""
+    memory_epochs: int = 5
+    """Epochs of further training of M per iteration (from its previous weights) on every episode so far; also
+    V's with ``retrain_vae``."""
+    generations: int = 10
+    """CMA-ES generations per iteration, continuing from the previous iteration's mean in the new dream."""
+    eval_episodes: int = 16
+    """Real episodes scoring each iteration's best controller (and the random policy, on the same seeds)."""
+    retrain_vae: bool = False
+    """Also train V further on every episode so far (the latents are then encoded again)."""
 
 
 @dataclass
@@ -361,6 +399,7 @@ class Config:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     memory_train: MemoryTrainConfig = field(default_factory=MemoryTrainConfig)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
+    iterate: IterateConfig = field(default_factory=IterateConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     speech: SpeechConfig = field(default_factory=SpeechConfig)

@@ -11,6 +11,14 @@ in the benchmarks) and outputs K logits, K means, K diagonal precisions :math:`D
 
 ``kind="rmdn"`` uses no flow (f = identity), ``rank=0`` diagonal precisions. Optional heads predict the
 transition's reward and whether the episode ended with it, so the memory can serve as a dream environment.
+
+Two regularisers of the dream, both off by default. ``dropout`` p drops the LSTM output before the heads in
+training (the LSTM's recurrent state is never dropped; eval mode drops nothing). ``ensemble`` N > 1 puts N
+head sets (mixture head, reward head, done head and, for frmdn, the flow) on the one shared LSTM, so every
+member reads the h the controller reads. Member m's mixture, reward and done outputs are the rows
+``[m * width, (m + 1) * width)``, ``m`` and ``m`` of the three ``nn.Linear`` heads (one matmul serves every
+member), its flow is ``flow`` for m = 0 and ``member_flows[m - 1]`` after: one member has exactly the
+parameters (names and shapes) of the single memory. The training loss is the mean over the members.
 """
 
 from __future__ import annotations
@@ -47,7 +55,9 @@ class MemoryOutput:
     done_logit: Tensor | None
     """[...] logit of 'the episode ended with this transition'."""
     hidden: Tensor
-    """[..., H] the LSTM output these were computed from (the flow's context)."""
+    """[..., H] what the heads read (the flow's context): the LSTM output, after dropout in train mode."""
+    member: int = 0
+    """Which member of the ensemble made these (its flow scores and samples them)."""
 
 
 MEMORY_KINDS = ("rmdn", "frmdn")
@@ -62,11 +72,13 @@ def check_memory_config(config: MemoryConfig, section: str = "memory") -> None:
         raise ConfigError(
             f"{section}.diag_activation must be 'softplus' or 'exp', got {config.diag_activation!r}"
         )
-    for name in ("hidden", "components", "flow_blocks", "flow_hidden"):
+    for name in ("hidden", "components", "flow_blocks", "flow_hidden", "ensemble"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{section}.{name} must be at least 1, got {getattr(config, name)}")
     if config.rank < 0:
         raise ConfigError(f"{section}.rank must be >= 0 (0 = diagonal precisions), got {config.rank}")
+    if not 0 <= config.dropout < 1:
+        raise ConfigError(f"{section}.dropout must be in [0, 1) (0 = off), got {config.dropout}")
     if not config.diag_floor >= 0:
         raise ConfigError(f"{section}.diag_floor must be >= 0, got {config.diag_floor}")
     clamp = config.diag_clamp
@@ -83,26 +95,47 @@ class MemoryModel(nn.Module):
         super().__init__()
         check_memory_config(config)
         self.target_dim, self.cond_dim, self.config = target_dim, cond_dim, config
-        k, d, r, h = config.components, target_dim, config.rank, config.hidden
+        k, d, r, h, n = config.components, target_dim, config.rank, config.hidden, config.ensemble
         self.lstm = nn.LSTM(target_dim + cond_dim, h, batch_first=True)
         self._sizes = [k, k * d, k * d, k * d * r]
-        self.mixture_head = nn.Linear(h, sum(self._sizes))
+        self._width = sum(self._sizes)
+        """One member's outputs of the mixture head."""
+        self.mixture_head = nn.Linear(h, n * self._width)
         with torch.no_grad():
             # Start near unit precision and a near-diagonal U, so early steps are well conditioned.
             diag_bias = math.log(math.e - 1) if config.diag_activation == "softplus" else 0.0
-            start = k + k * d
-            self.mixture_head.bias[start : start + k * d].fill_(diag_bias)
-            self.mixture_head.weight[start + k * d :].mul_(0.1)
-            self.mixture_head.bias[start + k * d :].zero_()
-        self.reward_head = nn.Linear(h, 1) if config.predict_reward else None
-        self.done_head = nn.Linear(h, 1) if config.predict_done else None
-        self.flow = (
-            CouplingFlow(
-                d, config.flow_blocks, config.flow_hidden, context_dim=h if config.flow_context else 0
-            )
-            if config.kind == "frmdn"
-            else None
-        )
+            for member in range(n):
+                start, end = member * self._width + k + k * d, (member + 1) * self._width
+                self.mixture_head.bias[start : start + k * d].fill_(diag_bias)
+                self.mixture_head.weight[start + k * d : end].mul_(0.1)
+                self.mixture_head.bias[start + k * d : end].zero_()
+        self.reward_head = nn.Linear(h, n) if config.predict_reward else None
+        self.done_head = nn.Linear(h, n) if config.predict_done else None
+
+        def new_flow() -> CouplingFlow:
+            context = h if config.flow_context else 0
+            return CouplingFlow(d, config.flow_blocks, config.flow_hidden, context_dim=context)
+
+        self.flow = new_flow() if config.kind == "frmdn" else None
+        """Member 0's flow (None for the rmdn)."""
+        self.member_flows = nn.ModuleList(new_flow() for _ in range(n - 1 if config.kind == "frmdn" else 0))
+        """The flows of members 1..N-1 (empty with one member)."""
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
+        """Dropout on the LSTM output before the heads (active in train mode only); None when off."""
+
+    @property
+    def ensemble(self) -> int:
+        """Members N (head sets on the shared LSTM)."""
+        return self.config.ensemble
+
+    def _check_member(self, member: int) -> None:
+        if not 0 <= member < self.config.ensemble:
+            raise ValueError(f"member must be in [0, {self.config.ensemble}), got {member}")
+
+    def member_flow(self, member: int) -> CouplingFlow | None:
+        """Member ``member``'s flow (None for the rmdn)."""
+        self._check_member(member)
+        return self.flow if member == 0 or self.flow is None else self.member_flows[member - 1]
 
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         """Zero LSTM state (h, c), each ``[1, B, H]``."""
@@ -112,10 +145,52 @@ class MemoryModel(nn.Module):
         )
         return zeros, zeros.clone()
 
-    def _heads(self, hidden: Tensor) -> MemoryOutput:
+    def _features(self, hidden: Tensor) -> Tensor:
+        """What the heads read: the LSTM output ``hidden``, dropped out in train mode."""
+        return hidden if self.dropout is None else self.dropout(hidden)
+
+    def _heads(self, hidden: Tensor, member: int = 0) -> MemoryOutput:
+        """Member ``member``'s outputs on the LSTM output ``hidden`` (dropout first, in train mode)."""
+        self._check_member(member)
+        features = self._features(hidden)
+        if self.config.ensemble == 1:
+            return self._output(features, self.mixture_head(features), *self._scalar_heads(features), 0)
+        rows = slice(member * self._width, (member + 1) * self._width)
+        raw = F.linear(features, self.mixture_head.weight[rows], self.mixture_head.bias[rows])
+        one = slice(member, member + 1)
+        reward, done = (
+            None if head is None else F.linear(features, head.weight[one], head.bias[one])
+            for head in (self.reward_head, self.done_head)
+        )
+        return self._output(features, raw, reward, done, member)
+
+    def _all_heads(self, hidden: Tensor) -> list[MemoryOutput]:
+        """Every member's outputs on ``hidden``, from one matmul per head (and one dropout mask for all)."""
+        features = self._features(hidden)
+        raws = self.mixture_head(features).split(self._width, dim=-1)
+        reward, done = self._scalar_heads(features)
+        return [
+            self._output(
+                features,
+                raw,
+                None if reward is None else reward[..., member : member + 1],
+                None if done is None else done[..., member : member + 1],
+                member,
+            )
+            for member, raw in enumerate(raws)
+        ]
+
+    def _scalar_heads(self, features: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """Every member's reward and done logit, ``[..., N]`` each (None without the head)."""
+        return tuple(None if head is None else head(features) for head in (self.reward_head, self.done_head))
+
+    def _output(
+        self, hidden: Tensor, raw: Tensor, reward: Tensor | None, done: Tensor | None, member: int
+    ) -> MemoryOutput:
+        """One member's ``MemoryOutput`` from its raw mixture outputs and its ``[..., 1]`` reward and done."""
         k, d, r = self.config.components, self.target_dim, self.config.rank
         batch = hidden.shape[:-1]
-        logit_pi, mu, raw_diag, raw_u = self.mixture_head(hidden).split(self._sizes, dim=-1)
+        logit_pi, mu, raw_diag, raw_u = raw.split(self._sizes, dim=-1)
         if self.config.diag_activation == "softplus":
             diag = F.softplus(raw_diag)
         else:
@@ -129,9 +204,10 @@ class MemoryModel(nn.Module):
             diag=diag.reshape(*batch, k, d),
             # U_k^T is emitted row by row, so the mixture's contractions over d run along a unit stride.
             u=raw_u.reshape(*batch, k, r, d).transpose(-1, -2) if r > 0 else None,
-            reward=self.reward_head(hidden).squeeze(-1) if self.reward_head is not None else None,
-            done_logit=self.done_head(hidden).squeeze(-1) if self.done_head is not None else None,
+            reward=reward.squeeze(-1) if reward is not None else None,
+            done_logit=done.squeeze(-1) if done is not None else None,
             hidden=hidden,
+            member=member,
         )
 
     def _lstm_input(self, y: Tensor, cond: Tensor | None) -> Tensor:
@@ -149,27 +225,31 @@ class MemoryModel(nn.Module):
         return torch.cat([y, cond.to(y.dtype)], dim=-1)
 
     def forward(
-        self, inputs: Tensor, cond: Tensor | None = None, state: State | None = None
+        self, inputs: Tensor, cond: Tensor | None = None, state: State | None = None, member: int = 0
     ) -> tuple[MemoryOutput, State]:
-        """Read ``inputs`` [B, T, d] (and ``cond`` [B, T, c]); output t is the distribution of y_{t+1}."""
+        """Read ``inputs`` [B, T, d] (and ``cond`` [B, T, c]); output t is the distribution of y_{t+1} (member
+        ``member``'s, with an ensemble)."""
         hidden, state = self.lstm(self._lstm_input(inputs, cond), state)
-        return self._heads(hidden), state
+        return self._heads(hidden, member), state
 
-    def step(self, y: Tensor, cond: Tensor | None, state: State | None) -> tuple[MemoryOutput, State]:
-        """One recurrent step: ``y`` [B, d], ``cond`` [B, c]; returns outputs of batch shape [B] and the new
-        state."""
+    def step(
+        self, y: Tensor, cond: Tensor | None, state: State | None, member: int = 0
+    ) -> tuple[MemoryOutput, State]:
+        """One recurrent step: ``y`` [B, d], ``cond`` [B, c]; returns outputs of batch shape [B] (member
+        ``member``'s) and the new state."""
         hidden, state = self.lstm(self._lstm_input(y, cond).unsqueeze(1), state)
-        return self._heads(hidden.squeeze(1)), state
+        return self._heads(hidden.squeeze(1), member), state
 
     def _context(self, out: MemoryOutput) -> Tensor | None:
         return out.hidden if self.config.flow_context else None
 
     def log_prob(self, target: Tensor, out: MemoryOutput) -> Tensor:
         """log p(target) = log p_GMM(f(target)) + log|det df/dtarget|, shape = the batch shape of ``out``."""
-        if self.flow is None:
+        flow = self.member_flow(out.member)
+        if flow is None:
             z, logdet = target, 0.0
         else:
-            z, logdet = self.flow(target, self._context(out))
+            z, logdet = flow(target, self._context(out))
         return gmm_log_prob(z, out.logit_pi, out.mu, out.diag, out.u) + logdet
 
     def sample(
@@ -177,15 +257,27 @@ class MemoryModel(nn.Module):
     ) -> Tensor:
         """Draw y: z from the mixture (tau divides logits, multiplies covariance), then y = f^{-1}(z)."""
         z = gmm_sample(out.logit_pi, out.mu, out.diag, out.u, temperature=temperature, generator=generator)
-        return z if self.flow is None else self.flow.inverse(z, self._context(out))
+        flow = self.member_flow(out.member)
+        return z if flow is None else flow.inverse(z, self._context(out))
+
+    def member_sequence_log_probs(
+        self, y: Tensor, cond: Tensor | None = None
+    ) -> list[tuple[Tensor, MemoryOutput]]:
+        """For each member: per-step log p(y_{t+1} | y_<=t, c_<=t) [B, T] and its outputs, for ``y``
+        [B, T+1, d], ``cond`` [B, T, c] (the LSTM reads the sequence once)."""
+        if y.dim() != 3 or y.shape[1] < 2:
+            raise ValueError(f"sequence_log_prob expects y [B, T+1, d] with T >= 1, got {tuple(y.shape)}")
+        hidden, _ = self.lstm(self._lstm_input(y[:, :-1], cond))
+        return [(self.log_prob(y[:, 1:], out), out) for out in self._all_heads(hidden)]
 
     def sequence_log_prob(self, y: Tensor, cond: Tensor | None = None) -> tuple[Tensor, MemoryOutput]:
         """Per-step log p(y_{t+1} | y_<=t, c_<=t) for ``y`` [B, T+1, d], ``cond`` [B, T, c] -> ([B, T],
-        outputs)."""
-        if y.dim() != 3 or y.shape[1] < 2:
-            raise ValueError(f"sequence_log_prob expects y [B, T+1, d] with T >= 1, got {tuple(y.shape)}")
-        out, _ = self(y[:, :-1], cond)
-        return self.log_prob(y[:, 1:], out), out
+        outputs). With an ensemble: the mean of the members' log p (the NLL reported is the members' mean
+        NLL), and member 0's outputs."""
+        members = self.member_sequence_log_probs(y, cond)
+        if len(members) == 1:
+            return members[0]
+        return torch.stack([log_prob for log_prob, _ in members]).mean(0), members[0][1]
 
     def sequence_loss(
         self,
@@ -201,22 +293,47 @@ class MemoryModel(nn.Module):
         """Training loss over sequences: NLL per dimension plus the weighted reward (MSE) and done (BCE)
         losses.
 
-        Returns ``loss``, ``nll`` (mean NLL per step, nats), ``nll_per_dim``, ``reward_loss``, ``done_loss``.
+        Returns ``loss``, ``nll`` (mean NLL per step, nats), ``nll_per_dim``, ``reward_loss``, ``done_loss``;
+        with an ensemble, each is the mean over the members (every member is trained on the same batch).
         """
-        log_prob, out = self.sequence_log_prob(y, cond)
+        members = self.member_sequence_log_probs(y, cond)
+        log_prob = members[0][0]
         weights = torch.ones_like(log_prob) if mask is None else mask.to(log_prob.dtype)
         if weights.shape != log_prob.shape:
             raise ValueError(f"mask must be [B, T] = {tuple(log_prob.shape)}, got {tuple(weights.shape)}")
         count = weights.sum().clamp(min=1.0)
-        nll = -(log_prob * weights).sum() / count
-        zero = log_prob.new_zeros(())
-        reward_loss = done_loss = zero
         for name, targets in (("rewards", rewards), ("dones", dones)):
             if targets is not None and targets.shape != log_prob.shape:
                 # A [B, T, 1] or [T] target would broadcast against [B, T] predictions into a wrong loss.
                 raise ValueError(
                     f"{name} must be [B, T] = {tuple(log_prob.shape)}, got {tuple(targets.shape)}"
                 )
+        parts = [
+            self._member_losses(
+                log_prob, out, weights, count, rewards, dones, done_pos_weight, reward_weight, done_weight
+            )
+            for log_prob, out in members
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        return {key: torch.stack([part[key] for part in parts]).mean() for key in parts[0]}
+
+    def _member_losses(
+        self,
+        log_prob: Tensor,
+        out: MemoryOutput,
+        weights: Tensor,
+        count: Tensor,
+        rewards: Tensor | None,
+        dones: Tensor | None,
+        done_pos_weight: float | None,
+        reward_weight: float,
+        done_weight: float,
+    ) -> dict[str, Tensor]:
+        """One member's part of ``sequence_loss``."""
+        nll = -(log_prob * weights).sum() / count
+        zero = log_prob.new_zeros(())
+        reward_loss = done_loss = zero
         if out.reward is not None and rewards is not None:
             reward_loss = ((out.reward - rewards.to(log_prob.dtype)).square() * weights).sum() / count
         if out.done_logit is not None and dones is not None:
@@ -246,6 +363,34 @@ class MemoryModel(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, payload: dict) -> MemoryModel:
+        """The model of ``to_checkpoint`` (a checkpoint from before ``dropout``/``ensemble`` existed loads as
+        a single memory without dropout: its parameters have the same names)."""
         model = cls(payload["target_dim"], payload["cond_dim"], MemoryConfig(**payload["config"]))
         model.load_state_dict(payload["state_dict"])
         return model
+
+    def member_model(self, member: int) -> MemoryModel:
+        """Member ``member`` alone: a one-member memory (copies of the shared LSTM and of that member's heads
+        and flow; the same dropout), on this model's device and dtype. The global RNG is left alone."""
+        self._check_member(member)
+        with torch.random.fork_rng(devices=[]):
+            single = MemoryModel(self.target_dim, self.cond_dim, dataclasses.replace(self.config, ensemble=1))
+        single = single.to(self.mixture_head.weight).train(self.training)
+        rows = slice(member * self._width, (member + 1) * self._width)
+        state = dict(self.lstm.state_dict(prefix="lstm."))
+        state |= {
+            "mixture_head.weight": self.mixture_head.weight[rows],
+            "mixture_head.bias": self.mixture_head.bias[rows],
+        }
+        for name in ("reward_head", "done_head"):
+            head = getattr(self, name)
+            if head is not None:
+                state |= {
+                    f"{name}.weight": head.weight[member : member + 1],
+                    f"{name}.bias": head.bias[member : member + 1],
+                }
+        flow = self.member_flow(member)
+        if flow is not None:
+            state |= flow.state_dict(prefix="flow.")
+        single.load_state_dict(state)
+        return single

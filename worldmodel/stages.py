@@ -126,7 +126,8 @@ def stage_settings(cfg: Config, spec: StageSpec) -> tuple[dict[str, Any], dict[s
     return strict, extent
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
+    """sha256 of a file's content."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -148,7 +149,7 @@ def output_digest(cfg: Config, name: str) -> str | None:
             parts[pattern] = [(path.name, path.stat().st_size) for path in sorted(folder.glob(pattern))]
         else:
             path = folder / pattern
-            parts[pattern] = _file_digest(path) if path.exists() else None
+            parts[pattern] = file_digest(path) if path.exists() else None
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -161,10 +162,13 @@ def _read_record(folder: Path) -> dict | None:
 
 
 def _differences(before: dict, now: dict) -> list[str]:
+    """``key: before -> now`` for every setting that differs. A setting the record lacks and that holds its
+    default now is not a difference: a newer version added it, with a default that keeps the old behaviour."""
+    defaults = {key[1:]: value for key, value in _flat(config_to_dict(Config()), "").items()}
     return [
         f"{key}: {before.get(key)!r} -> {now.get(key)!r}"
         for key in sorted(set(before) | set(now))
-        if before.get(key) != now.get(key)
+        if before.get(key) != now.get(key) and not (key not in before and now.get(key) == defaults.get(key))
     ]
 
 
@@ -172,14 +176,15 @@ class Stage:
     """One stage's folder, checked against what the stage would be made from now (see the module
     docstring)."""
 
-    def __init__(self, cfg: Config, name: str, folder: Path | None = None):
+    def __init__(self, cfg: Config, name: str, folder: Path | None = None, inputs: dict | None = None):
         """``folder``: where this stage's output goes, when not the run's own (a cell of the Table 1
-        sweep)."""
+        sweep); ``inputs``: what else the output is made from (the weights a training starts from, ...), as
+        plain data."""
         self.cfg, self.name, self.spec = cfg, name, STAGES[name]
         self.folder = folder if folder is not None else getattr(run_paths(cfg), self.spec.folder)
         settings, self.extent = stage_settings(cfg, self.spec)
-        inputs = {upstream: output_digest(cfg, upstream) for upstream in self.spec.upstream}
-        self.fingerprint = {"settings": settings, "inputs": inputs}
+        upstream = {stage: output_digest(cfg, stage) for stage in self.spec.upstream}
+        self.fingerprint = {"settings": settings, "inputs": {**upstream, **(inputs or {})}}
 
     def stale_reasons(self) -> list[str]:
         """Why the folder's content was not made from this stage's inputs now (empty: it was, or is empty)."""
@@ -191,9 +196,9 @@ class Stage:
         before = record.get("fingerprint") or {}
         reasons = _differences(before.get("settings") or {}, self.fingerprint["settings"])
         reasons += [
-            f"the output of {upstream} changed since"
-            for upstream, digest in self.fingerprint["inputs"].items()
-            if (before.get("inputs") or {}).get(upstream) != digest
+            f"the output of {source} changed since" if source in STAGES else f"its input {source} changed"
+            for source, digest in self.fingerprint["inputs"].items()
+            if (before.get("inputs") or {}).get(source) != digest
         ]
         recorded_extent = record.get("extent") or {}
         reasons += [

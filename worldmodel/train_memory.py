@@ -51,7 +51,7 @@ from worldmodel.sequences import (
     load_sequences,
     split_latent_files,
 )
-from worldmodel.stages import Stage
+from worldmodel.stages import Stage, file_digest
 from worldmodel.training import LoopSettings, TrainTask, finite_or_none
 from worldmodel.training import train as train_loop
 
@@ -105,6 +105,7 @@ def parameter_counts(model: MemoryModel) -> dict[str, int]:
         name: sum(p.numel() for p in part.parameters()) if part is not None else 0
         for name, part in parts.items()
     }
+    counts["flow"] += sum(p.numel() for p in model.member_flows.parameters())  # an ensemble's other flows
     counts["total"] = sum(p.numel() for p in model.parameters())
     return counts
 
@@ -159,13 +160,23 @@ def _split_names(split: dict[str, list[Path]]) -> dict[str, list[str]]:
     return {name: [path.name for path in paths] for name, paths in split.items()}
 
 
-def run(cfg: Config, *, stop_after_steps: int | None = None) -> dict:
-    """``python run.py train-memory``: train the memory into ``<run>/memory/`` and return the summary."""
-    return train_memory(cfg, Stage(cfg, "train-memory"), stop_after_steps=stop_after_steps)
+def run(cfg: Config, *, initial: Path | None = None, stop_after_steps: int | None = None) -> dict:
+    """``python run.py train-memory``: train the memory into ``<run>/memory/`` and return the summary.
+
+    ``initial``: a ``memory.pt`` whose weights training starts from (iterative training), instead of a fresh
+    initialisation; it is one of the stage's inputs."""
+    inputs = {"initial": file_digest(initial)} if initial is not None else None
+    stage = Stage(cfg, "train-memory", inputs=inputs)
+    return train_memory(cfg, stage, initial=initial, stop_after_steps=stop_after_steps)
 
 
 def train_memory(
-    cfg: Config, stage: Stage, *, progress: bool = True, stop_after_steps: int | None = None
+    cfg: Config,
+    stage: Stage,
+    *,
+    progress: bool = True,
+    initial: Path | None = None,
+    stop_after_steps: int | None = None,
 ) -> dict:
     """Train ``MemoryModel(Z, A, cfg.memory)`` on the run's latents into ``stage.folder`` (resumable; skipped
     when finished); return the summary.
@@ -203,6 +214,13 @@ def train_memory(
 
     torch.manual_seed(cfg.seed)
     model = MemoryModel(latent_dim, action_dim, cfg.memory).to(cfg.device)
+    if initial is not None:
+        start = MemoryModel.from_checkpoint(load_checkpoint(initial))
+        if start.to_checkpoint()["config"] != model.to_checkpoint()["config"]:
+            raise DataError(
+                f"{initial}: a memory of another shape than memory.* asks for: it cannot start this one"
+            )
+        model.load_state_dict(start.state_dict())
     optimizer = make_optimizer(model, tc.optimizer, tc.lr)
     names = _split_names(split)
     title = f"{cfg.memory.kind.upper()} K={cfg.memory.components} d'={cfg.memory.rank} ({cfg.env.name})"
@@ -278,7 +296,8 @@ def train_memory(
         "test_reward_mse": finite_or_none(test["reward_loss"]) if test else None,
         "test_done_loss": finite_or_none(test["done_loss"]) if test else None,
         "val_nll_per_dim": finite_or_none(best["val_nll"]) if best["val_nll"] is not None else None,
-        "nll_units": "nats; per step = summed over the latent dimensions, per dim = divided by Z",
+        "nll_units": "nats; per step = summed over the latent dimensions, per dim = divided by Z"
+        + ("; the mean of the ensemble's members' NLLs" if cfg.memory.ensemble > 1 else ""),
         "best_epoch": best["epoch"],
         "epochs_trained": epochs_done,
         "stopped_early": result.stopped_early,

@@ -34,7 +34,7 @@ from worldmodel.io import (
 )
 from worldmodel.plots import plot_curves, save_image_grid
 from worldmodel.runs import run_paths
-from worldmodel.stages import Stage
+from worldmodel.stages import Stage, file_digest
 from worldmodel.training import LoopSettings, TrainTask
 from worldmodel.training import train as train_loop
 from worldmodel.vae import ConvVAE, frames_to_tensor, load_vae, tensor_to_frames, vae_loss
@@ -131,15 +131,19 @@ def save_loss_plot(path: Path, rows: list[dict]) -> None:
     )
 
 
-def run(cfg: Config, *, stop_after_steps: int | None = None) -> dict:
+def run(cfg: Config, *, initial: Path | None = None, stop_after_steps: int | None = None) -> dict:
     """Train the VAE (resuming from ``vae/checkpoint.pt``); return the summary.
+
+    ``initial``: a ``vae.pt`` whose weights training starts from (iterative training), one of the stage's
+    inputs.
 
     ``stop_after_steps``: see ``worldmodel.training.train`` (a test hook that stops the run as a kill would).
     """
     check_vae_config(cfg)
     vcfg = cfg.vae
     episodes = find_episodes(cfg)
-    stage = Stage(cfg, "train-vae")
+    inputs = {"initial": file_digest(initial)} if initial is not None else None
+    stage = Stage(cfg, "train-vae", inputs=inputs)
     if (finished := stage.open()) is not None:
         return finished  # already trained: the pipeline reruns stages
     out = stage.folder
@@ -156,6 +160,8 @@ def run(cfg: Config, *, stop_after_steps: int | None = None) -> dict:
 
     torch.manual_seed(cfg.seed)
     model = ConvVAE(vcfg.latent_dim).to(cfg.device)
+    if initial is not None:
+        model.load_state_dict(load_vae(initial, cfg.device).state_dict())
     optimizer = torch.optim.Adam(model.parameters(), lr=vcfg.lr)
 
     def epoch_batches(epoch: int, start: int):

@@ -1,0 +1,128 @@
+"""Iterative training (``run.py iterate``, and ``pipeline`` with ``iterate.iterations`` > 0) on a tiny run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from agents.es import CMAES
+from agents.iterate import iteration_config
+from tests.test_pipeline import REPO, TINY, run_pipeline
+from worldmodel.config import load_config
+from worldmodel.data import list_npz
+from worldmodel.io import load_checkpoint, read_json, read_jsonl
+from worldmodel.memory import MemoryModel
+from worldmodel.runs import run_paths
+from worldmodel.sequences import fixed_sample_rng, load_sequences, split_latent_files
+from worldmodel.stages import file_digest
+from worldmodel.train_memory import evaluate
+
+ITERATE = [
+    "iterate.iterations=2",
+    "iterate.episodes=2",
+    "iterate.memory_epochs=1",
+    "iterate.generations=2",
+    "iterate.eval_episodes=2",
+    "iterate.noise_scale=0.2",
+]
+
+
+def config(tmp_path: Path, *extra: str):
+    return load_config(None, [f"runs_dir={tmp_path}", *TINY, *ITERATE, *extra])
+
+
+def test_two_iterations_end_to_end(tmp_path):
+    summary, log = run_pipeline(tmp_path, [*TINY, *ITERATE])
+    cfg = config(tmp_path)
+    rows = read_json(tmp_path / "tiny" / "iterate" / "summary.json")["rows"]
+    assert [row["iteration"] for row in rows] == [0, 1, 2]
+    for row in rows:
+        for key in ("episodes_total", "real_mean", "real_std", "dream_best", "random_mean"):
+            assert np.isfinite(row[key]), key
+    assert [row["episodes_total"] for row in rows] == [3, 5, 7]  # 3 explored, then 2 more per iteration
+    assert "iterate" in summary["seconds"]
+
+    first, second = iteration_config(cfg, 1), iteration_config(cfg, 2)
+    # the episodes of iteration 2 were played by the controller of iteration 1
+    played = read_json(run_paths(second).episodes / "summary.json")["episodes"]
+    best = load_checkpoint(run_paths(first).controller / "best.pt")["params"].numpy().astype(np.float32)
+    new = {name: info for name, info in played.items() if name.startswith("it02_")}
+    assert len(new) == 2 and {info["iteration"] for info in new.values()} == {2}
+    assert {info["policy"] for info in new.values()} == {str(run_paths(first).controller / "best.pt")}
+    import hashlib
+
+    assert {info["policy_params"] for info in new.values()} == {
+        hashlib.sha256(best.tobytes()).hexdigest()[:16]
+    }
+    assert len(list_npz(run_paths(second).episodes)) == 7
+
+    # M's training went on from the previous weights: before its first step, the model of iteration 2 scores
+    # exactly what iteration 1's memory scores on iteration 2's validation episodes
+    made = read_json(run_paths(second).memory / "made_from.json")
+    assert made["fingerprint"]["inputs"]["initial"] == file_digest(run_paths(first).memory / "memory.pt")
+    tc = second.memory_train
+    split = split_latent_files(run_paths(second).latents, tc.val_fraction, tc.test_fraction, second.seed)
+    if split["val"]:
+        val = load_sequences(split["val"], tc.seq_len)
+        payload = load_checkpoint(run_paths(second).memory / "memory.pt")
+        previous = MemoryModel.from_checkpoint(load_checkpoint(run_paths(first).memory / "memory.pt"))
+        z = val.latents(tc.use_mu, fixed_sample_rng(second.seed, "val"))
+        expected = evaluate(previous, val, z, second, payload["done_pos_weight"])["nll_per_dim"]
+        epoch0 = next(
+            row
+            for row in read_jsonl(run_paths(second).memory / "metrics.jsonl")
+            if row["kind"] == "epoch" and row["epoch"] == 0
+        )
+        assert epoch0["val_nll_per_dim"] == pytest.approx(expected, rel=1e-5)
+
+    # CMA-ES went on from the previous mean
+    before = CMAES.from_state_dict(load_checkpoint(run_paths(first).controller / "es_state.pt")["es"])
+    after = load_checkpoint(run_paths(second).controller / "es_state.pt")["es"]
+    torch.testing.assert_close(after["x0"], torch.from_numpy(before.mean.copy()))
+
+    # the final evaluation and the dream video are the last iteration's, and the report shows the iterations
+    assert (run_paths(second).evaluate / "summary.json").exists()
+    report = (tmp_path / "tiny" / "report.md").read_text()
+    assert "iterate/scores.png" in report and "iterative training" in report
+    assert "it02/evaluate/" in report
+
+
+def test_a_kill_in_the_middle_of_an_iteration_resumes(tmp_path):
+    run_pipeline(tmp_path, TINY)  # the first controller
+    cfg = config(tmp_path)
+    args = [
+        sys.executable,
+        "run.py",
+        "iterate",
+        *(f"--set={o}" for o in [f"runs_dir={tmp_path}", *TINY, *ITERATE]),
+    ]
+    process = subprocess.Popen(
+        args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    target = run_paths(iteration_config(cfg, 2)).memory / "checkpoint.pt"
+    deadline = time.monotonic() + 600
+    while not target.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert process.poll() is None, "iterate ended before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)  # the driver and its Ray workers
+    process.wait()
+    first_episodes = {
+        p.name: p.stat().st_mtime_ns for p in list_npz(run_paths(iteration_config(cfg, 1)).episodes)
+    }
+    result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_json(tmp_path / "tiny" / "iterate" / "summary.json")["rows"]
+    assert [row["iteration"] for row in rows] == [0, 1, 2]
+    # iteration 1 was kept as it was (its episodes not played again)
+    assert {p.name: p.stat().st_mtime_ns for p in list_npz(run_paths(iteration_config(cfg, 1)).episodes)} == (
+        first_episodes
+    )
+    assert "redoing it" not in result.stderr

@@ -1,0 +1,88 @@
+"""Stages that know what they were made from (``worldmodel.stages``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from worldmodel.config import ConfigError, load_config
+from worldmodel.io import read_json, write_json
+from worldmodel.stages import MADE_FROM, Stage, output_digest
+
+
+def cfg(tmp_path, *overrides):
+    return load_config(None, [f"runs_dir={tmp_path}", *overrides])
+
+
+def finished_vae(tmp_path, *overrides, weights=b"weights"):
+    """A train-vae stage made and finished by hand, its vae.pt holding ``weights``."""
+    stage = Stage(cfg(tmp_path, *overrides), "train-vae")
+    assert stage.open() is None
+    (stage.folder / "vae.pt").write_bytes(weights)
+    stage.finish({"val_loss": 1.0})
+    return stage
+
+
+def test_a_finished_stage_is_skipped_and_a_changed_setting_makes_it_stale(tmp_path):
+    stage = finished_vae(tmp_path)
+    assert read_json(stage.folder / MADE_FROM)["finished"]
+    assert Stage(cfg(tmp_path), "train-vae").open() == {"val_loss": 1.0}
+    # log and checkpoint cadence change no result
+    assert Stage(cfg(tmp_path, "vae.log_every=3", "vae.checkpoint_every=7"), "train-vae").done() is not None
+
+    changed = Stage(cfg(tmp_path, "vae.lr=0.002"), "train-vae")
+    assert changed.stale_reasons() == ["vae.lr: 0.001 -> 0.002"]
+    with pytest.raises(ConfigError, match=r"vae.lr: 0.001 -> 0.002"):
+        Stage(cfg(tmp_path, "vae.lr=0.002", "stale=refuse"), "train-vae").open()
+    assert (stage.folder / "vae.pt").exists(), "a refused stage is left as it is"
+    assert changed.open() is None  # redone: cleared, an unfinished record of the new fingerprint
+    assert not (stage.folder / "vae.pt").exists()
+    assert read_json(stage.folder / MADE_FROM)["fingerprint"] == changed.fingerprint
+
+
+def test_extending_settings_continue_a_finished_stage_and_fewer_make_it_stale(tmp_path):
+    finished_vae(tmp_path, "vae.epochs=3")
+    more = Stage(cfg(tmp_path, "vae.epochs=5"), "train-vae")
+    assert more.stale_reasons() == [] and more.done() is None  # not finished: it goes on from epoch 3
+    assert more.open() is None and (more.folder / "vae.pt").exists()
+    fewer = Stage(cfg(tmp_path, "vae.epochs=2"), "train-vae")
+    assert fewer.stale_reasons() == ["vae.epochs: 5 -> 2 (less than was done)"]
+
+
+def test_an_upstream_output_that_changed_makes_the_downstream_stage_stale(tmp_path):
+    finished_vae(tmp_path)
+    encode = Stage(cfg(tmp_path), "encode")
+    encode.open()
+    encode.finish({"encoded": 0})
+    before = output_digest(cfg(tmp_path), "train-vae")
+    assert Stage(cfg(tmp_path), "encode").done() == {"encoded": 0}
+    # the VAE retrained with the same settings but other weights: its digest is its file's content
+    (Stage(cfg(tmp_path), "train-vae").folder / "vae.pt").write_bytes(b"other weights")
+    assert output_digest(cfg(tmp_path), "train-vae") != before
+    assert Stage(cfg(tmp_path), "encode").stale_reasons() == ["the output of train-vae changed since"]
+
+
+def test_a_folder_without_a_record_is_stale_and_a_new_setting_at_its_default_is_not(tmp_path):
+    folder = Stage(cfg(tmp_path), "train-vae").folder
+    folder.mkdir(parents=True)
+    (folder / "vae.pt").write_bytes(b"from an older version")
+    reasons = Stage(cfg(tmp_path), "train-vae").stale_reasons()
+    assert reasons == [f"{folder / MADE_FROM} is missing or unreadable"]
+
+    stage = finished_vae(tmp_path / "b")
+    record = read_json(stage.folder / MADE_FROM)
+    del record["fingerprint"]["settings"]["vae.grad_clip"]  # made before the setting existed
+    write_json(stage.folder / MADE_FROM, record)
+    assert Stage(cfg(tmp_path / "b"), "train-vae").stale_reasons() == []
+    assert Stage(cfg(tmp_path / "b", "vae.grad_clip=1.0"), "train-vae").stale_reasons() == [
+        "vae.grad_clip: None -> 1.0"
+    ]
+
+
+def test_extra_inputs_are_part_of_the_fingerprint(tmp_path):
+    stage = Stage(cfg(tmp_path), "train-memory", inputs={"initial": "abc"})
+    stage.open()
+    stage.finish({"done": True})
+    assert Stage(cfg(tmp_path), "train-memory", inputs={"initial": "abc"}).done() == {"done": True}
+    assert Stage(cfg(tmp_path), "train-memory", inputs={"initial": "xyz"}).stale_reasons() == [
+        "its input initial changed"
+    ]
