@@ -29,7 +29,6 @@ import torch
 from agents.agent import controller_for
 from agents.controller import Controller
 from agents.dream_batch import BatchedDream
-from agents.es import CMAES
 from agents.workers import check_rollout_config, chunk_count, rollout_pool, split_seeds
 from rollouts.dream_env import check_dream_start, dream_horizon, dream_starts, load_memory
 from rollouts.parallel import init_ray
@@ -208,7 +207,7 @@ def _plot(path, rows: list[dict]) -> None:
     series = {name: (generations, [row[name] for row in rows]) for name in ("best", "mean", "worst")}
     scored = [row for row in rows if "eval_mean" in row]
     if scored:
-        series["best candidate, more episodes"] = (
+        series["best candidate, dream (more episodes)"] = (
             [r["generation"] for r in scored],
             [r["eval_mean"] for r in scored],
         )
@@ -226,6 +225,8 @@ def run(cfg: Config, *, initial_mean: np.ndarray | None = None) -> dict:
 
     ``initial_mean``: where CMA-ES starts (iterative training continues from the previous iteration's mean)
     instead of the controller's initial parameters; one of the stage's inputs."""
+    from agents.es import CMAES  # here: cma takes a second to import, which the config check must not pay
+
     check_controller_config(cfg)
     c = cfg.controller
     memory = load_memory(cfg)

@@ -117,6 +117,24 @@ def done_weight_from_data(train: SequenceSet) -> tuple[float, int]:
     return (negatives / positives if positives else 1.0), positives
 
 
+def batch_losses(
+    model: MemoryModel, batch: dict, cfg: Config, done_pos_weight: float
+) -> tuple[dict[str, torch.Tensor], int]:
+    """The memory's losses on one batch of windows, and the number of real (unpadded) steps they average."""
+    tc = cfg.memory_train
+    losses = model.sequence_loss(
+        batch["y"],
+        batch["cond"],
+        batch["rewards"],
+        batch["dones"],
+        batch["mask"],
+        done_pos_weight=done_pos_weight,
+        reward_weight=tc.reward_weight,
+        done_weight=tc.done_weight,
+    )
+    return losses, int(batch["mask"].sum())
+
+
 @torch.no_grad()
 def evaluate(
     model: MemoryModel, data: SequenceSet, z: np.ndarray, cfg: Config, done_pos_weight: float
@@ -128,17 +146,7 @@ def evaluate(
     steps = 0
     tc = cfg.memory_train
     for batch in data.batches(z, np.arange(len(data)), 4 * tc.batch_size, cfg.device):
-        losses = model.sequence_loss(
-            batch["y"],
-            batch["cond"],
-            batch["rewards"],
-            batch["dones"],
-            batch["mask"],
-            done_pos_weight=done_pos_weight,
-            reward_weight=tc.reward_weight,
-            done_weight=tc.done_weight,
-        )
-        count = int(batch["mask"].sum())
+        losses, count = batch_losses(model, batch, cfg, done_pos_weight)
         for part in LOSS_PARTS:
             totals[part] += losses[part].item() * count
         steps += count
@@ -232,17 +240,7 @@ def train_memory(
         return train.batches(z, order[start * tc.batch_size :], tc.batch_size, cfg.device)
 
     def losses(model: MemoryModel, batch: dict) -> tuple[dict[str, torch.Tensor], int]:
-        values = model.sequence_loss(
-            batch["y"],
-            batch["cond"],
-            batch["rewards"],
-            batch["dones"],
-            batch["mask"],
-            done_pos_weight=done_pos_weight,
-            reward_weight=tc.reward_weight,
-            done_weight=tc.done_weight,
-        )
-        return values, int(batch["mask"].sum())
+        return batch_losses(model, batch, cfg, done_pos_weight)
 
     def save_best(epoch: int, val_nll: float | None) -> None:
         save_checkpoint(
@@ -262,17 +260,7 @@ def train_memory(
         shown=("nll_per_dim",),
         checkpoint_extra={"split": names, "done_pos_weight": done_pos_weight},
     )
-    settings = LoopSettings(
-        epochs=tc.epochs,
-        patience=tc.patience,
-        grad_clip=tc.grad_clip,
-        checkpoint_every=tc.checkpoint_every,
-        log_every=tc.log_every,
-        max_steps_per_epoch=tc.max_steps_per_epoch,
-        tensorboard=cfg.tensorboard,
-        progress=progress,
-        name="memory",
-    )
+    settings = LoopSettings.of(tc, tensorboard=cfg.tensorboard, progress=progress, name="memory")
     result = train_loop(
         model, optimizer, task, settings, out_dir, stage.fingerprint, stop_after_steps=stop_after_steps
     )

@@ -202,15 +202,7 @@ def run(cfg: Config, *, initial: Path | None = None, stop_after_steps: int | Non
         after_epoch=after_epoch,
         shown=LOSS_PARTS,
     )
-    settings = LoopSettings(
-        epochs=vcfg.epochs,
-        patience=vcfg.patience,
-        grad_clip=vcfg.grad_clip,
-        checkpoint_every=vcfg.checkpoint_every,
-        log_every=vcfg.log_every,
-        tensorboard=cfg.tensorboard,
-        name="vae",
-    )
+    settings = LoopSettings.of(vcfg, tensorboard=cfg.tensorboard, name="vae")
     result = train_loop(
         model, optimizer, task, settings, out, stage.fingerprint, stop_after_steps=stop_after_steps
     )

@@ -20,6 +20,7 @@ Each caller keeps only what is its own (the model, the batches, the loss, the va
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -62,6 +63,13 @@ class LoopSettings:
     """Show progress bars and a line per epoch."""
     name: str = "train"
     """What the progress bars and lines call this training."""
+
+    @classmethod
+    def of(cls, section: Any, **fields: Any) -> LoopSettings:
+        """The settings a config section holds (``vae``, ``memory_train``: any of this class's fields it has),
+        and ``fields``."""
+        names = {f.name for f in dataclasses.fields(cls)} - set(fields)
+        return cls(**{name: getattr(section, name) for name in names if hasattr(section, name)}, **fields)
 
 
 @dataclass

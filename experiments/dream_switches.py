@@ -1,0 +1,148 @@
+"""Which dream switches move the real score: every switch on the same seeds, side by side.
+
+    .venv/bin/python experiments/dream_switches.py [--config configs/tiny.yaml] [--seeds 0 1 2]
+                                                   [--out runs/switches] [--only base,dropout]
+
+For each seed a base run (``<out>/s<seed>-base``) runs the whole pipeline; each variant reruns it with its
+switch on, sharing the base's stages that the switch does not touch (hard links of the stage folders, which
+the stages' fingerprints then accept as made from the same inputs): the collected episodes, V and the latents,
+and M too for the controller-side switches. Every controller is scored on the same real-game seeds as the
+random policy. Writes ``<out>/table.md`` and ``<out>/results.json``; resumable (finished runs are skipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from agents.iterate import iteration_config  # noqa: E402 (sys.path)
+from worldmodel.config import load_config  # noqa: E402 (sys.path)
+from worldmodel.io import read_json, write_json  # noqa: E402 (sys.path)
+
+# name -> (overrides, the base's stage folders it reuses)
+DATA = ("episodes", "vae", "latents")
+VARIANTS: dict[str, tuple[list[str], tuple[str, ...]]] = {
+    "base": ([], ()),
+    "temperature 1.5": (["controller.temperature=1.5"], (*DATA, "memory")),
+    "hidden layer 8": (["controller.hidden=8"], (*DATA, "memory")),
+    "dropout 0.1": (["memory.dropout=0.1"], DATA),
+    "ensemble 3": (["memory.ensemble=3"], DATA),
+    "iterate x3": (
+        [
+            "iterate.iterations=3",
+            "iterate.episodes=8",
+            "iterate.memory_epochs=5",
+            "iterate.generations=20",
+            "iterate.eval_episodes=16",
+        ],
+        (*DATA, "memory", "controller"),
+    ),
+}
+
+
+def slug(name: str) -> str:
+    return name.replace(" ", "-").replace(".", "")
+
+
+def link_tree(source: Path, target: Path) -> None:
+    """Hard-link every file of ``source`` into ``target`` (same relative paths), keeping what is there."""
+    for path in source.rglob("*"):
+        if path.is_file():
+            destination = target / path.relative_to(source)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            if not destination.exists():
+                os.link(path, destination)
+
+
+def run_variant(config: str, out: Path, seed: int, name: str) -> dict:
+    overrides, shared = VARIANTS[name]
+    run_name = f"s{seed}-{slug(name)}"
+    settings = [f"runs_dir={out}", f"name={run_name}", f"seed={seed}", *overrides]
+    for folder in shared:
+        link_tree(out / f"s{seed}-base" / folder, out / run_name / folder)
+    args = [sys.executable, "run.py", "pipeline", "--config", config, *(f"--set={s}" for s in settings)]
+    with open(out / f"{run_name}.log", "w") as log:
+        result = subprocess.run(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"{name}, seed {seed}: the pipeline failed, see {out / f'{run_name}.log'}")
+    cfg = load_config(ROOT / config, settings)
+    final = iteration_config(cfg, cfg.iterate.iterations)
+    evaluation = read_json(final.run_dir / "evaluate" / "summary.json")
+    controller = read_json(final.run_dir / "controller" / "summary.json")
+    gap = controller.get("gap") or {}
+    return {
+        "variant": name,
+        "seed": seed,
+        "real_mean": evaluation["mean"],
+        "real_std": evaluation["std"],
+        "random_mean": evaluation["random_policy"]["mean"],
+        "episodes": evaluation["episodes"],
+        "max_x": (evaluation.get("max_x") or {}).get("mean"),
+        "dream_best": controller["best_score"],
+        "gap_dream": gap.get("dream_mean"),
+        "gap_real": gap.get("real_mean"),
+        "seconds": json.loads(result.stdout)["total_seconds"],
+    }
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| switch | seed | real score (mean ± std) | random policy | dream score of the kept controller | "
+        "last evaluation: dream / real | pipeline seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        gap = f"{row['gap_dream']:.1f} / {row['gap_real']:.1f}" if row["gap_real"] is not None else "—"
+        lines.append(
+            f"| {row['variant']} | {row['seed']} | {row['real_mean']:.1f} ± {row['real_std']:.1f} | "
+            f"{row['random_mean']:.1f} | {row['dream_best']:.1f} | {gap} | {row['seconds']:.0f} |"
+        )
+    names = list(dict.fromkeys(row["variant"] for row in rows))
+    lines += ["", "| switch | mean real score over seeds | seeds above the random policy |", "|---|---|---|"]
+    for name in names:
+        mine = [row for row in rows if row["variant"] == name]
+        mean = sum(row["real_mean"] for row in mine) / len(mine)
+        above = sum(row["real_mean"] > row["random_mean"] for row in mine)
+        lines.append(f"| {name} | {mean:.1f} | {above} of {len(mine)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default="configs/tiny.yaml")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", default="runs/switches")
+    parser.add_argument("--only", help="comma-separated switch names (default: all)")
+    args = parser.parse_args()
+    names = list(VARIANTS) if not args.only else ["base", *(n for n in args.only.split(",") if n != "base")]
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown switch {unknown[0]!r}; known: {', '.join(VARIANTS)}")
+    out = (ROOT / args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for seed in args.seeds:
+        for name in names:
+            rows.append(run_variant(args.config, out, seed, name))
+            print(
+                f"{name}, seed {seed}: real {rows[-1]['real_mean']:.1f} "
+                f"(random {rows[-1]['random_mean']:.1f})",
+                file=sys.stderr,
+                flush=True,
+            )
+            write_json(out / "results.json", rows)
+            (out / "table.md").write_text(table(rows))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
