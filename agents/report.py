@@ -72,11 +72,14 @@ def _headline(summaries: dict[str, dict]) -> list[str]:
         )
     gap = controller.get("gap")
     if gap:
+        last = gap["last"]
         rows.append(
             (
-                "dream vs real game (best candidate)",
-                f"{gap['dream_mean']:.1f} in the dream, {gap['real_mean']:.1f} ± {gap['real_std']:.1f} "
-                f"in the real game, at generation {gap['generation']}",
+                "dream vs real game",
+                f"the kept controller (generation {gap['generation']}): {gap['dream_mean']:.1f} in the "
+                f"dream, {gap['real_mean']:.1f} ± {gap['real_std']:.1f} in the real game; the last "
+                f"evaluation (generation {last['generation']}): {last['eval_mean']:.1f} / "
+                f"{last['real_mean']:.1f}",
             )
         )
     iterate = summaries.get("iterate") or {}

@@ -190,16 +190,25 @@ class RealFitness:
         self.pool.close()
 
 
-def _gap(rows: list[dict]) -> dict:
-    """The dream-vs-real gap at the periodic evaluations that scored the champion in both."""
+def _gap(rows: list[dict], kept_generation: int) -> dict:
+    """The dream-vs-real gap: the kept controller's dream and real scores (at the generation it was kept), and
+    those of every periodic evaluation that scored the champion in both."""
     scored = [row for row in rows if "real_mean" in row]
-    if not scored:
+    kept = next((row for row in scored if row["generation"] == kept_generation), None)
+    if kept is None:
         return {}
-    last = scored[-1]
-    return {"gap": {"generation": last["generation"], "dream_mean": last["eval_mean"],
-                    "real_mean": last["real_mean"], "real_std": last["real_std"],
-                    "evaluations": [{key: row[key] for key in ("generation", "eval_mean", "real_mean")}
-                                    for row in scored]}}
+    return {
+        "gap": {
+            "generation": kept["generation"],
+            "dream_mean": kept["eval_mean"],
+            "real_mean": kept["real_mean"],
+            "real_std": kept["real_std"],
+            "last": {key: scored[-1][key] for key in ("generation", "eval_mean", "real_mean")},
+            "evaluations": [
+                {key: row[key] for key in ("generation", "eval_mean", "real_mean")} for row in scored
+            ],
+        }
+    }
 
 
 def _plot(path, rows: list[dict]) -> None:
@@ -330,7 +339,7 @@ def run(cfg: Config, *, initial_mean: np.ndarray | None = None) -> dict:
         "best_score_std": best["std"],
         "best_generation": best["generation"],
         "best_score_episodes": c.eval_episodes,
-        **_gap(rows),
+        **_gap(rows, best["generation"]),
         "last_mean_fitness": rows[-1]["mean"],
         "last_mean_length": rows[-1].get("mean_length"),
         "first_mean_fitness": rows[0]["mean"],

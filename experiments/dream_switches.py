@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from agents.iterate import iteration_config  # noqa: E402 (sys.path)
 from worldmodel.config import load_config  # noqa: E402 (sys.path)
-from worldmodel.io import read_json, write_json  # noqa: E402 (sys.path)
+from worldmodel.io import atomic_write_text, read_json, write_json  # noqa: E402 (sys.path)
 
 # name -> (overrides, the base's stage folders it reuses)
 DATA = ("episodes", "vae", "latents")
@@ -72,11 +72,25 @@ def run_variant(config: str, out: Path, seed: int, name: str) -> dict:
         result = subprocess.run(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True, check=False)
     if result.returncode != 0:
         raise SystemExit(f"{name}, seed {seed}: the pipeline failed, see {out / f'{run_name}.log'}")
-    cfg = load_config(ROOT / config, settings)
+    return collect_row(config, out, seed, name, json.loads(result.stdout)["total_seconds"])
+
+
+def collect_row(config: str, out: Path, seed: int, name: str, seconds: float | None) -> dict:
+    """The figures of one finished run: its final controller's real score (and the random policy's on the same
+    seeds), its dream score, and the dream-vs-real gap at the generation the controller was kept."""
+    overrides, _ = VARIANTS[name]
+    cfg = load_config(
+        ROOT / config, [f"runs_dir={out}", f"name=s{seed}-{slug(name)}", f"seed={seed}", *overrides]
+    )
     final = iteration_config(cfg, cfg.iterate.iterations)
     evaluation = read_json(final.run_dir / "evaluate" / "summary.json")
     controller = read_json(final.run_dir / "controller" / "summary.json")
-    gap = controller.get("gap") or {}
+    rows = [
+        json.loads(line) for line in (final.run_dir / "controller" / "metrics.jsonl").read_text().splitlines()
+    ]
+    kept = next(
+        (r for r in rows if r["generation"] == controller["best_generation"] and "real_mean" in r), {}
+    )
     return {
         "variant": name,
         "seed": seed,
@@ -86,23 +100,24 @@ def run_variant(config: str, out: Path, seed: int, name: str) -> dict:
         "episodes": evaluation["episodes"],
         "max_x": (evaluation.get("max_x") or {}).get("mean"),
         "dream_best": controller["best_score"],
-        "gap_dream": gap.get("dream_mean"),
-        "gap_real": gap.get("real_mean"),
-        "seconds": json.loads(result.stdout)["total_seconds"],
+        "gap_dream": kept.get("eval_mean"),
+        "gap_real": kept.get("real_mean"),
+        "seconds": seconds,
     }
 
 
 def table(rows: list[dict]) -> str:
     lines = [
         "| switch | seed | real score (mean ± std) | random policy | dream score of the kept controller | "
-        "last evaluation: dream / real | pipeline seconds |",
+        "kept controller at its evaluation: dream / real | pipeline seconds |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         gap = f"{row['gap_dream']:.1f} / {row['gap_real']:.1f}" if row["gap_real"] is not None else "—"
         lines.append(
             f"| {row['variant']} | {row['seed']} | {row['real_mean']:.1f} ± {row['real_std']:.1f} | "
-            f"{row['random_mean']:.1f} | {row['dream_best']:.1f} | {gap} | {row['seconds']:.0f} |"
+            f"{row['random_mean']:.1f} | {row['dream_best']:.1f} | {gap} | "
+            + (f"{row['seconds']:.0f} |" if row["seconds"] is not None else "— |")
         )
     names = list(dict.fromkeys(row["variant"] for row in rows))
     lines += ["", "| switch | mean real score over seeds | seeds above the random policy |", "|---|---|---|"]
@@ -122,6 +137,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="runs/switches")
     parser.add_argument("--only", help="comma-separated switch names (default: all)")
+    parser.add_argument("--table", action="store_true", help="only rebuild the table from the finished runs")
     args = parser.parse_args()
     names = list(VARIANTS) if not args.only else ["base", *(n for n in args.only.split(",") if n != "base")]
     unknown = [name for name in names if name not in VARIANTS]
@@ -130,8 +146,16 @@ def main() -> None:
     out = (ROOT / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     rows = []
+    seconds = {
+        (r["variant"], r["seed"]): r["seconds"]
+        for r in (read_json(out / "results.json") if (out / "results.json").exists() else [])
+    }
     for seed in args.seeds:
         for name in names:
+            if args.table:
+                if (out / f"s{seed}-{slug(name)}" / "report.md").exists():
+                    rows.append(collect_row(args.config, out, seed, name, seconds.get((name, seed))))
+                continue
             rows.append(run_variant(args.config, out, seed, name))
             print(
                 f"{name}, seed {seed}: real {rows[-1]['real_mean']:.1f} "
@@ -140,7 +164,9 @@ def main() -> None:
                 flush=True,
             )
             write_json(out / "results.json", rows)
-            (out / "table.md").write_text(table(rows))
+            atomic_write_text(out / "table.md", table(rows))
+    if args.table:
+        atomic_write_text(out / "table.md", table(rows))
     print(table(rows))
 
 

@@ -279,11 +279,14 @@ def test_dream_and_evaluate_rebuild_a_hidden_layer_controller_and_refuse_another
 
 
 def test_train_controller_in_the_real_game_on_ray(ray_session, tiny_run):
+    import shutil
     from dataclasses import replace
 
     from agents import train_controller
     from worldmodel.io import load_checkpoint, read_jsonl
 
+    # the fixture's hand-made best.pt is no stage's output: the stage never overwrites what it did not make
+    shutil.rmtree(run_paths(tiny_run).controller)
     cfg = replace(
         tiny_run,
         controller=replace(

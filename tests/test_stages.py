@@ -67,6 +67,9 @@ def test_a_folder_without_a_record_is_stale_and_a_new_setting_at_its_default_is_
     (folder / "vae.pt").write_bytes(b"from an older version")
     reasons = Stage(cfg(tmp_path), "train-vae").stale_reasons()
     assert reasons == [f"{folder / MADE_FROM} is missing or unreadable"]
+    with pytest.raises(ConfigError, match="move or delete the folder"):  # never deleted: not known to be ours
+        Stage(cfg(tmp_path), "train-vae").open()
+    assert (folder / "vae.pt").read_bytes() == b"from an older version"
 
     stage = finished_vae(tmp_path / "b")
     record = read_json(stage.folder / MADE_FROM)

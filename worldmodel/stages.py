@@ -212,6 +212,14 @@ class Stage:
         """Make the folder hold work of this fingerprint (clearing a stale one, or refusing it with
         ``stale: refuse``); return the stage's summary if it is finished, else None (run or resume it)."""
         reasons = self.stale_reasons()
+        if reasons and _read_record(self.folder) is None:
+            # not known to be ours (made before stages recorded their inputs, or another program's): never
+            # deleted, whatever the policy
+            raise ConfigError(
+                f"{self.name}: {self.folder} holds files but no {MADE_FROM}, so what they were made from is "
+                "unknown (an older version of this program made them, or another one): move or delete the "
+                "folder to redo the stage"
+            )
         if reasons:
             listed = "\n  ".join(reasons[:12])
             if self.cfg.stale == "refuse":
