@@ -22,14 +22,12 @@ import torch
 from agents.agent import controller_for
 from agents.controller import Controller
 from agents.train_controller import TEST, episode_seeds, load_best
-from agents.workers import check_rollout_config, chunk_count, rollout_pool, split_seeds
+from agents.workers import check_rollout_config, run_pool, seed_chunks
 from rollouts.dream_env import load_memory, make_dream_env
-from rollouts.parallel import init_ray
 from worldmodel.config import Config, ConfigError
 from worldmodel.io import DataError, atomic_write_bytes, write_json
 from worldmodel.runs import prepare_stage, run_paths
 from worldmodel.stages import Stage
-from worldmodel.vae import load_vae
 
 
 def write_gif(path: str | Path, frames: Sequence[np.ndarray], fps: float = 25.0, scale: int = 1) -> None:
@@ -88,15 +86,12 @@ def run(cfg: Config) -> dict:
     out = stage.folder
     memory = load_memory(cfg, "cpu")
     _controller(controller_for(cfg.env, memory, cfg.controller.hidden), best, best_path)  # as the workers do
-    vae = load_vae(paths.vae / "vae.pt", "cpu")
     seeds = episode_seeds(cfg.seed, TEST, 0, cfg.evaluate.episodes)
     params = best["params"].numpy().astype(np.float32)
     started = time.perf_counter()
-    init_ray(cfg.ray)
-    pool = rollout_pool(
-        cfg.env, vae.state_dict(), memory.to_checkpoint(), cfg.memory_train.use_mu, None, cfg.controller
-    )
-    chunks = split_seeds(seeds, chunk_count(len(seeds), pool.size, cfg.controller.envs_per_worker))
+    pool = run_pool(cfg, memory=memory)
+    # the controller's and the random policy's episodes in one map, so they share the actors
+    chunks = seed_chunks(pool, seeds, cfg.controller.envs_per_worker)
     jobs = [(params, chunk, cfg.evaluate.video) for chunk in chunks]
     if cfg.evaluate.random_baseline:
         jobs += [(None, chunk, False) for chunk in chunks]

@@ -103,10 +103,12 @@ def _params_digest(params: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(params, dtype=np.float32).tobytes()).hexdigest()[:16]
 
 
-def collect_iteration(cfg: Config, previous: Config, current: Config, iteration: int, pool) -> dict:
+def collect_iteration(cfg: Config, previous: Config, current: Config, iteration: int) -> dict:
     """Step 1: the episodes of every earlier run, linked, and ``iterate.episodes`` new ones played by the
-    previous run's best controller with exploration noise; returns the episodes stage's summary."""
+    previous run's best controller through its V and M, with exploration noise; returns the episodes stage's
+    summary."""
     from agents.train_controller import load_best
+    from agents.workers import map_seeds, run_pool
 
     it = cfg.iterate
     stage = Stage(
@@ -135,18 +137,22 @@ def collect_iteration(cfg: Config, previous: Config, current: Config, iteration:
     todo = [index for index, name in enumerate(names) if not (folder / name).exists()]
     played: dict[str, dict] = {}
     if todo:
-        from agents.workers import chunk_count, split_seeds
-
-        chunks = split_seeds(
-            [seeds[i] for i in todo], chunk_count(len(todo), pool.size, cfg.controller.envs_per_worker)
-        )
-        index_of = {seed: index for index, seed in zip(todo, [seeds[i] for i in todo], strict=True)}
-        results = pool.map("collect", [(params, chunk, it.noise, it.noise_scale) for chunk in chunks])
-        for result in results:
-            for episode in result:
-                name = names[index_of[episode["seed"]]]
-                atomic_write_bytes(folder / name, episode["data"])
-                played[name] = {key: episode[key] for key in ("seed", "return", "steps", "max_x")}
+        pool = run_pool(previous)
+        try:
+            new = map_seeds(
+                pool,
+                "collect",
+                params,
+                [seeds[i] for i in todo],
+                cfg.controller.envs_per_worker,
+                it.noise,
+                it.noise_scale,
+            )
+        finally:
+            pool.close()
+        for index, episode in zip(todo, new, strict=True):
+            atomic_write_bytes(folder / names[index], episode["data"])
+            played[names[index]] = {key: episode[key] for key in ("seed", "return", "steps", "max_x")}
     previous_summary = read_json(folder / "summary.json") if (folder / "summary.json").exists() else {}
     episodes = {
         **previous_summary.get("episodes", {}),
@@ -201,11 +207,8 @@ def run(cfg: Config) -> dict:
     """Run every iteration that is not done yet (each resumes where a kill left it); returns the summary."""
     from agents import train_controller
     from agents.es import CMAES
-    from agents.workers import rollout_pool
-    from rollouts.dream_env import load_memory
-    from rollouts.parallel import init_ray
+    from agents.workers import run_pool
     from worldmodel import encode, train_memory, train_vae
-    from worldmodel.vae import load_vae
 
     check_iterate_config(cfg)
     it = cfg.iterate
@@ -217,7 +220,6 @@ def run(cfg: Config) -> dict:
         )
     out = base.root / "iterate"
     out.mkdir(parents=True, exist_ok=True)
-    init_ray(cfg.ray)
     eval_seeds = [
         int(s) for s in np.random.SeedSequence([cfg.seed, EVAL_PURPOSE]).generate_state(it.eval_episodes)
     ]
@@ -232,18 +234,9 @@ def run(cfg: Config) -> dict:
                 continue
         started = time.perf_counter()
         previous = iteration_config(cfg, max(iteration - 1, 0))
-        vae = load_vae(run_paths(previous).vae / "vae.pt", "cpu")
-        memory = load_memory(previous, "cpu")
-        pool = rollout_pool(
-            cfg.env, vae.state_dict(), memory.to_checkpoint(), cfg.memory_train.use_mu, None, cfg.controller
-        )
-        try:
-            if iteration:
-                note(f"[iterate] iteration {iteration}/{it.iterations}: collecting {it.episodes} episodes")
-                collected = collect_iteration(cfg, previous, current, iteration, pool)
-        finally:
-            pool.close()
         if iteration:
+            note(f"[iterate] iteration {iteration}/{it.iterations}: collecting {it.episodes} episodes")
+            collected = collect_iteration(cfg, previous, current, iteration)
             if it.retrain_vae:
                 train_vae.run(current, initial=run_paths(previous).vae / "vae.pt")
             else:
@@ -258,11 +251,7 @@ def run(cfg: Config) -> dict:
         # the new best controller in the real game, with the random policy on the same seeds
         best = train_controller.load_best(current)
         params = best["params"].numpy().astype(np.float32)
-        vae = load_vae(run_paths(current).vae / "vae.pt", "cpu")
-        memory = load_memory(current, "cpu")
-        pool = rollout_pool(
-            cfg.env, vae.state_dict(), memory.to_checkpoint(), cfg.memory_train.use_mu, None, cfg.controller
-        )
+        pool = run_pool(current)
         try:
             real = score(pool, params, eval_seeds, cfg.controller.envs_per_worker)
             random_path = out / "random.json"

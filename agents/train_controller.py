@@ -29,9 +29,8 @@ import torch
 from agents.agent import controller_for
 from agents.controller import Controller
 from agents.dream_batch import BatchedDream
-from agents.workers import check_rollout_config, chunk_count, rollout_pool, split_seeds
+from agents.workers import check_rollout_config, chunk_count, map_seeds, run_pool
 from rollouts.dream_env import check_dream_start, dream_horizon, dream_starts, load_memory
-from rollouts.parallel import init_ray
 from worldmodel.config import Config, ConfigError, step_limit
 from worldmodel.data import list_npz, load_latents
 from worldmodel.io import (
@@ -150,20 +149,8 @@ class RealFitness:
     """Scores candidates in the real game with a pool of Ray rollout actors."""
 
     def __init__(self, cfg: Config, memory: MemoryModel, controller: Controller):
-        from worldmodel.vae import load_vae
-
-        init_ray(cfg.ray)
-        vae = load_vae(run_paths(cfg).vae / "vae.pt", "cpu")
-        max_steps = step_limit(cfg, cfg.controller.max_steps)
         self.seed, self.envs_per_worker = cfg.seed, cfg.controller.envs_per_worker
-        self.pool = rollout_pool(
-            cfg.env,
-            vae.state_dict(),
-            memory.to_checkpoint(),
-            cfg.memory_train.use_mu,
-            max_steps,
-            cfg.controller,
-        )
+        self.pool = run_pool(cfg, step_limit(cfg, cfg.controller.max_steps), memory)
 
     def population(self, candidates: np.ndarray, rollouts: int, generation: int) -> tuple[np.ndarray, float]:
         """Each candidate's mean return over ``rollouts`` real episodes, and the episodes' mean length."""
@@ -182,9 +169,9 @@ class RealFitness:
 
     def episodes(self, params: np.ndarray, count: int, generation: int) -> np.ndarray:
         seeds = episode_seeds(self.seed, EVAL, generation, count)
-        chunks = split_seeds(seeds, chunk_count(count, self.pool.size, self.envs_per_worker))
-        results = self.pool.map("evaluate", [(np.asarray(params, np.float32), chunk) for chunk in chunks])
-        return np.array([episode.ret for episodes in results for episode in episodes])
+        params = np.asarray(params, np.float32)
+        episodes = map_seeds(self.pool, "evaluate", params, seeds, self.envs_per_worker)
+        return np.array([episode.ret for episode in episodes])
 
     def close(self) -> None:
         self.pool.close()

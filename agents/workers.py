@@ -8,7 +8,7 @@ the actors work on any node of a cluster.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ import torch
 from agents.agent import ActionNoise, Episode, WorldModelAgent, controller_for, play_episodes
 from rollouts.envs import encode_action, make_env
 from rollouts.pool import ActorPool, PoolWorker
-from worldmodel.config import ConfigError, ControllerConfig, EnvConfig
+from worldmodel.config import Config, ConfigError, ControllerConfig, EnvConfig
 from worldmodel.data import validate_episode
 from worldmodel.io import npz_bytes
 from worldmodel.memory import MemoryModel
@@ -67,10 +67,7 @@ class RolloutWorker(PoolWorker):
             if params.ndim == 2 and len(params) != len(seeds):
                 raise ValueError(f"{len(params)} controllers for {len(seeds)} episodes")
         episodes = []
-        for start in range(0, len(seeds), self.max_envs):
-            chunk = [int(seed) for seed in seeds[start : start + self.max_envs]]
-            while len(self.envs) < len(chunk):
-                self.envs.append(make_env(self.env_cfg))
+        for start, chunk in self._lockstep(seeds):
             agent = None
             if params is not None:
                 agent = self.agent
@@ -78,16 +75,21 @@ class RolloutWorker(PoolWorker):
             episodes += play_episodes(self.envs, agent, chunk, self.max_steps, record)
         return episodes
 
+    def _lockstep(self, seeds: Sequence[int]) -> Iterator[tuple[int, list[int]]]:
+        """(offset, seeds) of each lockstep batch of at most ``envs`` episodes, with the envs to play them."""
+        for start in range(0, len(seeds), self.max_envs):
+            chunk = [int(seed) for seed in seeds[start : start + self.max_envs]]
+            while len(self.envs) < len(chunk):
+                self.envs.append(make_env(self.env_cfg))
+            yield start, chunk
+
     def collect(self, params: np.ndarray, seeds: Sequence[int], noise: str, scale: float) -> list[dict]:
         """Episodes for M's data, one per seed, played by the controller ``params [n]`` with exploration noise
         (``noise``: ``action`` or ``params``, see ``IterateConfig``): per episode ``{"seed", "data"`` (the npz
         bytes of the episode file), ``"return", "steps", "max_x"}``."""
         params = np.asarray(params, dtype=np.float32)
         out = []
-        for start in range(0, len(seeds), self.max_envs):
-            chunk = [int(seed) for seed in seeds[start : start + self.max_envs]]
-            while len(self.envs) < len(chunk):
-                self.envs.append(make_env(self.env_cfg))
+        for _, chunk in self._lockstep(seeds):
             if noise == "params":  # one perturbed controller per episode, seeded by the episode
                 draws = [np.random.default_rng([8, seed]).standard_normal(len(params)) for seed in chunk]
                 self.agent.set_params(params + scale * np.stack(draws).astype(np.float32))
@@ -108,8 +110,15 @@ class RolloutWorker(PoolWorker):
                     "terminals": np.asarray(episode.terminals, dtype=np.bool_),
                 }
                 validate_episode(f"episode of seed {episode.seed}", arrays)
-                out.append({"seed": episode.seed, "data": npz_bytes(**arrays), "return": episode.ret,
-                            "steps": episode.steps, "max_x": episode.max_x})
+                out.append(
+                    {
+                        "seed": episode.seed,
+                        "data": npz_bytes(**arrays),
+                        "return": episode.ret,
+                        "steps": episode.steps,
+                        "max_x": episode.max_x,
+                    }
+                )
         return out
 
     def close(self) -> None:
@@ -162,6 +171,42 @@ def rollout_pool(
         "controller.job_timeout",
         "rollout job",
     )
+
+
+def run_pool(cfg: Config, max_steps: int | None = None, memory: MemoryModel | None = None) -> ActorPool:
+    """A pool of rollout actors holding the V of the run ``cfg`` (its ``vae/vae.pt``) and ``memory``, by
+    default the run's own (``memory/memory.pt``)."""
+    from rollouts.dream_env import load_memory
+    from rollouts.parallel import init_ray
+    from worldmodel.runs import run_paths
+    from worldmodel.vae import load_vae
+
+    init_ray(cfg.ray)
+    vae = load_vae(run_paths(cfg).vae / "vae.pt", "cpu")
+    memory = memory if memory is not None else load_memory(cfg, "cpu")
+    return rollout_pool(
+        cfg.env, vae.state_dict(), memory.to_checkpoint(), cfg.memory_train.use_mu, max_steps, cfg.controller
+    )
+
+
+def seed_chunks(pool: ActorPool, seeds: Sequence[int], envs_per_worker: int) -> list[list[int]]:
+    """``seeds`` cut into the lockstep jobs of ``pool``: at least one per actor, none above
+    ``envs_per_worker``."""
+    return split_seeds(seeds, chunk_count(len(seeds), pool.size, envs_per_worker))
+
+
+def map_seeds(
+    pool: ActorPool,
+    method: str,
+    params: np.ndarray | None,
+    seeds: Sequence[int],
+    envs_per_worker: int,
+    *extra: object,
+) -> list:
+    """``method(params, chunk, *extra)`` on the pool for every lockstep chunk of ``seeds``; the per-episode
+    results, flattened in the order of ``seeds``."""
+    jobs = [(params, chunk, *extra) for chunk in seed_chunks(pool, seeds, envs_per_worker)]
+    return [item for result in pool.map(method, jobs) for item in result]
 
 
 def split_seeds(seeds: Sequence[int], parts: int) -> list[list[int]]:

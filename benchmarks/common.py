@@ -168,15 +168,6 @@ def model_label(kind: str, rank: int) -> str:
 
 
 @dataclass
-class TrainSettings:
-    epochs: int
-    lr: float
-    grad_clip: float
-    patience: int
-    tensorboard: bool = False
-
-
-@dataclass
 class TrainResult:
     history: list[dict]
     """One dict per epoch: epoch, train_loss, val_nll, seconds."""
@@ -189,18 +180,19 @@ def train_or_resume(
     model: MemoryModel,
     tag: str,
     folder: Path,
-    settings: TrainSettings,
+    settings: LoopSettings,
+    lr: float,
     fingerprint: dict,
     epoch_batches: Callable[[int], Iterable[Any]],
     batches_per_epoch: int,
     batch_loss: Callable[[MemoryModel, Any], tuple[torch.Tensor, int]],
     validate: Callable[[MemoryModel], float],
 ) -> TrainResult:
-    """Train with Adam and early stopping on ``validate`` (a mean NLL: lower is better) in the project's
-    training loop (``worldmodel.training``: a checkpoint every epoch, the NaN guard, metrics in ``folder``); a
-    rerun with the same ``fingerprint`` resumes after the last finished epoch, or returns at once when
-    training had finished (the epoch budget and patience are not part of the fingerprint, so raising them
-    continues a finished model). On return ``model`` holds the weights of the best validation epoch.
+    """Train with Adam (learning rate ``lr``) and early stopping on ``validate`` (a mean NLL: lower is better)
+    in the project's training loop (``worldmodel.training``: a checkpoint every epoch, the NaN guard, metrics
+    in ``folder``); a rerun with the same ``fingerprint`` resumes after the last finished epoch, or returns at
+    once when training had finished (the epoch budget and patience are not part of the fingerprint, so raising
+    them continues a finished model). On return ``model`` holds the weights of the best validation epoch.
 
     ``epoch_batches(epoch)`` yields that epoch's ``batches_per_epoch`` batches (seeded by the epoch, so a
     resumed run sees the same data order); ``batch_loss(model, batch)`` returns (loss to minimise, number of
@@ -224,15 +216,8 @@ def train_or_resume(
         save_best=save_best,
         shown=("loss",),
     )
-    loop = LoopSettings(
-        epochs=settings.epochs,
-        patience=settings.patience,
-        grad_clip=settings.grad_clip,
-        tensorboard=settings.tensorboard,
-        name=tag,
-    )
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
-    result = train_loop(model, optimizer, task, loop, folder, fingerprint)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    result = train_loop(model, optimizer, task, dataclasses.replace(settings, name=tag), folder, fingerprint)
     epochs = [row for row in result.rows if row["kind"] == "epoch" and row["epoch"] > 0]
     seconds = [row["seconds"] for row in epochs]
     history = [

@@ -39,7 +39,6 @@ import torch
 from torch import Tensor
 
 from benchmarks.common import (
-    TrainSettings,
     cached_result,
     check_model_grid,
     format_number,
@@ -58,6 +57,7 @@ from worldmodel.io import DataError, atomic_write_bytes, atomic_write_text, writ
 from worldmodel.memory import MemoryModel
 from worldmodel.progress import note
 from worldmodel.runs import prepare_stage, run_paths
+from worldmodel.training import LoopSettings
 
 # The paper's Table 3 as printed: (row, MNIST, CIFAR-10) test NLL in nats in logit space. The first six rows
 # are MAF's conditional-density table (Papamakarios et al., 2017) with the sign flipped.
@@ -419,7 +419,7 @@ def _run(cfg: Config) -> dict:
             .item()
         )
 
-    settings = TrainSettings(config.epochs, config.lr, config.grad_clip, config.patience, cfg.tensorboard)
+    settings = LoopSettings.of(config, tensorboard=cfg.tensorboard)  # epochs, patience, grad_clip
     histories, best_by_kind, models = {}, {}, {}
     for tag, kind, rank, memory_config, fingerprint in model_variants(config, data_fingerprint, flip=flip):
         torch.manual_seed(cfg.seed)
@@ -429,6 +429,7 @@ def _run(cfg: Config) -> dict:
             tag,
             models_dir / tag,
             settings,
+            config.lr,
             fingerprint,
             epoch_batches,
             -(-len(train_rows) // config.batch_size),

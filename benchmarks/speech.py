@@ -29,7 +29,6 @@ import torch
 from torch import Tensor
 
 from benchmarks.common import (
-    TrainSettings,
     cached_result,
     check_model_grid,
     format_number,
@@ -48,6 +47,7 @@ from worldmodel.io import DataError, atomic_write_text, write_json
 from worldmodel.memory import MemoryModel
 from worldmodel.progress import note, progress
 from worldmodel.runs import prepare_stage, run_paths
+from worldmodel.training import LoopSettings
 
 # The paper's Table 2 as printed: test NLL per sequence (nats, normalised units) on Blizzard, TIMIT, Accent.
 PAPER_TABLE2: list[tuple[str, str, str, str]] = [
@@ -272,7 +272,7 @@ def _run(cfg: Config) -> dict:
     def validate(model: MemoryModel) -> float:
         return float(sequence_nll(model, evals["val"], config.batch_size, device).mean())
 
-    settings = TrainSettings(config.epochs, config.lr, config.grad_clip, config.patience, cfg.tensorboard)
+    settings = LoopSettings.of(config, tensorboard=cfg.tensorboard)  # epochs, patience, grad_clip
     rows, histories = [], {}
     for tag, kind, rank, memory_config, fingerprint in model_variants(config, data_fingerprint):
         torch.manual_seed(cfg.seed)
@@ -282,6 +282,7 @@ def _run(cfg: Config) -> dict:
             tag,
             models_dir / tag,
             settings,
+            config.lr,
             fingerprint,
             epoch_batches,
             sum(1 for _ in length_batches(lengths, config.batch_size, np.random.default_rng(0))),

@@ -336,10 +336,9 @@ def run(cfg: Config) -> dict:
     summary = collect_episodes(cfg, folder)
     if not summary["failed"]:
         return stage.finish(summary)
-    write_json(folder / "summary.json", summary)
-    if summary["failed"]:
-        note(
-            f"collect: {len(summary['failed'])} episode(s) failed (see {folder / 'summary.json'}); "
-            "rerun the same command to collect just those"
-        )
+    write_json(folder / "summary.json", summary)  # not finished: a rerun collects the missing episodes
+    note(
+        f"collect: {len(summary['failed'])} episode(s) failed (see {folder / 'summary.json'}); "
+        "rerun the same command to collect just those"
+    )
     return summary

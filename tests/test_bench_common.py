@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.common import TrainSettings, benchmark_memory_config, model_label, train_or_resume
+from benchmarks.common import benchmark_memory_config, model_label, train_or_resume
 from worldmodel.io import read_jsonl
 from worldmodel.memory import MemoryModel
+from worldmodel.training import LoopSettings
 
 
 class Interrupt(Exception):
@@ -48,7 +49,8 @@ def train(tmp_path, name, epochs=4, interrupt_at=None):
         model,
         name,
         tmp_path / name,
-        TrainSettings(epochs, 1e-2, 1.0, 0),
+        LoopSettings(epochs=epochs, grad_clip=1.0),
+        1e-2,
         {"data": "toy"},
         epoch_batches,
         3,
@@ -83,7 +85,8 @@ def test_other_settings_train_again(tmp_path):
         model,
         "m",
         tmp_path / "m",
-        TrainSettings(1, 1e-2, 1.0, 0),
+        LoopSettings(epochs=1, grad_clip=1.0),
+        1e-2,
         {"data": "other"},
         lambda epoch: [sequences],
         1,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.common import TrainSettings, train_or_resume
+from benchmarks.common import train_or_resume
 from worldmodel import train_vae, training
 from worldmodel.io import load_checkpoint, read_jsonl
 from worldmodel.memory import MemoryModel
@@ -259,7 +259,8 @@ def test_the_benchmarks_train_through_the_guard(tmp_path):
         model,
         "m",
         tmp_path / "m",
-        TrainSettings(2, 1e-2, 1.0, 0),
+        LoopSettings(epochs=2, grad_clip=1.0),
+        1e-2,
         {"data": "toy"},
         lambda epoch: list(sequences.split(4)),
         4,

@@ -266,6 +266,17 @@ class RayConfig:
 
 
 @dataclass
+class BenchmarkMemoryConfig(MemoryConfig):
+    """The memory of a benchmark model: its kind and rank come from the grid (``kinds``, ``ranks``), and it
+    has no reward or done head (a benchmark models one sequence, with no actions)."""
+
+    kind: str = "grid"
+    rank: int = -1
+    predict_reward: bool = False
+    predict_done: bool = False
+
+
+@dataclass
 class SpeechConfig:
     data: str | None = None
     """Folder of .wav files (TIMIT, Blizzard, Accent); required for the speech benchmark."""
@@ -277,18 +288,12 @@ class SpeechConfig:
     """Cut sequences to this length (0.5 for Accent and Blizzard in the paper); 0 = whole files."""
 
     @dataclass
-    class Memory(MemoryConfig):
+    class Memory(BenchmarkMemoryConfig):
         """The memory section with the speech benchmark's defaults (a partial ``speech.memory`` keeps
         them)."""
 
-        kind: str = "grid"
         hidden: int = 256
         components: int = 20
-        rank: int = -1
-        flow_blocks: int = 2
-        flow_hidden: int = 64
-        predict_reward: bool = False
-        predict_done: bool = False
 
     memory: Memory = field(default_factory=Memory)
     """Every model's memory settings (``hidden``: the LSTM, 256 here, the paper's 2000-4000; ``components``:
@@ -328,17 +333,11 @@ class ImageConfig:
     """lambda of the logit transform; None = 1e-6 for MNIST/digits, 0.05 for CIFAR-10."""
 
     @dataclass
-    class Memory(MemoryConfig):
+    class Memory(BenchmarkMemoryConfig):
         """The memory section with the image benchmark's defaults (a partial ``image.memory`` keeps them)."""
 
-        kind: str = "grid"
         hidden: int = 32
         components: int = 10
-        rank: int = -1
-        flow_blocks: int = 2
-        flow_hidden: int = 64
-        predict_reward: bool = False
-        predict_done: bool = False
 
     memory: Memory = field(default_factory=Memory)
     """Every model's memory settings (``hidden``: the LSTM, 32 as in the paper; ``components``: K, 10; the
