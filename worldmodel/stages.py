@@ -229,7 +229,7 @@ class Stage:
                 )
             note(f"[{self.name}] {self.folder} was made from other inputs; redoing it:\n  {listed}")
             shutil.rmtree(self.folder)
-        if (summary := self.done()) is not None:
+        elif (summary := self._finished_summary()) is not None:  # not stale: already checked
             return summary
         prepare_stage(self.cfg, self.folder)
         write_json(
@@ -241,8 +241,10 @@ class Stage:
     def done(self) -> dict | None:
         """The summary of this stage's finished work in the folder, if it was made from these inputs (no side
         effects)."""
-        if self.stale_reasons():
-            return None
+        return None if self.stale_reasons() else self._finished_summary()
+
+    def _finished_summary(self) -> dict | None:
+        """The summary of the folder's work if its record says it finished with this extent."""
         record = _read_record(self.folder)
         if record is None or not record.get("finished") or record.get("extent") != self.extent:
             return None
