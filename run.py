@@ -44,7 +44,7 @@ SECTION_CHECKS: dict[str, tuple[str, str | None]] = {
     "vae": ("worldmodel.train_vae:check_vae_config", None),
     "memory": ("worldmodel.memory:check_memory_config", "memory"),
     "memory_train": ("worldmodel.train_memory:check_memory_train_config", None),
-    "sweep": ("worldmodel.sweep:sweep_cells", None),
+    "sweep": ("worldmodel.sweep:check_sweep_config", None),
     "controller": ("agents.train_controller:check_controller_config", None),
     "evaluate": ("agents.evaluate:check_evaluate_config", None),
     "iterate": ("agents.iterate:check_iterate_config", None),

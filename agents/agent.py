@@ -182,8 +182,10 @@ class ActionNoise:
             return action
         noise = np.stack([generator.standard_normal(action.shape[-1]) for generator in self.generators])
         noisy = action + self.scale * torch.as_tensor(noise, dtype=action.dtype, device=action.device)
-        low, high = (torch.as_tensor(bound, dtype=action.dtype, device=action.device)
-                     for bound in (CARRACING_LOW, CARRACING_HIGH))
+        low, high = (
+            torch.as_tensor(bound, dtype=action.dtype, device=action.device)
+            for bound in (CARRACING_LOW, CARRACING_HIGH)
+        )
         return torch.maximum(torch.minimum(noisy, high), low)
 
 

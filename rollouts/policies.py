@@ -30,7 +30,6 @@ POLICIES = {"carracing": ("brownian", "random"), "mario": ("right_biased", "rand
 """Exploration policies each game accepts; the first is what ``auto`` picks."""
 
 
-
 class Policy(Protocol):
     def reset(self) -> None: ...
 

@@ -162,12 +162,23 @@ class MemoryTrainConfig:
     """Optimiser steps between mid-epoch checkpoints (0 = only at the end of each epoch)."""
     log_every: int = 10
     """Optimiser steps between training-loss rows in memory/metrics.jsonl."""
+    seed: int | None = None
+    """Seed of the model's initialisation, its per-epoch posterior samples and batch order; None = the run's
+    ``seed``. The episode split and the fixed validation/test sample always follow the run's ``seed``, so
+    models trained with different seeds are scored on the same test data."""
     sweep_kinds: list[str] = field(default_factory=lambda: ["rmdn", "frmdn"])
     """``train-memory --sweep table1``: the models compared (rows of the paper's Table 1)."""
     sweep_components: list[int] = field(default_factory=lambda: [1, 3, 5])
     """``--sweep table1``: mixture sizes K (the table's columns)."""
     sweep_ranks: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     """``--sweep table1``: precision ranks d' (0 = diagonal)."""
+    sweep_seeds: int = 1
+    """``--sweep table1``: training seeds per cell (``memory_train.seed`` + 0, 1, ...); the tables give the
+    mean and std over them, and FRMDN - RMDN is paired by seed."""
+    sweep_extra: list[str] = field(default_factory=list)
+    """``--sweep table1``: extra rows at the d' of the grid's best FRMDN cell, every K, once the grid is done:
+    ``flow_context`` (FRMDN with the flow conditioned on the LSTM state) and ``heads`` (RMDN and FRMDN with
+    the reward and done heads on, as the dream uses them; the grid must have them off)."""
 
 
 @dataclass

@@ -19,16 +19,21 @@ import numpy as np
 
 from worldmodel.io import atomic_write_bytes
 
-Series = Sequence[float] | tuple[Sequence[float], Sequence[float]]
+Series = (
+    Sequence[float]
+    | tuple[Sequence[float], Sequence[float]]
+    | tuple[Sequence[float], Sequence[float], Sequence[float]]
+)
 
 
-def _xy(values: Series) -> tuple[np.ndarray, np.ndarray]:
-    """``[y0, y1, ...]`` (x = 0, 1, ...) or ``(xs, ys)``."""
-    if isinstance(values, tuple) and len(values) == 2 and np.ndim(values[0]) == 1:
-        xs, ys = values
-        return np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+def _xy(values: Series) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``[y0, y1, ...]`` (x = 0, 1, ...), ``(xs, ys)`` or ``(xs, ys, errors)`` (error bars of +- errors)."""
+    if isinstance(values, tuple) and len(values) in (2, 3) and np.ndim(values[0]) == 1:
+        xs, ys = np.asarray(values[0], dtype=float), np.asarray(values[1], dtype=float)
+        errors = np.asarray(values[2], dtype=float) if len(values) == 3 else None
+        return xs, ys, errors
     ys = np.asarray(values, dtype=float)
-    return np.arange(len(ys), dtype=float), ys
+    return np.arange(len(ys), dtype=float), ys, None
 
 
 def plot_curves(
@@ -39,16 +44,21 @@ def plot_curves(
     title: str = "",
     logy: bool = False,
 ) -> None:
-    """One line per named series (a list of y values, or an ``(xs, ys)`` pair), as a PNG at ``path``."""
+    """One line per named series (a list of y values, an ``(xs, ys)`` pair or an ``(xs, ys, errors)`` triple
+    drawn with error bars), as a PNG at ``path``."""
     figure, axes = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     try:
         plotted = 0
         for name, values in series.items():
-            xs, ys = _xy(values)
+            xs, ys, errors = _xy(values)
             if len(ys) == 0:
                 continue
             # markers keep short series (a single point would be an invisible line) readable
-            axes.plot(xs, ys, label=name, marker="o" if len(ys) < 30 else None, markersize=3)
+            marker = "o" if len(ys) < 30 else None
+            if errors is None:
+                axes.plot(xs, ys, label=name, marker=marker, markersize=3)
+            else:
+                axes.errorbar(xs, ys, yerr=errors, label=name, marker=marker, markersize=3, capsize=3)
             plotted += 1
         axes.set_xlabel(xlabel)
         axes.set_ylabel(ylabel)

@@ -78,6 +78,8 @@ STAGES: dict[str, StageSpec] = {
             "memory_train.sweep_kinds",
             "memory_train.sweep_components",
             "memory_train.sweep_ranks",
+            "memory_train.sweep_seeds",
+            "memory_train.sweep_extra",
         ),
         extendable=("memory_train.epochs",),
     ),

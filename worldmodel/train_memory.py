@@ -18,8 +18,8 @@ is skipped (the model is restored), counted and logged; no checkpoint is ever wr
 Files in the output folder (``<run>/memory/``, or one per cell of ``--sweep table1``):
 - ``checkpoint.pt``: the resumable state (model, optimiser, epoch, step within it, best validation NLL,
   patience counter, running sums), written atomically every epoch and every ``checkpoint_every`` steps. The
-  epoch's posterior sample and batch order are functions of (seed, epoch), so a resumed run replays them and
-  goes on from the saved step: a killed run loses at most ``checkpoint_every`` steps.
+  epoch's posterior sample and batch order are functions of (``memory_train.seed``, epoch), so a resumed run
+  replays them and goes on from the saved step: a killed run loses at most ``checkpoint_every`` steps.
 - ``memory.pt``: the model with the best validation NLL (``MemoryModel.to_checkpoint()`` +
   ``done_pos_weight``, ``epoch``, ``val_nll``); the untrained model is scored first, so this file exists after
   the first epoch starts.
@@ -75,6 +75,8 @@ def check_memory_train_config(cfg: Config) -> None:
     ):
         if getattr(tc, name) < 0:
             raise ConfigError(f"memory_train.{name} must be >= 0, got {getattr(tc, name)}")
+    if tc.seed is not None and tc.seed < 0:
+        raise ConfigError(f"memory_train.seed must be >= 0 (or null: the run's seed), got {tc.seed}")
     if not tc.lr > 0:
         raise ConfigError(f"memory_train.lr must be positive, got {tc.lr}")
     if tc.optimizer not in ("adam", "rmsprop"):
@@ -220,7 +222,8 @@ def train_memory(
         if name in data
     }
 
-    torch.manual_seed(cfg.seed)
+    model_seed = cfg.seed if tc.seed is None else tc.seed
+    torch.manual_seed(model_seed)
     model = MemoryModel(latent_dim, action_dim, cfg.memory).to(cfg.device)
     if initial is not None:
         start = MemoryModel.from_checkpoint(load_checkpoint(initial))
@@ -234,7 +237,7 @@ def train_memory(
     title = f"{cfg.memory.kind.upper()} K={cfg.memory.components} d'={cfg.memory.rank} ({cfg.env.name})"
 
     def epoch_batches(epoch: int, start: int):
-        sample_rng, order_rng = epoch_rngs(cfg.seed, epoch)
+        sample_rng, order_rng = epoch_rngs(model_seed, epoch)
         z = train.latents(tc.use_mu, sample_rng)
         order = order_rng.permutation(len(train))
         return train.batches(z, order[start * tc.batch_size :], tc.batch_size, cfg.device)
@@ -281,8 +284,11 @@ def train_memory(
         "action_dim": action_dim,
         "test_nll_per_step": finite_or_none(test["nll"]) if test else None,
         "test_nll_per_dim": finite_or_none(test["nll_per_dim"]) if test else None,
-        "test_reward_mse": finite_or_none(test["reward_loss"]) if test else None,
-        "test_done_loss": finite_or_none(test["done_loss"]) if test else None,
+        # None, not the 0 the loss has, for a memory without the head
+        "test_reward_mse": (
+            finite_or_none(test["reward_loss"]) if test and cfg.memory.predict_reward else None
+        ),
+        "test_done_loss": finite_or_none(test["done_loss"]) if test and cfg.memory.predict_done else None,
         "val_nll_per_dim": finite_or_none(best["val_nll"]) if best["val_nll"] is not None else None,
         "nll_units": "nats; per step = summed over the latent dimensions, per dim = divided by Z"
         + ("; the mean of the ensemble's members' NLLs" if cfg.memory.ensemble > 1 else ""),
@@ -302,6 +308,7 @@ def train_memory(
         "memory": str(model_path),
         "nll_plot": str(out_dir / "nll.png"),
         "seed": cfg.seed,
+        "model_seed": model_seed,
         "memory_config": dataclasses.asdict(cfg.memory),
         "split": names,
     }
