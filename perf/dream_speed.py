@@ -30,21 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agents.controller import Controller
 from agents.dream_batch import BatchedDream
+from perf.roofline import matmul_peak
 from worldmodel.config import MemoryConfig
 from worldmodel.memory import MemoryModel
-
-
-def matmul_peak(seconds: float = 1.0) -> float:
-    """fp32 GFLOP/s of a 1024 x 1024 x 1024 matmul (median of repeats)."""
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    a @ b
-    rates = []
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(rates) < 5:
-        start = time.perf_counter()
-        a @ b
-        rates.append(2 * 1024**3 / (time.perf_counter() - start) / 1e9)
-    return statistics.median(rates)
 
 
 def flops_per_latent_step(memory: MemoryModel, controller: Controller) -> float:
