@@ -136,6 +136,9 @@ def test_the_grid_over_seeds_with_the_extra_rows_and_a_rerun_that_skips_every_ru
     assert floor["unused_dims"] == 0 and floor["latent_dim"] == 4
     assert all(value > floor["nll_floor_per_dim"] for value in nll.values())
     assert f"= {floor['nll_floor_per_dim']:.4f} nats per dimension" in markdown
+    last = sum(run["best_epoch"] == run["epochs_trained"] for run in runs.values())
+    assert f"{last} of 28 runs had their best validation NLL in their last epoch" in markdown
+    assert summary["still_improving"] == last
     assert re.search(r"Cost: 28 runs; median training time per run RMDN \d+ s, FRMDN \d+ s", markdown)
     assert (out / "table1.png").stat().st_size > 0
     assert [row["runs"] for row in read_jsonl(out / "invocations.jsonl")] == [16, 12]

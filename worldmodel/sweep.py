@@ -421,6 +421,10 @@ def format_markdown(cfg: Config, results: Results, floor: dict) -> tuple[str, di
             ]
     spent = cost(cfg, results)
     medians = ", ".join(f"{KIND_NAMES[k]} {v:.0f} s" for k, v in spent["median_run_seconds"].items())
+    still_improving = sum(
+        s["best_epoch"] == s["epochs_trained"] and not s["stopped_early"] for s in results.values()
+    )
+    summary["still_improving"] = still_improving
     z = (
         "= the VAE mean"
         if first["use_mu"]
@@ -434,7 +438,9 @@ def format_markdown(cfg: Config, results: Results, floor: dict) -> tuple[str, di
             f"{first['transitions']['test']} transitions); z {z}; "
             f"up to {tc.epochs} epochs of windows of {tc.seq_len} steps, {tc.batch_size} per step "
             f"({tc.optimizer}, lr {tc.lr:g}), early stopping on validation NLL "
-            f"(patience {tc.patience}), the best-validation model scored."
+            f"(patience {tc.patience}), the best-validation model scored. {still_improving} of "
+            f"{len(results)} runs had their best validation NLL in their last epoch: they were still "
+            "improving, and more epochs would lower their figures."
         ),
         "",
         (
