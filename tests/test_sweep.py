@@ -8,9 +8,13 @@ import math
 import re
 import statistics
 
+import numpy as np
 import pytest
+import torch
 
+from worldmodel.data import load_latents
 from worldmodel.io import read_json, read_jsonl
+from worldmodel.sequences import split_latent_files
 from worldmodel.sweep import run_table1, table1_dir
 
 GRID = (
@@ -134,6 +138,14 @@ def test_the_grid_over_seeds_with_the_extra_rows_and_a_rerun_that_skips_every_ru
     floor = summary["posterior"]
     assert floor["nll_floor_per_dim"] == pytest.approx(0.5 * (math.log(2 * math.pi * math.e) - 4.0), abs=1e-6)
     assert floor["unused_dims"] == 0 and floor["latent_dim"] == 4
+    # N(0, I) against a Monte Carlo estimate on posterior samples of the test split's targets
+    test = split_latent_files(cfg.run_dir / "latents", 0.2, 0.2, cfg.seed)["test"]
+    mu = np.concatenate([load_latents(path)["mu"][1:] for path in test])
+    sigma = np.exp(0.5 * np.concatenate([load_latents(path)["logvar"][1:] for path in test]))
+    z = mu + sigma * np.random.default_rng(0).standard_normal((2000, *mu.shape))
+    estimate = -torch.distributions.Normal(0.0, 1.0).log_prob(torch.as_tensor(z)).mean().item()
+    assert floor["standard_normal_nll_per_dim"] == pytest.approx(estimate, abs=0.01)
+    assert floor["standard_normal_nll_per_dim"] > max(nll.values())
     assert all(value > floor["nll_floor_per_dim"] for value in nll.values())
     assert f"= {floor['nll_floor_per_dim']:.4f} nats per dimension" in markdown
     last = sum(run["best_epoch"] == run["epochs_trained"] for run in runs.values())

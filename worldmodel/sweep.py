@@ -251,7 +251,9 @@ def posterior_floor(paths: Sequence[Path]) -> dict:
     independent of all the memory reads, so no model's expected NLL per dimension is below
     :math:`\mathbb{E}\,\tfrac{1}{d} \sum_i \tfrac12 \log(2 \pi e\, \sigma_{t+1,i}^2)` (the mean over the
     predicted steps t >= 1). Also: how many dimensions the VAE leaves unused (mean KL to N(0, 1) below
-    ``UNUSED_KL``; their sigma is near 1 and their floor near 1.42)."""
+    ``UNUSED_KL``; their sigma is near 1 and their floor near 1.42), and the expected NLL per dimension of a
+    memory that ignores everything and predicts N(0, I), :math:`\tfrac12 \log 2\pi + \tfrac12
+    \mathbb{E}(\mu^2 + \sigma^2)`: any useful memory scores between the two."""
     logvars, mus = [], []
     for path in paths:
         arrays = load_latents(path)
@@ -264,6 +266,7 @@ def posterior_floor(paths: Sequence[Path]) -> dict:
         "unused_dims": int((kl < UNUSED_KL).sum()),
         "latent_dim": int(logvar.shape[1]),
         "mean_kl_per_dim": float(kl.mean()),
+        "standard_normal_nll_per_dim": float(0.5 * np.log(2 * np.pi) + 0.5 * (mu**2 + np.exp(logvar)).mean()),
     }
 
 
@@ -449,7 +452,8 @@ def format_markdown(cfg: Config, results: Results, floor: dict) -> tuple[str, di
             f"{floor['nll_floor_per_dim']:.4f} nats per dimension on these test latents; "
             f"{floor['unused_dims']} of {floor['latent_dim']} dimensions are unused by the VAE (mean KL to "
             f"the prior below {UNUSED_KL:g} nats: sigma near 1, a floor near 1.42 each); the mean KL is "
-            f"{floor['mean_kl_per_dim']:.3f} nats per dimension."
+            f"{floor['mean_kl_per_dim']:.3f} nats per dimension. A memory that predicts N(0, I) whatever it "
+            f"reads would score {floor['standard_normal_nll_per_dim']:.4f}."
         ),
         "",
         (
