@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # after choosing the backend
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from worldmodel.io import atomic_write_bytes
 
@@ -43,9 +44,12 @@ def plot_curves(
     ylabel: str = "loss",
     title: str = "",
     logy: bool = False,
+    styles: Mapping[str, dict] | None = None,
+    integer_x: bool = False,
 ) -> None:
     """One line per named series (a list of y values, an ``(xs, ys)`` pair or an ``(xs, ys, errors)`` triple
-    drawn with error bars), as a PNG at ``path``."""
+    drawn with error bars), as a PNG at ``path``. ``styles``: matplotlib keywords per series name (colour,
+    line style); ``integer_x``: ticks at whole numbers only."""
     figure, axes = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     try:
         plotted = 0
@@ -55,10 +59,11 @@ def plot_curves(
                 continue
             # markers keep short series (a single point would be an invisible line) readable
             marker = "o" if len(ys) < 30 else None
+            style = {"marker": marker, "markersize": 3, **(styles or {}).get(name, {})}
             if errors is None:
-                axes.plot(xs, ys, label=name, marker=marker, markersize=3)
+                axes.plot(xs, ys, label=name, **style)
             else:
-                axes.errorbar(xs, ys, yerr=errors, label=name, marker=marker, markersize=3, capsize=3)
+                axes.errorbar(xs, ys, yerr=errors, label=name, capsize=3, **style)
             plotted += 1
         axes.set_xlabel(xlabel)
         axes.set_ylabel(ylabel)
@@ -66,6 +71,8 @@ def plot_curves(
             axes.set_title(title)
         if logy:
             axes.set_yscale("log")
+        if integer_x:
+            axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         if plotted:
             axes.legend()
         axes.grid(alpha=0.3)

@@ -512,10 +512,11 @@ def format_csv(results: Results) -> str:
 
 
 def save_plot(path: Path, cfg: Config, results: Results) -> None:
-    """Test NLL against d' for each K and kind, error bars of one std over seeds."""
-    series = {}
+    """Test NLL against d' for each K and kind (a colour per K, dashed for the RMDN), error bars of one std
+    over seeds."""
+    series, styles = {}, {}
     for kind in _kinds(cfg):
-        for k in _components(cfg):
+        for index, k in enumerate(_components(cfg)):
             points = [
                 (rank, mean, std or 0.0)
                 for rank in _ranks(cfg)
@@ -523,13 +524,17 @@ def save_plot(path: Path, cfg: Config, results: Results) -> None:
                 for mean, std in [stats]
             ]
             if points:
-                series[f"{KIND_NAMES[kind]} K={k}"] = tuple(list(column) for column in zip(*points))
+                name = f"{KIND_NAMES[kind]} K={k}"
+                series[name] = tuple(list(column) for column in zip(*points))
+                styles[name] = {"color": f"C{index}", "linestyle": "--" if kind == "rmdn" else "-"}
     plot_curves(
         path,
         series,
         xlabel="rank d' of the precision's low-rank part (0 = diagonal)",
         ylabel="test NLL per latent dimension (nats)",
         title=f"Table 1 on {cfg.name} ({cfg.env.name}), mean ± std over seeds",
+        styles=styles,
+        integer_x=True,
     )
 
 
