@@ -24,6 +24,7 @@ import io
 import statistics
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -540,9 +541,7 @@ def save_plot(path: Path, cfg: Config, results: Results) -> None:
 
 def describe(cells: list[Cell]) -> str:
     """What is left, row by row: ``RMDN (diagonal) 6 runs, ...``."""
-    counts: dict[str, int] = {}
-    for cell in cells:
-        counts[cell.row.label] = counts.get(cell.row.label, 0) + 1
+    counts = Counter(cell.row.label for cell in cells)
     return "; ".join(f"{label} {n} run{'s' * (n > 1)}" for label, n in counts.items())
 
 
