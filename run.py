@@ -94,7 +94,7 @@ def use_threads(count: int) -> None:
 def run_pipeline(config: Config) -> dict:
     """Every stage in order, then ``<run>/report.md`` with each stage's figures and pictures."""
     from agents.iterate import iteration_config
-    from agents.report import write_report
+    from agents.report import EVALUATION_STAGES, work_seconds, write_report
     from worldmodel.runs import run_paths
 
     # with iterative training, the iterations come after the first controller, and the final evaluation and
@@ -103,15 +103,22 @@ def run_pipeline(config: Config) -> dict:
     if config.iterate.iterations:
         stages.insert(stages.index("evaluate"), "iterate")
     final = iteration_config(config, config.iterate.iterations)
-    summaries, seconds = {}, {}
+    summaries, seconds, work = {}, {}, {}
     for stage in stages:
         print(f"[pipeline] {stage}", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        summaries[stage] = resolve(COMMANDS[stage])(final if stage in ("evaluate", "dream") else config)
+        stage_config = final if stage in EVALUATION_STAGES else config
+        summaries[stage] = resolve(COMMANDS[stage])(stage_config)
         seconds[stage] = round(time.perf_counter() - start, 1)
-    folders = {stage: getattr(run_paths(final), stage) for stage in ("evaluate", "dream")}
-    report = write_report(config, summaries, seconds, folders)
-    return {"report": str(report), "seconds": seconds, "total_seconds": round(sum(seconds.values()), 1)}
+        work[stage] = round(work_seconds(stage_config, stage, summaries[stage], seconds[stage]), 1)
+    folders = {stage: getattr(run_paths(final), stage) for stage in EVALUATION_STAGES}
+    report = write_report(config, summaries, seconds, folders, work)
+    return {
+        "report": str(report),
+        "seconds": seconds,
+        "total_seconds": round(sum(seconds.values()), 1),
+        "work_seconds": work,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:

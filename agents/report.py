@@ -10,6 +10,7 @@ from pathlib import Path
 from worldmodel.config import Config
 from worldmodel.io import atomic_write_text
 from worldmodel.runs import run_paths
+from worldmodel.stages import STAGES, recorded_seconds
 
 # Which folder holds each stage's outputs (pictures and videos are picked up from there).
 STAGE_FOLDERS = {
@@ -25,6 +26,24 @@ STAGE_FOLDERS = {
 MEDIA_SUFFIXES = (".png", ".gif", ".mp4")
 SKIPPED_KEYS = {"settings", "memory_config"}
 """Copies of the config inside summaries: the report links the resolved config once instead."""
+
+
+EVALUATION_STAGES = ("evaluate", "dream")
+"""The stages that score or show the final controller: outside a config's training-time budget."""
+
+
+def work_seconds(config: Config, stage: str, summary: dict | None, fallback: float) -> float:
+    """Wall seconds of a stage's work summed over every invocation that did part of it (the stage's record, or
+    for ``iterate`` its iterations' rows), so a resumed pipeline still says where the time went; ``fallback``
+    (this invocation's time) where neither is known."""
+    if stage == "iterate":
+        rows = (summary or {}).get("rows") or []
+        return float(sum(row.get("seconds", 0.0) for row in rows)) if rows else fallback
+    if stage in STAGES:
+        recorded = recorded_seconds(getattr(run_paths(config), STAGES[stage].folder))
+        if recorded is not None:
+            return recorded
+    return fallback
 
 
 def _scalars(summary: dict, prefix: str = "") -> list[tuple[str, object]]:
@@ -117,9 +136,18 @@ def write_report(
     summaries: dict[str, dict],
     seconds: dict[str, float],
     folders: dict[str, Path] | None = None,
+    work: dict[str, float] | None = None,
 ) -> Path:
-    """Write ``<run>/report.md`` and return its path. ``folders``: where a stage's pictures are, when not in
-    the run's own folder of that stage (the last iteration's evaluation)."""
+    """Write ``<run>/report.md`` and return its path. ``seconds``: this invocation's time per stage; ``work``:
+    each stage's own time over every invocation (``work_seconds``; default ``seconds``). ``folders``: where a
+    stage's pictures are, when not in the run's own folder of that stage (the last iteration's
+    evaluation)."""
+    work = work or seconds
+    training = sum(secs for stage, secs in work.items() if stage not in EVALUATION_STAGES)
+
+    def share(stage: str) -> str:
+        return "" if stage in EVALUATION_STAGES or not training else f"{work[stage] / training:.0%}"
+
     root = run_paths(config).root
     title = (
         f"# Run `{config.name}`: {config.env.name}, memory {config.memory.kind} "
@@ -135,12 +163,17 @@ def write_report(
     lines = [
         title,
         "",
-        f"Total time: {sum(seconds.values()):.0f} s. Resolved config: [config.yaml](config.yaml).",
+        f"Time of this invocation: {sum(seconds.values()):.0f} s. Training (every stage's work but "
+        f"{' and '.join(EVALUATION_STAGES)}, over all invocations): {training:.0f} s = "
+        f"{training / 60:.1f} min. Resolved config: [config.yaml](config.yaml).",
         "",
         *_headline(summaries),
-        "| stage | seconds |",
-        "|---|---|",
-        *[f"| {stage} | {secs:.1f} |" for stage, secs in seconds.items()],
+        "| stage | seconds of the stage's work | share of the training time | seconds in this invocation |",
+        "|---|---|---|---|",
+        *[
+            f"| {stage} | {work.get(stage, secs):.1f} | {share(stage)} | {secs:.1f} |"
+            for stage, secs in seconds.items()
+        ],
         "",
     ]
     for stage, summary in summaries.items():

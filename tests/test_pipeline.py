@@ -120,8 +120,12 @@ def test_tiny_pipeline_end_to_end_reruns_skip_done_stages_and_redo_stale_ones(tm
     }
 
     # a controller setting: the controller and its evaluation are redone, V and M are kept
-    _, log = run_pipeline(tmp_path, [*TINY, "controller.temperature=0.5"])
+    rerun, log = run_pipeline(tmp_path, [*TINY, "controller.temperature=0.5"])
     assert redone(log) == ["train-controller", "evaluate"], log[-3000:]
+    # a kept stage still reports the time its work took, not the instant it took to skip it
+    assert rerun["work_seconds"]["train-vae"] == summary["work_seconds"]["train-vae"]
+    assert rerun["work_seconds"]["train-vae"] > rerun["seconds"]["train-vae"]
+    assert "| train-vae | " in (root / "report.md").read_text()
     assert (
         "controller.temperature: 1.15 -> 0.5" in log and "the output of train-controller changed since" in log
     )

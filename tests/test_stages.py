@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
+from worldmodel import stages
 from worldmodel.config import ConfigError, load_config
 from worldmodel.io import read_json, write_json
-from worldmodel.stages import MADE_FROM, Stage, output_digest
+from worldmodel.stages import MADE_FROM, Stage, output_digest, recorded_seconds
 
 
 def cfg(tmp_path, *overrides):
@@ -89,3 +92,22 @@ def test_extra_inputs_are_part_of_the_fingerprint(tmp_path):
     assert Stage(cfg(tmp_path), "train-memory", inputs={"initial": "xyz"}).stale_reasons() == [
         "its input initial changed"
     ]
+
+
+def test_a_stage_records_its_work_time_summed_over_the_invocations_that_did_it(tmp_path, monkeypatch):
+    clock = iter([100.0, 103.5, 200.0, 202.0, 300.0, 301.0])
+    monkeypatch.setattr(stages, "time", SimpleNamespace(monotonic=lambda: next(clock)))
+    stage = Stage(cfg(tmp_path, "vae.epochs=3"), "train-vae")
+    assert recorded_seconds(stage.folder) is None and stage.open() is None
+    stage.finish({})
+    assert recorded_seconds(stage.folder) == 3.5
+    assert Stage(cfg(tmp_path, "vae.epochs=3"), "train-vae").open() == {}  # skipped: nothing added
+    assert recorded_seconds(stage.folder) == 3.5
+    more = Stage(cfg(tmp_path, "vae.epochs=5"), "train-vae")  # continued from epoch 3
+    assert more.open() is None
+    more.finish({})
+    assert recorded_seconds(stage.folder) == 5.5
+    redone = Stage(cfg(tmp_path, "vae.epochs=5", "vae.lr=0.002"), "train-vae")  # stale: its old work is gone
+    assert redone.open() is None
+    redone.finish({})
+    assert recorded_seconds(stage.folder) == 1.0

@@ -13,6 +13,9 @@ weights, ...). When the stage runs again:
 Some settings only extend a stage's work (``vae.epochs``, ``memory_train.epochs``, ``controller.generations``,
 ``collect.episodes``): a larger value continues the finished stage from where it stopped, a smaller one makes
 it stale. Settings that change no result (log and checkpoint cadence, worker counts, timeouts) are left out.
+
+The record also keeps the stage's wall ``seconds`` of work, added up over the invocations that finished or
+continued it, so a pipeline rerun that skips the stage still reports what it cost (``recorded_seconds``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,6 +167,15 @@ def _read_record(folder: Path) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
+def recorded_seconds(folder: Path) -> float | None:
+    """Wall seconds the stage in ``folder`` has worked, summed over the invocations that finished or continued
+    it (an invocation killed before its end adds nothing); None: no record, or one written before stages timed
+    themselves."""
+    record = _read_record(folder)
+    seconds = None if record is None else record.get("seconds")
+    return float(seconds) if isinstance(seconds, int | float) else None
+
+
 def _differences(before: dict, now: dict) -> list[str]:
     """``key: before -> now`` for every setting that differs. A setting the record lacks and that holds its
     default now is not a difference: a newer version added it, with a default that keeps the old behaviour."""
@@ -187,6 +200,7 @@ class Stage:
         settings, self.extent = stage_settings(cfg, self.spec)
         upstream = {stage: output_digest(cfg, stage) for stage in self.spec.upstream}
         self.fingerprint = {"settings": settings, "inputs": {**upstream, **(inputs or {})}}
+        self._seconds_before, self._opened_at = 0.0, None
 
     def stale_reasons(self) -> list[str]:
         """Why the folder's content was not made from this stage's inputs now (empty: it was, or is empty)."""
@@ -234,10 +248,10 @@ class Stage:
         elif (summary := self._finished_summary()) is not None:  # not stale: already checked
             return summary
         prepare_stage(self.cfg, self.folder)
-        write_json(
-            self.folder / MADE_FROM,
-            {"stage": self.name, "fingerprint": self.fingerprint, "extent": self.extent, "finished": False},
-        )
+        # the stage's work time adds up over invocations: a resumed or continued stage keeps what it spent
+        self._seconds_before = recorded_seconds(self.folder) or 0.0
+        self._opened_at = time.monotonic()
+        self._write_record(finished=False, seconds=self._seconds_before)
         return None
 
     def done(self) -> dict | None:
@@ -258,11 +272,13 @@ class Stage:
     def finish(self, summary: dict) -> dict:
         """Write the stage's ``summary.json`` and mark it finished; returns ``summary``."""
         write_json(self.folder / "summary.json", summary)
-        write_json(
-            self.folder / MADE_FROM,
-            {"stage": self.name, "fingerprint": self.fingerprint, "extent": self.extent, "finished": True},
-        )
+        spent = 0.0 if self._opened_at is None else time.monotonic() - self._opened_at
+        self._write_record(finished=True, seconds=self._seconds_before + spent)
         return summary
+
+    def _write_record(self, finished: bool, seconds: float) -> None:
+        record = {"stage": self.name, "fingerprint": self.fingerprint, "extent": self.extent}
+        write_json(self.folder / MADE_FROM, {**record, "finished": finished, "seconds": round(seconds, 1)})
 
     @property
     def key(self) -> str:
