@@ -95,7 +95,7 @@ def test_extra_inputs_are_part_of_the_fingerprint(tmp_path):
 
 
 def test_a_stage_records_its_work_time_summed_over_the_invocations_that_did_it(tmp_path, monkeypatch):
-    clock = iter([100.0, 103.5, 200.0, 202.0, 300.0, 301.0])
+    clock = iter([100.0, 103.5, 200.0, 202.0, 300.0, 301.0, 400.0, 405.0])
     monkeypatch.setattr(stages, "time", SimpleNamespace(monotonic=lambda: next(clock)))
     stage = Stage(cfg(tmp_path, "vae.epochs=3"), "train-vae")
     assert recorded_seconds(stage.folder) is None and stage.open() is None
@@ -111,3 +111,10 @@ def test_a_stage_records_its_work_time_summed_over_the_invocations_that_did_it(t
     assert redone.open() is None
     redone.finish({})
     assert recorded_seconds(stage.folder) == 1.0
+    # a record written before stages timed themselves: the time stays unknown, not the last invocation's
+    record = read_json(stage.folder / MADE_FROM)
+    write_json(stage.folder / MADE_FROM, {key: v for key, v in record.items() if key != "seconds"})
+    again = Stage(cfg(tmp_path, "vae.epochs=6", "vae.lr=0.002"), "train-vae")
+    assert again.open() is None
+    again.finish({})
+    assert recorded_seconds(stage.folder) is None

@@ -200,7 +200,8 @@ class Stage:
         settings, self.extent = stage_settings(cfg, self.spec)
         upstream = {stage: output_digest(cfg, stage) for stage in self.spec.upstream}
         self.fingerprint = {"settings": settings, "inputs": {**upstream, **(inputs or {})}}
-        self._seconds_before, self._opened_at = 0.0, None
+        self._seconds_before: float | None = 0.0
+        self._opened_at: float | None = None
 
     def stale_reasons(self) -> list[str]:
         """Why the folder's content was not made from this stage's inputs now (empty: it was, or is empty)."""
@@ -248,8 +249,9 @@ class Stage:
         elif (summary := self._finished_summary()) is not None:  # not stale: already checked
             return summary
         prepare_stage(self.cfg, self.folder)
-        # the stage's work time adds up over invocations: a resumed or continued stage keeps what it spent
-        self._seconds_before = recorded_seconds(self.folder) or 0.0
+        # the stage's work time adds up over invocations: a resumed or continued stage keeps what it spent (a
+        # record from before stages timed themselves leaves it unknown)
+        self._seconds_before = 0.0 if _read_record(self.folder) is None else recorded_seconds(self.folder)
         self._opened_at = time.monotonic()
         self._write_record(finished=False, seconds=self._seconds_before)
         return None
@@ -273,12 +275,15 @@ class Stage:
         """Write the stage's ``summary.json`` and mark it finished; returns ``summary``."""
         write_json(self.folder / "summary.json", summary)
         spent = 0.0 if self._opened_at is None else time.monotonic() - self._opened_at
-        self._write_record(finished=True, seconds=self._seconds_before + spent)
+        self._write_record(
+            finished=True, seconds=None if self._seconds_before is None else self._seconds_before + spent
+        )
         return summary
 
-    def _write_record(self, finished: bool, seconds: float) -> None:
+    def _write_record(self, finished: bool, seconds: float | None) -> None:
         record = {"stage": self.name, "fingerprint": self.fingerprint, "extent": self.extent}
-        write_json(self.folder / MADE_FROM, {**record, "finished": finished, "seconds": round(seconds, 1)})
+        seconds = None if seconds is None else round(seconds, 1)
+        write_json(self.folder / MADE_FROM, {**record, "finished": finished, "seconds": seconds})
 
     @property
     def key(self) -> str:
