@@ -171,7 +171,7 @@ def write_report(
         "| stage | seconds of the stage's work | share of the training time | seconds in this invocation |",
         "|---|---|---|---|",
         *[
-            f"| {stage} | {work.get(stage, secs):.1f} | {share(stage)} | {secs:.1f} |"
+            f"| {stage} | {work[stage]:.1f} | {share(stage)} | {secs:.1f} |"
             for stage, secs in seconds.items()
         ],
         "",

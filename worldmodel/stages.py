@@ -172,7 +172,11 @@ def recorded_seconds(folder: Path) -> float | None:
     it (an invocation killed before its end adds nothing); None: no record, or one written before stages timed
     themselves."""
     record = _read_record(folder)
-    seconds = None if record is None else record.get("seconds")
+    return None if record is None else _seconds_of(record)
+
+
+def _seconds_of(record: dict) -> float | None:
+    seconds = record.get("seconds")
     return float(seconds) if isinstance(seconds, int | float) else None
 
 
@@ -251,7 +255,8 @@ class Stage:
         prepare_stage(self.cfg, self.folder)
         # the stage's work time adds up over invocations: a resumed or continued stage keeps what it spent (a
         # record from before stages timed themselves leaves it unknown)
-        self._seconds_before = 0.0 if _read_record(self.folder) is None else recorded_seconds(self.folder)
+        record = _read_record(self.folder)
+        self._seconds_before = 0.0 if record is None else _seconds_of(record)
         self._opened_at = time.monotonic()
         self._write_record(finished=False, seconds=self._seconds_before)
         return None
