@@ -14,6 +14,7 @@ alternate which half is transformed. The last layers start at zero, so a new flo
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -44,7 +45,14 @@ class AffineCoupling(nn.Module):
 
     def _scale_shift(self, kept: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         features = kept if context is None else torch.cat([kept, context], dim=-1)
-        return self.scale(features), self.shift(features)
+        # s and t read the same features: their first layers run as one matmul (the parameters stay two
+        # nn.Linear, so checkpoints keep their names).
+        first_s, first_t = self.scale[0], self.shift[0]
+        hidden = F.linear(
+            features, torch.cat([first_s.weight, first_t.weight]), torch.cat([first_s.bias, first_t.bias])
+        )
+        hidden_s, hidden_t = hidden.split(first_s.out_features, dim=-1)
+        return self.scale[1:](hidden_s), self.shift[1:](hidden_t)
 
     def forward(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         kept, moved = self._halves(y)

@@ -50,25 +50,24 @@ def _check_shapes(
 
 
 UNROLLED_MAX_RANK = 8
-"""Up to this rank the r x r Cholesky is unrolled over the batch: LAPACK's per-matrix overhead would dominate
-the thousands of tiny matrices a training batch holds."""
+"""Up to this rank the r x r Gram matrix and its Cholesky factor are unrolled over the batch, entry by entry:
+a batched matmul or LAPACK call pays a per-matrix overhead that dominates the thousands of tiny matrices a
+training batch holds (forward and backward)."""
 
 
-def _cholesky(gram: Tensor) -> list[list[Tensor]]:
-    """Lower Cholesky factor of M = I + G (G = V^T V, positive semi-definite) as nested lists L[i][j] (j <= i)
-    of batch tensors. Every pivot of I + G is >= 1, so clamping at 1 only removes rounding error."""
-    rank = gram.shape[-1]
-    if rank > UNROLLED_MAX_RANK:
-        factor = torch.linalg.cholesky(gram + torch.eye(rank, dtype=gram.dtype, device=gram.device))
-        return [[factor[..., i, j] for j in range(i + 1)] for i in range(rank)]
+def _cholesky(gram: list[list[Tensor]]) -> list[list[Tensor]]:
+    """Lower Cholesky factor of M = I + G from the lower triangle ``gram[i][j]`` (j <= i) of G (positive
+    semi-definite), both as nested lists of batch tensors. Every pivot of I + G is >= 1, so clamping at 1 only
+    removes rounding error."""
+    rank = len(gram)
     lower: list[list[Tensor]] = [[] for _ in range(rank)]
     for j in range(rank):
-        pivot = 1.0 + gram[..., j, j]
+        pivot = 1.0 + gram[j][j]
         for k in range(j):
             pivot = pivot - lower[j][k].square()
         lower[j].append(pivot.clamp_min(1.0).sqrt())
         for i in range(j + 1, rank):
-            entry = gram[..., i, j]
+            entry = gram[i][j]
             for k in range(j):
                 entry = entry - lower[i][k] * lower[j][k]
             lower[i].append(entry / lower[j][j])
@@ -93,15 +92,26 @@ def _cholesky_solve(lower: list[list[Tensor]], rhs: Tensor) -> Tensor:
     return torch.stack(solution, dim=-1)
 
 
-def _whitened_factor(diag: Tensor, u: Tensor) -> tuple[Tensor, list[list[Tensor]]]:
-    """V^T = U^T D^{-1/2} as ``[..., r, d]`` (contiguous along d, so the contractions below run over a unit
-    stride) and the Cholesky factor of M = I + V^T V.
+def _capacitance_cholesky(diag: Tensor, u: Tensor) -> tuple[tuple[Tensor, ...], list[list[Tensor]]]:
+    """The columns of U (r views ``[..., d]``, unit stride along d) and the lower Cholesky factor, as nested
+    lists of float64 batch tensors, of M = I + V^T V = I + U^T D^{-1} U, for ``diag`` ``[..., d]`` and ``u``
+    ``[..., d, r]``.
 
-    V^T V is formed in V's dtype (rounding it perturbs M no more than the rounding of V itself already does);
-    the r x r factorisation runs in float64 with pivots clamped at their lower bound 1, so extreme parameters
-    give finite values and gradients rather than a failed factorisation."""
-    v_t = u.transpose(-1, -2) * diag.rsqrt().unsqueeze(-2)
-    return v_t, _cholesky((v_t @ v_t.transpose(-1, -2)).double())
+    The Gram entries are formed in U's dtype (rounding them perturbs M no more than the rounding of U itself
+    already does), one fused product over d per entry of the lower triangle; the factorisation runs in float64
+    with pivots clamped at their lower bound 1, so extreme parameters give finite values and gradients rather
+    than a failed factorisation."""
+    rank = u.shape[-1]
+    # One unbind serves every product (its backward is one stack along a unit-stride axis).
+    columns = u.transpose(-1, -2).unbind(-2)
+    if rank > UNROLLED_MAX_RANK:
+        v_t = u.transpose(-1, -2) * diag.rsqrt().unsqueeze(-2)
+        gram = (v_t @ v_t.transpose(-1, -2)).double()
+        factor = torch.linalg.cholesky(gram + torch.eye(rank, dtype=gram.dtype, device=gram.device))
+        return columns, [[factor[..., i, j] for j in range(i + 1)] for i in range(rank)]
+    scaled = [column / diag for column in columns]
+    gram = [[(scaled[i] * columns[j]).sum(-1).double() for j in range(i + 1)] for i in range(rank)]
+    return columns, _cholesky(gram)
 
 
 def gaussian_log_prob(x: Tensor, mu: Tensor, diag: Tensor, u: Tensor | None = None) -> Tensor:
@@ -118,9 +128,11 @@ def gaussian_log_prob(x: Tensor, mu: Tensor, diag: Tensor, u: Tensor | None = No
     mahalanobis = (diag * b.square()).sum(-1)
     log_det = diag.log().sum(-1)
     if u is not None and u.shape[-1] > 0:
-        u_t = u.transpose(-1, -2)
-        mahalanobis = mahalanobis + (u_t * b.unsqueeze(-2)).sum(-1).square().sum(-1)
-        _, lower = _whitened_factor(diag, u)
+        # Column by column rather than one broadcast product over [..., K, r, d]: the broadcast's backward
+        # reduces over a strided axis, several times slower on the CPU than these r products over d.
+        columns, lower = _capacitance_cholesky(diag, u)
+        for column in columns:
+            mahalanobis = mahalanobis + (column * b).sum(-1).square()
         log_det = log_det + 2 * sum(lower[j][j].log() for j in range(len(lower))).to(x.dtype)
     return 0.5 * (log_det - mahalanobis - d * math.log(2 * math.pi))
 
@@ -181,7 +193,8 @@ def gmm_sample(
     noise = torch.randn(mean.shape, generator=generator, device=mu.device, dtype=mu.dtype)
     if u is not None and u.shape[-1] > 0:
         factor = pick(u)
-        v_t, lower = _whitened_factor(chosen_diag, factor)
+        v_t = factor.transpose(-1, -2) * scale.unsqueeze(-2)
+        _, lower = _capacitance_cholesky(chosen_diag, factor)
         eta = torch.randn(
             (*mean.shape[:-1], factor.shape[-1]), generator=generator, device=mu.device, dtype=mu.dtype
         )
