@@ -44,6 +44,19 @@ def test_log_prob_equals_dense_multivariate_normal_mixture(k, d, r):
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-9)
 
 
+@pytest.mark.parametrize("r", [1, 3, 10])  # 10 > UNROLLED_MAX_RANK: the batched-Cholesky path
+def test_log_prob_gradients_equal_the_dense_reference_gradients(r):
+    params = random_mixture((3, 2), 4, 12, r, seed=20 + r)
+    ours = [t.clone().requires_grad_() for t in params]
+    dense = [t.clone().requires_grad_() for t in params]
+    got_log_prob, expected_log_prob = gmm_log_prob(*ours), dense_gmm_log_prob(*dense)
+    torch.testing.assert_close(got_log_prob, expected_log_prob, rtol=1e-10, atol=1e-9)
+    got_log_prob.sum().backward()
+    expected_log_prob.sum().backward()
+    for name, got, expected in zip(("x", "logit_pi", "mu", "diag", "u"), ours, dense):
+        torch.testing.assert_close(got.grad, expected.grad, rtol=1e-9, atol=1e-9, msg=f"gradient of {name}")
+
+
 @pytest.mark.parametrize("batch", [(), (5,), (3, 4)], ids=str)
 def test_log_prob_batch_shapes_and_per_component_density(batch):
     x, logit_pi, mu, diag, u = random_mixture(batch, 3, 4, 2, seed=1)
