@@ -52,7 +52,8 @@ class AffineCoupling(nn.Module):
             features, torch.cat([first_s.weight, first_t.weight]), torch.cat([first_s.bias, first_t.bias])
         )
         hidden_s, hidden_t = hidden.split(first_s.out_features, dim=-1)
-        return self.scale[1:](hidden_s), self.shift[1:](hidden_t)
+        log_scale = self.scale[3](self.scale[2](self.scale[1](hidden_s)))
+        return log_scale, self.shift[2](self.shift[1](hidden_t))
 
     def forward(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         kept, moved = self._halves(y)

@@ -93,19 +93,22 @@ def _cholesky_solve(lower: list[list[Tensor]], rhs: Tensor) -> Tensor:
 
 
 def _capacitance_cholesky(diag: Tensor, u: Tensor) -> tuple[tuple[Tensor, ...], list[list[Tensor]]]:
-    """The columns of U (r views ``[..., d]``, unit stride along d) and the lower Cholesky factor, as nested
-    lists of float64 batch tensors, of M = I + V^T V = I + U^T D^{-1} U, for ``diag`` ``[..., d]`` and ``u``
+    """The columns of U (r views ``[..., d]``; unit stride along d when ``u`` is a transposed
+    ``[..., r, d]`` tensor, as ``MemoryOutput`` holds it) and the lower Cholesky factor, as nested lists of
+    float64 batch tensors, of M = I + V^T V = I + U^T D^{-1} U, for ``diag`` ``[..., d]`` and ``u``
     ``[..., d, r]``.
 
     The Gram entries are formed in U's dtype (rounding them perturbs M no more than the rounding of U itself
-    already does), one fused product over d per entry of the lower triangle; the factorisation runs in float64
-    with pivots clamped at their lower bound 1, so extreme parameters give finite values and gradients rather
-    than a failed factorisation."""
+    already does), one product and sum over d per entry of the lower triangle; the factorisation runs in
+    float64. Up to ``UNROLLED_MAX_RANK`` its pivots are clamped at their lower bound 1, so extreme parameters
+    give finite values and gradients rather than a failed factorisation; above it LAPACK's Cholesky can still
+    fail on a numerically singular M."""
     rank = u.shape[-1]
-    # One unbind serves every product (its backward is one stack along a unit-stride axis).
-    columns = u.transpose(-1, -2).unbind(-2)
+    u_t = u.transpose(-1, -2)
+    # One unbind serves every product (its backward is one stack).
+    columns = u_t.unbind(-2)
     if rank > UNROLLED_MAX_RANK:
-        v_t = u.transpose(-1, -2) * diag.rsqrt().unsqueeze(-2)
+        v_t = u_t * diag.rsqrt().unsqueeze(-2)
         gram = (v_t @ v_t.transpose(-1, -2)).double()
         factor = torch.linalg.cholesky(gram + torch.eye(rank, dtype=gram.dtype, device=gram.device))
         return columns, [[factor[..., i, j] for j in range(i + 1)] for i in range(rank)]
