@@ -11,6 +11,16 @@ did, the collected actions are random but smooth:
 - ``right_biased`` (Mario): a button combination is held for a Geometric(1 / ``collect.mario_repeat``) number
   of steps (mean ``mario_repeat``); a new combination holds the right button with probability
   ``collect.right_bias`` (uniform among those that do, else uniform among the rest).
+- ``track_follower`` (CarRacing): a driver that keeps to the road, blended with the brownian driver, so the
+  data shows laps being driven (the brownian car leaves the track and earns a tile in 2% of its steps) and
+  also what the rest of the action box does there (a controller evolved in the dream finds any action M has
+  not seen: one trained on the follower alone went full gas, which the dream paid for and the real track did
+  not). With c the mean column of the grey road pixels in a band of rows ahead of the car and w the frame
+  width, the follower's action is steer = clip(k (c - w/2) / (w/2), -1, 1), gas = g (1 - |steer|),
+  brake = 0, with k = 3 and g = 0.15; the action played is (1 - s) a_follow + s a_brownian, with a weight
+  s drawn per episode from U[0, ``collect.follower_noise``], so the episodes range from clean laps to the
+  brownian car. Alone (s = 0) the follower scores 703 on average on 6 tracks of CarRacing-v3 with an action
+  repeat of 2 (418 to 821).
 - ``random``: CarRacing: i.i.d. uniform actions in the box; Mario: uniform combinations, held as above.
 
 Every policy draws only from the ``numpy.random.Generator`` it is given, has ``reset()`` (start of an
@@ -23,10 +33,17 @@ from typing import Protocol
 
 import numpy as np
 
-from rollouts.envs import CARRACING_HIGH, CARRACING_LOW, check_env_config, is_discrete, mario_buttons
+from rollouts.envs import (
+    CARRACING_HIGH,
+    CARRACING_INDICATOR_ROWS,
+    CARRACING_LOW,
+    check_env_config,
+    is_discrete,
+    mario_buttons,
+)
 from worldmodel.config import CollectConfig, ConfigError, EnvConfig
 
-POLICIES = {"carracing": ("brownian", "random"), "mario": ("right_biased", "random")}
+POLICIES = {"carracing": ("brownian", "track_follower", "random"), "mario": ("right_biased", "random")}
 """Exploration policies each game accepts; the first is what ``auto`` picks."""
 
 
@@ -60,6 +77,52 @@ class BrownianCarPolicy:
         )
         self.latent = self.persistence * self.latent + self.noise_scale * self.rng.standard_normal(3)
         return action
+
+
+FOLLOW_ROWS = (0.47, 0.75)
+"""The rows the track follower looks at, as fractions of the playfield's height from the top."""
+
+
+def road_offset(frame: np.ndarray, cropped: bool) -> float | None:
+    """Where the road ahead of the car lies: the mean column of the grey road pixels in the band of rows
+    ``FOLLOW_ROWS`` (fractions of the playfield's height, the car sits at ~0.8) minus the centre, over the
+    half-width, so -1 is the left edge and 1 the right; None when no road is in sight."""
+    height, width = frame.shape[:2]
+    playfield = height if cropped else round(height * (96 - CARRACING_INDICATOR_ROWS) / 96)
+    band = frame[round(FOLLOW_ROWS[0] * playfield) : round(FOLLOW_ROWS[1] * playfield)].astype(np.int16)
+    red, green = band[..., 0], band[..., 1]
+    # road: grey (red ~ green ~ blue ~ 105); grass is green (green - red ~ 100), kerbs are red or white
+    road = (np.abs(green - red) < 25) & (red > 60) & (red < 170)
+    columns = np.nonzero(road)[1]
+    if columns.size == 0:
+        return None
+    half = width / 2
+    return float((columns.mean() + 0.5 - half) / half)
+
+
+class TrackFollowerCarPolicy:
+    """Drives towards the road ahead (``road_offset``) with steering gain 3 and gas 0.15 on the straight,
+    blended with a ``BrownianCarPolicy`` of weight s ~ U[0, ``max_blend``] drawn per episode."""
+
+    STEER_GAIN = 3.0
+    GAS = 0.15
+
+    def __init__(self, rng: np.random.Generator, persistence: float, max_blend: float, cropped: bool):
+        self.rng = rng
+        self.brownian = BrownianCarPolicy(rng, persistence)
+        self.max_blend = max_blend
+        self.cropped = cropped
+        self.blend = 0.0
+
+    def reset(self) -> None:
+        self.brownian.reset()
+        self.blend = float(self.rng.uniform(0.0, self.max_blend))
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        offset = road_offset(obs, self.cropped)
+        steer = 0.0 if offset is None else float(np.clip(self.STEER_GAIN * offset, -1.0, 1.0))
+        follow = np.array([steer, self.GAS * (1.0 - abs(steer)), 0.0], dtype=np.float32)
+        return ((1.0 - self.blend) * follow + self.blend * self.brownian.act(obs)).astype(np.float32)
 
 
 class UniformCarPolicy:
@@ -128,6 +191,8 @@ def check_policy_config(env_cfg: EnvConfig, collect_cfg: CollectConfig) -> None:
         )
     if collect_cfg.mario_repeat < 1:
         raise ConfigError(f"collect.mario_repeat: must be at least 1, got {collect_cfg.mario_repeat}")
+    if not 0.0 <= collect_cfg.follower_noise <= 1.0:
+        raise ConfigError(f"collect.follower_noise: must be in [0, 1], got {collect_cfg.follower_noise}")
     if not 0.0 <= collect_cfg.right_bias <= 1.0:
         raise ConfigError(f"collect.right_bias: must be in [0, 1], got {collect_cfg.right_bias}")
 
@@ -141,6 +206,10 @@ def make_exploration_policy(
     if not is_discrete(env_cfg):
         if name == "brownian":
             return BrownianCarPolicy(rng, collect_cfg.action_persistence)
+        if name == "track_follower":
+            return TrackFollowerCarPolicy(
+                rng, collect_cfg.action_persistence, collect_cfg.follower_noise, env_cfg.crop_indicators
+            )
         return UniformCarPolicy(rng)
     buttons = mario_buttons(env_cfg)
     if name == "right_biased":

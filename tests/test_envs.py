@@ -19,10 +19,13 @@ from rollouts.envs import (
     mario_buttons,
 )
 from rollouts.policies import (
+    FOLLOW_ROWS,
     BrownianCarPolicy,
     HeldDiscretePolicy,
+    TrackFollowerCarPolicy,
     make_exploration_policy,
     right_biased_probs,
+    road_offset,
 )
 from worldmodel.config import CollectConfig, ConfigError, EnvConfig
 
@@ -176,6 +179,84 @@ def test_uniform_car_policy_is_white_noise_in_the_box():
     assert abs(np.corrcoef(actions[:-1, 0], actions[1:, 0])[0, 1]) < 0.05
 
 
+GRASS, ROAD = (100, 204, 100), (105, 105, 105)
+
+
+def grass_with_road(columns: slice, rows: slice = slice(None)) -> np.ndarray:
+    frame = np.empty((64, 64, 3), np.uint8)
+    frame[:] = GRASS
+    frame[rows, columns] = ROAD
+    return frame
+
+
+@pytest.mark.parametrize("cropped", [True, False])
+def test_road_offset_is_the_road_columns_mean_in_the_band_ahead(cropped):
+    # columns 8..15 hold road: mean column 11.5, pixel centre 12, offset (12 - 32) / 32
+    assert road_offset(grass_with_road(slice(8, 16)), cropped) == pytest.approx(-20 / 32)
+    assert road_offset(grass_with_road(slice(40, 64)), cropped) == pytest.approx((52 - 32) / 32)
+    assert road_offset(grass_with_road(slice(0, 0)), cropped) is None
+    # road outside the band (behind the car, or beyond it) is not looked at
+    playfield = 64 if cropped else 56
+    below = slice(round(FOLLOW_ROWS[1] * playfield), None)
+    assert road_offset(grass_with_road(slice(40, 64), below), cropped) is None
+    # kerbs (red, white) are not road
+    frame = grass_with_road(slice(0, 0))
+    frame[:, 30:34] = (255, 0, 0)
+    frame[:, 34:38] = (255, 255, 255)
+    assert road_offset(frame, cropped) is None
+
+
+def test_track_follower_steers_towards_the_road_blended_with_the_brownian_car():
+    alone = TrackFollowerCarPolicy(np.random.default_rng(0), 0.9, max_blend=0.0, cropped=True)
+    alone.reset()
+    left, right = alone.act(grass_with_road(slice(24, 32))), alone.act(grass_with_road(slice(34, 38)))
+    np.testing.assert_allclose(left, [3 * (28 - 32) / 32, 0.15 * (1 - 3 * 4 / 32), 0.0], rtol=1e-6)
+    np.testing.assert_allclose(right, [3 * 4 / 32, 0.15 * (1 - 3 * 4 / 32), 0.0], rtol=1e-6)
+    assert alone.act(grass_with_road(slice(0, 4)))[0] == -1.0  # saturates
+    assert alone.act(grass_with_road(slice(0, 0)))[0] == 0.0  # no road in sight: straight on
+
+    collect = CollectConfig(policy="track_follower", follower_noise=0.6)
+    frame = grass_with_road(slice(24, 32))
+    follow = alone.act(frame)
+    blended = make_exploration_policy(CAR, collect, np.random.default_rng(1))
+    # the reference: the same generator's draws, a brownian car reset first, then the episode's weight
+    reference_rng = np.random.default_rng(1)
+    blends = []
+    for _ in range(300):
+        blended.reset()
+        brownian = BrownianCarPolicy(reference_rng, 0.9)
+        brownian.reset()
+        weight = reference_rng.uniform(0.0, 0.6)
+        blends.append(blended.blend)
+        for _ in range(5):
+            expected = (1 - weight) * follow + weight * brownian.act(frame)
+            action = blended.act(frame)
+            assert action.dtype == np.float32
+            assert np.all(action >= [-1, 0, 0]) and np.all(action <= [1, 1, 1])
+            np.testing.assert_allclose(action, expected, rtol=1e-6, atol=1e-7)
+    assert min(blends) >= 0.0 and max(blends) <= 0.6 and np.mean(blends) == pytest.approx(0.3, abs=0.03)
+
+
+def test_track_follower_earns_tiles_on_a_real_track():
+    env_cfg = EnvConfig(name="carracing", action_repeat=2, max_steps=150)
+    env = make_env(env_cfg)
+    returns = {}
+    for name in ("track_follower", "brownian"):
+        policy = make_exploration_policy(
+            env_cfg, CollectConfig(policy=name, follower_noise=0.0), np.random.default_rng(0)
+        )
+        obs, _ = env.reset(seed=5)
+        policy.reset()
+        returns[name], done = 0.0, False
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(policy.act(obs))
+            returns[name] += reward
+            done = terminated or truncated
+    # 150 steps of 2 frames with 300 tiles worth 1000 / 300 each: the follower keeps to the road and earns
+    # tiles, the brownian car does not
+    assert returns["track_follower"] > 100 > returns["brownian"]
+
+
 def test_mario_policy_holds_actions_and_prefers_right():
     collect = CollectConfig(policy="auto", mario_repeat=4, right_bias=0.8)
     policy = make_exploration_policy(MARIO, collect, np.random.default_rng(2))
@@ -200,3 +281,6 @@ def test_policy_must_fit_the_game():
         make_exploration_policy(MARIO, CollectConfig(policy="brownian"), np.random.default_rng(0))
     with pytest.raises(ConfigError, match=r"collect\.action_persistence"):
         make_exploration_policy(CAR, CollectConfig(action_persistence=1.0), np.random.default_rng(0))
+    for blend in (-0.1, 1.1):
+        with pytest.raises(ConfigError, match=r"collect\.follower_noise"):
+            make_exploration_policy(CAR, CollectConfig(follower_noise=blend), np.random.default_rng(0))

@@ -49,10 +49,13 @@ class CollectConfig:
     max_steps: int = 0
     """Cap on steps per collected episode; 0 = the game's horizon (env.max_steps), never beyond it."""
     policy: str = "auto"
-    """Exploration policy: ``auto``, ``brownian``/``random`` (CarRacing), ``right_biased``/``random``
-    (Mario)."""
+    """Exploration policy: ``auto``, ``brownian``/``track_follower``/``random`` (CarRacing),
+    ``right_biased``/``random`` (Mario)."""
     action_persistence: float = 0.9
     """How strongly an exploration action persists from one step to the next (0 = white noise)."""
+    follower_noise: float = 1.0
+    """CarRacing ``track_follower``: the largest per-episode weight of the brownian driver in its blend
+    (in [0, 1]; 0 = the follower alone, 1 = anything up to the brownian car)."""
     mario_repeat: int = 4
     """Mean number of steps a Mario exploration action is repeated."""
     right_bias: float = 0.8
