@@ -18,7 +18,7 @@ did, the collected actions are random but smooth:
   not). With c the mean column of the grey road pixels in a band of rows ahead of the car and w the frame
   width, the follower's action is steer = clip(k (c - w/2) / (w/2), -1, 1), gas = g (1 - |steer|),
   brake = 0, with k = 3 and g = 0.15; the action played is (1 - s) a_follow + s a_brownian, with a weight
-  s drawn per episode from U[0, ``collect.follower_noise``], so the episodes range from clean laps to the
+  s drawn per episode from U[0, ``collect.follower_blend``], so the episodes range from clean laps to the
   brownian car. Alone (s = 0) the follower scores 703 on average on 6 tracks of CarRacing-v3 with an action
   repeat of 2 (418 to 821).
 - ``random``: CarRacing: i.i.d. uniform actions in the box; Mario: uniform combinations, held as above.
@@ -191,8 +191,8 @@ def check_policy_config(env_cfg: EnvConfig, collect_cfg: CollectConfig) -> None:
         )
     if collect_cfg.mario_repeat < 1:
         raise ConfigError(f"collect.mario_repeat: must be at least 1, got {collect_cfg.mario_repeat}")
-    if not 0.0 <= collect_cfg.follower_noise <= 1.0:
-        raise ConfigError(f"collect.follower_noise: must be in [0, 1], got {collect_cfg.follower_noise}")
+    if not 0.0 <= collect_cfg.follower_blend <= 1.0:
+        raise ConfigError(f"collect.follower_blend: must be in [0, 1], got {collect_cfg.follower_blend}")
     if not 0.0 <= collect_cfg.right_bias <= 1.0:
         raise ConfigError(f"collect.right_bias: must be in [0, 1], got {collect_cfg.right_bias}")
 
@@ -208,7 +208,7 @@ def make_exploration_policy(
             return BrownianCarPolicy(rng, collect_cfg.action_persistence)
         if name == "track_follower":
             return TrackFollowerCarPolicy(
-                rng, collect_cfg.action_persistence, collect_cfg.follower_noise, env_cfg.crop_indicators
+                rng, collect_cfg.action_persistence, collect_cfg.follower_blend, env_cfg.crop_indicators
             )
         return UniformCarPolicy(rng)
     buttons = mario_buttons(env_cfg)

@@ -9,6 +9,7 @@ import gymnasium
 import numpy as np
 import pytest
 
+from rollouts.collect import rollout_episode
 from rollouts.envs import (
     CARRACING_INDICATOR_ROWS,
     action_dim,
@@ -215,7 +216,7 @@ def test_track_follower_steers_towards_the_road_blended_with_the_brownian_car():
     assert alone.act(grass_with_road(slice(0, 4)))[0] == -1.0  # saturates
     assert alone.act(grass_with_road(slice(0, 0)))[0] == 0.0  # no road in sight: straight on
 
-    collect = CollectConfig(policy="track_follower", follower_noise=0.6)
+    collect = CollectConfig(policy="track_follower", follower_blend=0.6)
     frame = grass_with_road(slice(24, 32))
     follow = alone.act(frame)
     blended = make_exploration_policy(CAR, collect, np.random.default_rng(1))
@@ -243,15 +244,9 @@ def test_track_follower_earns_tiles_on_a_real_track():
     returns = {}
     for name in ("track_follower", "brownian"):
         policy = make_exploration_policy(
-            env_cfg, CollectConfig(policy=name, follower_noise=0.0), np.random.default_rng(0)
+            env_cfg, CollectConfig(policy=name, follower_blend=0.0), np.random.default_rng(0)
         )
-        obs, _ = env.reset(seed=5)
-        policy.reset()
-        returns[name], done = 0.0, False
-        while not done:
-            obs, reward, terminated, truncated, _ = env.step(policy.act(obs))
-            returns[name] += reward
-            done = terminated or truncated
+        returns[name] = rollout_episode(env, env_cfg, policy, seed=5)["rewards"].sum()
     # 150 steps of 2 frames with 300 tiles worth 1000 / 300 each: the follower keeps to the road and earns
     # tiles, the brownian car does not
     assert returns["track_follower"] > 100 > returns["brownian"]
@@ -282,5 +277,5 @@ def test_policy_must_fit_the_game():
     with pytest.raises(ConfigError, match=r"collect\.action_persistence"):
         make_exploration_policy(CAR, CollectConfig(action_persistence=1.0), np.random.default_rng(0))
     for blend in (-0.1, 1.1):
-        with pytest.raises(ConfigError, match=r"collect\.follower_noise"):
-            make_exploration_policy(CAR, CollectConfig(follower_noise=blend), np.random.default_rng(0))
+        with pytest.raises(ConfigError, match=r"collect\.follower_blend"):
+            make_exploration_policy(CAR, CollectConfig(follower_blend=blend), np.random.default_rng(0))

@@ -53,7 +53,7 @@ class CollectConfig:
     ``right_biased``/``random`` (Mario)."""
     action_persistence: float = 0.9
     """How strongly an exploration action persists from one step to the next (0 = white noise)."""
-    follower_noise: float = 1.0
+    follower_blend: float = 1.0
     """CarRacing ``track_follower``: the largest per-episode weight of the brownian driver in its blend
     (in [0, 1]; 0 = the follower alone, 1 = anything up to the brownian car)."""
     mario_repeat: int = 4
