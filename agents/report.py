@@ -89,6 +89,16 @@ def _headline(summaries: dict[str, dict]) -> list[str]:
                 f"{controller['best_score']:.2f} after {controller.get('generations')} generations",
             )
         )
+    start = controller.get("start")
+    if start:
+        line = (
+            f"imitates {start['episodes']} collected episodes (mean return {start['mean_return']:.1f}; "
+            f"action loss {start['loss']:.4f} against {start['constant_loss']:.4f} for a constant action): "
+            f"{start['eval_mean']:.1f} in the dream"
+        )
+        if "real_mean" in start:
+            line += f", {start['real_mean']:.1f} ± {start['real_std']:.1f} in the real game"
+        rows.append(("CMA-ES start (controller.init: imitate)", line))
     gap = controller.get("gap")
     if gap:
         last = gap["last"]

@@ -29,6 +29,7 @@ import torch
 from agents.agent import controller_for
 from agents.controller import Controller
 from agents.dream_batch import BatchedDream
+from agents.imitate import Imitation, check_init, imitate_collected
 from agents.workers import check_rollout_config, chunk_count, map_seeds, run_pool
 from rollouts.dream_env import check_dream_start, dream_horizon, dream_starts, load_memory
 from worldmodel.config import Config, ConfigError, step_limit
@@ -38,8 +39,10 @@ from worldmodel.io import (
     append_jsonl,
     atomic_write_text,
     load_checkpoint,
+    read_json,
     read_jsonl,
     save_checkpoint,
+    write_json,
 )
 from worldmodel.memory import MemoryModel
 from worldmodel.plots import plot_curves
@@ -75,6 +78,7 @@ def check_controller_config(cfg: Config) -> None:
             raise ConfigError(f"controller.{key} must be at least {low}, got {getattr(c, key)}")
     check_rollout_config(c)
     check_dream_start(c.dream_start)
+    check_init(c.init, c.imitate_top)
     if c.sigma <= 0 or c.temperature < 0:
         raise ConfigError(
             f"controller.sigma must be > 0 and controller.temperature >= 0, got {c.sigma}, {c.temperature}"
@@ -198,16 +202,30 @@ def _gap(rows: list[dict], kept_generation: int) -> dict:
     }
 
 
-def _plot(path, rows: list[dict]) -> None:
+def _score_start(imitation: Imitation, fitness, real: RealFitness | None, c) -> dict:
+    """The imitation CMA-ES starts from (``controller.init: imitate``): its fit, and its scores at generation
+    0 on the periodic evaluation's episodes (the dream's, and the real game's with ``eval_real_episodes``)."""
+    params = imitation.params.double().numpy()
+    dream = fitness.episodes(params, c.eval_episodes, 0)
+    scores = {**imitation.summary(), "eval_mean": float(dream.mean()), "eval_std": float(dream.std())}
+    if real is not None:
+        returns = real.episodes(params, c.eval_real_episodes, 0)
+        scores.update(real_mean=float(returns.mean()), real_std=float(returns.std()))
+    return scores
+
+
+def _plot(path, rows: list[dict], start: dict | None = None) -> None:
+    """The fitness curves; ``start``: the imitation's scores, drawn at generation 0."""
     generations = [row["generation"] for row in rows]
     series = {name: (generations, [row[name] for row in rows]) for name in ("best", "mean", "worst")}
-    scored = [row for row in rows if "eval_mean" in row]
+    evaluations = [{"generation": 0, **start}, *rows] if start else rows
+    scored = [row for row in evaluations if "eval_mean" in row]
     if scored:
         series["best candidate, dream (more episodes)"] = (
             [r["generation"] for r in scored],
             [r["eval_mean"] for r in scored],
         )
-    real = [row for row in rows if "real_mean" in row]
+    real = [row for row in evaluations if "real_mean" in row]
     if real:  # the dream-vs-real gap: the same candidate in the real game
         series["best candidate, real game"] = (
             [r["generation"] for r in real],
@@ -241,12 +259,19 @@ def run(cfg: Config, *, initial_mean: np.ndarray | None = None) -> dict:
         return {**finished, "skipped": True}
     out = stage.folder
     state_path, best_path, metrics_path = out / "es_state.pt", out / "best.pt", out / "metrics.jsonl"
+    start_path, imitation = out / "start.json", None
     if state_path.exists():
         state = load_checkpoint(state_path)
         es, best = CMAES.from_state_dict(state["es"]), state["best"]
     else:
         start = controller.initial_params(torch.Generator().manual_seed(cfg.seed))  # seeded W1 (hidden > 0)
-        x0 = start.double().numpy() if initial_mean is None else np.asarray(initial_mean, np.float64)
+        if initial_mean is not None:
+            x0 = np.asarray(initial_mean, np.float64)
+        elif c.init == "imitate":
+            imitation = imitate_collected(cfg, memory, controller, start)
+            x0 = imitation.params.double().numpy()
+        else:
+            x0 = start.double().numpy()
         es = CMAES(x0, c.sigma, c.population, cfg.seed)
         best = {"score": -float("inf"), "std": 0.0, "generation": 0, "params": None}
     # rows of generations after the checkpoint were written by a run killed before it saved the ES state
@@ -257,6 +282,8 @@ def run(cfg: Config, *, initial_mean: np.ndarray | None = None) -> dict:
         fitness = (DreamFitness if c.train_in == "dream" else RealFitness)(cfg, memory, controller)
         if c.train_in == "dream" and c.eval_real_episodes:
             real = RealFitness(cfg, memory, controller)  # the dream-vs-real gap, never used to rank
+        if imitation is not None and not start_path.exists():
+            write_json(start_path, _score_start(imitation, fitness, real, c))
     started = time.perf_counter()
     bar = progress(
         total=c.generations, initial=es.generation, desc=f"train-controller ({c.train_in})", unit="gen"
@@ -312,7 +339,8 @@ def run(cfg: Config, *, initial_mean: np.ndarray | None = None) -> dict:
         for scorer in (fitness, real):
             if scorer is not None:
                 scorer.close()
-    _plot(out / "fitness.png", rows)
+    start_scores = read_json(start_path) if start_path.exists() else None
+    _plot(out / "fitness.png", rows, start_scores)
     summary = {
         "train_in": c.train_in,
         "generations": es.generation,
@@ -335,6 +363,7 @@ def run(cfg: Config, *, initial_mean: np.ndarray | None = None) -> dict:
         "seconds_per_generation": round(float(np.mean([row["seconds"] for row in rows])), 3),
         "cma_stop": es.stop_reasons(),
         "best": str(best_path),
+        "start": start_scores,
     }
     return stage.finish(summary)
 

@@ -68,6 +68,18 @@ def first_latents(latents_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return (np.stack([data["mu"][0] for data in firsts]), np.stack([data["logvar"][0] for data in firsts]))
 
 
+def memory_inputs(
+    data: dict[str, np.ndarray], steps: int, use_mu: bool, rng: np.random.Generator
+) -> np.ndarray:
+    """[steps, Z + A] what the memory reads along an encoded episode's first ``steps`` transitions:
+    ``[z_t, a_t]`` with z as in training (``mu``, or a posterior sample drawn from ``rng`` with ``use_mu``
+    off)."""
+    z = data["mu"][:steps]
+    if not use_mu:
+        z = posterior_sample(z, data["logvar"][:steps], rng.standard_normal(z.shape, dtype=np.float32))
+    return np.concatenate([z, data["actions"][:steps]], axis=1)
+
+
 @torch.inference_mode()
 def warm_starts(
     latents_dir: str | Path, memory: MemoryModel, limit: int, use_mu: bool, seed: int
@@ -96,10 +108,7 @@ def warm_starts(
     inputs = np.zeros((len(episodes), max(length, 1), memory.target_dim + memory.cond_dim), np.float32)
     for row, (data, wanted) in enumerate(zip(episodes, frames)):
         steps = int(wanted[-1])
-        z = data["mu"][:steps]
-        if not use_mu:
-            z = posterior_sample(z, data["logvar"][:steps], rng.standard_normal(z.shape, dtype=np.float32))
-        inputs[row, :steps] = np.concatenate([z, data["actions"][:steps]], axis=1)
+        inputs[row, :steps] = memory_inputs(data, steps, use_mu, rng)
     inputs = torch.as_tensor(inputs, device=device, dtype=dtype)
     owners = np.concatenate([np.full(len(wanted), row) for row, wanted in enumerate(frames)])
     times = np.concatenate(frames)

@@ -196,6 +196,11 @@ class ControllerConfig:
     """Rollouts per candidate; fitness is their mean return."""
     sigma: float = 0.1
     """Initial CMA-ES step size."""
+    init: str = "zeros"
+    """Where CMA-ES starts: ``zeros`` (World Models: the controller's initial parameters) or ``imitate`` (the
+    controller fitted to the recorded actions of the best collected episodes, ``agents/imitate.py``)."""
+    imitate_top: float = 0.25
+    """``init: imitate``: the share of the collected episodes, the highest returns first, that is imitated."""
     hidden: int = 0
     """Hidden tanh units of the controller: 0 = World Models' linear ``a = g(W [z, h] + b)``; N > 0 = Ha's
     variant with one hidden layer, ``a = g(W2 tanh(W1 [z, h] + b1) + b2)``."""

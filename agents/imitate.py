@@ -1,0 +1,145 @@
+r"""The controller that imitates recorded play: where CMA-ES starts with ``controller.init: imitate``.
+
+C reads in the real game :math:`x_t = [z_t, h_t]`: :math:`z_t` a posterior sample of V's latent (its mean
+with ``memory_train.use_mu``) and :math:`h_t` the memory's LSTM output before reading :math:`(z_t, a_t)`
+(zeros at t = 0). Those features are rebuilt along the recorded episodes
+(``rollouts.dream_env.memory_inputs``, the same reading as the dream's warm starts), and the controller's
+parameters are fitted to the recorded actions :math:`a_t` by full-batch Adam from its initial parameters:
+
+- CarRacing: :math:`\frac{1}{3T} \sum_t \lVert g(W x_t + b) - a_t \rVert^2`, with g the controller's own
+  squashing, so the fit is in the action box the game reads (the brake's :math:`\max(\tanh, 0)` is fitted
+  through tanh where the recorded brake is on: the clamp has no gradient where tanh <= 0);
+- Mario: the cross-entropy of :math:`\mathrm{softmax}(W x_t + b)` against the recorded action index (the
+  controller plays the argmax).
+
+Only the best episodes are read (``controller.imitate_top`` of the collected ones, by return): an exploration
+policy blended with noise is worth imitating where it scored. CMA-ES still ranks every candidate by its dream
+returns alone; the imitation only decides where the search begins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from agents.controller import Controller
+from rollouts.dream_env import memory_inputs
+from worldmodel.config import Config, ConfigError
+from worldmodel.data import list_npz, load_latents
+from worldmodel.io import DataError
+from worldmodel.memory import MemoryModel
+from worldmodel.runs import run_paths
+
+INITS = ("zeros", "imitate")
+"""``controller.init``: the controller's initial parameters, or the imitation of the best collected play."""
+
+
+@dataclass(frozen=True)
+class Imitation:
+    """The fitted controller and how well it reproduces the recorded actions."""
+
+    params: Tensor
+    """[n] the controller's parameters."""
+    episodes: int
+    """Recorded episodes imitated."""
+    frames: int
+    """Recorded (x_t, a_t) pairs fitted."""
+    mean_return: float
+    """Mean return of the imitated episodes."""
+    loss: float
+    """The fit's final loss (MSE in the action box, or cross-entropy in nats)."""
+    constant_loss: float
+    """The loss of the best constant action on the same frames (the action variance, or the entropy of the
+    recorded action frequencies): what ``loss`` is to be read against."""
+
+    def summary(self) -> dict:
+        return {
+            "episodes": self.episodes,
+            "frames": self.frames,
+            "mean_return": round(self.mean_return, 3),
+            "loss": round(self.loss, 6),
+            "constant_loss": round(self.constant_loss, 6),
+        }
+
+
+def check_init(init: str, top: float) -> None:
+    """Refuse a ``controller.init`` outside ``INITS`` or a ``controller.imitate_top`` outside (0, 1]."""
+    if init not in INITS:
+        raise ConfigError(f"controller.init must be one of {', '.join(INITS)}, got {init!r}")
+    if not 0.0 < top <= 1.0:
+        raise ConfigError(f"controller.imitate_top must be in (0, 1], got {top}")
+
+
+@torch.inference_mode()
+def controller_features(memory: MemoryModel, data: dict[str, np.ndarray], use_mu: bool, rng) -> Tensor:
+    """[T, Z + H] the inputs C would have read at each of the episode's T actions."""
+    steps = len(data["actions"])
+    inputs = torch.as_tensor(memory_inputs(data, steps, use_mu, rng)).unsqueeze(0)
+    param = memory.mixture_head.weight
+    output, _ = memory.lstm(inputs.to(param.device, param.dtype))
+    hidden = torch.cat([torch.zeros_like(output[:, :1]), output[:, :-1]], dim=1)[0].float().cpu()
+    return torch.cat([inputs[0, :, : memory.target_dim], hidden], dim=1)
+
+
+def fit_controller(
+    controller: Controller,
+    features: Tensor,
+    actions: Tensor,
+    start: Tensor,
+    steps: int = 1500,
+    lr: float = 0.01,
+) -> tuple[Tensor, float, float]:
+    """(params, final loss, the best constant action's loss): ``start`` fitted to ``actions`` [T, A] (the
+    recorded vectors: the box action, or Mario's one-hot) from ``features`` [T, Z + H] by full-batch Adam."""
+    if controller.discrete:
+        target = actions.argmax(-1)
+        counts = torch.bincount(target, minlength=controller.action_dim).double()
+        frequencies = counts[counts > 0] / counts.sum()
+        constant = float(-(frequencies * frequencies.log()).sum())
+    else:
+        target = actions
+        constant = float(actions.double().var(0, unbiased=False).mean())
+
+    def loss_of(params: Tensor, surrogate: bool) -> Tensor:
+        logits = controller.logits(params, features)
+        if controller.discrete:
+            return torch.nn.functional.cross_entropy(logits, target)
+        actions = controller.squash(logits)
+        if surrogate:
+            # brake = max(tanh, 0) has no gradient where tanh <= 0 (all of it at the zero start): where the
+            # recorded brake is on, tanh itself is fitted (the same loss wherever tanh >= 0)
+            brake = torch.where(target[:, 2] > 0, torch.tanh(logits[:, 2]), actions[:, 2])
+            actions = torch.cat([actions[:, :2], brake[:, None]], dim=1)
+        return ((actions - target) ** 2).mean()
+
+    params = start.detach().clone().float().requires_grad_()
+    optimiser = torch.optim.Adam([params], lr=lr)
+    for _ in range(steps):
+        optimiser.zero_grad()
+        loss_of(params, surrogate=True).backward()
+        optimiser.step()
+    with torch.no_grad():
+        final = float(loss_of(params, surrogate=False))
+    return params.detach(), final, constant
+
+
+def imitate_collected(cfg: Config, memory: MemoryModel, controller: Controller, start: Tensor) -> Imitation:
+    """The controller that imitates the ``controller.imitate_top`` best of the run's encoded episodes."""
+    check_init(cfg.controller.init, cfg.controller.imitate_top)
+    paths = list_npz(run_paths(cfg).latents)
+    if not paths:
+        raise DataError(f"{run_paths(cfg).latents}: no latents to imitate; run `python run.py encode` first")
+    episodes = [load_latents(path) for path in paths]
+    returns = np.array([float(data["rewards"].sum()) for data in episodes])
+    count = max(1, round(cfg.controller.imitate_top * len(episodes)))
+    best = np.sort(np.argsort(-returns, kind="stable")[:count])
+    rng = np.random.default_rng(cfg.seed)
+    features = torch.cat(
+        [controller_features(memory, episodes[i], cfg.memory_train.use_mu, rng) for i in best]
+    )
+    actions = torch.cat([torch.as_tensor(episodes[i]["actions"]) for i in best])
+    params, loss, constant = fit_controller(controller, features, actions, start)
+    return Imitation(params, len(best), len(actions), float(returns[best].mean()), loss, constant)

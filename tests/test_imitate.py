@@ -1,0 +1,121 @@
+"""controller.init: imitate: the features are what the agent reads, the fit reproduces a controller's own
+actions, and train-controller starts CMA-ES from the imitation of the best collected episodes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from agents import train_controller
+from agents.controller import Controller
+from agents.imitate import controller_features, fit_controller, imitate_collected
+from agents.report import _headline
+from worldmodel.config import ConfigError, MemoryConfig
+from worldmodel.data import load_latents, save_latents
+from worldmodel.io import read_json
+from worldmodel.memory import MemoryModel
+from worldmodel.runs import run_paths
+
+Z, H = 4, 6
+
+
+@pytest.mark.parametrize(
+    "controller",
+    [
+        Controller(Z, H, 3, discrete=False),
+        Controller(Z, H, 3, discrete=False, hidden=5),
+        Controller(Z, H, 7, discrete=True),
+    ],
+    ids=["car-linear", "car-hidden", "mario"],
+)
+def test_the_fit_reproduces_the_actions_of_a_controller_it_can_express(controller):
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(600, Z + H, generator=generator)
+    teacher = 0.3 * torch.randn(controller.num_params, generator=generator)  # logits of unit size
+    logits = controller.logits(teacher, features)
+    if controller.discrete:
+        actions = torch.nn.functional.one_hot(logits.argmax(-1), controller.action_dim).float()
+        counts = np.bincount(logits.argmax(-1).numpy(), minlength=controller.action_dim)
+        frequencies = counts[counts > 0] / counts.sum()
+        constant = -(frequencies * np.log(frequencies)).sum()  # the entropy of the action frequencies
+    else:
+        actions = controller.squash(logits)
+        constant = ((actions.numpy() - actions.numpy().mean(0)) ** 2).mean()  # the mean action's MSE
+    start = controller.initial_params(torch.Generator().manual_seed(1))
+    params, loss, constant_loss = fit_controller(controller, features, actions, start)
+    assert constant_loss == pytest.approx(constant, rel=1e-5)
+    assert loss < 0.1 * constant_loss
+    fitted = controller.squash(controller.logits(params, features))
+    if controller.discrete:
+        assert (fitted == actions.argmax(-1)).float().mean() > 0.9
+    else:
+        assert float(((fitted - actions) ** 2).mean()) == pytest.approx(loss, rel=1e-4)
+        # the start's actions are far from the teacher's: the fit moved
+        assert (
+            float(((controller.squash(controller.logits(start, features)) - actions) ** 2).mean()) > 3 * loss
+        )
+
+
+@pytest.mark.parametrize("use_mu", [True, False])
+def test_the_features_are_z_and_the_h_the_agent_reads_before_each_action(use_mu):
+    torch.manual_seed(0)
+    memory = MemoryModel(Z, 3, MemoryConfig(hidden=H, components=2, rank=1, flow_hidden=8)).eval()
+    rng = np.random.default_rng(3)
+    steps = 7
+    data = {
+        "mu": rng.normal(size=(steps + 1, Z)).astype(np.float32),
+        "logvar": np.full((steps + 1, Z), -1.0, np.float32),
+        "actions": rng.uniform(size=(steps, 3)).astype(np.float32),
+    }
+    features = controller_features(memory, data, use_mu, np.random.default_rng(5))
+    assert features.shape == (steps, Z + H)
+    z = data["mu"][:steps]
+    if not use_mu:
+        z = z + float(np.exp(-0.5)) * np.random.default_rng(5).standard_normal(z.shape, dtype=np.float32)
+    np.testing.assert_allclose(features[:, :Z].numpy(), z, atol=1e-6)
+    # reference: MemoryModel.step through the episode, h before reading (z_t, a_t)
+    state = memory.initial_state(1)
+    with torch.no_grad():
+        for t in range(steps):
+            np.testing.assert_allclose(features[t, Z:].numpy(), state[0][0, 0].numpy(), atol=1e-5)
+            _, state = memory.step(
+                torch.from_numpy(z[t : t + 1]), torch.from_numpy(data["actions"][t : t + 1]), state
+            )
+
+
+def test_train_controller_starts_from_the_imitation_of_the_best_episodes(tmp_path):
+    from tests.test_es import _memory_and_controller, tiny_run
+
+    extra = ["controller.init=imitate", "controller.imitate_top=0.34", "controller.sigma=0.05"]
+    cfg = tiny_run(tmp_path, generations=2, extra=extra)
+    latents = sorted(run_paths(cfg).latents.glob("ep_*.npz"))
+    for index, path in enumerate(latents):  # returns 0, 5, 10: the last episode is the best
+        data = load_latents(path)
+        data["actions"] = np.full_like(
+            data["actions"], 0.2 + 0.3 * index
+        )  # each episode's own constant action
+        save_latents(
+            path, data["mu"], data["logvar"], data["actions"], np.full(5, float(index)), data["terminals"]
+        )
+    summary = train_controller.run(cfg)
+    start = read_json(run_paths(cfg).controller / "start.json")
+    assert summary["start"] == start
+    assert (start["episodes"], start["frames"], start["mean_return"]) == (1, 5, 10.0)
+    assert start["loss"] < 0.01 and start["constant_loss"] == 0.0 and np.isfinite(start["eval_mean"])
+    assert "real_mean" not in start  # no real-game evaluation in this dream of its own
+    # on the best episode's frames the imitation plays its constant action (0.8, 0.8, 0.8)
+    memory, controller = _memory_and_controller(cfg)
+    imitation = imitate_collected(cfg, memory, controller, controller.initial_params())
+    best = load_latents(latents[-1])
+    features = controller_features(memory, best, cfg.memory_train.use_mu, np.random.default_rng(cfg.seed))
+    np.testing.assert_allclose(
+        controller.squash(controller.logits(imitation.params, features)).numpy(), best["actions"], atol=0.05
+    )
+    headline = "\n".join(_headline({"train-controller": summary}))
+    assert "imitates 1 collected episodes (mean return 10.0" in headline
+    assert f"{start['eval_mean']:.1f} in the dream" in headline and "in the real game" not in headline
+    assert train_controller.run(cfg)["skipped"] is True
+    for field, value in (("init", "clone"), ("imitate_top", "0"), ("imitate_top", "1.5")):
+        with pytest.raises(ConfigError, match=f"controller.{field}"):
+            train_controller.run(tiny_run(tmp_path / "bad", extra=[f"controller.{field}={value}"]))
