@@ -101,7 +101,10 @@ def test_a_stage_records_its_work_time_summed_over_the_invocations_that_did_it(t
     assert recorded_seconds(stage.folder) is None and stage.open() is None
     stage.finish({})
     assert recorded_seconds(stage.folder) == 3.5
-    assert Stage(cfg(tmp_path, "vae.epochs=3"), "train-vae").open() == {}  # skipped: nothing added
+    skipped = Stage(cfg(tmp_path, "vae.epochs=3"), "train-vae")
+    assert skipped.open() == {}  # skipped: nothing added
+    assert recorded_seconds(stage.folder) == 3.5
+    skipped.finish({})  # finished again after a check of its files (collect, encode): its time is kept
     assert recorded_seconds(stage.folder) == 3.5
     more = Stage(cfg(tmp_path, "vae.epochs=5"), "train-vae")  # continued from epoch 3
     assert more.open() is None

@@ -251,6 +251,8 @@ class Stage:
             note(f"[{self.name}] {self.folder} was made from other inputs; redoing it:\n  {listed}")
             shutil.rmtree(self.folder)
         elif (summary := self._finished_summary()) is not None:  # not stale: already checked
+            # collect and encode check every file of a finished stage and finish it again: keep its time
+            self._seconds_before = _seconds_of(_read_record(self.folder) or {})
             return summary
         prepare_stage(self.cfg, self.folder)
         # the stage's work time adds up over invocations: a resumed or continued stage keeps what it spent (a
