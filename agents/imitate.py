@@ -74,7 +74,9 @@ def check_init(init: str, top: float) -> None:
 
 
 @torch.inference_mode()
-def controller_features(memory: MemoryModel, data: dict[str, np.ndarray], use_mu: bool, rng) -> Tensor:
+def controller_features(
+    memory: MemoryModel, data: dict[str, np.ndarray], use_mu: bool, rng: np.random.Generator
+) -> Tensor:
     """[T, Z + H] the inputs C would have read at each of the episode's T actions."""
     steps = len(data["actions"])
     inputs = torch.as_tensor(memory_inputs(data, steps, use_mu, rng)).unsqueeze(0)

@@ -1,4 +1,5 @@
-"""The switch comparison script (``experiments/dream_switches.py``): its sharing of stages and its table."""
+"""The experiment scripts: the switch comparison's sharing of stages and its table (``dream_switches.py``),
+the imitation score's refusals (``score_imitation.py``)."""
 
 from __future__ import annotations
 
@@ -54,3 +55,20 @@ def test_an_unknown_switch_is_refused():
         check=False,
     )
     assert result.returncode == 2 and "unknown switch 'magic'" in result.stderr
+
+
+def test_the_imitation_score_refuses_a_run_without_an_imitation_or_a_memory(tmp_path):
+    def score(*overrides):
+        return subprocess.run(
+            [sys.executable, "experiments/score_imitation.py", f"--set=runs_dir={tmp_path}", *overrides],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    result = score()
+    assert result.returncode == 2 and "controller.init is 'zeros'" in result.stderr
+    result = score("--set=controller.init=imitate")
+    assert result.returncode == 2 and "no trained memory" in result.stderr
+    assert not any(tmp_path.iterdir())  # refused before any work

@@ -1,0 +1,78 @@
+"""The reference row of a dream-trained run: its CMA-ES start alone (``controller.init: imitate``, no dream
+training), scored on the evaluate stage's own test seeds, so it sits next to the run's final score.
+
+    .venv/bin/python experiments/score_imitation.py --config configs/carracing-hour.yaml [--set seed=N ...]
+
+Reads the run's latents and memory (``run.py train-memory`` first), fits the imitation exactly as
+``train-controller`` does, plays ``evaluate.episodes`` real episodes on the rollout workers and writes
+``<run>/imitation_score.json`` (also printed): the fit's figures and the returns' mean, std, min, max.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from agents.agent import controller_for  # noqa: E402 (sys.path)
+from agents.imitate import imitate_collected  # noqa: E402 (sys.path)
+from agents.train_controller import TEST, episode_seeds  # noqa: E402 (sys.path)
+from agents.workers import map_seeds, run_pool  # noqa: E402 (sys.path)
+from rollouts.dream_env import load_memory  # noqa: E402 (sys.path)
+from worldmodel.config import ConfigError, load_config  # noqa: E402 (sys.path)
+from worldmodel.io import DataError, write_json  # noqa: E402 (sys.path)
+from worldmodel.runs import run_paths  # noqa: E402 (sys.path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="the run's config (default: the embedded tiny one)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        if cfg.controller.init != "imitate":
+            raise ConfigError(
+                f"controller.init is {cfg.controller.init!r}: this run does not start from an imitation"
+            )
+        memory = load_memory(cfg, "cpu")
+    except (ConfigError, DataError) as error:
+        print(f"score_imitation: {error}", file=sys.stderr)
+        return 2
+    controller = controller_for(cfg.env, memory, cfg.controller.hidden)
+    start = controller.initial_params(torch.Generator().manual_seed(cfg.seed))  # as train-controller starts
+    imitation = imitate_collected(cfg, memory, controller, start)
+    seeds = episode_seeds(cfg.seed, TEST, 0, cfg.evaluate.episodes)  # the evaluate stage's seeds
+    started = time.perf_counter()
+    pool = run_pool(cfg, memory=memory)
+    try:
+        params = imitation.params.numpy().astype(np.float32)
+        episodes = map_seeds(pool, "evaluate", params, seeds, cfg.controller.envs_per_worker)
+    finally:
+        pool.close()
+    returns = np.array([episode.ret for episode in episodes])
+    result = {
+        "imitation": imitation.summary(),
+        "episodes": len(returns),
+        "mean": float(returns.mean()),
+        "std": float(returns.std()),
+        "min": float(returns.min()),
+        "max": float(returns.max()),
+        "seconds": round(time.perf_counter() - started, 1),
+        "seeds": seeds,
+    }
+    write_json(run_paths(cfg).root / "imitation_score.json", result)
+    print(json.dumps({key: value for key, value in result.items() if key != "seeds"}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
