@@ -32,7 +32,7 @@ from agents.dream_batch import BatchedDream
 from agents.imitate import Imitation, check_init, imitate_collected
 from agents.workers import check_rollout_config, chunk_count, map_seeds, run_pool
 from rollouts.dream_env import check_dream_start, dream_horizon, dream_starts, load_memory
-from worldmodel.config import Config, ConfigError, step_limit
+from worldmodel.config import Config, ConfigError, ControllerConfig, step_limit
 from worldmodel.data import list_npz, load_latents
 from worldmodel.io import (
     DataError,
@@ -202,7 +202,9 @@ def _gap(rows: list[dict], kept_generation: int) -> dict:
     }
 
 
-def _score_start(imitation: Imitation, fitness, real: RealFitness | None, c) -> dict:
+def _score_start(
+    imitation: Imitation, fitness: DreamFitness | RealFitness, real: RealFitness | None, c: ControllerConfig
+) -> dict:
     """The imitation CMA-ES starts from (``controller.init: imitate``): its fit, and its scores at generation
     0 on the periodic evaluation's episodes (the dream's, and the real game's with ``eval_real_episodes``)."""
     params = imitation.params.double().numpy()
