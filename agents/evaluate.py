@@ -96,7 +96,9 @@ def run(cfg: Config) -> dict:
     if cfg.evaluate.random_baseline:
         jobs += [(None, chunk, False) for chunk in chunks]
     try:
-        results = [episode for result in pool.map("evaluate", jobs) for episode in result]
+        sizes = [len(job[1]) for job in jobs]
+        desc = "[evaluate] controller" + (", then random policy" if cfg.evaluate.random_baseline else "")
+        results = [episode for result in pool.map("evaluate", jobs, desc, sizes) for episode in result]
     finally:
         pool.close()
     episodes, random_episodes = results[: len(seeds)], results[len(seeds) :]

@@ -147,6 +147,7 @@ def collect_iteration(cfg: Config, previous: Config, current: Config, iteration:
                 cfg.controller.envs_per_worker,
                 it.noise,
                 it.noise_scale,
+                desc=f"[iterate] iteration {iteration}: collecting",
             )
         finally:
             pool.close()
@@ -192,14 +193,10 @@ def _share_vae(previous: Config, current: Config) -> None:
 
 def score(pool, params: np.ndarray | None, seeds: list[int], envs_per_worker: int) -> np.ndarray:
     """Returns of ``params`` (None: uniformly random actions) on the real-game ``seeds``."""
-    from agents.workers import chunk_count, split_seeds
+    from agents.workers import map_seeds
 
-    chunks = split_seeds(seeds, chunk_count(len(seeds), pool.size, envs_per_worker))
-    episodes = [
-        episode
-        for result in pool.map("evaluate", [(params, chunk) for chunk in chunks])
-        for episode in result
-    ]
+    desc = f"[iterate] scoring {'the random policy' if params is None else 'the best controller'}"
+    episodes = map_seeds(pool, "evaluate", params, seeds, envs_per_worker, desc=desc)
     return np.array([episode.ret for episode in episodes])
 
 

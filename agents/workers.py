@@ -202,11 +202,14 @@ def map_seeds(
     seeds: Sequence[int],
     envs_per_worker: int,
     *extra: object,
+    desc: str | None = None,
 ) -> list:
     """``method(params, chunk, *extra)`` on the pool for every lockstep chunk of ``seeds``; the per-episode
-    results, flattened in the order of ``seeds``."""
-    jobs = [(params, chunk, *extra) for chunk in seed_chunks(pool, seeds, envs_per_worker)]
-    return [item for result in pool.map(method, jobs) for item in result]
+    results, flattened in the order of ``seeds``. ``desc``: a progress bar of the episodes under that name."""
+    chunks = seed_chunks(pool, seeds, envs_per_worker)
+    jobs = [(params, chunk, *extra) for chunk in chunks]
+    results = pool.map(method, jobs, desc, [len(chunk) for chunk in chunks])
+    return [item for result in results for item in result]
 
 
 def split_seeds(seeds: Sequence[int], parts: int) -> list[list[int]]:

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from worldmodel.progress import note
+from worldmodel.progress import note, progress
 
 
 class PoolWorker:
@@ -287,20 +287,32 @@ class ActorPool:
                 self._replace(slot)
             raise
 
-    def map(self, method: str, jobs: Sequence[tuple]) -> list:
+    def map(
+        self, method: str, jobs: Sequence[tuple], desc: str | None = None, sizes: Sequence[int] | None = None
+    ) -> list:
         """The results of ``run`` in job order; ``RuntimeError`` when a job fails more than ``retries``
-        times."""
+        times. ``desc``: show a progress bar of that name, counting jobs or, with ``sizes``, each job's
+        episodes as it finishes."""
         results: list = [None] * len(jobs)
+        unit = "job" if sizes is None else "episode"
+        sizes = [1] * len(jobs) if sizes is None else list(sizes)
+        if len(sizes) != len(jobs):
+            raise ValueError(f"{len(sizes)} sizes for {len(jobs)} jobs")
+        bar = progress(total=sum(sizes), desc=desc, unit=unit, disable=desc is None)
 
         def store(index: int, result: Any, _worker: WorkerInfo) -> None:
             results[index] = result
+            bar.update(sizes[index])
 
         def fail(index: int, attempts: int, error: str) -> None:
             if attempts:
                 raise RuntimeError(f"{self.label} {index} failed {attempts} times; last error: {error}")
             raise RuntimeError(f"{self.label} {index} could not run: {error}")
 
-        self.run(method, jobs, store, fail)
+        try:
+            self.run(method, jobs, store, fail)
+        finally:
+            bar.close()
         return results
 
     def close(self) -> None:

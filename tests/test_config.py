@@ -11,6 +11,7 @@ from worldmodel.config import (
     DEFAULT_CONFIG,
     Config,
     ConfigError,
+    check_run_config,
     config_from_dict,
     config_to_dict,
     load_config,
@@ -56,6 +57,13 @@ BAD_VALUES = [
     ("pipeline", "controller.max_steps=5000", "controller.max_steps must be between 0"),
     ("pipeline", "controller.dream_start=middle", "controller.dream_start"),
     ("pipeline", "evaluate.episodes=0", "evaluate.episodes"),
+    (
+        "pipeline",
+        "controller.imitate_top=0.5",
+        "controller.imitate_top=0.5 is only read with controller.init",
+    ),
+    ("collect", "collect.follower_blend=0.5", "collect.follower_blend=0.5 is only read with collect.policy"),
+    ("collect", "collect.mario_repeat=2", "collect.mario_repeat=2 is only read with env.name: mario"),
     ("collect", "collect.workers=-1", "collect.workers"),
     ("train-vae", "vae.batch_size=0", "vae.batch_size"),
     ("train-memory", "memory.kind=lstm", "memory.kind"),
@@ -80,6 +88,23 @@ def test_a_bad_value_in_any_section_is_refused_before_any_work(tmp_path, capsys,
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists(), "a refused config must not start any work"
+
+
+def test_a_conditional_field_is_refused_only_where_its_condition_fails():
+    hour = REPO / "configs" / "carracing-hour.yaml"
+    # at its default the field is harmless wherever it is unused, so a config can switch its condition off
+    check_run_config(load_config(hour, ["controller.init=zeros"]))
+    check_run_config(load_config(hour, ["controller.imitate_top=0.5"]))
+    with pytest.raises(ConfigError, match=r"controller.imitate_top=0.5 is only read with controller.init"):
+        check_run_config(load_config(hour, ["controller.init=zeros", "controller.imitate_top=0.5"]))
+    with pytest.raises(ConfigError, match=r"controller.dream_start_limit=8 is only read with"):
+        check_run_config(
+            load_config(hour, ["controller.dream_start=first", "controller.dream_start_limit=8"])
+        )
+    mario = REPO / "configs" / "mario-hour.yaml"
+    check_run_config(load_config(mario, ["collect.right_bias=0.5", "collect.mario_repeat=2"]))
+    with pytest.raises(ConfigError, match=r"collect.right_bias=0.5 is only read with env.name: mario"):
+        check_run_config(load_config(mario, ["collect.policy=random", "collect.right_bias=0.5"]))
 
 
 def test_overrides_are_typed():

@@ -94,6 +94,22 @@ def test_a_crashing_rollout_actor_is_replaced_and_its_candidate_reevaluated(ray_
     assert sum(pool.jobs_per_node.values()) == 6
 
 
+def test_map_counts_each_jobs_episodes_in_its_progress_bar(ray_session, tmp_path, capsys):
+    actor_class = ray.remote(num_cpus=0, max_restarts=0)(ToyWorker)
+    pool = ActorPool(lambda: actor_class.remote(str(tmp_path)), size=2)
+    try:
+        jobs = [(np.full(4, 0.0), [1, 2, 3]), (np.full(4, 1.0), [4])]
+        assert pool.map("evaluate", jobs, "[toy] scoring", [3, 1]) == [[1.0, 2.0, 3.0], [8.0]]
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("[toy] scoring") and "4/4" in last and "episode" in last
+        pool.map("evaluate", toy_jobs(2))
+        assert "scoring" not in capsys.readouterr().err  # no name, no bar
+        with pytest.raises(ValueError, match="1 sizes for 2 jobs"):
+            pool.map("evaluate", toy_jobs(2), "[toy]", [2])
+    finally:
+        pool.close()
+
+
 def test_a_candidate_that_always_kills_its_actor_fails_after_bounded_retries(ray_session, tmp_path):
     actor_class = ray.remote(num_cpus=0, max_restarts=0)(ToyWorker)
     pool = ActorPool(

@@ -442,8 +442,46 @@ def step_limit(cfg: Config, cap: int) -> int:
     return cap or cfg.env.max_steps
 
 
+CONDITIONAL_FIELDS: tuple[tuple[str, str, Any], ...] = (
+    (
+        "collect.follower_blend",
+        "collect.policy: track_follower with env.name: carracing",
+        lambda cfg: cfg.env.name == "carracing" and cfg.collect.policy == "track_follower",
+    ),
+    (
+        "collect.right_bias",
+        "env.name: mario with collect.policy: right_biased (or auto)",
+        lambda cfg: cfg.env.name == "mario" and cfg.collect.policy in ("auto", "right_biased"),
+    ),
+    ("collect.mario_repeat", "env.name: mario", lambda cfg: cfg.env.name == "mario"),
+    ("controller.imitate_top", "controller.init: imitate", lambda cfg: cfg.controller.init == "imitate"),
+    (
+        "controller.dream_start_limit",
+        "controller.dream_start: any",
+        lambda cfg: cfg.controller.dream_start == "any",
+    ),
+)
+"""Fields read only under a condition: (dotted name, the condition in words, the condition). A value other
+than the default where the condition does not hold is refused, so that no value the user gave is silently
+unused."""
+
+
+def _field_value(config: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = getattr(config, part)
+    return config
+
+
 def check_run_config(cfg: Config) -> None:
     """The top-level fields and the rules that span sections (``ConfigError`` naming the field)."""
+    defaults = Config()
+    for dotted, condition, holds in CONDITIONAL_FIELDS:
+        value = _field_value(cfg, dotted)
+        if value != _field_value(defaults, dotted) and not holds(cfg):
+            raise ConfigError(
+                f"{dotted}={value!r} is only read with {condition}, which this config does not have: "
+                f"remove it or change the setting it depends on"
+            )
     if cfg.seed < 0:
         raise ConfigError(f"seed must be >= 0 (it seeds numpy's SeedSequence), got {cfg.seed}")
     if cfg.threads < 0:
