@@ -91,9 +91,29 @@ def use_threads(count: int) -> None:
         torch.set_num_threads(count)
 
 
+def stage_config(config: Config, stage: str) -> Config:
+    """The config ``stage`` runs with: with ``iterate.iterations`` > 0 the stages that score or show the final
+    controller (``agents.report.EVALUATION_STAGES``) read the last iteration's run, as the pipeline does."""
+    from agents.iterate import iteration_config
+    from agents.report import EVALUATION_STAGES
+    from worldmodel.io import DataError
+    from worldmodel.runs import run_paths
+
+    if stage not in EVALUATION_STAGES or not config.iterate.iterations:
+        return config
+    final = iteration_config(config, config.iterate.iterations)
+    controller = run_paths(final).controller / "best.pt"
+    if not controller.exists():
+        raise DataError(
+            f"{controller}: iterate.iterations = {config.iterate.iterations}, and the last iteration has no "
+            "controller yet; run `python run.py pipeline` (or `run.py iterate` after train-controller) "
+            f"first, or `--set iterate.iterations=0` to {stage} the first controller"
+        )
+    return final
+
+
 def run_pipeline(config: Config) -> dict:
     """Every stage in order, then ``<run>/report.md`` with each stage's figures and pictures."""
-    from agents.iterate import iteration_config
     from agents.report import EVALUATION_STAGES, work_seconds, write_report
     from worldmodel.runs import run_paths
 
@@ -102,16 +122,15 @@ def run_pipeline(config: Config) -> dict:
     stages = list(PIPELINE_STAGES)
     if config.iterate.iterations:
         stages.insert(stages.index("evaluate"), "iterate")
-    final = iteration_config(config, config.iterate.iterations)
     summaries, seconds, work = {}, {}, {}
     for stage in stages:
         print(f"[pipeline] {stage}", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        stage_config = final if stage in EVALUATION_STAGES else config
-        summaries[stage] = resolve(COMMANDS[stage])(stage_config)
+        current = stage_config(config, stage)
+        summaries[stage] = resolve(COMMANDS[stage])(current)
         seconds[stage] = round(time.perf_counter() - start, 1)
-        work[stage] = round(work_seconds(stage_config, stage, summaries[stage], seconds[stage]), 1)
-    folders = {stage: getattr(run_paths(final), stage) for stage in EVALUATION_STAGES}
+        work[stage] = round(work_seconds(current, stage, summaries[stage], seconds[stage]), 1)
+    folders = {stage: getattr(run_paths(stage_config(config, stage)), stage) for stage in EVALUATION_STAGES}
     report = write_report(config, summaries, seconds, folders, work)
     return {
         "report": str(report),
@@ -206,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         elif command == "pipeline":
             summary = run_pipeline(config)
         else:
-            summary = resolve(COMMANDS[command])(config)
+            summary = resolve(COMMANDS[command])(stage_config(config, command))
     except (ConfigError, DataError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -13,8 +13,11 @@ parameters are fitted to the recorded actions :math:`a_t` by full-batch Adam fro
   controller plays the argmax).
 
 Only the best episodes are read (``controller.imitate_top`` of the collected ones, by return): an exploration
-policy blended with noise is worth imitating where it scored. CMA-ES still ranks every candidate by its dream
-returns alone; the imitation only decides where the search begins.
+policy blended with noise is worth imitating where it scored. With ``controller.imitate_weight`` = 0 CMA-ES
+ranks every candidate by its dream returns alone and the imitation only decides where the search begins; with
+a weight :math:`\lambda > 0` a candidate's fitness is its mean dream return minus :math:`\lambda` times its
+loss above on the same frames (TD3+BC's behaviour-cloning term, for a search): the dream is trusted only near
+the play M was trained on.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from torch import Tensor
 
 from agents.controller import Controller
 from rollouts.dream_env import memory_inputs
-from worldmodel.config import Config, ConfigError
+from worldmodel.config import Config, ConfigError, ControllerConfig
 from worldmodel.data import list_npz, load_latents
 from worldmodel.io import DataError
 from worldmodel.memory import MemoryModel
@@ -54,6 +57,10 @@ class Imitation:
     constant_loss: float
     """The loss of the best constant action on the same frames (the action variance, or the entropy of the
     recorded action frequencies): what ``loss`` is to be read against."""
+    features: Tensor
+    """[T, Z + H] the inputs C read on the imitated frames."""
+    target: Tensor
+    """The recorded actions there (``imitation_targets``)."""
 
     def summary(self) -> dict:
         return {
@@ -65,12 +72,15 @@ class Imitation:
         }
 
 
-def check_init(init: str, top: float) -> None:
-    """Refuse a ``controller.init`` outside ``INITS`` or a ``controller.imitate_top`` outside (0, 1]."""
-    if init not in INITS:
-        raise ConfigError(f"controller.init must be one of {', '.join(INITS)}, got {init!r}")
-    if not 0.0 < top <= 1.0:
-        raise ConfigError(f"controller.imitate_top must be in (0, 1], got {top}")
+def check_init(c: ControllerConfig) -> None:
+    """Refuse a ``controller.init`` outside ``INITS``, a ``controller.imitate_top`` outside (0, 1] or a
+    negative (or non-finite) ``controller.imitate_weight``."""
+    if c.init not in INITS:
+        raise ConfigError(f"controller.init must be one of {', '.join(INITS)}, got {c.init!r}")
+    if not 0.0 < c.imitate_top <= 1.0:
+        raise ConfigError(f"controller.imitate_top must be in (0, 1], got {c.imitate_top}")
+    if not 0.0 <= c.imitate_weight < float("inf"):
+        raise ConfigError(f"controller.imitate_weight must be a finite number >= 0, got {c.imitate_weight}")
 
 
 @torch.inference_mode()
@@ -86,6 +96,37 @@ def controller_features(
     return torch.cat([inputs[0, :, : memory.target_dim], hidden], dim=1)
 
 
+def imitation_targets(controller: Controller, actions: Tensor) -> Tensor:
+    """What the fit reads of the recorded action vectors ``[T, A]``: the box actions themselves, or Mario's
+    action indices ``[T]``."""
+    return actions.argmax(-1) if controller.discrete else actions
+
+
+def imitation_loss(
+    controller: Controller, params: Tensor, features: Tensor, target: Tensor, surrogate: bool = False
+) -> Tensor:
+    """The fit's loss of ``params [n]`` (a scalar) or of a population ``params [P, n]`` (``[P]``) on
+    ``features [T, Z + H]`` against ``target`` (``imitation_targets``): the MSE in the action box, or the
+    cross-entropy in nats. ``surrogate``: the brake's tanh itself where the recorded brake is on (the clamp
+    has no gradient where tanh <= 0: all of it at the zero start), for the fit's gradient."""
+    population = params.dim() == 2
+    if population:
+        features = features.expand(params.shape[0], *features.shape)
+    logits = controller.logits(params, features)
+    if controller.discrete:
+        losses = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            target.repeat(params.shape[0]) if population else target,
+            reduction="none",
+        )
+        return losses.reshape(params.shape[0], -1).mean(1) if population else losses.mean()
+    actions = controller.squash(logits)
+    if surrogate:
+        brake = torch.where(target[:, 2] > 0, torch.tanh(logits[..., 2]), actions[..., 2])
+        actions = torch.cat([actions[..., :2], brake[..., None]], dim=-1)
+    return ((actions - target) ** 2).mean((-2, -1))
+
+
 def fit_controller(
     controller: Controller,
     features: Tensor,
@@ -96,41 +137,27 @@ def fit_controller(
 ) -> tuple[Tensor, float, float]:
     """(params, final loss, the best constant action's loss): ``start`` fitted to ``actions`` [T, A] (the
     recorded vectors: the box action, or Mario's one-hot) from ``features`` [T, Z + H] by full-batch Adam."""
+    target = imitation_targets(controller, actions)
     if controller.discrete:
-        target = actions.argmax(-1)
         counts = torch.bincount(target, minlength=controller.action_dim).double()
         frequencies = counts[counts > 0] / counts.sum()
         constant = float(-(frequencies * frequencies.log()).sum())
     else:
-        target = actions
         constant = float(actions.double().var(0, unbiased=False).mean())
-
-    def loss_of(params: Tensor, surrogate: bool) -> Tensor:
-        logits = controller.logits(params, features)
-        if controller.discrete:
-            return torch.nn.functional.cross_entropy(logits, target)
-        actions = controller.squash(logits)
-        if surrogate:
-            # brake = max(tanh, 0) has no gradient where tanh <= 0 (all of it at the zero start): where the
-            # recorded brake is on, tanh itself is fitted (the same loss wherever tanh >= 0)
-            brake = torch.where(target[:, 2] > 0, torch.tanh(logits[:, 2]), actions[:, 2])
-            actions = torch.cat([actions[:, :2], brake[:, None]], dim=1)
-        return ((actions - target) ** 2).mean()
-
     params = start.detach().clone().float().requires_grad_()
     optimiser = torch.optim.Adam([params], lr=lr)
     for _ in range(steps):
         optimiser.zero_grad()
-        loss_of(params, surrogate=True).backward()
+        imitation_loss(controller, params, features, target, surrogate=True).backward()
         optimiser.step()
     with torch.no_grad():
-        final = float(loss_of(params, surrogate=False))
+        final = float(imitation_loss(controller, params, features, target))
     return params.detach(), final, constant
 
 
 def imitate_collected(cfg: Config, memory: MemoryModel, controller: Controller, start: Tensor) -> Imitation:
     """The controller that imitates the ``controller.imitate_top`` best of the run's encoded episodes."""
-    check_init(cfg.controller.init, cfg.controller.imitate_top)
+    check_init(cfg.controller)
     paths = list_npz(run_paths(cfg).latents)
     if not paths:
         raise DataError(f"{run_paths(cfg).latents}: no latents to imitate; run `python run.py encode` first")
@@ -144,4 +171,13 @@ def imitate_collected(cfg: Config, memory: MemoryModel, controller: Controller, 
     )
     actions = torch.cat([torch.as_tensor(episodes[i]["actions"]) for i in best])
     params, loss, constant = fit_controller(controller, features, actions, start)
-    return Imitation(params, len(best), len(actions), float(returns[best].mean()), loss, constant)
+    return Imitation(
+        params,
+        len(best),
+        len(actions),
+        float(returns[best].mean()),
+        loss,
+        constant,
+        features,
+        imitation_targets(controller, actions),
+    )

@@ -83,12 +83,10 @@ def _headline(summaries: dict[str, dict]) -> list[str]:
         rows.append(("furthest x position", line))
     controller = summaries.get("train-controller") or {}
     if "best_score" in controller:
-        rows.append(
-            (
-                f"best fitness in the {controller.get('train_in', '?')}",
-                f"{controller['best_score']:.2f} after {controller.get('generations')} generations",
-            )
-        )
+        line = f"{controller['best_score']:.2f} after {controller.get('generations')} generations"
+        if controller.get("imitate_weight"):
+            line += f" (the dream return less {controller['imitate_weight']:g} x the imitation loss)"
+        rows.append((f"best fitness in the {controller.get('train_in', '?')}", line))
     start = controller.get("start")
     if start:
         line = (

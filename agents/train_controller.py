@@ -29,7 +29,7 @@ import torch
 from agents.agent import controller_for
 from agents.controller import Controller
 from agents.dream_batch import BatchedDream
-from agents.imitate import Imitation, check_init, imitate_collected
+from agents.imitate import Imitation, check_init, imitate_collected, imitation_loss
 from agents.workers import check_rollout_config, chunk_count, map_seeds, run_pool
 from rollouts.dream_env import check_dream_start, dream_horizon, dream_starts, load_memory
 from worldmodel.config import Config, ConfigError, ControllerConfig, step_limit
@@ -78,7 +78,7 @@ def check_controller_config(cfg: Config) -> None:
             raise ConfigError(f"controller.{key} must be at least {low}, got {getattr(c, key)}")
     check_rollout_config(c)
     check_dream_start(c.dream_start)
-    check_init(c.init, c.imitate_top)
+    check_init(c)
     if c.sigma <= 0 or c.temperature < 0:
         raise ConfigError(
             f"controller.sigma must be > 0 and controller.temperature >= 0, got {c.sigma}, {c.temperature}"
@@ -262,20 +262,33 @@ def run(cfg: Config, *, initial_mean: np.ndarray | None = None) -> dict:
     out = stage.folder
     state_path, best_path, metrics_path = out / "es_state.pt", out / "best.pt", out / "metrics.jsonl"
     start_path, imitation = out / "start.json", None
+    starts_from_imitation = c.init == "imitate" and initial_mean is None and not state_path.exists()
+    if starts_from_imitation or (c.init == "imitate" and c.imitate_weight > 0):
+        # the fit is deterministic: a resumed run penalises candidates against the same imitation
+        start = controller.initial_params(torch.Generator().manual_seed(cfg.seed))  # seeded W1 (hidden > 0)
+        imitation = imitate_collected(cfg, memory, controller, start)
     if state_path.exists():
         state = load_checkpoint(state_path)
         es, best = CMAES.from_state_dict(state["es"]), state["best"]
     else:
-        start = controller.initial_params(torch.Generator().manual_seed(cfg.seed))  # seeded W1 (hidden > 0)
         if initial_mean is not None:
             x0 = np.asarray(initial_mean, np.float64)
-        elif c.init == "imitate":
-            imitation = imitate_collected(cfg, memory, controller, start)
+        elif imitation is not None:
             x0 = imitation.params.double().numpy()
         else:
-            x0 = start.double().numpy()
+            x0 = controller.initial_params(torch.Generator().manual_seed(cfg.seed)).double().numpy()
         es = CMAES(x0, c.sigma, c.population, cfg.seed)
         best = {"score": -float("inf"), "std": 0.0, "generation": 0, "params": None}
+
+    def imitation_penalty(population: np.ndarray) -> np.ndarray:
+        """[P] ``controller.imitate_weight`` times each candidate's imitation loss (zeros without)."""
+        if imitation is None or c.imitate_weight == 0:
+            return np.zeros(len(population))
+        with torch.no_grad():
+            params = torch.as_tensor(population, dtype=torch.float32)
+            losses = imitation_loss(controller, params, imitation.features, imitation.target)
+        return c.imitate_weight * losses.double().numpy()
+
     # rows of generations after the checkpoint were written by a run killed before it saved the ES state
     rows = [row for row in read_jsonl(metrics_path) if row["generation"] <= es.generation]
     atomic_write_text(metrics_path, "".join(json.dumps(row) + "\n" for row in rows))
@@ -284,7 +297,7 @@ def run(cfg: Config, *, initial_mean: np.ndarray | None = None) -> dict:
         fitness = (DreamFitness if c.train_in == "dream" else RealFitness)(cfg, memory, controller)
         if c.train_in == "dream" and c.eval_real_episodes:
             real = RealFitness(cfg, memory, controller)  # the dream-vs-real gap, never used to rank
-        if imitation is not None and not start_path.exists():
+        if starts_from_imitation and not start_path.exists():
             write_json(start_path, _score_start(imitation, fitness, real, c))
     started = time.perf_counter()
     bar = progress(
@@ -294,7 +307,9 @@ def run(cfg: Config, *, initial_mean: np.ndarray | None = None) -> dict:
         while es.generation < c.generations:
             tick = time.perf_counter()
             candidates = es.ask()
-            scores, mean_length = fitness.population(candidates, c.rollouts, es.generation)
+            returns, mean_length = fitness.population(candidates, c.rollouts, es.generation)
+            penalties = imitation_penalty(candidates)
+            scores = returns - penalties
             es.tell(candidates, scores)
             generation = es.generation
             row = {
@@ -305,16 +320,20 @@ def run(cfg: Config, *, initial_mean: np.ndarray | None = None) -> dict:
                 "sigma": es.sigma,
                 "mean_length": mean_length,
             }
+            if c.imitate_weight:
+                row.update(return_mean=float(returns.mean()), penalty_mean=float(penalties.mean()))
             if (c.eval_every and generation % c.eval_every == 0) or generation == c.generations:
                 champion = candidates[int(np.argmax(scores))]
                 returns = fitness.episodes(champion, c.eval_episodes, generation)
                 row.update(eval_mean=float(returns.mean()), eval_std=float(returns.std()))
+                # what the champion is kept by: its dream score less its imitation penalty
+                row["eval_score"] = row["eval_mean"] - float(imitation_penalty(champion[None])[0])
                 if real is not None:
                     real_returns = real.episodes(champion, c.eval_real_episodes, generation)
                     row.update(real_mean=float(real_returns.mean()), real_std=float(real_returns.std()))
-                if row["eval_mean"] > best["score"]:
+                if row["eval_score"] > best["score"]:
                     best = {
-                        "score": row["eval_mean"],
+                        "score": row["eval_score"],
                         "std": row["eval_std"],
                         "generation": generation,
                         "params": torch.as_tensor(champion, dtype=torch.float32),
@@ -353,6 +372,7 @@ def run(cfg: Config, *, initial_mean: np.ndarray | None = None) -> dict:
         "dream_start": c.dream_start if c.train_in == "dream" else None,
         "dream_horizon": dream_horizon(cfg) if c.train_in == "dream" else None,
         "best_score": best["score"],
+        "imitate_weight": c.imitate_weight if c.init == "imitate" else None,
         "best_score_std": best["std"],
         "best_generation": best["generation"],
         "best_score_episodes": c.eval_episodes,

@@ -126,3 +126,21 @@ def test_a_kill_in_the_middle_of_an_iteration_resumes(tmp_path):
         first_episodes
     )
     assert "redoing it" not in result.stderr
+
+
+def test_evaluate_and_dream_read_the_last_iterations_controller(tmp_path, capsys):
+    import run
+
+    overrides = [f"runs_dir={tmp_path}", "iterate.iterations=2"]
+    config = load_config(None, overrides)
+    assert run.stage_config(config, "train-controller") is config
+    # before the iterations, the command names what to run instead of scoring the wrong controller
+    assert run.main(["evaluate", *(f"--set={item}" for item in overrides)]) == 2
+    assert "iterate.iterations=0" in capsys.readouterr().err
+    final = iteration_config(config, 2)
+    (run_paths(final).controller).mkdir(parents=True)
+    (run_paths(final).controller / "best.pt").write_bytes(b"")
+    for stage in ("evaluate", "dream"):
+        assert run_paths(run.stage_config(config, stage)).root == run_paths(final).root
+    no_iterations = load_config(None, [f"runs_dir={tmp_path}"])
+    assert run.stage_config(no_iterations, "evaluate") is no_iterations
