@@ -307,9 +307,9 @@ def run(cfg: Config, *, initial_mean: np.ndarray | None = None) -> dict:
         while es.generation < c.generations:
             tick = time.perf_counter()
             candidates = es.ask()
-            returns, mean_length = fitness.population(candidates, c.rollouts, es.generation)
+            dream_returns, mean_length = fitness.population(candidates, c.rollouts, es.generation)
             penalties = imitation_penalty(candidates)
-            scores = returns - penalties
+            scores = dream_returns - penalties
             es.tell(candidates, scores)
             generation = es.generation
             row = {
@@ -321,7 +321,7 @@ def run(cfg: Config, *, initial_mean: np.ndarray | None = None) -> dict:
                 "mean_length": mean_length,
             }
             if c.imitate_weight:
-                row.update(return_mean=float(returns.mean()), penalty_mean=float(penalties.mean()))
+                row.update(return_mean=float(dream_returns.mean()), penalty_mean=float(penalties.mean()))
             if (c.eval_every and generation % c.eval_every == 0) or generation == c.generations:
                 champion = candidates[int(np.argmax(scores))]
                 returns = fitness.episodes(champion, c.eval_episodes, generation)

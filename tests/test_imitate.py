@@ -26,9 +26,7 @@ from worldmodel.memory import MemoryModel
 from worldmodel.runs import run_paths
 
 Z, H = 4, 6
-
-
-@pytest.mark.parametrize(
+EVERY_CONTROLLER = pytest.mark.parametrize(
     "controller",
     [
         Controller(Z, H, 3, discrete=False),
@@ -37,6 +35,10 @@ Z, H = 4, 6
     ],
     ids=["car-linear", "car-hidden", "mario"],
 )
+"""The CarRacing controllers, linear and with a hidden layer, and Mario's."""
+
+
+@EVERY_CONTROLLER
 def test_the_fit_reproduces_the_actions_of_a_controller_it_can_express(controller):
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(600, Z + H, generator=generator)
@@ -135,15 +137,7 @@ def test_train_controller_starts_from_the_imitation_of_the_best_episodes(tmp_pat
             train_controller.run(tiny_run(tmp_path / "bad", extra=[f"controller.{field}={value}"]))
 
 
-@pytest.mark.parametrize(
-    "controller",
-    [
-        Controller(Z, H, 3, discrete=False),
-        Controller(Z, H, 3, discrete=False, hidden=5),
-        Controller(Z, H, 7, discrete=True),
-    ],
-    ids=["car-linear", "car-hidden", "mario"],
-)
+@EVERY_CONTROLLER
 def test_a_populations_imitation_loss_is_each_candidates_own(controller):
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(50, Z + H, generator=generator)
