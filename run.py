@@ -122,15 +122,15 @@ def run_pipeline(config: Config) -> dict:
     stages = list(PIPELINE_STAGES)
     if config.iterate.iterations:
         stages.insert(stages.index("evaluate"), "iterate")
-    summaries, seconds, work = {}, {}, {}
+    summaries, seconds, work, configs = {}, {}, {}, {}
     for stage in stages:
         print(f"[pipeline] {stage}", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        current = stage_config(config, stage)
-        summaries[stage] = resolve(COMMANDS[stage])(current)
+        configs[stage] = stage_config(config, stage)
+        summaries[stage] = resolve(COMMANDS[stage])(configs[stage])
         seconds[stage] = round(time.perf_counter() - start, 1)
-        work[stage] = round(work_seconds(current, stage, summaries[stage], seconds[stage]), 1)
-    folders = {stage: getattr(run_paths(stage_config(config, stage)), stage) for stage in EVALUATION_STAGES}
+        work[stage] = round(work_seconds(configs[stage], stage, summaries[stage], seconds[stage]), 1)
+    folders = {stage: getattr(run_paths(configs[stage]), stage) for stage in EVALUATION_STAGES}
     report = write_report(config, summaries, seconds, folders, work)
     return {
         "report": str(report),

@@ -262,10 +262,10 @@ def run(cfg: Config, *, initial_mean: np.ndarray | None = None) -> dict:
     out = stage.folder
     state_path, best_path, metrics_path = out / "es_state.pt", out / "best.pt", out / "metrics.jsonl"
     start_path, imitation = out / "start.json", None
+    start = controller.initial_params(torch.Generator().manual_seed(cfg.seed))  # seeded W1 (hidden > 0)
     starts_from_imitation = c.init == "imitate" and initial_mean is None and not state_path.exists()
     if starts_from_imitation or (c.init == "imitate" and c.imitate_weight > 0):
         # the fit is deterministic: a resumed run penalises candidates against the same imitation
-        start = controller.initial_params(torch.Generator().manual_seed(cfg.seed))  # seeded W1 (hidden > 0)
         imitation = imitate_collected(cfg, memory, controller, start)
     if state_path.exists():
         state = load_checkpoint(state_path)
@@ -276,7 +276,7 @@ def run(cfg: Config, *, initial_mean: np.ndarray | None = None) -> dict:
         elif imitation is not None:
             x0 = imitation.params.double().numpy()
         else:
-            x0 = controller.initial_params(torch.Generator().manual_seed(cfg.seed)).double().numpy()
+            x0 = start.double().numpy()
         es = CMAES(x0, c.sigma, c.population, cfg.seed)
         best = {"score": -float("inf"), "std": 0.0, "generation": 0, "params": None}
 

@@ -203,21 +203,27 @@ def _memory_and_controller(cfg):
     return memory, controller_for(cfg.env, memory, cfg.controller.hidden)
 
 
-def test_train_controller_resumes_after_a_kill_as_if_uninterrupted(tmp_path, monkeypatch):
-    reference_cfg = tiny_run(tmp_path / "a", generations=5)
-    train_controller.run(reference_cfg)
-
-    cfg = tiny_run(tmp_path / "b", generations=5)
+def kill_in_generation_3(cfg, monkeypatch) -> None:
+    """Run train-controller on ``cfg`` until the process dies in the middle of generation 3."""
     real_population = train_controller.DreamFitness.population
 
     def killed_in_generation_3(self, candidates, rollouts, generation):
         if generation == 2:
-            raise KeyboardInterrupt  # the process dies in the middle of generation 3
+            raise KeyboardInterrupt
         return real_population(self, candidates, rollouts, generation)
 
     monkeypatch.setattr(train_controller.DreamFitness, "population", killed_in_generation_3)
     with pytest.raises(KeyboardInterrupt):
         train_controller.run(cfg)
+    monkeypatch.undo()
+
+
+def test_train_controller_resumes_after_a_kill_as_if_uninterrupted(tmp_path, monkeypatch):
+    reference_cfg = tiny_run(tmp_path / "a", generations=5)
+    train_controller.run(reference_cfg)
+
+    cfg = tiny_run(tmp_path / "b", generations=5)
+    kill_in_generation_3(cfg, monkeypatch)
     out = run_paths(cfg).controller
     assert CMAES.from_state_dict(load_checkpoint(out / "es_state.pt")["es"]).generation == 2
     # a metrics row written just before a kill, without its checkpoint, must not survive the resume
@@ -225,7 +231,6 @@ def test_train_controller_resumes_after_a_kill_as_if_uninterrupted(tmp_path, mon
         handle.write(
             json.dumps({"generation": 3, "best": 0.0, "mean": 0.0, "worst": 0.0, "sigma": 1.0}) + "\n"
         )
-    monkeypatch.undo()
 
     summary = train_controller.run(cfg)
     assert summary["generations"] == 5

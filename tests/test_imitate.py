@@ -197,21 +197,11 @@ def test_the_imitation_weight_ranks_and_keeps_by_the_dream_return_less_the_penal
 
 
 def test_a_weighted_run_resumes_after_a_kill_as_if_uninterrupted(tmp_path, monkeypatch):
-    from tests.test_es import rows_without_time
+    from tests.test_es import kill_in_generation_3, rows_without_time
 
     reference = _imitation_run(tmp_path / "a", 5.0)
     train_controller.run(reference)
     cfg = _imitation_run(tmp_path / "b", 5.0)
-    population = train_controller.DreamFitness.population
-
-    def killed_in_generation_3(self, candidates, rollouts, generation):
-        if generation == 2:
-            raise KeyboardInterrupt
-        return population(self, candidates, rollouts, generation)
-
-    monkeypatch.setattr(train_controller.DreamFitness, "population", killed_in_generation_3)
-    with pytest.raises(KeyboardInterrupt):
-        train_controller.run(cfg)
-    monkeypatch.undo()
+    kill_in_generation_3(cfg, monkeypatch)
     train_controller.run(cfg)
     assert rows_without_time(cfg) == rows_without_time(reference)
