@@ -42,7 +42,7 @@ def write_gif(path: str | Path, frames: Sequence[np.ndarray], fps: float = 25.0,
     atomic_write_bytes(path, iio.imwrite("<bytes>", video, extension=".gif", duration=1000.0 / fps, loop=0))
 
 
-def _stats(values: Sequence[float], name: str = "returns") -> dict:
+def value_stats(values: Sequence[float], name: str = "returns") -> dict:
     """Mean, std, min, max and the values themselves (under ``name``)."""
     values = np.asarray(values, dtype=np.float64)
     return {
@@ -113,17 +113,17 @@ def run(cfg: Config) -> dict:
             "generation": best.get("generation"),
             "training_score": best.get("fitness"),
         },
-        **_stats(returns),
+        **value_stats(returns),
         "steps": [episode.steps for episode in episodes],
         "seconds": round(time.perf_counter() - started, 2),
     }
     if random_episodes:
-        summary["random_policy"] = _stats([episode.ret for episode in random_episodes])
+        summary["random_policy"] = value_stats([episode.ret for episode in random_episodes])
     if all(episode.max_x is not None for episode in results):
         # How far right the agent got (Super Mario Bros), next to the random policy on the same seeds.
-        summary["max_x"] = _stats([episode.max_x for episode in episodes], "values")
+        summary["max_x"] = value_stats([episode.max_x for episode in episodes], "values")
         if random_episodes:
-            summary["random_policy"]["max_x"] = _stats(
+            summary["random_policy"]["max_x"] = value_stats(
                 [episode.max_x for episode in random_episodes], "values"
             )
     if cfg.evaluate.video:
