@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from agents.agent import controller_for
+from agents.agent import Episode, controller_for
 from agents.controller import Controller
 from agents.train_controller import TEST, episode_seeds, load_best
 from agents.workers import check_rollout_config, run_pool, seed_chunks
@@ -42,7 +42,7 @@ def write_gif(path: str | Path, frames: Sequence[np.ndarray], fps: float = 25.0,
     atomic_write_bytes(path, iio.imwrite("<bytes>", video, extension=".gif", duration=1000.0 / fps, loop=0))
 
 
-def value_stats(values: Sequence[float], name: str = "returns") -> dict:
+def _stats(values: Sequence[float], name: str = "returns") -> dict:
     """Mean, std, min, max and the values themselves (under ``name``)."""
     values = np.asarray(values, dtype=np.float64)
     return {
@@ -52,6 +52,15 @@ def value_stats(values: Sequence[float], name: str = "returns") -> dict:
         "max": float(values.max()),
         name: [round(float(v), 3) for v in values],
     }
+
+
+def episode_stats(episodes: Sequence[Episode]) -> dict:
+    """Mean, std, min, max and values of the episodes' returns, and the same of how far right each got under
+    ``max_x`` (Super Mario Bros; left out for games that do not report it)."""
+    stats = _stats([episode.ret for episode in episodes])
+    if all(episode.max_x is not None for episode in episodes):
+        stats["max_x"] = _stats([episode.max_x for episode in episodes], "values")
+    return stats
 
 
 def _controller(expected: Controller, best: dict, path: Path) -> Controller:
@@ -113,19 +122,12 @@ def run(cfg: Config) -> dict:
             "generation": best.get("generation"),
             "training_score": best.get("fitness"),
         },
-        **value_stats(returns),
+        **episode_stats(episodes),
         "steps": [episode.steps for episode in episodes],
         "seconds": round(time.perf_counter() - started, 2),
     }
     if random_episodes:
-        summary["random_policy"] = value_stats([episode.ret for episode in random_episodes])
-    if all(episode.max_x is not None for episode in results):
-        # How far right the agent got (Super Mario Bros), next to the random policy on the same seeds.
-        summary["max_x"] = value_stats([episode.max_x for episode in episodes], "values")
-        if random_episodes:
-            summary["random_policy"]["max_x"] = value_stats(
-                [episode.max_x for episode in random_episodes], "values"
-            )
+        summary["random_policy"] = episode_stats(random_episodes)
     if cfg.evaluate.video:
         order = np.argsort(returns)
         fps = 50.0 / cfg.env.action_repeat

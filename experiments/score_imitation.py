@@ -5,8 +5,8 @@ training), scored on the evaluate stage's own test seeds, so it sits next to the
 
 Reads the run's latents and memory (``run.py train-memory`` first), fits the imitation exactly as
 ``train-controller`` does, plays ``evaluate.episodes`` real episodes on the rollout workers and writes
-``<run>/imitation_score.json`` (also printed): the fit's figures, the returns' mean, std, min, max
-(and for Mario the furthest x's mean and std).
+``<run>/imitation_score.json`` (also printed): the fit's figures and the returns' mean, std, min,
+max and values (for Mario the same of the furthest x).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agents.agent import controller_for  # noqa: E402 (sys.path)
-from agents.evaluate import value_stats  # noqa: E402 (sys.path)
+from agents.evaluate import episode_stats  # noqa: E402 (sys.path)
 from agents.imitate import imitate_collected  # noqa: E402 (sys.path)
 from agents.train_controller import TEST, episode_seeds  # noqa: E402 (sys.path)
 from agents.workers import map_seeds, run_pool  # noqa: E402 (sys.path)
@@ -63,12 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "imitation": imitation.summary(),
         "episodes": len(episodes),
-        **value_stats([episode.ret for episode in episodes]),
+        **episode_stats(episodes),
         "seconds": round(time.perf_counter() - started, 1),
         "seeds": seeds,
     }
-    if all(episode.max_x is not None for episode in episodes):  # Mario: how far right each episode got
-        result["max_x"] = value_stats([episode.max_x for episode in episodes], "values")
     write_json(run_paths(cfg).root / "imitation_score.json", result)
     print(json.dumps({key: value for key, value in result.items() if key not in ("seeds", "returns")}))
     return 0

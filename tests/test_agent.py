@@ -11,7 +11,7 @@ from gymnasium import spaces
 from tracing import TracedMemory
 
 from agents import evaluate
-from agents.agent import WorldModelAgent, controller_for, play_episode, play_episodes
+from agents.agent import Episode, WorldModelAgent, controller_for, play_episode, play_episodes
 from agents.controller import Controller
 from agents.workers import RolloutWorker
 from rollouts.envs import action_dim
@@ -333,3 +333,19 @@ def test_play_episodes_records_the_furthest_x_position():
         assert episode.max_x >= 40 + episode.ret  # x moved by the summed rewards at the end, and max >= end
     bare = play_episodes([gymnasium.make("CartPole-v1")], None, seeds=[0], max_steps=5)
     assert bare[0].max_x is None
+
+
+def test_episode_stats_summarise_returns_and_the_furthest_x_where_the_game_reports_it():
+    mario = [Episode(seed=0, ret=10.0, steps=5, max_x=300.0), Episode(seed=1, ret=30.0, steps=9, max_x=900.0)]
+    stats = evaluate.episode_stats(mario)
+    assert (stats["mean"], stats["std"], stats["min"], stats["max"]) == (20.0, 10.0, 10.0, 30.0)
+    assert stats["returns"] == [10.0, 30.0]
+    assert stats["max_x"] == {
+        "mean": 600.0,
+        "std": 300.0,
+        "min": 300.0,
+        "max": 900.0,
+        "values": [300.0, 900.0],
+    }
+    carracing = [Episode(seed=0, ret=-5.0, steps=3), Episode(seed=1, ret=5.0, steps=3)]
+    assert "max_x" not in evaluate.episode_stats(carracing)
