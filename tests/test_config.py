@@ -63,6 +63,11 @@ BAD_VALUES = [
         "controller.imitate_top=0.5 is only read with controller.init",
     ),
     ("collect", "collect.follower_blend=0.5", "collect.follower_blend=0.5 is only read with collect.policy"),
+    (
+        "collect",
+        "collect.follower_gas_max=0.4",
+        "collect.follower_gas_max=0.4 is only read with collect.policy",
+    ),
     ("collect", "collect.mario_repeat=2", "collect.mario_repeat=2 is only read with env.name: mario"),
     ("collect", "collect.workers=-1", "collect.workers"),
     ("train-vae", "vae.batch_size=0", "vae.batch_size"),

@@ -238,6 +238,36 @@ def test_track_follower_steers_towards_the_road_blended_with_the_brownian_car():
     assert min(blends) >= 0.0 and max(blends) <= 0.6 and np.mean(blends) == pytest.approx(0.3, abs=0.03)
 
 
+def test_track_follower_draws_its_gas_per_episode_up_to_follower_gas_max():
+    frame = grass_with_road(slice(34, 38))  # steer 3 * 4 / 32: the gas is g (1 - 0.375)
+    collect = CollectConfig(policy="track_follower", follower_blend=0.0, follower_gas_max=0.5)
+    policy = make_exploration_policy(CAR, collect, np.random.default_rng(3))
+    # the reference: the same generator's draws, a brownian car reset first, the blend weight, then the gas
+    reference_rng = np.random.default_rng(3)
+    gases = []
+    for _ in range(400):
+        policy.reset()
+        brownian = BrownianCarPolicy(reference_rng, 0.9)
+        brownian.reset()
+        reference_rng.uniform(0.0, 0.0)
+        gas = reference_rng.uniform(0.15, 0.5)
+        first, second = policy.act(frame), policy.act(frame)
+        brownian.act(frame), brownian.act(frame)  # weighted 0, drawn all the same
+        np.testing.assert_allclose(first, [3 * 4 / 32, gas * (1 - 3 * 4 / 32), 0.0], rtol=1e-6)
+        np.testing.assert_array_equal(first, second)  # one gas for the whole episode
+        gases.append(first[1] / (1 - 3 * 4 / 32))
+    assert min(gases) >= 0.15 - 1e-6 and max(gases) <= 0.5 + 1e-6
+    assert np.mean(gases) == pytest.approx(0.325, abs=0.01) and np.std(gases) > 0.08
+    # at its default the follower draws nothing more: the generator's stream is what it always was
+    fixed = make_exploration_policy(CAR, CollectConfig(policy="track_follower"), np.random.default_rng(4))
+    reference_rng = np.random.default_rng(4)
+    for _ in range(3):
+        fixed.reset()
+        BrownianCarPolicy(reference_rng, 0.9).reset()
+        reference_rng.uniform(0.0, 1.0)
+    assert fixed.gas == 0.15 and fixed.rng.random() == reference_rng.random()
+
+
 def test_track_follower_earns_tiles_on_a_real_track():
     env_cfg = EnvConfig(name="carracing", action_repeat=2, max_steps=150)
     env = make_env(env_cfg)
@@ -279,3 +309,6 @@ def test_policy_must_fit_the_game():
     for blend in (-0.1, 1.1):
         with pytest.raises(ConfigError, match=r"collect\.follower_blend"):
             make_exploration_policy(CAR, CollectConfig(follower_blend=blend), np.random.default_rng(0))
+    for gas in (0.1, 1.5):
+        with pytest.raises(ConfigError, match=r"collect\.follower_gas_max"):
+            make_exploration_policy(CAR, CollectConfig(follower_gas_max=gas), np.random.default_rng(0))

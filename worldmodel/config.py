@@ -56,6 +56,9 @@ class CollectConfig:
     follower_blend: float = 1.0
     """CarRacing ``track_follower``: the largest per-episode weight of the brownian driver in its blend
     (in [0, 1]; 0 = the follower alone, 1 = anything up to the brownian car)."""
+    follower_gas_max: float = 0.15
+    """CarRacing ``track_follower``: the follower's gas on the straight is drawn per episode from U[0.15,
+    this] (in [0.15, 1]; 0.15 = always 0.15), so the data show what driving faster costs."""
     mario_repeat: int = 4
     """Mean number of steps a Mario exploration action is repeated."""
     right_bias: float = 0.8
@@ -449,6 +452,11 @@ def step_limit(cfg: Config, cap: int) -> int:
 CONDITIONAL_FIELDS: tuple[tuple[str, str, Any], ...] = (
     (
         "collect.follower_blend",
+        "collect.policy: track_follower with env.name: carracing",
+        lambda cfg: cfg.env.name == "carracing" and cfg.collect.policy == "track_follower",
+    ),
+    (
+        "collect.follower_gas_max",
         "collect.policy: track_follower with env.name: carracing",
         lambda cfg: cfg.env.name == "carracing" and cfg.collect.policy == "track_follower",
     ),
