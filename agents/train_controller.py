@@ -352,6 +352,7 @@ def run(cfg: Config, *, initial_mean: np.ndarray | None = None) -> dict:
             row["seconds"] = round(time.perf_counter() - tick, 3)
             append_jsonl(metrics_path, row)
             save_checkpoint(state_path, es=es.state_dict(), best=best)
+            stage.record_progress()
             rows.append(row)
             bar.update(1)
             bar.set_postfix(best=f"{row['best']:.1f}", mean=f"{row['mean']:.1f}", sigma=f"{es.sigma:.3f}")

@@ -218,11 +218,13 @@ def collect_episodes(
     folder: str | Path,
     episode_fn: EpisodeFn = rollout_episode,
     progress: bool = True,
+    on_written: Callable[[], None] | None = None,
 ) -> dict:
     """Make ``folder`` hold valid episodes 0..``collect.episodes``-1, collecting the missing ones on Ray.
 
     ``episode_fn`` (a picklable top-level function) replaces ``rollout_episode`` in the workers, e.g. a test
-    that makes one episode's env fail. Returns the summary dict (see the module docstring).
+    that makes one episode's env fail; ``on_written`` is called after each episode file is written (the
+    stage records its work time there). Returns the summary dict (see the module docstring).
     """
     import ray
 
@@ -281,6 +283,8 @@ def collect_episodes(
         frames += result["frames"]
         bar.update(1)
         bar.set_postfix({"frames/s": f"{frames / (time.perf_counter() - collect_start):.0f}"})
+        if on_written is not None:
+            on_written()
 
     def retrying(job: int, attempts: int, error: str) -> None:
         note(f"collect: {episode_name(todo[job])} attempt {attempts} failed, retrying: {error}")
@@ -333,7 +337,7 @@ def run(cfg: Config) -> dict:
     stage = Stage(cfg, "collect")
     # even when finished, every file is checked again: a missing or broken one is collected again
     stage.open()
-    summary = collect_episodes(cfg, folder)
+    summary = collect_episodes(cfg, folder, on_written=stage.record_progress)
     if not summary["failed"]:
         return stage.finish(summary)
     write_json(folder / "summary.json", summary)  # not finished: a rerun collects the missing episodes

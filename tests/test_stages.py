@@ -121,3 +121,19 @@ def test_a_stage_records_its_work_time_summed_over_the_invocations_that_did_it(t
     assert again.open() is None
     again.finish({})
     assert recorded_seconds(stage.folder) is None
+
+
+def test_a_killed_invocation_keeps_the_time_of_the_work_it_saved(tmp_path, monkeypatch):
+    clock = iter([100.0, 104.0, 107.0, 200.0, 202.0])
+    monkeypatch.setattr(stages, "time", SimpleNamespace(monotonic=lambda: next(clock)))
+    stage = Stage(cfg(tmp_path, "vae.epochs=3"), "train-vae")
+    stage.record_progress()  # not opened: nothing to record
+    assert recorded_seconds(stage.folder) is None
+    assert stage.open() is None
+    stage.record_progress()  # a checkpoint at 104
+    assert recorded_seconds(stage.folder) == 4.0 and read_json(stage.folder / MADE_FROM)["finished"] is False
+    stage.record_progress()  # and at 107; then killed
+    resumed = Stage(cfg(tmp_path, "vae.epochs=3"), "train-vae")
+    assert resumed.open() is None  # not finished: resumed, with the 7 s saved
+    resumed.finish({})
+    assert recorded_seconds(stage.folder) == 9.0

@@ -3,10 +3,12 @@ commands."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,12 +16,13 @@ import torch
 
 from worldmodel import encode as encode_module
 from worldmodel import frames as frames_module
-from worldmodel import train_vae
+from worldmodel import stages, train_vae
 from worldmodel.config import load_config
 from worldmodel.data import load_latents, save_episode
 from worldmodel.io import DataError, load_checkpoint, read_json, read_jsonl, save_checkpoint
 from worldmodel.plots import plot_curves, save_image_grid
 from worldmodel.runs import run_paths
+from worldmodel.stages import recorded_seconds
 from worldmodel.training import TrainingStopped
 from worldmodel.vae import ConvVAE, frames_to_tensor, load_vae, tensor_to_frames, vae_loss
 
@@ -267,7 +270,7 @@ def test_train_writes_outputs_and_skips_when_done(episode_run, count_train_steps
 
 @pytest.mark.parametrize("checkpoint_every, stop_at, resume_at", [(3, 5, 3), (0, 11, 8)])
 def test_resume_after_a_kill_continues_from_the_checkpoint(
-    tmp_path, episode_run, count_train_steps, checkpoint_every, stop_at, resume_at
+    tmp_path, episode_run, count_train_steps, monkeypatch, checkpoint_every, stop_at, resume_at
 ):
     """Kill mid-epoch (checkpoint every 3 steps) or in epoch 2 (checkpoints at epoch ends only); the rerun
     takes only the missing steps and ends with exactly the weights of an uninterrupted run."""
@@ -278,16 +281,21 @@ def test_resume_after_a_kill_continues_from_the_checkpoint(
 
     killed = episode_run("killed", setting)
     count_train_steps.clear()
+    ticks = itertools.count()  # a clock that moves one second each time the stage reads it
+    monkeypatch.setattr(stages, "time", SimpleNamespace(monotonic=lambda: float(next(ticks))))
     with pytest.raises(TrainingStopped):
         train_vae.run(killed, stop_after_steps=stop_at)
     assert len(count_train_steps) == stop_at
     state = load_checkpoint(run_paths(killed).vae / "checkpoint.pt")
     assert state["state"]["global_step"] == resume_at
+    killed_seconds = recorded_seconds(run_paths(killed).vae)
+    assert killed_seconds >= 1  # the time up to the last checkpoint was recorded there
 
     count_train_steps.clear()
     summary = train_vae.run(killed)
     assert len(count_train_steps) == total - resume_at  # resumed, not restarted
     assert summary["steps"] == total
+    assert recorded_seconds(run_paths(killed).vae) > killed_seconds
     steps = [
         row["step"] for row in read_jsonl(run_paths(killed).vae / "metrics.jsonl") if row["kind"] == "train"
     ]

@@ -81,6 +81,7 @@ def run(cfg: Config) -> dict:
             )
         mu, logvar = encode_frames(vae, data["obs"], cfg.device, cfg.vae.encode_batch)
         save_latents(out / episode.name, mu, logvar, data["actions"], data["rewards"], data["terminals"])
+        stage.record_progress()
         frames += len(mu)
         bar.set_postfix(frames=frames)
     bar.close()

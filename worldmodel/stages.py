@@ -15,7 +15,9 @@ Some settings only extend a stage's work (``vae.epochs``, ``memory_train.epochs`
 it stale. Settings that change no result (log and checkpoint cadence, worker counts, timeouts) are left out.
 
 The record also keeps the stage's wall ``seconds`` of work, added up over the invocations that finished or
-continued it, so a pipeline rerun that skips the stage still reports what it cost (``recorded_seconds``).
+continued it, so a pipeline rerun that skips the stage still reports what it cost (``recorded_seconds``); the
+stages update it wherever they save work (``Stage.record_progress``), so a killed invocation keeps the time of
+what it saved.
 """
 
 from __future__ import annotations
@@ -169,8 +171,8 @@ def _read_record(folder: Path) -> dict | None:
 
 def recorded_seconds(folder: Path) -> float | None:
     """Wall seconds the stage in ``folder`` has worked, summed over the invocations that finished or continued
-    it (an invocation killed before its end adds nothing); None: no record, or one written before stages timed
-    themselves."""
+    it (an invocation killed before its end adds the time up to the last work it saved); None: no record, or
+    one written before stages timed themselves."""
     record = _read_record(folder)
     return None if record is None else _seconds_of(record)
 
@@ -278,13 +280,21 @@ class Stage:
         except DataError:
             return None
 
+    def _seconds_now(self) -> float | None:
+        spent = 0.0 if self._opened_at is None else time.monotonic() - self._opened_at
+        return None if self._seconds_before is None else self._seconds_before + spent
+
+    def record_progress(self) -> None:
+        """Record the work time so far in the unfinished stage's record: called where the stage has just
+        saved its work (a checkpoint, an episode file), so an invocation killed later keeps the time of the
+        work it saved, and a resumed stage's total is that of one uninterrupted invocation."""
+        if self._opened_at is not None:
+            self._write_record(finished=False, seconds=self._seconds_now())
+
     def finish(self, summary: dict) -> dict:
         """Write the stage's ``summary.json`` and mark it finished; returns ``summary``."""
         write_json(self.folder / "summary.json", summary)
-        spent = 0.0 if self._opened_at is None else time.monotonic() - self._opened_at
-        self._write_record(
-            finished=True, seconds=None if self._seconds_before is None else self._seconds_before + spent
-        )
+        self._write_record(finished=True, seconds=self._seconds_now())
         return summary
 
     def _write_record(self, finished: bool, seconds: float | None) -> None:

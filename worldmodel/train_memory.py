@@ -265,7 +265,14 @@ def train_memory(
     )
     settings = LoopSettings.of(tc, tensorboard=cfg.tensorboard, progress=progress, name="memory")
     result = train_loop(
-        model, optimizer, task, settings, out_dir, stage.fingerprint, stop_after_steps=stop_after_steps
+        model,
+        optimizer,
+        task,
+        settings,
+        out_dir,
+        stage.fingerprint,
+        stop_after_steps=stop_after_steps,
+        on_checkpoint=stage.record_progress,
     )
     state = result.state
 

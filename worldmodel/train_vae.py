@@ -204,7 +204,14 @@ def run(cfg: Config, *, initial: Path | None = None, stop_after_steps: int | Non
     )
     settings = LoopSettings.of(vcfg, tensorboard=cfg.tensorboard, name="vae")
     result = train_loop(
-        model, optimizer, task, settings, out, stage.fingerprint, stop_after_steps=stop_after_steps
+        model,
+        optimizer,
+        task,
+        settings,
+        out,
+        stage.fingerprint,
+        stop_after_steps=stop_after_steps,
+        on_checkpoint=stage.record_progress,
     )
     state, rows = result.state, result.rows
 

@@ -229,9 +229,11 @@ def train(
     fingerprint: dict,
     *,
     stop_after_steps: int | None = None,
+    on_checkpoint: Callable[[], None] | None = None,
 ) -> LoopResult:
     """Train ``model`` on ``task`` into ``out_dir`` (``checkpoint.pt``, ``metrics.jsonl``), resuming a
-    checkpoint made with the same ``fingerprint``; see the module docstring.
+    checkpoint made with the same ``fingerprint``; see the module docstring. ``on_checkpoint`` is called
+    after every checkpoint written (a stage records its work time there: ``Stage.record_progress``).
 
     ``stop_after_steps`` (for tests of resuming) raises ``TrainingStopped`` once that many optimiser steps
     have been taken in total, without saving anything at that moment, as a kill would.
@@ -288,6 +290,8 @@ def train(
             fingerprint=fingerprint,
             **task.checkpoint_extra,
         )
+        if on_checkpoint is not None:
+            on_checkpoint()
 
     def validate() -> dict[str, float] | None:
         was_training = model.training
