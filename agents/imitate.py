@@ -23,6 +23,7 @@ the play M was trained on.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,14 +31,17 @@ from torch import Tensor
 
 from agents.controller import Controller
 from rollouts.dream_env import memory_inputs
+from rollouts.policies import follower_action
 from worldmodel.config import Config, ConfigError, ControllerConfig
-from worldmodel.data import list_npz, load_latents
+from worldmodel.data import list_npz, load_episode, load_latents
 from worldmodel.io import DataError
 from worldmodel.memory import MemoryModel
 from worldmodel.runs import run_paths
 
 INITS = ("zeros", "imitate")
 """``controller.init``: the controller's initial parameters, or the imitation of the best collected play."""
+IMITATE_ACTIONS = ("recorded", "follower")
+"""``controller.imitate_actions``: the actions played, or the track follower's own action on each frame."""
 
 
 @dataclass(frozen=True)
@@ -72,11 +76,21 @@ class Imitation:
         }
 
 
-def check_init(c: ControllerConfig) -> None:
-    """Refuse a ``controller.init`` outside ``INITS``, a ``controller.imitate_top`` outside (0, 1] or a
-    negative (or non-finite) ``controller.imitate_weight``."""
+def check_init(c: ControllerConfig, env_name: str) -> None:
+    """Refuse a ``controller.init`` outside ``INITS``, a ``controller.imitate_top`` outside (0, 1], a
+    negative (or non-finite) ``controller.imitate_weight``, or ``controller.imitate_actions`` outside
+    ``IMITATE_ACTIONS`` (``follower`` only for CarRacing)."""
     if c.init not in INITS:
         raise ConfigError(f"controller.init must be one of {', '.join(INITS)}, got {c.init!r}")
+    if c.imitate_actions not in IMITATE_ACTIONS:
+        raise ConfigError(
+            f"controller.imitate_actions must be one of {', '.join(IMITATE_ACTIONS)}, "
+            f"got {c.imitate_actions!r}"
+        )
+    if c.imitate_actions == "follower" and env_name != "carracing":
+        raise ConfigError(
+            f"controller.imitate_actions=follower labels CarRacing frames; env.name is {env_name!r}"
+        )
     if not 0.0 < c.imitate_top <= 1.0:
         raise ConfigError(f"controller.imitate_top must be in (0, 1], got {c.imitate_top}")
     if not 0.0 <= c.imitate_weight < float("inf"):
@@ -155,9 +169,22 @@ def fit_controller(
     return params.detach(), final, constant
 
 
+def follower_labels(cfg: Config, latents_path: Path) -> np.ndarray:
+    """[T, 3] the track follower's own action (``rollouts.policies.follower_action``) on each frame an action
+    was played from, read from the episode file the latents at ``latents_path`` were encoded from."""
+    episode_path = run_paths(cfg).episodes / latents_path.name
+    if not episode_path.exists():
+        raise DataError(
+            f"{episode_path}: missing; controller.imitate_actions=follower reads the frames of the episodes "
+            f"the latents in {latents_path.parent} were encoded from"
+        )
+    frames = load_episode(episode_path)["obs"][:-1]
+    return np.stack([follower_action(frame, cfg.env.crop_indicators) for frame in frames])
+
+
 def imitate_collected(cfg: Config, memory: MemoryModel, controller: Controller, start: Tensor) -> Imitation:
     """The controller that imitates the ``controller.imitate_top`` best of the run's encoded episodes."""
-    check_init(cfg.controller)
+    check_init(cfg.controller, cfg.env.name)
     paths = list_npz(run_paths(cfg).latents)
     if not paths:
         raise DataError(f"{run_paths(cfg).latents}: no latents to imitate; run `python run.py encode` first")
@@ -169,7 +196,10 @@ def imitate_collected(cfg: Config, memory: MemoryModel, controller: Controller, 
     features = torch.cat(
         [controller_features(memory, episodes[i], cfg.memory_train.use_mu, rng) for i in best]
     )
-    actions = torch.cat([torch.as_tensor(episodes[i]["actions"]) for i in best])
+    if cfg.controller.imitate_actions == "follower":
+        actions = torch.cat([torch.as_tensor(follower_labels(cfg, paths[i])) for i in best])
+    else:
+        actions = torch.cat([torch.as_tensor(episodes[i]["actions"]) for i in best])
     params, loss, constant = fit_controller(controller, features, actions, start)
     return Imitation(
         params,

@@ -78,7 +78,7 @@ def check_controller_config(cfg: Config) -> None:
             raise ConfigError(f"controller.{key} must be at least {low}, got {getattr(c, key)}")
     check_rollout_config(c)
     check_dream_start(c.dream_start)
-    check_init(c)
+    check_init(c, cfg.env.name)
     if c.sigma <= 0 or c.temperature < 0:
         raise ConfigError(
             f"controller.sigma must be > 0 and controller.temperature >= 0, got {c.sigma}, {c.temperature}"

@@ -135,10 +135,16 @@ class TrackFollowerCarPolicy:
             self.gas = float(self.rng.uniform(self.GAS, self.max_gas))
 
     def act(self, obs: np.ndarray) -> np.ndarray:
-        offset = road_offset(obs, self.cropped)
-        steer = 0.0 if offset is None else float(np.clip(self.STEER_GAIN * offset, -1.0, 1.0))
-        follow = np.array([steer, self.gas * (1.0 - abs(steer)), 0.0], dtype=np.float32)
+        follow = follower_action(obs, self.cropped, self.gas)
         return ((1.0 - self.blend) * follow + self.blend * self.brownian.act(obs)).astype(np.float32)
+
+
+def follower_action(frame: np.ndarray, cropped: bool, gas: float = TrackFollowerCarPolicy.GAS) -> np.ndarray:
+    """The track follower's own action on ``frame`` (no blend): steer = clip(3 ``road_offset``, -1, 1)
+    (straight on with no road in sight), gas = ``gas`` (1 - |steer|), no brake; float32 [3]."""
+    offset = road_offset(frame, cropped)
+    steer = 0.0 if offset is None else float(np.clip(TrackFollowerCarPolicy.STEER_GAIN * offset, -1.0, 1.0))
+    return np.array([steer, gas * (1.0 - abs(steer)), 0.0], dtype=np.float32)
 
 
 class UniformCarPolicy:

@@ -68,6 +68,11 @@ BAD_VALUES = [
         "collect.follower_gas_max=0.4",
         "collect.follower_gas_max=0.4 is only read with collect.policy",
     ),
+    (
+        "pipeline",
+        "controller.imitate_actions=follower",
+        "controller.imitate_actions='follower' is only read with controller.init",
+    ),
     ("collect", "collect.mario_repeat=2", "collect.mario_repeat=2 is only read with env.name: mario"),
     ("collect", "collect.workers=-1", "collect.workers"),
     ("train-vae", "vae.batch_size=0", "vae.batch_size"),

@@ -12,16 +12,18 @@ import torch
 from agents import train_controller
 from agents.controller import Controller
 from agents.imitate import (
+    check_init,
     controller_features,
     fit_controller,
+    follower_labels,
     imitate_collected,
     imitation_loss,
     imitation_targets,
 )
 from agents.report import _headline
-from worldmodel.config import ConfigError, MemoryConfig
-from worldmodel.data import load_latents, save_latents
-from worldmodel.io import load_checkpoint, read_json
+from worldmodel.config import ConfigError, MemoryConfig, load_config
+from worldmodel.data import load_latents, save_episode, save_latents
+from worldmodel.io import DataError, load_checkpoint, read_json
 from worldmodel.memory import MemoryModel
 from worldmodel.runs import run_paths
 
@@ -135,6 +137,48 @@ def test_train_controller_starts_from_the_imitation_of_the_best_episodes(tmp_pat
     ):
         with pytest.raises(ConfigError, match=f"controller.{field}"):
             train_controller.run(tiny_run(tmp_path / "bad", extra=[f"controller.{field}={value}"]))
+
+
+def test_the_follower_labels_are_the_followers_own_action_on_each_recorded_frame(tmp_path):
+    from tests.test_envs import grass_with_road
+    from tests.test_es import _memory_and_controller, tiny_run
+
+    extra = ["controller.init=imitate", "controller.imitate_actions=follower", "controller.imitate_top=1.0"]
+    cfg = tiny_run(tmp_path, extra=extra)
+    latents = sorted(run_paths(cfg).latents.glob("ep_*.npz"))
+    expected = []
+    for index, path in enumerate(latents):
+        # the road's first column moves step by step; its 4 columns' mean pixel centre is start + 2
+        starts = [8 * index + 6 * t for t in range(6)]
+        frames = np.stack([grass_with_road(slice(start, start + 4)) for start in starts])
+        save_episode(
+            run_paths(cfg).episodes / path.name, frames, np.zeros((5, 3)), np.zeros(5), np.zeros(5, bool)
+        )
+        steer = np.clip(3 * (np.array(starts[:-1]) + 2 - 32) / 32, -1, 1)  # no action after the last frame
+        labels = np.stack([steer, 0.15 * (1 - np.abs(steer)), np.zeros(5)], axis=1)
+        np.testing.assert_allclose(follower_labels(cfg, path), labels, rtol=1e-6, atol=1e-7)
+        expected.append(labels)
+    memory, controller = _memory_and_controller(cfg)
+    imitation = imitate_collected(cfg, memory, controller, controller.initial_params())
+    # every frame of every episode, labelled by the follower, not the recorded actions
+    np.testing.assert_allclose(imitation.target.numpy(), np.concatenate(expected), rtol=1e-6, atol=1e-7)
+    recorded = imitate_collected(
+        load_config(None, [f"runs_dir={tmp_path}", "controller.init=imitate", "controller.imitate_top=1.0"]),
+        memory,
+        controller,
+        controller.initial_params(),
+    )
+    assert not np.allclose(recorded.target.numpy(), imitation.target.numpy())
+
+    (run_paths(cfg).episodes / latents[1].name).unlink()
+    with pytest.raises(DataError, match=f"{latents[1].name}: missing; controller.imitate_actions=follower"):
+        imitate_collected(cfg, memory, controller, controller.initial_params())
+    with pytest.raises(ConfigError, match="controller.imitate_actions must be one of"):
+        train_controller.run(
+            tiny_run(tmp_path / "bad", extra=["controller.imitate_actions=expert", *extra[:1]])
+        )
+    with pytest.raises(ConfigError, match="labels CarRacing frames; env.name is 'mario'"):
+        check_init(load_config(None, ["env.name=mario", *extra]).controller, "mario")
 
 
 @EVERY_CONTROLLER

@@ -208,6 +208,10 @@ class ControllerConfig:
     """``init: imitate``: each candidate's fitness (and the score the best is kept by) is its mean dream
     return minus this weight times its imitation loss on the imitated frames (return per unit of action MSE,
     or per nat for Mario); 0 = the dream return alone."""
+    imitate_actions: str = "recorded"
+    """``init: imitate``: what the imitation is fitted to on the imitated frames: ``recorded`` (the actions
+    played) or ``follower`` (CarRacing: the track follower's own action on each recorded frame, the
+    exploration noise left out, as in DART)."""
     hidden: int = 0
     """Hidden tanh units of the controller: 0 = World Models' linear ``a = g(W [z, h] + b)``; N > 0 = Ha's
     variant with one hidden layer, ``a = g(W2 tanh(W1 [z, h] + b1) + b2)``."""
@@ -468,6 +472,7 @@ CONDITIONAL_FIELDS: tuple[tuple[str, str, Any], ...] = (
     ("collect.mario_repeat", "env.name: mario", lambda cfg: cfg.env.name == "mario"),
     ("controller.imitate_top", "controller.init: imitate", lambda cfg: cfg.controller.init == "imitate"),
     ("controller.imitate_weight", "controller.init: imitate", lambda cfg: cfg.controller.init == "imitate"),
+    ("controller.imitate_actions", "controller.init: imitate", lambda cfg: cfg.controller.init == "imitate"),
     (
         "controller.dream_start_limit",
         "controller.dream_start: any",
