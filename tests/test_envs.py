@@ -207,6 +207,16 @@ def test_road_offset_is_the_road_columns_mean_in_the_band_ahead(cropped):
     assert road_offset(frame, cropped) is None
 
 
+def reference_episode(rng: np.random.Generator, max_blend: float, max_gas: float = 0.15):
+    """What a track follower's ``reset`` draws from ``rng``, in its order, drawn again independently: a
+    brownian car reset first, then the episode's blend weight, then its gas (only when it can vary)."""
+    brownian = BrownianCarPolicy(rng, 0.9)
+    brownian.reset()
+    weight = rng.uniform(0.0, max_blend)
+    gas = rng.uniform(0.15, max_gas) if max_gas > 0.15 else 0.15
+    return brownian, weight, gas
+
+
 def test_track_follower_steers_towards_the_road_blended_with_the_brownian_car():
     alone = TrackFollowerCarPolicy(np.random.default_rng(0), 0.9, max_blend=0.0, cropped=True)
     alone.reset()
@@ -220,14 +230,11 @@ def test_track_follower_steers_towards_the_road_blended_with_the_brownian_car():
     frame = grass_with_road(slice(24, 32))
     follow = alone.act(frame)
     blended = make_exploration_policy(CAR, collect, np.random.default_rng(1))
-    # the reference: the same generator's draws, a brownian car reset first, then the episode's weight
     reference_rng = np.random.default_rng(1)
     blends = []
     for _ in range(300):
         blended.reset()
-        brownian = BrownianCarPolicy(reference_rng, 0.9)
-        brownian.reset()
-        weight = reference_rng.uniform(0.0, 0.6)
+        brownian, weight, _ = reference_episode(reference_rng, 0.6)
         blends.append(blended.blend)
         for _ in range(5):
             expected = (1 - weight) * follow + weight * brownian.act(frame)
@@ -242,15 +249,11 @@ def test_track_follower_draws_its_gas_per_episode_up_to_follower_gas_max():
     frame = grass_with_road(slice(34, 38))  # steer 3 * 4 / 32: the gas is g (1 - 0.375)
     collect = CollectConfig(policy="track_follower", follower_blend=0.0, follower_gas_max=0.5)
     policy = make_exploration_policy(CAR, collect, np.random.default_rng(3))
-    # the reference: the same generator's draws, a brownian car reset first, the blend weight, then the gas
     reference_rng = np.random.default_rng(3)
     gases = []
     for _ in range(400):
         policy.reset()
-        brownian = BrownianCarPolicy(reference_rng, 0.9)
-        brownian.reset()
-        reference_rng.uniform(0.0, 0.0)
-        gas = reference_rng.uniform(0.15, 0.5)
+        brownian, _, gas = reference_episode(reference_rng, 0.0, 0.5)
         first, second = policy.act(frame), policy.act(frame)
         brownian.act(frame), brownian.act(frame)  # weighted 0, drawn all the same
         np.testing.assert_allclose(first, [3 * 4 / 32, gas * (1 - 3 * 4 / 32), 0.0], rtol=1e-6)
@@ -263,8 +266,7 @@ def test_track_follower_draws_its_gas_per_episode_up_to_follower_gas_max():
     reference_rng = np.random.default_rng(4)
     for _ in range(3):
         fixed.reset()
-        BrownianCarPolicy(reference_rng, 0.9).reset()
-        reference_rng.uniform(0.0, 1.0)
+        reference_episode(reference_rng, 1.0)
     assert fixed.gas == 0.15 and fixed.rng.random() == reference_rng.random()
 
 
