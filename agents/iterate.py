@@ -297,5 +297,10 @@ def plot_scores(path: Path, rows: list[dict]) -> None:
         "random policy, real game": (iterations, [row["random_mean"] for row in rows]),
     }
     plot_curves(
-        path, series, xlabel="iteration", ylabel="mean return", title="Iterative training: dream vs real game"
+        path,
+        series,
+        xlabel="iteration",
+        ylabel="mean return",
+        title="Iterative training: dream vs real game",
+        integer_x=True,
     )
