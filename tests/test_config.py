@@ -103,10 +103,19 @@ def test_a_bad_value_in_any_section_is_refused_before_any_work(tmp_path, capsys,
 def test_a_conditional_field_is_refused_only_where_its_condition_fails():
     hour = REPO / "configs" / "carracing-hour.yaml"
     # at its default the field is harmless wherever it is unused, so a config can switch its condition off
-    check_run_config(load_config(hour, ["controller.init=zeros", "controller.imitate_weight=0"]))
+    imitation_defaults = [
+        "controller.imitate_weight=0",
+        "controller.imitate_actions=recorded",
+        "controller.imitate_top=0.25",
+    ]
+    check_run_config(load_config(hour, ["controller.init=zeros", *imitation_defaults]))
     check_run_config(load_config(hour, ["controller.imitate_top=0.5"]))
     with pytest.raises(ConfigError, match=r"controller.imitate_top=0.5 is only read with controller.init"):
-        check_run_config(load_config(hour, ["controller.init=zeros", "controller.imitate_top=0.5"]))
+        check_run_config(
+            load_config(hour, ["controller.init=zeros", *imitation_defaults, "controller.imitate_top=0.5"])
+        )
+    with pytest.raises(ConfigError, match=r"controller.imitate_actions='follower' is only read with"):
+        check_run_config(load_config(hour, ["controller.init=zeros", *imitation_defaults[::2]]))
     with pytest.raises(ConfigError, match=r"controller.dream_start_limit=8 is only read with"):
         check_run_config(
             load_config(hour, ["controller.dream_start=first", "controller.dream_start_limit=8"])
