@@ -3,8 +3,10 @@ it had never stopped. (The rollout actors' pool, which replaces a crashing actor
 again, is tested in tests/test_pool.py.)"""
 
 import dataclasses
+import itertools
 import json
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,11 +14,13 @@ import torch
 
 from agents import train_controller
 from agents.es import CMAES
+from worldmodel import stages
 from worldmodel.config import ConfigError, load_config
 from worldmodel.data import save_latents
 from worldmodel.io import load_checkpoint, read_jsonl, save_checkpoint
 from worldmodel.memory import MemoryModel
 from worldmodel.runs import run_paths
+from worldmodel.stages import recorded_seconds
 
 Z = 4
 
@@ -223,9 +227,12 @@ def test_train_controller_resumes_after_a_kill_as_if_uninterrupted(tmp_path, mon
     train_controller.run(reference_cfg)
 
     cfg = tiny_run(tmp_path / "b", generations=5)
+    ticks = itertools.count()  # a clock that moves one second each time the stage reads it
+    monkeypatch.setattr(stages, "time", SimpleNamespace(monotonic=lambda: float(next(ticks))))
     kill_in_generation_3(cfg, monkeypatch)
     out = run_paths(cfg).controller
     assert CMAES.from_state_dict(load_checkpoint(out / "es_state.pt")["es"]).generation == 2
+    assert recorded_seconds(out) == 2.0  # opened at 0, the checkpoints of generations 1 and 2 at 1 and 2
     # a metrics row written just before a kill, without its checkpoint, must not survive the resume
     with open(out / "metrics.jsonl", "a") as handle:
         handle.write(
