@@ -13,11 +13,15 @@ parameters are fitted to the recorded actions :math:`a_t` by full-batch Adam fro
   controller plays the argmax).
 
 Only the best episodes are read (``controller.imitate_top`` of the collected ones, by return): an exploration
-policy blended with noise is worth imitating where it scored. With ``controller.imitate_weight`` = 0 CMA-ES
-ranks every candidate by its dream returns alone and the imitation only decides where the search begins; with
-a weight :math:`\lambda > 0` a candidate's fitness is its mean dream return minus :math:`\lambda` times its
-loss above on the same frames (TD3+BC's behaviour-cloning term, for a search): the dream is trusted only near
-the play M was trained on.
+policy blended with noise is worth imitating where it scored. With ``controller.imitate_actions: follower``
+(CarRacing) the targets are not the actions played but the track follower's own action on each recorded
+frame (``rollouts.policies.follower_action``), DART's labels: the blended noise took the car off the
+follower's line, and the label says how the follower gets back, so every episode is worth imitating.
+
+With ``controller.imitate_weight`` = 0 CMA-ES ranks every candidate by its dream returns alone and the
+imitation only decides where the search begins; with a weight :math:`\lambda > 0` a candidate's fitness is its
+mean dream return minus :math:`\lambda` times its loss above on the same frames (TD3+BC's behaviour-cloning
+term, for a search): the dream is trusted only near the play M was trained on.
 """
 
 from __future__ import annotations

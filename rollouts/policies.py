@@ -22,8 +22,10 @@ did, the collected actions are random but smooth:
   brownian car. Alone (s = 0) the follower scores 703 on average on 6 tracks of CarRacing-v3 with an action
   repeat of 2 (418 to 821). With ``collect.follower_gas_max`` above 0.15, g itself is drawn per episode from
   U[0.15, ``follower_gas_max``]: faster laps end off the road at the turns (the follower alone, 4 tracks:
-  686 at g = 0.15, 327 at 0.3, 273 at 0.5), and M sees what speed costs, which at g = 0.15 alone it never
-  does (a controller evolved in that dream sped up, and the dream paid for it).
+  686 at g = 0.15, 327 at 0.3, 273 at 0.5), so M sees what speed costs (screened on CarRacing and not kept:
+  the dream still led CMA-ES away from its start, docs/results/carracing-hour.md).
+  ``follower_action`` is the follower's own action on a frame: the label the imitation is fitted to with
+  ``controller.imitate_actions: follower``.
 - ``random``: CarRacing: i.i.d. uniform actions in the box; Mario: uniform combinations, held as above.
 
 Every policy draws only from the ``numpy.random.Generator`` it is given, has ``reset()`` (start of an
