@@ -216,14 +216,16 @@ def _score_start(
     return scores
 
 
-def _plot(path, rows: list[dict], start: dict | None = None) -> None:
-    """The fitness curves; ``start``: the imitation's scores, drawn at generation 0."""
+def _plot(path, rows: list[dict], start: dict | None, train_in: str) -> None:
+    """The fitness curves; ``start``: the imitation's scores, drawn at generation 0; ``train_in``: where the
+    candidates were scored (``dream`` or ``real``)."""
     generations = [row["generation"] for row in rows]
     series = {name: (generations, [row[name] for row in rows]) for name in ("best", "mean", "worst")}
     evaluations = [{"generation": 0, **start}, *rows] if start else rows
     scored = [row for row in evaluations if "eval_mean" in row]
     if scored:
-        series["best candidate, dream (more episodes)"] = (
+        where = "dream" if train_in == "dream" else "real game"
+        series[f"best candidate, {where} (more episodes)"] = (
             [r["generation"] for r in scored],
             [r["eval_mean"] for r in scored],
         )
@@ -233,7 +235,9 @@ def _plot(path, rows: list[dict], start: dict | None = None) -> None:
             [r["generation"] for r in real],
             [r["real_mean"] for r in real],
         )
-    plot_curves(path, series, xlabel="generation", ylabel="fitness (mean return)", title="CMA-ES")
+    plot_curves(
+        path, series, xlabel="generation", ylabel="fitness (mean return)", title="CMA-ES", integer_x=True
+    )
 
 
 def run(cfg: Config, *, initial_mean: np.ndarray | None = None) -> dict:
@@ -362,7 +366,7 @@ def run(cfg: Config, *, initial_mean: np.ndarray | None = None) -> dict:
             if scorer is not None:
                 scorer.close()
     start_scores = read_json(start_path) if start_path.exists() else None
-    _plot(out / "fitness.png", rows, start_scores)
+    _plot(out / "fitness.png", rows, start_scores, c.train_in)
     summary = {
         "train_in": c.train_in,
         "generations": es.generation,
