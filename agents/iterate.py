@@ -99,6 +99,10 @@ def _policy_digest(cfg: Config) -> str:
     return file_digest(run_paths(cfg).controller / "best.pt")
 
 
+PLAYED = "played.json"
+"""An iteration's episodes folder: the scores of the episodes saved so far by an unfinished collection."""
+
+
 def _params_digest(params: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(params, dtype=np.float32).tobytes()).hexdigest()[:16]
 
@@ -134,12 +138,24 @@ def collect_iteration(cfg: Config, previous: Config, current: Config, iteration:
     params = best["params"].numpy().astype(np.float32)
     names = [f"it{iteration:02d}_ep_{index:05d}.npz" for index in range(it.episodes)]
     seeds = [int(s) for s in np.random.SeedSequence([cfg.seed, 4, iteration]).generate_state(it.episodes)]
-    todo = [index for index, name in enumerate(names) if not (folder / name).exists()]
-    played: dict[str, dict] = {}
+    # each chunk of episodes is saved as it finishes, with its scores in PLAYED, so a kill loses only the
+    # chunks still playing; an episode file without its scores (a kill between the two writes) is played again
+    played_path = folder / PLAYED
+    played: dict[str, dict] = read_json(played_path) if played_path.exists() else {}
+    todo = [i for i, name in enumerate(names) if not (folder / name).exists() or name not in played]
+
+    def save(positions: list[int], episodes: list[dict]) -> None:
+        for position, episode in zip(positions, episodes, strict=True):
+            name = names[todo[position]]
+            atomic_write_bytes(folder / name, episode["data"])
+            played[name] = {key: episode[key] for key in ("seed", "return", "steps", "max_x")}
+        write_json(played_path, played)
+        stage.record_progress()
+
     if todo:
         pool = run_pool(previous)
         try:
-            new = map_seeds(
+            map_seeds(
                 pool,
                 "collect",
                 params,
@@ -148,12 +164,10 @@ def collect_iteration(cfg: Config, previous: Config, current: Config, iteration:
                 it.noise,
                 it.noise_scale,
                 desc=f"[iterate] iteration {iteration}: collecting",
+                on_chunk=save,
             )
         finally:
             pool.close()
-        for index, episode in zip(todo, new, strict=True):
-            atomic_write_bytes(folder / names[index], episode["data"])
-            played[names[index]] = {key: episode[key] for key in ("seed", "return", "steps", "max_x")}
     previous_summary = read_json(folder / "summary.json") if (folder / "summary.json").exists() else {}
     episodes = {
         **previous_summary.get("episodes", {}),

@@ -8,7 +8,7 @@ the actors work on any node of a cluster.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -203,12 +203,20 @@ def map_seeds(
     envs_per_worker: int,
     *extra: object,
     desc: str | None = None,
+    on_chunk: Callable[[list[int], list], None] | None = None,
 ) -> list:
     """``method(params, chunk, *extra)`` on the pool for every lockstep chunk of ``seeds``; the per-episode
-    results, flattened in the order of ``seeds``. ``desc``: a progress bar of the episodes under that name."""
+    results, flattened in the order of ``seeds``. ``desc``: a progress bar of the episodes under that name.
+    ``on_chunk(positions in seeds, results)`` is called as each chunk finishes."""
     chunks = seed_chunks(pool, seeds, envs_per_worker)
     jobs = [(params, chunk, *extra) for chunk in chunks]
-    results = pool.map(method, jobs, desc, [len(chunk) for chunk in chunks])
+    starts = np.cumsum([0, *(len(chunk) for chunk in chunks)])
+
+    def delivered(index: int, result: list) -> None:
+        on_chunk(list(range(starts[index], starts[index + 1])), result)
+
+    on_result = None if on_chunk is None else delivered
+    results = pool.map(method, jobs, desc, [len(chunk) for chunk in chunks], on_result)
     return [item for result in results for item in result]
 
 

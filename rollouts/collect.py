@@ -134,7 +134,7 @@ class EpisodeWorker(PoolWorker):
             if self.env is None:
                 self.env = make_env(self.env_cfg)
             env_seed, policy_rng = episode_seeds(base_seed, index)
-            policy = make_exploration_policy(self.env_cfg, self.collect_cfg, policy_rng)
+            policy = make_exploration_policy(self.env_cfg, self.collect_cfg, policy_rng, self.env)
             arrays = self.episode_fn(self.env, self.env_cfg, policy, env_seed)
             validate_episode(episode_name(index), arrays)
             data = npz_bytes(**arrays)

@@ -288,11 +288,17 @@ class ActorPool:
             raise
 
     def map(
-        self, method: str, jobs: Sequence[tuple], desc: str | None = None, sizes: Sequence[int] | None = None
+        self,
+        method: str,
+        jobs: Sequence[tuple],
+        desc: str | None = None,
+        sizes: Sequence[int] | None = None,
+        on_result: Callable[[int, Any], None] | None = None,
     ) -> list:
         """The results of ``run`` in job order; ``RuntimeError`` when a job fails more than ``retries``
         times. ``desc``: show a progress bar of that name, counting jobs or, with ``sizes``, each job's
-        episodes as it finishes."""
+        episodes as it finishes. ``on_result(job index, result)`` is called as each job finishes (to save
+        it before the others end)."""
         results: list = [None] * len(jobs)
         unit = "job" if sizes is None else "episode"
         sizes = [1] * len(jobs) if sizes is None else list(sizes)
@@ -302,6 +308,8 @@ class ActorPool:
 
         def store(index: int, result: Any, _worker: WorkerInfo) -> None:
             results[index] = result
+            if on_result is not None:
+                on_result(index, result)
             bar.update(sizes[index])
 
         def fail(index: int, attempts: int, error: str) -> None:

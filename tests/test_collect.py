@@ -53,13 +53,16 @@ def reference_episode(cfg, index: int) -> dict[str, np.ndarray]:
     """Episode ``index`` played in this process, from the documented seeding contract."""
     env_seed, policy_rng = episode_seeds(cfg.seed, index)
     env_cfg = collect_env_config(cfg)
-    policy = make_exploration_policy(env_cfg, cfg.collect, policy_rng)
-    return rollout_episode(make_env(env_cfg), env_cfg, policy, env_seed)
+    env = make_env(env_cfg)
+    policy = make_exploration_policy(env_cfg, cfg.collect, policy_rng, env)
+    return rollout_episode(env, env_cfg, policy, env_seed)
 
 
-@pytest.mark.parametrize("game", ["carracing", "mario"])
-def test_both_games_give_valid_reproducible_episodes(ray_session, tmp_path, game):
-    cfg = make_cfg(tmp_path, f"env.name={game}")
+@pytest.mark.parametrize(
+    ("game", "policy"), [("carracing", "auto"), ("mario", "auto"), ("mario", "ram_expert")]
+)
+def test_both_games_give_valid_reproducible_episodes(ray_session, tmp_path, game, policy):
+    cfg = make_cfg(tmp_path, f"env.name={game}", f"collect.policy={policy}")
     summary = run(cfg)
     folder = run_paths(cfg).episodes
     assert [p.name for p in list_npz(folder)] == [episode_name(i) for i in range(3)]

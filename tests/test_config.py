@@ -121,9 +121,16 @@ def test_a_conditional_field_is_refused_only_where_its_condition_fails():
             load_config(hour, ["controller.dream_start=first", "controller.dream_start_limit=8"])
         )
     mario = REPO / "configs" / "mario-hour.yaml"
-    check_run_config(load_config(mario, ["collect.right_bias=0.5", "collect.mario_repeat=2"]))
+    right_biased = ["collect.policy=right_biased", "collect.right_bias=0.5", "collect.mario_repeat=2"]
+    check_run_config(load_config(mario, right_biased))
     with pytest.raises(ConfigError, match=r"collect.right_bias=0.5 is only read with env.name: mario"):
         check_run_config(load_config(mario, ["collect.policy=random", "collect.right_bias=0.5"]))
+    expert = REPO / "configs" / "mario-hour-expert.yaml"
+    check_run_config(load_config(expert, ["collect.expert_noise=0.1"]))
+    with pytest.raises(ConfigError, match=r"collect.expert_noise=0.1 is only read with collect.policy: ram"):
+        check_run_config(load_config(expert, [*right_biased, "collect.expert_noise=0.1"]))
+    with pytest.raises(ConfigError, match=r"collect.mario_repeat=2 is only read with env.name: mario with"):
+        check_run_config(load_config(expert, ["collect.mario_repeat=2"]))
 
 
 def test_overrides_are_typed():

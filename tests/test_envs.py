@@ -9,6 +9,7 @@ import gymnasium
 import numpy as np
 import pytest
 
+from rollouts import mario_expert
 from rollouts.collect import rollout_episode
 from rollouts.envs import (
     CARRACING_INDICATOR_ROWS,
@@ -314,3 +315,108 @@ def test_policy_must_fit_the_game():
     for gas in (0.1, 1.5):
         with pytest.raises(ConfigError, match=r"collect\.follower_gas_max"):
             make_exploration_policy(CAR, CollectConfig(follower_gas_max=gas), np.random.default_rng(0))
+
+
+def expert_ram(x: int = 100, y: int = 176) -> np.ndarray:
+    """A fake console memory: Mario standing at level x ``x``, screen y ``y`` on flat ground two tiles thick
+    (metatile rows 11 and 12 of both pages), no enemy."""
+    ram = np.zeros(2048, dtype=np.uint8)
+    ram[0x6D], ram[0x86], ram[0xCE], ram[0x1D] = x // 256, x % 256, y, 0
+    for page in (0, 1):
+        for row in (11, 12):
+            start = mario_expert.TILE_MAP + page * 13 * 16 + row * 16
+            ram[start : start + 16] = 0x54
+    return ram
+
+
+def set_tile(ram: np.ndarray, x: int, y: int, value: int) -> None:
+    page, column, row = (x // 256) % 2, (x % 256) // 16, (y - 32) // 16
+    ram[mario_expert.TILE_MAP + page * 13 * 16 + row * 16 + column] = value
+
+
+def test_mario_expert_reads_walls_gaps_and_enemies_ahead():
+    ram = expert_ram()
+    assert mario_expert.mario_position(ram) == (100, 176)
+    assert not mario_expert.danger_ahead(ram, look=40)
+    wall = ram.copy()
+    set_tile(wall, 100 + 8 + 24, 176, 0x10)  # a pipe 24 px ahead, at Mario's height
+    assert mario_expert.solid(wall, 132, 180) and mario_expert.danger_ahead(wall, look=40)
+    assert not mario_expert.danger_ahead(wall, look=16), "a wall beyond the look-ahead is not a danger"
+    gap = ram.copy()
+    for row_y in (208, 224):
+        set_tile(gap, 100 + 8 + 16, row_y, 0)
+    assert mario_expert.danger_ahead(gap, look=40)
+    gap[0x1D] = 1  # in the air, a gap below is where the jump already goes
+    assert not mario_expert.danger_ahead(gap, look=40)
+    for enemy_x, enemy_y, danger in ((130, 176, True), (130, 100, False), (80, 176, False)):
+        enemy = ram.copy()
+        enemy[0x0F], enemy[0x6E], enemy[0x87], enemy[0xCF] = 1, enemy_x // 256, enemy_x % 256, enemy_y
+        assert mario_expert.danger_ahead(enemy, look=40) is danger, (enemy_x, enemy_y)
+        enemy[0x0F] = 0  # an inactive slot is no enemy
+        assert not mario_expert.danger_ahead(enemy, look=40)
+    # the tile map holds two pages: ahead of x 250 is page 1
+    wrap = expert_ram(x=250)
+    set_tile(wrap, 280, 176, 0x10)
+    assert wrap[mario_expert.TILE_MAP + 13 * 16 + 9 * 16 + 1] == 0x10
+    assert mario_expert.danger_ahead(wrap, look=40)
+
+
+def test_mario_expert_releases_a_between_jumps_and_holds_it_in_the_air():
+    ram = expert_ram()
+    set_tile(ram, 132, 176, 0x10)
+    expert = mario_expert.MarioExpert(lambda: ram, look=40, hold=3)
+    # on the ground before a wall: press, let go (the game needs A released to jump again), press
+    assert [expert.act() for _ in range(3)] == [True, False, True]
+    ram[0x1D] = 1  # airborne: A stays down for at most ``hold`` steps
+    assert [expert.act() for _ in range(5)] == [True, True, True, False, False]
+    expert.reset()
+    ram[0x1D] = 0
+    set_tile(ram, 132, 176, 0)
+    assert not expert.act(), "nothing ahead: run without jumping"
+
+
+def furthest_x(env: gymnasium.Env, act, steps: int) -> int:
+    env.reset(seed=0)
+    furthest = 0
+    for _ in range(steps):
+        _, _, terminated, truncated, info = env.step(act())
+        furthest = max(furthest, info["x_pos"])
+        if terminated or truncated:
+            break
+    return furthest
+
+
+def test_mario_ram_expert_gets_far_past_the_running_player():
+    env_cfg = dataclasses.replace(MARIO, max_steps=400, action_repeat=4)
+    env = make_env(env_cfg)
+    buttons = mario_buttons(env_cfg)
+    policy = make_exploration_policy(
+        env_cfg, CollectConfig(policy="ram_expert", expert_noise=0.0), np.random.default_rng(0), env
+    )
+    policy.reset()
+    actions = []
+    expert = furthest_x(env, lambda: actions.append(policy.act(None)) or actions[-1], 400)
+    running = furthest_x(env, lambda: buttons.index(["right", "B"]), 400)
+    # the first goomba (x ~ 320) stops a player that only runs; the expert clears the pipes and the first gap
+    assert running < 400 and expert > 1200, (running, expert)
+    assert set(actions) == {buttons.index(["right", "B"]), buttons.index(["right", "A", "B"])}
+    with pytest.raises(ValueError, match="ram_expert reads the game's memory"):
+        make_exploration_policy(env_cfg, CollectConfig(policy="ram_expert"), np.random.default_rng(0))
+
+
+def test_mario_ram_expert_noise_is_drawn_per_episode():
+    env_cfg = dataclasses.replace(MARIO, max_steps=400)
+    env = make_env(env_cfg)
+    policy = make_exploration_policy(
+        env_cfg, CollectConfig(policy="ram_expert", expert_noise=0.5), np.random.default_rng(1), env
+    )
+    shares = []
+    for _ in range(200):
+        policy.reset()
+        shares.append(policy.noise)
+    assert 0.0 <= min(shares) and max(shares) <= 0.5
+    assert np.mean(shares) == pytest.approx(0.25, abs=0.03)
+    env.reset(seed=0)
+    policy.noise = 1.0  # every step random: uniform over the action set
+    actions = np.array([policy.act(None) for _ in range(7000)])
+    assert np.bincount(actions, minlength=7) == pytest.approx(np.full(7, 1000), abs=150)

@@ -144,3 +144,49 @@ def test_evaluate_and_dream_read_the_last_iterations_controller(tmp_path, capsys
         assert run_paths(run.stage_config(config, stage)).root == run_paths(final).root
     no_iterations = load_config(None, [f"runs_dir={tmp_path}"])
     assert run.stage_config(no_iterations, "evaluate") is no_iterations
+
+
+class Killed(BaseException):
+    """What a kill leaves: the driver stops between two chunks of episodes."""
+
+
+def test_an_iterations_collection_keeps_the_episodes_saved_before_a_kill(tmp_path, monkeypatch, ray_session):
+    from agents import iterate, workers
+
+    run_pipeline(tmp_path, TINY)  # the controller the iteration plays
+    cfg = config(tmp_path, "iterate.episodes=4", "controller.envs_per_worker=1")
+    previous, current = iteration_config(cfg, 0), iteration_config(cfg, 1)
+    folder = run_paths(current).episodes
+    map_seeds = workers.map_seeds
+    asked: list[list[int]] = []
+
+    def first_chunk_then_killed(*args, on_chunk, **kwargs):
+        asked.append(list(args[3]))
+
+        def save_then_die(positions, results):
+            on_chunk(positions, results)
+            raise Killed
+
+        return map_seeds(*args, on_chunk=save_then_die, **kwargs)
+
+    monkeypatch.setattr(workers, "map_seeds", first_chunk_then_killed)
+    with pytest.raises(Killed):
+        iterate.collect_iteration(cfg, previous, current, 1)
+    saved = {p.name: p.stat().st_mtime_ns for p in list_npz(folder) if p.name.startswith("it01_")}
+    assert len(saved) == 1, "one chunk of one episode was saved before the kill"
+    assert set(read_json(folder / iterate.PLAYED)) == set(saved)
+    record = read_json(folder / "made_from.json")
+    assert record["finished"] is False and record["seconds"] > 0, "the saved episode's time is kept"
+
+    def recorded(*args, **kwargs):
+        asked.append(list(args[3]))
+        return map_seeds(*args, **kwargs)
+
+    monkeypatch.setattr(workers, "map_seeds", recorded)
+    summary = iterate.collect_iteration(cfg, previous, current, 1)
+    assert len(asked[1]) == 3 and not set(asked[1]) & {asked[0][0]}, "only the unsaved episodes are played"
+    new = {name: info for name, info in summary["episodes"].items() if name.startswith("it01_")}
+    assert sorted(new) == [f"it01_ep_{i:05d}.npz" for i in range(4)]
+    assert sorted(info["seed"] for info in new.values()) == sorted(asked[0])
+    for name, mtime in saved.items():
+        assert (folder / name).stat().st_mtime_ns == mtime, f"{name} was played again"

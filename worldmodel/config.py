@@ -50,7 +50,7 @@ class CollectConfig:
     """Cap on steps per collected episode; 0 = the game's horizon (env.max_steps), never beyond it."""
     policy: str = "auto"
     """Exploration policy: ``auto``, ``brownian``/``track_follower``/``random`` (CarRacing),
-    ``right_biased``/``random`` (Mario)."""
+    ``right_biased``/``ram_expert``/``random`` (Mario)."""
     action_persistence: float = 0.9
     """How strongly an exploration action persists from one step to the next (0 = white noise)."""
     follower_blend: float = 1.0
@@ -63,6 +63,9 @@ class CollectConfig:
     """Mean number of steps a Mario exploration action is repeated."""
     right_bias: float = 0.8
     """Mario ``right_biased``: probability that a newly drawn action holds the right button."""
+    expert_noise: float = 0.3
+    """Mario ``ram_expert``: the largest per-episode share of steps that play a random combination instead
+    of the expert's (in [0, 1]; the share is drawn per episode from U[0, this])."""
     retries: int = 2
     """How often a failed episode is retried before it is reported as failed."""
     workers: int = 0
@@ -226,6 +229,9 @@ class ControllerConfig:
     (env.max_steps), never beyond it."""
     workers: int = 0
     """Ray rollout actors for real-game evaluation; 0 = one per core."""
+    expert_noise: float = 0.3
+    """Mario ``ram_expert``: the largest per-episode share of steps that play a random combination instead
+    of the expert's (in [0, 1]; the share is drawn per episode from U[0, this])."""
     retries: int = 2
     """How often a failed real-game rollout job (its actor died, raised or timed out) is run again before the
     stage fails."""
@@ -469,7 +475,16 @@ CONDITIONAL_FIELDS: tuple[tuple[str, str, Any], ...] = (
         "env.name: mario with collect.policy: right_biased (or auto)",
         lambda cfg: cfg.env.name == "mario" and cfg.collect.policy in ("auto", "right_biased"),
     ),
-    ("collect.mario_repeat", "env.name: mario", lambda cfg: cfg.env.name == "mario"),
+    (
+        "collect.mario_repeat",
+        "env.name: mario with collect.policy: right_biased (or auto) or random",
+        lambda cfg: cfg.env.name == "mario" and cfg.collect.policy != "ram_expert",
+    ),
+    (
+        "collect.expert_noise",
+        "collect.policy: ram_expert with env.name: mario",
+        lambda cfg: cfg.env.name == "mario" and cfg.collect.policy == "ram_expert",
+    ),
     ("controller.imitate_top", "controller.init: imitate", lambda cfg: cfg.controller.init == "imitate"),
     ("controller.imitate_weight", "controller.init: imitate", lambda cfg: cfg.controller.init == "imitate"),
     ("controller.imitate_actions", "controller.init: imitate", lambda cfg: cfg.controller.init == "imitate"),

@@ -1,0 +1,85 @@
+r"""A Super Mario Bros driver that reads the game's memory: data from a player that gets far, for V and M.
+
+The right-biased random player dies at the first goomba or pipe (furthest x ~650-900 of the ~3,161 of 1-1),
+so M never sees the rest of the level and a controller has nothing to imitate. This driver runs right
+holding B and jumps (right + A + B) when the NES RAM shows, within ``look`` pixels ahead, a solid tile at
+Mario's height, a gap in the ground, or an enemy at about Mario's height; once in the air it holds A for at
+most ``hold`` steps (a longer press jumps higher) and it lets A go for a step before the next jump, since
+the game needs A released between jumps. It reads state no controller sees (positions from RAM, never the
+frame): it only gathers the data; the controller learns from the frames' latents alone.
+
+RAM layout (Super Mario Bros, documented by the ROM disassembly and used by gym-super-mario-bros):
+
+- Mario's level x: ``0x6D`` (page) * 256 + ``0x86``; his screen y (top of the sprite): ``0xCE``; his
+  float state ``0x1D`` (0 on the ground).
+- Enemy slots i = 0..4: active flag ``0x0F + i``, level x ``0x6E + i`` * 256 + ``0x87 + i``, screen y
+  ``0xCF + i``.
+- The level's metatiles around the screen: ``0x500``, two pages of 13 rows x 16 columns of 16 px, row 0 at
+  screen y 32; a non-zero tile is solid enough to jump over or stand on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+TILE = 16
+TILE_MAP, TILE_ROWS, TILE_COLUMNS, TILE_TOP = 0x500, 13, 16, 32
+SCREEN_BOTTOM = TILE_TOP + TILE_ROWS * TILE
+
+
+def mario_position(ram: np.ndarray) -> tuple[int, int]:
+    """Mario's level x (pixels from the level start, the x gym-super-mario-bros reports) and screen y."""
+    return int(ram[0x6D]) * 256 + int(ram[0x86]), int(ram[0xCE])
+
+
+def solid(ram: np.ndarray, x: int, y: int) -> bool:
+    """Whether the metatile at level x and screen y holds something (False above and below the map)."""
+    if not TILE_TOP <= y < SCREEN_BOTTOM:
+        return False
+    page, column, row = (x // 256) % 2, (x % 256) // TILE, (y - TILE_TOP) // TILE
+    return bool(ram[TILE_MAP + page * TILE_ROWS * TILE_COLUMNS + row * TILE_COLUMNS + column])
+
+
+def danger_ahead(ram: np.ndarray, look: int) -> bool:
+    """A wall at Mario's height, a gap in the ground or an enemy at about his height, within ``look`` px."""
+    x, y = mario_position(ram)
+    front = x + TILE // 2
+    for dx in range(TILE // 2, look, TILE // 2):
+        if solid(ram, front + dx, y) or solid(ram, front + dx, y + TILE // 2):
+            return True
+    on_ground = ram[0x1D] == 0
+    for dx in range(TILE // 2, 2 * TILE, TILE // 2):
+        if on_ground and not any(solid(ram, front + dx, row) for row in range(y + TILE, SCREEN_BOTTOM, TILE)):
+            return True
+    for slot in range(5):
+        if ram[0x0F + slot]:
+            enemy_x = int(ram[0x6E + slot]) * 256 + int(ram[0x87 + slot])
+            if 0 <= enemy_x - x <= look + TILE and abs(int(ram[0xCF + slot]) - y) < 3 * TILE // 2:
+                return True
+    return False
+
+
+class MarioExpert:
+    """The jumping rule above over a live game's RAM; ``act`` returns True to press A (with right + B)."""
+
+    def __init__(self, ram: Callable[[], np.ndarray], look: int = 40, hold: int = 10):
+        self.ram = ram
+        self.look = look
+        self.hold = hold
+        self.reset()
+
+    def reset(self) -> None:
+        self.pressed = False
+        self.air_steps = 0
+
+    def act(self) -> bool:
+        ram = self.ram()
+        if ram[0x1D] != 0:  # in the air: keep A down for a higher jump, up to ``hold`` steps
+            self.air_steps += 1
+            self.pressed = self.pressed and self.air_steps <= self.hold
+        else:
+            self.air_steps = 0
+            self.pressed = not self.pressed and danger_ahead(ram, self.look)
+        return self.pressed
