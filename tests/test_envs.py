@@ -315,6 +315,13 @@ def test_policy_must_fit_the_game():
     for gas in (0.1, 1.5):
         with pytest.raises(ConfigError, match=r"collect\.follower_gas_max"):
             make_exploration_policy(CAR, CollectConfig(follower_gas_max=gas), np.random.default_rng(0))
+    for noise in (-0.1, 1.5):
+        with pytest.raises(ConfigError, match=r"collect\.expert_noise"):
+            make_exploration_policy(
+                MARIO, CollectConfig(policy="ram_expert", expert_noise=noise), np.random.default_rng(0)
+            )
+    with pytest.raises(ConfigError, match=r"collect\.policy"):
+        make_exploration_policy(CAR, CollectConfig(policy="ram_expert"), np.random.default_rng(0))
 
 
 def expert_ram(x: int = 100, y: int = 176) -> np.ndarray:

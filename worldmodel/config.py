@@ -229,9 +229,6 @@ class ControllerConfig:
     (env.max_steps), never beyond it."""
     workers: int = 0
     """Ray rollout actors for real-game evaluation; 0 = one per core."""
-    expert_noise: float = 0.3
-    """Mario ``ram_expert``: the largest per-episode share of steps that play a random combination instead
-    of the expert's (in [0, 1]; the share is drawn per episode from U[0, this])."""
     retries: int = 2
     """How often a failed real-game rollout job (its actor died, raised or timed out) is run again before the
     stage fails."""
