@@ -27,19 +27,33 @@ import numpy as np
 TILE = 16
 TILE_MAP, TILE_ROWS, TILE_COLUMNS, TILE_TOP = 0x500, 13, 16, 32
 SCREEN_BOTTOM = TILE_TOP + TILE_ROWS * TILE
+FLOAT_STATE = 0x1D
+ENEMY_SLOTS = 5
+
+
+def level_x(ram: np.ndarray, page: int, x: int) -> int:
+    """A level x from its page byte at ``page`` and its in-page byte at ``x``."""
+    return int(ram[page]) * 256 + int(ram[x])
 
 
 def mario_position(ram: np.ndarray) -> tuple[int, int]:
     """Mario's level x (pixels from the level start, the x gym-super-mario-bros reports) and screen y."""
-    return int(ram[0x6D]) * 256 + int(ram[0x86]), int(ram[0xCE])
+    return level_x(ram, 0x6D, 0x86), int(ram[0xCE])
+
+
+def on_ground(ram: np.ndarray) -> bool:
+    return ram[FLOAT_STATE] == 0
+
+
+def tile_address(x: int, y: int) -> int:
+    """The RAM address of the metatile at level x and screen y (``TILE_TOP <= y < SCREEN_BOTTOM``)."""
+    page, column, row = (x // 256) % 2, (x % 256) // TILE, (y - TILE_TOP) // TILE
+    return TILE_MAP + page * TILE_ROWS * TILE_COLUMNS + row * TILE_COLUMNS + column
 
 
 def solid(ram: np.ndarray, x: int, y: int) -> bool:
     """Whether the metatile at level x and screen y holds something (False above and below the map)."""
-    if not TILE_TOP <= y < SCREEN_BOTTOM:
-        return False
-    page, column, row = (x // 256) % 2, (x % 256) // TILE, (y - TILE_TOP) // TILE
-    return bool(ram[TILE_MAP + page * TILE_ROWS * TILE_COLUMNS + row * TILE_COLUMNS + column])
+    return TILE_TOP <= y < SCREEN_BOTTOM and bool(ram[tile_address(x, y)])
 
 
 def danger_ahead(ram: np.ndarray, look: int) -> bool:
@@ -49,13 +63,13 @@ def danger_ahead(ram: np.ndarray, look: int) -> bool:
     for dx in range(TILE // 2, look, TILE // 2):
         if solid(ram, front + dx, y) or solid(ram, front + dx, y + TILE // 2):
             return True
-    on_ground = ram[0x1D] == 0
-    for dx in range(TILE // 2, 2 * TILE, TILE // 2):
-        if on_ground and not any(solid(ram, front + dx, row) for row in range(y + TILE, SCREEN_BOTTOM, TILE)):
-            return True
-    for slot in range(5):
+    if on_ground(ram):  # in the air, a gap below is where the jump already goes
+        for dx in range(TILE // 2, 2 * TILE, TILE // 2):
+            if not any(solid(ram, front + dx, row) for row in range(y + TILE, SCREEN_BOTTOM, TILE)):
+                return True
+    for slot in range(ENEMY_SLOTS):
         if ram[0x0F + slot]:
-            enemy_x = int(ram[0x6E + slot]) * 256 + int(ram[0x87 + slot])
+            enemy_x = level_x(ram, 0x6E + slot, 0x87 + slot)
             if 0 <= enemy_x - x <= look + TILE and abs(int(ram[0xCF + slot]) - y) < 3 * TILE // 2:
                 return True
     return False
@@ -76,10 +90,10 @@ class MarioExpert:
 
     def act(self) -> bool:
         ram = self.ram()
-        if ram[0x1D] != 0:  # in the air: keep A down for a higher jump, up to ``hold`` steps
-            self.air_steps += 1
-            self.pressed = self.pressed and self.air_steps <= self.hold
-        else:
+        if on_ground(ram):
             self.air_steps = 0
             self.pressed = not self.pressed and danger_ahead(ram, self.look)
+        else:  # in the air: keep A down for a higher jump, up to ``hold`` steps
+            self.air_steps += 1
+            self.pressed = self.pressed and self.air_steps <= self.hold
         return self.pressed

@@ -337,8 +337,7 @@ def expert_ram(x: int = 100, y: int = 176) -> np.ndarray:
 
 
 def set_tile(ram: np.ndarray, x: int, y: int, value: int) -> None:
-    page, column, row = (x // 256) % 2, (x % 256) // 16, (y - 32) // 16
-    ram[mario_expert.TILE_MAP + page * 13 * 16 + row * 16 + column] = value
+    ram[mario_expert.tile_address(x, y)] = value
 
 
 def test_mario_expert_reads_walls_gaps_and_enemies_ahead():
