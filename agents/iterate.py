@@ -35,7 +35,7 @@ from worldmodel.io import DataError, atomic_write_bytes, load_checkpoint, read_j
 from worldmodel.plots import plot_curves
 from worldmodel.progress import note
 from worldmodel.runs import run_paths
-from worldmodel.stages import Stage, file_digest
+from worldmodel.stages import Stage, file_digest, recorded_seconds
 
 NOISE_KINDS = ("action", "params")
 """Values of ``iterate.noise``."""
@@ -131,6 +131,7 @@ def collect_iteration(cfg: Config, previous: Config, current: Config, iteration:
     done = stage.done()
     if done is not None:
         return done
+    note(f"[iterate] iteration {iteration}/{it.iterations}: collecting {it.episodes} episodes")
     stage.open()
     folder = stage.folder
     _link_all(list_npz(run_paths(previous).episodes), folder)
@@ -205,6 +206,19 @@ def _share_vae(previous: Config, current: Config) -> None:
     )
 
 
+def _stage_seconds(current: Config, iteration: int) -> float:
+    """Wall seconds the stages of iteration ``iteration`` have worked, over every invocation (0 for iteration
+    0: its stages are the pipeline's own, reported under their names). V counts only when retrained: the
+    shared one's linked record is the pipeline's."""
+    if iteration == 0:
+        return 0.0
+    paths = run_paths(current)
+    folders = [paths.episodes, paths.latents, paths.memory, paths.controller]
+    if current.iterate.retrain_vae:
+        folders.append(paths.vae)
+    return float(sum(seconds for folder in folders if (seconds := recorded_seconds(folder)) is not None))
+
+
 def score(pool, params: np.ndarray | None, seeds: list[int], envs_per_worker: int) -> np.ndarray:
     """Returns of ``params`` (None: uniformly random actions) on the real-game ``seeds``."""
     from agents.workers import map_seeds
@@ -238,15 +252,10 @@ def run(cfg: Config) -> dict:
     for iteration in range(it.iterations + 1):
         current = iteration_config(cfg, iteration)
         marker = run_paths(current).root / ("iteration.json" if iteration else "iterate/iteration0.json")
-        if marker.exists():
-            row = read_json(marker)
-            if row.get("eval_seeds") == eval_seeds:
-                rows.append(row)
-                continue
-        started = time.perf_counter()
         previous = iteration_config(cfg, max(iteration - 1, 0))
+        # the stages run every time (each skips what it has done and redoes what a changed setting or a new
+        # upstream made stale), so a kept score is always the score of the controller they leave behind
         if iteration:
-            note(f"[iterate] iteration {iteration}/{it.iterations}: collecting {it.episodes} episodes")
             collected = collect_iteration(cfg, previous, current, iteration)
             if it.retrain_vae:
                 train_vae.run(current, initial=run_paths(previous).vae / "vae.pt")
@@ -259,6 +268,13 @@ def run(cfg: Config) -> dict:
         else:
             collected = {"episodes_total": len(list_npz(base.episodes))}
             controller = read_json(base.controller / "summary.json")
+        policy = _policy_digest(current)
+        if marker.exists():
+            row = read_json(marker)
+            if row.get("eval_seeds") == eval_seeds and row.get("policy") == policy:
+                rows.append(row)
+                continue
+        started = time.perf_counter()
         # the new best controller in the real game, with the random policy on the same seeds
         best = train_controller.load_best(current)
         params = best["params"].numpy().astype(np.float32)
@@ -282,8 +298,9 @@ def run(cfg: Config) -> dict:
             "random_mean": float(random.mean()),
             "random_std": float(random.std()),
             "controller": str(run_paths(current).controller / "best.pt"),
-            "seconds": round(time.perf_counter() - started, 1),
+            "seconds": round(_stage_seconds(current, iteration) + time.perf_counter() - started, 1),
             "eval_seeds": eval_seeds,
+            "policy": policy,
         }
         write_json(marker, row)
         note(

@@ -46,7 +46,7 @@ from worldmodel.io import (
 )
 from worldmodel.memory import MemoryModel
 from worldmodel.plots import plot_curves
-from worldmodel.progress import progress
+from worldmodel.progress import note, progress
 from worldmodel.runs import run_paths
 from worldmodel.stages import Stage
 
@@ -57,6 +57,24 @@ TRAIN, EVAL, TEST = 0, 1, 2
 def episode_seeds(seed: int, purpose: int, generation: int, count: int) -> list[int]:
     """``count`` env seeds (or dream seeds) for one purpose and generation, from the run's seed."""
     return [int(s) for s in np.random.SeedSequence([seed, purpose, generation]).generate_state(count)]
+
+
+DREAM_ONLY_FIELDS = ("temperature", "dream_start", "dream_start_limit", "dream_threads", "eval_real_episodes")
+"""Controller fields read only when candidates are scored in the dream (``train_in: dream``)."""
+
+
+def unused_in_real(cfg: Config) -> list[str]:
+    """``controller.<field>=<value>`` of each dream-only field set away from its default, when candidates are
+    scored in the real game: this stage does not read them (a dream config run with ``--in real``, the
+    reference row, keeps its dream settings for the other stages, so they are named rather than refused)."""
+    if cfg.controller.train_in != "real":
+        return []
+    defaults = ControllerConfig()
+    return [
+        f"controller.{name}={getattr(cfg.controller, name)!r}"
+        for name in DREAM_ONLY_FIELDS
+        if getattr(cfg.controller, name) != getattr(defaults, name)
+    ]
 
 
 def check_controller_config(cfg: Config) -> None:
@@ -249,6 +267,8 @@ def run(cfg: Config, *, initial_mean: np.ndarray | None = None) -> dict:
 
     check_controller_config(cfg)
     c = cfg.controller
+    if unused := unused_in_real(cfg):
+        note(f"train-controller: candidates are scored in the real game; unused here: {', '.join(unused)}")
     memory = load_memory(cfg)
     controller = controller_for(cfg.env, memory, c.hidden)
     if initial_mean is not None and np.shape(initial_mean) != (controller.num_params,):

@@ -278,7 +278,7 @@ def test_dream_and_evaluate_rebuild_a_hidden_layer_controller_and_refuse_another
         evaluate.run_dream(tiny_run)
 
 
-def test_train_controller_in_the_real_game_on_ray(ray_session, tiny_run):
+def test_train_controller_in_the_real_game_on_ray(ray_session, tiny_run, capsys):
     import shutil
     from dataclasses import replace
 
@@ -301,6 +301,9 @@ def test_train_controller_in_the_real_game_on_ray(ray_session, tiny_run):
         ),
     )
     summary = train_controller.run(cfg)
+    # the tiny config's dream settings are named as unused, not silently dropped
+    err = capsys.readouterr().err
+    assert "unused here: controller.dream_start='any'" in err and "eval_real_episodes=8" in err
     out = run_paths(cfg).controller
     rows = read_jsonl(out / "metrics.jsonl")
     assert summary["train_in"] == "real" and [row["generation"] for row in rows] == [1, 2]
@@ -308,6 +311,22 @@ def test_train_controller_in_the_real_game_on_ray(ray_session, tiny_run):
     best = load_checkpoint(out / "best.pt")
     assert best["train_in"] == "real" and best["generation"] == 2 and best["fitness"] == rows[1]["eval_mean"]
     assert best["controller"]["hidden"] == 4 and summary["num_params"] == (Z + H + 1) * 4 + 5 * 3
+
+
+def test_dream_only_fields_are_named_only_when_candidates_are_scored_in_the_real_game():
+    from dataclasses import replace
+
+    from agents.train_controller import unused_in_real
+    from worldmodel.config import ControllerConfig
+
+    cfg = load_config(None)
+    dreamy = replace(ControllerConfig(), temperature=1.3, dream_threads=2)
+    assert unused_in_real(replace(cfg, controller=replace(dreamy, train_in="dream"))) == []
+    assert unused_in_real(replace(cfg, controller=replace(ControllerConfig(), train_in="real"))) == []
+    assert unused_in_real(replace(cfg, controller=replace(dreamy, train_in="real"))) == [
+        "controller.temperature=1.3",
+        "controller.dream_threads=2",
+    ]
 
 
 class _WalkRight(gymnasium.Env):

@@ -94,6 +94,20 @@ def test_two_iterations_end_to_end(tmp_path):
     assert "iterate/scores.png" in report and "iterative training" in report
     assert "it02/evaluate/" in report
 
+    # fewer generations per iteration make the iterations' controllers stale: they are trained again, and
+    # the scores kept are those of the new controllers (not the finished iterations' old rows)
+    episodes_before = {p.name: p.stat().st_mtime_ns for p in list_npz(run_paths(first).episodes)}
+    _, log = run_pipeline(tmp_path, [*TINY, *ITERATE, "iterate.generations=1"])
+    rows = read_json(tmp_path / "tiny" / "iterate" / "summary.json")["rows"]
+    for row, current in zip(rows[1:], (first, second), strict=True):
+        generations = read_jsonl(run_paths(current).controller / "metrics.jsonl")
+        assert [generation["generation"] for generation in generations] == [1]
+        marker = read_json(run_paths(current).root / "iteration.json")
+        assert marker["policy"] == file_digest(run_paths(current).controller / "best.pt")
+        assert row["seconds"] > 0
+    # iteration 1's episodes were kept: its collection did not change
+    assert {p.name: p.stat().st_mtime_ns for p in list_npz(run_paths(first).episodes)} == episodes_before
+
 
 def test_a_kill_in_the_middle_of_an_iteration_resumes(tmp_path):
     run_pipeline(tmp_path, TINY)  # the first controller
