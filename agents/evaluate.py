@@ -26,6 +26,7 @@ from agents.workers import check_rollout_config, run_pool, seed_chunks
 from rollouts.dream_env import load_memory, make_dream_env
 from worldmodel.config import Config, ConfigError
 from worldmodel.io import DataError, atomic_write_bytes, write_json
+from worldmodel.plots import save_image_grid
 from worldmodel.runs import prepare_stage, run_paths
 from worldmodel.stages import Stage
 
@@ -141,9 +142,18 @@ def run(cfg: Config) -> dict:
     return stage.finish(summary)
 
 
+def dream_sheet(frames: Sequence[np.ndarray], tiles: int = 20, columns: int = 5) -> list[list[np.ndarray]]:
+    """At most ``tiles`` frames spread evenly over the dream, first and last included, in rows of
+    ``columns``: the whole dream at a glance (what the decoder shows of the world, and of the player)."""
+    picked = np.unique(np.linspace(0, len(frames) - 1, min(tiles, len(frames))).round().astype(int))
+    chosen = [frames[i] for i in picked]
+    return [chosen[i : i + columns] for i in range(0, len(chosen), columns)]
+
+
 @torch.inference_mode()
 def run_dream(cfg: Config) -> dict:
-    """Roll out the trained controller in the memory's dream and render it as ``<run>/dream/dream.gif``."""
+    """Roll out the trained controller in the memory's dream and render it as ``<run>/dream/dream.gif``, with
+    ``dream.png``, a sheet of frames spread over it."""
     best = load_best(cfg)
     paths = run_paths(cfg)
     env = make_dream_env(cfg, render_mode="rgb_array")
@@ -165,6 +175,8 @@ def run_dream(cfg: Config) -> dict:
         total, steps = total + reward, steps + 1
     env.close()
     write_gif(out / "dream.gif", frames, 50.0 / cfg.env.action_repeat, cfg.evaluate.video_scale)
+    sheet = dream_sheet(frames)
+    save_image_grid(out / "dream.png", sheet, scale=cfg.evaluate.video_scale)
     summary = {
         "return": round(total, 3),
         "steps": steps,
@@ -172,6 +184,7 @@ def run_dream(cfg: Config) -> dict:
         "temperature": dream.temperature,
         "start_frame": info["start_index"],
         "video": str(out / "dream.gif"),
+        "sheet": str(out / "dream.png"),
     }
     write_json(out / "summary.json", summary)
     return summary

@@ -256,6 +256,23 @@ def test_dream_command_renders_a_dream_of_the_controller(tiny_run):
     video = iio.imread(summary["video"])
     assert video.shape == (summary["steps"] + 1, 64, 64, 3)
     assert 1 <= summary["steps"] <= 6 and summary["ended"] in ("done", "horizon")
+    # the sheet holds every frame of a dream this short, first to last, in rows of 5 (64 px + 2 px of pad)
+    sheet = iio.imread(summary["sheet"])[..., :3]
+    frames = summary["steps"] + 1
+    rows, columns = -(-frames // 5), min(frames, 5)
+    assert sheet.shape == (rows * 66 + 2, columns * 66 + 2, 3)
+    np.testing.assert_allclose(sheet[2:66, 2:66], video[0], atol=8)  # the gif's palette rounds colours
+
+
+def test_the_dream_sheet_spreads_its_frames_over_the_whole_dream():
+    from agents.evaluate import dream_sheet
+
+    frames = [np.full((2, 2, 3), i, np.uint8) for i in range(101)]
+    rows = dream_sheet(frames)
+    picked = [int(tile[0, 0, 0]) for row in rows for tile in row]
+    assert [len(row) for row in rows] == [5, 5, 5, 5] and picked[0] == 0 and picked[-1] == 100
+    assert all(5 <= b - a <= 6 for a, b in zip(picked, picked[1:]))
+    assert [int(tile[0, 0, 0]) for row in dream_sheet(frames[:3]) for tile in row] == [0, 1, 2]
 
 
 def test_dream_and_evaluate_rebuild_a_hidden_layer_controller_and_refuse_another_shape(tiny_run):
