@@ -43,6 +43,25 @@ def ray_session():
         ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> tuple[Path, dict, str]:
+    """The tiny pipeline (``tests.test_pipeline.TINY``) run once for the session: (its runs_dir, the summary
+    it printed, its stderr). Tests never change it: they start from a copy (``copy_tiny_run``), which the
+    stages take as done, since a stage's record holds settings and file digests, not paths."""
+    from tests.test_pipeline import TINY, run_pipeline
+
+    runs = tmp_path_factory.mktemp("tiny-run")
+    summary, log = run_pipeline(runs, TINY)
+    return runs, summary, log
+
+
+def copy_tiny_run(tiny_run: tuple[Path, dict, str], runs_dir: Path) -> None:
+    """The session's tiny run, files and times as they are, into ``runs_dir``."""
+    import shutil
+
+    shutil.copytree(tiny_run[0] / "tiny", runs_dir / "tiny")
+
+
 def write_tiny_latents(
     folder: Path, episodes: int = 6, steps: int = 40, z_dim: int = 4, a_dim: int = 2, seed: int = 0
 ) -> None:

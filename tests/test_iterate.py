@@ -15,6 +15,7 @@ import torch
 
 from agents.es import CMAES
 from agents.iterate import iteration_config
+from tests.conftest import copy_tiny_run
 from tests.test_pipeline import REPO, TINY, run_pipeline
 from worldmodel.config import load_config
 from worldmodel.data import list_npz
@@ -39,7 +40,8 @@ def config(tmp_path: Path, *extra: str):
     return load_config(None, [f"runs_dir={tmp_path}", *TINY, *ITERATE, *extra])
 
 
-def test_two_iterations_end_to_end(tmp_path):
+def test_two_iterations_end_to_end(tmp_path, tiny_run):
+    copy_tiny_run(tiny_run, tmp_path)  # the stages before the iterations are done
     summary, log = run_pipeline(tmp_path, [*TINY, *ITERATE])
     cfg = config(tmp_path)
     rows = read_json(tmp_path / "tiny" / "iterate" / "summary.json")["rows"]
@@ -109,8 +111,8 @@ def test_two_iterations_end_to_end(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in list_npz(run_paths(first).episodes)} == episodes_before
 
 
-def test_a_kill_in_the_middle_of_an_iteration_resumes(tmp_path):
-    run_pipeline(tmp_path, TINY)  # the first controller
+def test_a_kill_in_the_middle_of_an_iteration_resumes(tmp_path, tiny_run):
+    copy_tiny_run(tiny_run, tmp_path)  # the first controller
     cfg = config(tmp_path)
     args = [
         sys.executable,
@@ -164,10 +166,12 @@ class Killed(BaseException):
     """What a kill leaves: the driver stops between two chunks of episodes."""
 
 
-def test_an_iterations_collection_keeps_the_episodes_saved_before_a_kill(tmp_path, monkeypatch, ray_session):
+def test_an_iterations_collection_keeps_the_episodes_saved_before_a_kill(
+    tmp_path, monkeypatch, ray_session, tiny_run
+):
     from agents import iterate, workers
 
-    run_pipeline(tmp_path, TINY)  # the controller the iteration plays
+    copy_tiny_run(tiny_run, tmp_path)  # the controller the iteration plays
     cfg = config(tmp_path, "iterate.episodes=4", "controller.envs_per_worker=1")
     previous, current = iteration_config(cfg, 0), iteration_config(cfg, 1)
     folder = run_paths(current).episodes
@@ -189,6 +193,7 @@ def test_an_iterations_collection_keeps_the_episodes_saved_before_a_kill(tmp_pat
     saved = {p.name: p.stat().st_mtime_ns for p in list_npz(folder) if p.name.startswith("it01_")}
     assert len(saved) == 1, "one chunk of one episode was saved before the kill"
     assert set(read_json(folder / iterate.PLAYED)) == set(saved)
+    saved_seeds = {info["seed"] for info in read_json(folder / iterate.PLAYED).values()}
     record = read_json(folder / "made_from.json")
     assert record["finished"] is False and record["seconds"] > 0, "the saved episode's time is kept"
 
@@ -198,7 +203,8 @@ def test_an_iterations_collection_keeps_the_episodes_saved_before_a_kill(tmp_pat
 
     monkeypatch.setattr(workers, "map_seeds", recorded)
     summary = iterate.collect_iteration(cfg, previous, current, 1)
-    assert len(asked[1]) == 3 and not set(asked[1]) & {asked[0][0]}, "only the unsaved episodes are played"
+    # the chunk that finished first (either worker's) was saved: only the other three seeds are played again
+    assert sorted(asked[1]) == sorted(set(asked[0]) - saved_seeds), "only the unsaved episodes are played"
     new = {name: info for name, info in summary["episodes"].items() if name.startswith("it01_")}
     assert sorted(new) == [f"it01_ep_{i:05d}.npz" for i in range(4)]
     assert sorted(info["seed"] for info in new.values()) == sorted(asked[0])

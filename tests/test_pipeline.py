@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import copy_tiny_run
 from worldmodel.config import load_config
 from worldmodel.data import list_npz, load_episode, load_latents
 from worldmodel.io import load_checkpoint, read_json, read_jsonl
@@ -95,8 +96,9 @@ def redone(log: str) -> list[str]:
     return [line.split("]")[0].lstrip("[") for line in log.splitlines() if "redoing it" in line]
 
 
-def test_tiny_pipeline_end_to_end_reruns_skip_done_stages_and_redo_stale_ones(tmp_path):
-    summary, log = run_pipeline(tmp_path, TINY)
+def test_tiny_pipeline_end_to_end_reruns_skip_done_stages_and_redo_stale_ones(tmp_path, tiny_run):
+    _, summary, log = tiny_run
+    copy_tiny_run(tiny_run, tmp_path)
     root = tmp_path / "tiny"
     check_outputs(root, episodes=3)
     assert set(summary["seconds"]) >= {
