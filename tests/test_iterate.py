@@ -192,8 +192,9 @@ def test_an_iterations_collection_keeps_the_episodes_saved_before_a_kill(
         iterate.collect_iteration(cfg, previous, current, 1)
     saved = {p.name: p.stat().st_mtime_ns for p in list_npz(folder) if p.name.startswith("it01_")}
     assert len(saved) == 1, "one chunk of one episode was saved before the kill"
-    assert set(read_json(folder / iterate.PLAYED)) == set(saved)
-    saved_seeds = {info["seed"] for info in read_json(folder / iterate.PLAYED).values()}
+    played = read_json(folder / iterate.PLAYED)
+    assert set(played) == set(saved)
+    saved_seeds = {info["seed"] for info in played.values()}
     record = read_json(folder / "made_from.json")
     assert record["finished"] is False and record["seconds"] > 0, "the saved episode's time is kept"
 
