@@ -112,8 +112,9 @@ def stage_config(config: Config, stage: str) -> Config:
     return final
 
 
-def run_pipeline(config: Config) -> dict:
-    """Every stage in order, then ``<run>/report.md`` with each stage's figures and pictures."""
+def run_pipeline(config: Config, machine: dict | None = None) -> dict:
+    """Every stage in order, then ``<run>/report.md`` with each stage's figures and pictures and ``machine``
+    (``worldmodel.machine.describe``), the machine this invocation runs on."""
     from agents.report import EVALUATION_STAGES, work_seconds, write_report
     from worldmodel.runs import run_paths
 
@@ -131,9 +132,10 @@ def run_pipeline(config: Config) -> dict:
         seconds[stage] = round(time.perf_counter() - start, 1)
         work[stage] = round(work_seconds(configs[stage], stage, summaries[stage], seconds[stage]), 1)
     folders = {stage: getattr(run_paths(configs[stage]), stage) for stage in EVALUATION_STAGES}
-    report = write_report(config, summaries, seconds, folders, work)
+    report = write_report(config, summaries, seconds, folders, work, machine)
     return {
         "report": str(report),
+        "machine": machine,
         "seconds": seconds,
         "total_seconds": round(sum(seconds.values()), 1),
         "work_seconds": work,
@@ -213,28 +215,39 @@ def main(argv: list[str] | None = None) -> int:
         command = f"benchmark {args.kind}"
         if args.data:
             overrides.append(f"{args.kind}.data={json.dumps(args.data)}")
+    machine, code = None, 1  # an exception other than those below leaves exit code 1
     try:
         config = load_config(args.config, overrides)
         check_config(config, command, sweep=command == "train-memory" and bool(args.sweep))
         use_threads(config.threads)
+        from worldmodel.machine import describe
+
+        machine = describe()  # after the checks: a refusal costs no matmul
         if command == "train-memory" and args.sweep:
             from rollouts.parallel import ray_map
             from worldmodel.sweep import run_table1
 
             summary = run_table1(config, map_fn=ray_map(config.ray))
         elif command == "pipeline":
-            summary = run_pipeline(config)
+            summary = run_pipeline(config, machine)
         else:
             summary = resolve(COMMANDS[command])(stage_config(config, command))
+        code = 0
     except (ConfigError, DataError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr)
-        return 130
-    if summary:
+        code = 130
+    finally:
+        if machine is not None:
+            from worldmodel.machine import record
+            from worldmodel.runs import run_paths
+
+            record(run_paths(config).root, machine, command, code)
+    if code == 0 and summary:
         print(json.dumps(summary, indent=2, default=str))
-    return 0
+    return code
 
 
 if __name__ == "__main__":

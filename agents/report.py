@@ -9,6 +9,7 @@ from pathlib import Path
 
 from worldmodel.config import Config
 from worldmodel.io import atomic_write_text
+from worldmodel.machine import summary_line
 from worldmodel.runs import run_paths
 from worldmodel.stages import STAGES, recorded_seconds
 
@@ -145,11 +146,13 @@ def write_report(
     seconds: dict[str, float],
     folders: dict[str, Path] | None = None,
     work: dict[str, float] | None = None,
+    machine: dict | None = None,
 ) -> Path:
     """Write ``<run>/report.md`` and return its path. ``seconds``: this invocation's time per stage; ``work``:
     each stage's own time over every invocation (``work_seconds``; default ``seconds``). ``folders``: where a
     stage's pictures are, when not in the run's own folder of that stage (the last iteration's
-    evaluation)."""
+    evaluation). ``machine``: this invocation's (``worldmodel.machine.describe``), shown with the run's
+    earlier ones."""
     work = work or seconds
     training = sum(secs for stage, secs in work.items() if stage not in EVALUATION_STAGES)
 
@@ -175,6 +178,7 @@ def write_report(
         f"{' and '.join(EVALUATION_STAGES)}, over all invocations): {training:.0f} s = "
         f"{training / 60:.1f} min. Resolved config: [config.yaml](config.yaml).",
         "",
+        *([line, ""] if (line := summary_line(root, machine)) else []),
         *_headline(summaries),
         "| stage | seconds of the stage's work | share of the training time | seconds in this invocation |",
         "|---|---|---|---|",

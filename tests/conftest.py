@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,35 @@ def ray_session():
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def run_main(capsys) -> Callable[..., subprocess.CompletedProcess]:
+    """``run_main(*args, main=run.main)``: a command's ``main(args)`` in this process, as the
+    ``CompletedProcess`` a subprocess would give (exit code, stdout, stderr).
+
+    For the refusals (exit code 2 before any work): a subprocess costs seconds of imports; each command keeps
+    its cheap subprocess smoke test. torch's thread count, which a command may set, is restored.
+    """
+    import torch
+
+    def call(*args, main: Callable[[list[str]], int] | None = None) -> subprocess.CompletedProcess:
+        if main is None:
+            import run
+
+            main = run.main
+        threads = torch.get_num_threads()
+        capsys.readouterr()
+        try:
+            code = main([str(arg) for arg in args])
+        except SystemExit as exit:  # argparse's refusals
+            code = exit.code
+        finally:
+            torch.set_num_threads(threads)
+        printed = capsys.readouterr()
+        return subprocess.CompletedProcess(list(args), code, printed.out, printed.err)
+
+    return call
 
 
 @pytest.fixture(scope="session")

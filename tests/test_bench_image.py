@@ -301,11 +301,11 @@ def assert_refused(result, tmp_path, *fragments):
     assert not (tmp_path / "runs").exists(), "a refused command must write nothing"
 
 
-def test_cli_refuses_a_missing_or_unrecognised_data_folder(tmp_path):
+def test_cli_refuses_a_missing_or_unrecognised_data_folder(tmp_path, run_main):
     runs = f"runs_dir={json.dumps(str(tmp_path / 'runs'))}"
     missing = tmp_path / "no" / "such" / "dir"
     assert_refused(
-        cli("benchmark", "image", "--data", str(missing), "--set", runs),
+        run_main("benchmark", "image", "--data", str(missing), "--set", runs),
         tmp_path,
         f"error: {missing}: the image data folder does not exist",
     )
@@ -313,7 +313,7 @@ def test_cli_refuses_a_missing_or_unrecognised_data_folder(tmp_path):
     other.mkdir()
     (other / "notes.txt").write_text("not images")
     assert_refused(
-        cli("benchmark", "image", "--data", str(other), "--set", runs),
+        run_main("benchmark", "image", "--data", str(other), "--set", runs),
         tmp_path,
         f"error: {other}: neither MNIST nor CIFAR-10 files found",
         "train-images-idx3-ubyte",
@@ -324,20 +324,20 @@ def test_cli_refuses_a_missing_or_unrecognised_data_folder(tmp_path):
     )
     cifar = write_image_folder(tmp_path / "cifar", "cifar10")
     assert_refused(
-        cli("benchmark", "image", "--data", str(cifar), "--set", runs, "--set", "image.dataset=mnist"),
+        run_main("benchmark", "image", "--data", str(cifar), "--set", runs, "--set", "image.dataset=mnist"),
         tmp_path,
         f"error: {cifar}: holds CIFAR-10 files, not MNIST ones",
         "image.dataset=cifar10",
     )
     assert_refused(
-        cli("benchmark", "image", "--data", str(cifar), "--set", runs, "--set", "image.dataset=digits"),
+        run_main("benchmark", "image", "--data", str(cifar), "--set", runs, "--set", "image.dataset=digits"),
         tmp_path,
         "image.dataset=digits takes no data folder",
         str(cifar),
     )
 
 
-def test_cli_refuses_bad_memory_settings_before_any_work(tmp_path):
+def test_cli_refuses_bad_memory_settings_before_any_work(tmp_path, run_main):
     runs = f"runs_dir={json.dumps(str(tmp_path / 'runs'))}"
     for override, message in (
         ("image.memory.components=0", "image.memory.components must be at least 1, got 0"),
@@ -351,7 +351,7 @@ def test_cli_refuses_bad_memory_settings_before_any_work(tmp_path):
         ("image.memory.predict_reward=true", "image.memory.predict_reward must be false"),
     ):
         assert_refused(
-            cli("benchmark", "image", "--set", runs, "--set", override), tmp_path, f"error: {message}"
+            run_main("benchmark", "image", "--set", runs, "--set", override), tmp_path, f"error: {message}"
         )
 
 
@@ -412,11 +412,13 @@ def test_partial_memory_section_keeps_the_benchmark_defaults(tmp_path):
     assert [tag for tag, *_ in model_variants(config, {})] == ["rmdn_r0", "rmdn_r3", "frmdn_r0", "frmdn_r3"]
 
 
-def test_cli_bad_inputs(tmp_path):
+def test_cli_bad_inputs(tmp_path, run_main):
     empty = tmp_path / "empty"
     empty.mkdir()
     runs = f"runs_dir={json.dumps(str(tmp_path / 'runs'))}"
-    result = cli("benchmark", "image", "--set", "image.dataset=mnist", "--set", runs, "--data", str(empty))
+    result = run_main(
+        "benchmark", "image", "--set", "image.dataset=mnist", "--set", runs, "--data", str(empty)
+    )
     assert result.returncode == 2
     assert f"{empty}: no MNIST train images file found" in result.stderr
     broken = tmp_path / "broken"
@@ -426,7 +428,9 @@ def test_cli_bad_inputs(tmp_path):
         write_idx(broken / f"{prefix}-labels-idx1-ubyte", np.zeros(n, np.uint8))
     path = broken / "t10k-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:-100])
-    result = cli("benchmark", "image", "--set", "image.dataset=mnist", "--set", runs, "--data", str(broken))
+    result = run_main(
+        "benchmark", "image", "--set", "image.dataset=mnist", "--set", runs, "--data", str(broken)
+    )
     assert result.returncode == 2
     assert f"error: {path}: IDX file truncated" in result.stderr
     with pytest.raises(DataError, match="--data PATH"):

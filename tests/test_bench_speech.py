@@ -141,6 +141,7 @@ def test_missing_and_empty_data(tmp_path):
 
 
 def test_cli_rejects_a_wav_with_a_wrong_sample_width(tmp_path):
+    """The speech command's subprocess smoke test: a bad file of a real folder, refused with exit code 2."""
     folder = tmp_path / "wavs"
     write_wavs(folder, 4, np.random.default_rng(3))
     width = 8  # 64-bit PCM: the wave module reads the header, we refuse the width
@@ -166,20 +167,7 @@ def test_cli_rejects_a_wav_with_a_wrong_sample_width(tmp_path):
     assert f"error: {bad}: unsupported sample width of 8 bytes (64-bit)" in result.stderr
 
 
-def cli(tmp_path, *args):
-    command = [
-        sys.executable,
-        "run.py",
-        "benchmark",
-        "speech",
-        "--set",
-        f"runs_dir={json.dumps(str(tmp_path / 'runs'))}",
-        *args,
-    ]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
-
-
-def test_cli_refuses_a_missing_folder_and_bad_memory_settings_before_any_work(tmp_path):
+def test_cli_refuses_a_missing_folder_and_bad_memory_settings_before_any_work(tmp_path, run_main):
     missing = tmp_path / "no" / "such" / "dir"
     cases = (
         (("--data", str(missing)), f"error: {missing}: the speech data folder does not exist"),
@@ -193,7 +181,9 @@ def test_cli_refuses_a_missing_folder_and_bad_memory_settings_before_any_work(tm
         ),
     )
     for args, message in cases:
-        result = cli(tmp_path, *args)
+        result = run_main(
+            "benchmark", "speech", "--set", f"runs_dir={json.dumps(str(tmp_path / 'runs'))}", *args
+        )
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert not (tmp_path / "runs").exists(), "a refused command must write nothing"
 

@@ -263,8 +263,8 @@ def test_command_line_collects_valid_files(ray_session, tmp_path):
         assert len(load_episode(path)["rewards"]) == 10
 
 
-def test_command_line_refuses_a_bad_value(tmp_path):
-    result = run_cli("--set", "env.name=pong", "--set", f"runs_dir={tmp_path}")
+def test_command_line_refuses_a_bad_value(tmp_path, run_main):
+    result = run_main("collect", "--set", "env.name=pong", "--set", f"runs_dir={tmp_path}")
     assert result.returncode == 2
     assert "env.name" in result.stderr and "pong" in result.stderr
     assert not any(tmp_path.iterdir())

@@ -57,15 +57,11 @@ def test_an_unknown_switch_is_refused():
     assert result.returncode == 2 and "unknown switch 'magic'" in result.stderr
 
 
-def test_the_imitation_score_refuses_a_run_without_an_imitation_or_a_memory(tmp_path):
+def test_the_imitation_score_refuses_a_run_without_an_imitation_or_a_memory(tmp_path, run_main):
+    import score_imitation
+
     def score(*overrides):
-        return subprocess.run(
-            [sys.executable, "experiments/score_imitation.py", f"--set=runs_dir={tmp_path}", *overrides],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        return run_main(f"--set=runs_dir={tmp_path}", *overrides, main=score_imitation.main)
 
     result = score()
     assert result.returncode == 2 and "controller.init is 'zeros'" in result.stderr

@@ -99,7 +99,7 @@ def test_two_iterations_end_to_end(tmp_path, tiny_run):
     # fewer generations per iteration make the iterations' controllers stale: they are trained again, and
     # the scores kept are those of the new controllers (not the finished iterations' old rows)
     episodes_before = {p.name: p.stat().st_mtime_ns for p in list_npz(run_paths(first).episodes)}
-    _, log = run_pipeline(tmp_path, [*TINY, *ITERATE, "iterate.generations=1"])
+    run_pipeline(tmp_path, [*TINY, *ITERATE, "iterate.generations=1"], command="iterate")
     rows = read_json(tmp_path / "tiny" / "iterate" / "summary.json")["rows"]
     for row, current in zip(rows[1:], (first, second), strict=True):
         generations = read_jsonl(run_paths(current).controller / "metrics.jsonl")
@@ -112,35 +112,30 @@ def test_two_iterations_end_to_end(tmp_path, tiny_run):
 
 
 def test_a_kill_in_the_middle_of_an_iteration_resumes(tmp_path, tiny_run):
+    """Killed in iteration 1's memory training: the rerun keeps iteration 0's score and iteration 1's episodes
+    and finishes the iteration."""
     copy_tiny_run(tiny_run, tmp_path)  # the first controller
-    cfg = config(tmp_path)
-    args = [
-        sys.executable,
-        "run.py",
-        "iterate",
-        *(f"--set={o}" for o in [f"runs_dir={tmp_path}", *TINY, *ITERATE]),
-    ]
+    overrides = [f"runs_dir={tmp_path}", *TINY, *ITERATE, "iterate.iterations=1"]
+    cfg = load_config(None, overrides)
+    args = [sys.executable, "run.py", "iterate", *(f"--set={o}" for o in overrides)]
     process = subprocess.Popen(
         args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
     )
-    target = run_paths(iteration_config(cfg, 2)).memory / "checkpoint.pt"
+    first = run_paths(iteration_config(cfg, 1))
+    target = first.memory / "checkpoint.pt"
     deadline = time.monotonic() + 600
     while not target.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert process.poll() is None, "iterate ended before it could be killed"
     os.killpg(process.pid, signal.SIGKILL)  # the driver and its Ray workers
     process.wait()
-    first_episodes = {
-        p.name: p.stat().st_mtime_ns for p in list_npz(run_paths(iteration_config(cfg, 1)).episodes)
-    }
+    kept = [*list_npz(first.episodes), tmp_path / "tiny" / "iterate" / "iteration0.json"]
+    before = {path: path.stat().st_mtime_ns for path in kept}
     result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_json(tmp_path / "tiny" / "iterate" / "summary.json")["rows"]
-    assert [row["iteration"] for row in rows] == [0, 1, 2]
-    # iteration 1 was kept as it was (its episodes not played again)
-    assert {p.name: p.stat().st_mtime_ns for p in list_npz(run_paths(iteration_config(cfg, 1)).episodes)} == (
-        first_episodes
-    )
+    assert [row["iteration"] for row in rows] == [0, 1]
+    assert {path: path.stat().st_mtime_ns for path in kept} == before  # nothing played or scored again
     assert "redoing it" not in result.stderr
 
 

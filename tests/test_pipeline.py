@@ -37,15 +37,17 @@ TINY = [
 ]
 
 
-def run_pipeline(tmp_path: Path, overrides: list[str], config: str | None = None) -> tuple[dict, str]:
-    """The pipeline's summary (stdout) and what it printed to stderr."""
-    args = [sys.executable, "run.py", "pipeline", "--set", f"runs_dir={tmp_path}"]
+def run_pipeline(
+    tmp_path: Path, overrides: list[str], config: str | None = None, command: str = "pipeline"
+) -> tuple[dict, str]:
+    """The summary ``run.py command`` printed (stdout) and what it printed to stderr."""
+    args = [sys.executable, "run.py", command, "--set", f"runs_dir={tmp_path}"]
     if config:
         args += ["--config", config]
     for override in overrides:
         args += ["--set", override]
     result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
-    assert result.returncode == 0, f"pipeline failed:\n{result.stderr[-4000:]}"
+    assert result.returncode == 0, f"{command} failed:\n{result.stderr[-4000:]}"
     return json.loads(result.stdout), result.stderr
 
 
@@ -123,6 +125,14 @@ def test_tiny_pipeline_end_to_end_reruns_skip_done_stages_and_redo_stale_ones(tm
 
     # a controller setting: the controller and its evaluation are redone, V and M are kept
     rerun, log = run_pipeline(tmp_path, [*TINY, "controller.temperature=0.5"])
+    # every invocation recorded its machine, and the report shows this one's
+    rows = read_jsonl(root / "machines.jsonl")
+    assert [(row["command"], row["exit"]) for row in rows] == [("pipeline", 0), ("pipeline", 0)]
+    assert rows[-1]["matmul_gflops"] == rerun["machine"]["matmul_gflops"] > 0
+    assert (
+        f"matmul {rerun['machine']['matmul_gflops']:.0f} GFLOP/s at the start of this command"
+        in (root / "report.md").read_text()
+    )
     assert redone(log) == ["train-controller", "evaluate"], log[-3000:]
     # a kept stage still reports the time its work took, not the instant it took to skip it
     assert rerun["work_seconds"]["train-vae"] == summary["work_seconds"]["train-vae"]

@@ -207,7 +207,7 @@ def test_use_mu_trains_on_the_posterior_mean(tiny_memory_run):
     assert summary["use_mu"] and summary["test_nll_per_step"] == pytest.approx(losses["nll"].item(), rel=1e-5)
 
 
-def test_command_line_smoke(tiny_memory_run):
+def test_command_line_smoke(tiny_memory_run, run_main):
     cfg = tiny_memory_run("cli")
     args = [
         sys.executable,
@@ -230,7 +230,5 @@ def test_command_line_smoke(tiny_memory_run):
     assert np.isfinite(summary["test_nll_per_dim"])
     assert read_json(Path(cfg.runs_dir) / "cli" / "memory" / "summary.json") == summary
 
-    missing = subprocess.run(
-        [*args, "--set", "name=nothing"], check=False, capture_output=True, text=True, cwd=ROOT, timeout=120
-    )
+    missing = run_main(*args[2:], "--set", "name=nothing")
     assert missing.returncode == 2 and "run.py encode" in missing.stderr

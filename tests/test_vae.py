@@ -403,7 +403,7 @@ def test_plot_helpers_write_pngs(tmp_path):
 # --- the commands --------------------------------------------------------------------------------------
 
 
-def test_run_py_train_vae_and_encode(tmp_path):
+def test_run_py_train_vae_and_encode(tmp_path, run_main):
     sets = [
         "--set",
         f"runs_dir={tmp_path / 'runs'}",
@@ -430,12 +430,5 @@ def test_run_py_train_vae_and_encode(tmp_path):
     assert summary["encoded"] == 3
     assert len(list((tmp_path / "runs" / "smoke" / "latents").glob("*.npz"))) == 3
 
-    result = subprocess.run(
-        [sys.executable, "run.py", "train-vae", "--set", f"runs_dir={tmp_path / 'empty'}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = run_main("train-vae", "--set", f"runs_dir={tmp_path / 'empty'}")
     assert result.returncode == 2 and "run.py collect" in result.stderr
