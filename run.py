@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         use_threads(config.threads)
         from worldmodel.machine import describe
 
-        machine = describe()  # after the checks: a refusal costs no matmul
+        machine = describe()  # after the checks: a bad setting is refused without it
         if command == "train-memory" and args.sweep:
             from rollouts.parallel import ray_map
             from worldmodel.sweep import run_table1

@@ -209,7 +209,7 @@ def test_cli_refuses_unknown_key_with_exit_code_2(tmp_path):
     assert not any(tmp_path.iterdir()), "a refused config must not start any work"
 
 
-def test_threads_setting_is_applied_to_torch_and_validated(run_main):
+def test_threads_setting_is_applied_to_torch_and_validated(tmp_path, run_main):
     import torch
 
     import run
@@ -222,5 +222,6 @@ def test_threads_setting_is_applied_to_torch_and_validated(run_main):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
-    result = run_main("encode", "--set", "threads=-1")
+    result = run_main("encode", "--set", "threads=-1", "--set", f"runs_dir={tmp_path}")
     assert result.returncode == 2 and "threads must be at least 0" in result.stderr
+    assert not any(tmp_path.iterdir())

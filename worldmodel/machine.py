@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +31,8 @@ RATE_SPREAD = 1.5
 def matmul_peak(seconds: float = 1.0) -> float:
     """fp32 GFLOP/s of a 1024 x 1024 x 1024 matmul with torch's current threads (median of at least 5
     repeats, repeated for ``seconds``): 2 * 1024³ FLOPs per product."""
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    generator = torch.Generator().manual_seed(0)  # torch's global generator is the stages' to draw from
+    a, b = torch.randn(1024, 1024, generator=generator), torch.randn(1024, 1024, generator=generator)
     a @ b
     rates = []
     deadline = time.perf_counter() + seconds
@@ -69,15 +71,20 @@ def describe(seconds: float = 0.3) -> dict:
 
 def record(root: Path, machine: dict, command: str, exit_code: int) -> None:
     """Append ``machine`` to ``root``'s record with the command that ran on it, if the command left a run
-    folder (a command refused before any work writes nothing)."""
-    if root.is_dir():
+    folder and was not refused (exit code 2: no work to time). Never fails the command: a record that cannot
+    be written is reported on stderr."""
+    if exit_code == 2 or not root.is_dir():
+        return
+    try:
         append_jsonl(root / RECORD, {**machine, "command": command, "exit": exit_code})
+    except OSError as error:
+        print(f"warning: {root / RECORD}: the machine record was not written ({error})", file=sys.stderr)
 
 
 def summary_line(root: Path, current: dict | None = None) -> str | None:
     """One line for the run's report: the machine of ``current`` (this command's, not recorded until it ends)
-    or else of the last recorded command, and a warning when the run's commands ran at matmul rates more than
-    ``RATE_SPREAD`` apart (their stage times then mix machines)."""
+    or else of the last recorded command, and a warning when commands of the run on the same number of threads
+    measured matmul rates more than ``RATE_SPREAD`` apart (their stage times then mix speeds)."""
     rows = [*read_jsonl(root / RECORD), *([current] if current else [])]
     rows = [row for row in rows if isinstance(row.get("matmul_gflops"), int | float)]
     if not rows:
@@ -88,10 +95,11 @@ def summary_line(root: Path, current: dict | None = None) -> str | None:
         f"1024³ fp32 matmul {last['matmul_gflops']:.0f} GFLOP/s at the start of "
         f"{'this' if current else 'the last'} command (every command's: [{RECORD}]({RECORD}))."
     )
-    rates = [row["matmul_gflops"] for row in rows]
-    if max(rates) > RATE_SPREAD * min(rates):
-        line += (
-            f" The run's {len(rows)} commands ran at {min(rates):.0f}-{max(rates):.0f} GFLOP/s: its stage "
-            "times mix machines of different speeds."
-        )
+    for threads in sorted({row.get("threads") for row in rows}, key=str):
+        rates = [row["matmul_gflops"] for row in rows if row.get("threads") == threads]
+        if max(rates) > RATE_SPREAD * min(rates):
+            line += (
+                f" The run's {len(rates)} commands on {threads} threads measured {min(rates):.0f}-"
+                f"{max(rates):.0f} GFLOP/s: its stage times mix speeds (other machines, or a busy one)."
+            )
     return line
