@@ -10,8 +10,8 @@ frame): it only gathers the data; the controller learns from the frames' latents
 
 RAM layout (Super Mario Bros, documented by the ROM disassembly and used by gym-super-mario-bros):
 
-- Mario's level x: ``0x6D`` (page) * 256 + ``0x86``; his screen y (top of the sprite): ``0xCE``; his
-  float state ``0x1D`` (0 on the ground).
+- Mario's level x: ``0x6D`` (page) * 256 + ``0x86``; his screen x: ``0x3AD``; his screen y: ``0xCE``, the
+  top of a 16 x 32 px box whose lower half small Mario fills; his float state ``0x1D`` (0 on the ground).
 - Enemy slots i = 0..4: active flag ``0x0F + i``, level x ``0x6E + i`` * 256 + ``0x87 + i``, screen y
   ``0xCF + i``.
 - The level's metatiles around the screen: ``0x500``, two pages of 13 rows x 16 columns of 16 px, row 0 at
@@ -39,6 +39,15 @@ def level_x(ram: np.ndarray, page: int, x: int) -> int:
 def mario_position(ram: np.ndarray) -> tuple[int, int]:
     """Mario's level x (pixels from the level start, the x gym-super-mario-bros reports) and screen y."""
     return level_x(ram, 0x6D, 0x86), int(ram[0xCE])
+
+
+SCREEN_WIDTH, SCREEN_HEIGHT = 256, 240
+"""The NES frame gym-super-mario-bros returns, before any resize."""
+
+
+def screen_centre(ram: np.ndarray) -> tuple[float, float]:
+    """Where small Mario's sprite is centred in the NES frame (x, y pixels of the 256 x 240 screen)."""
+    return int(ram[0x3AD]) + TILE / 2, int(ram[0xCE]) + 1.5 * TILE
 
 
 def on_ground(ram: np.ndarray) -> bool:

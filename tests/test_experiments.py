@@ -1,16 +1,21 @@
 """The experiment scripts: the switch comparison's sharing of stages and its table (``dream_switches.py``),
-the imitation score's refusals (``score_imitation.py``)."""
+the imitation score's refusals (``score_imitation.py``), the player-patch error of V (``player_patch.py``)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
 from tests.test_pipeline import REPO
+from worldmodel.io import DataError
 
 sys.path.insert(0, str(REPO / "experiments"))
 
 import dream_switches  # noqa: E402 (the script's folder on the path)
+import player_patch  # noqa: E402 (the script's folder on the path)
 
 
 def test_shared_stage_folders_are_hard_links_and_nothing_is_overwritten(tmp_path):
@@ -68,3 +73,56 @@ def test_the_imitation_score_refuses_a_run_without_an_imitation_or_a_memory(tmp_
     result = score("--set=controller.init=imitate")
     assert result.returncode == 2 and "no trained memory" in result.stderr
     assert not any(tmp_path.iterdir())  # refused before any work
+
+
+def test_mario_stands_where_the_ram_says_at_the_start_of_1_1():
+    """Small Mario starts standing on the ground at screen x 40-56, feet at y 208 (checked on the frame: the
+    patch of ``player_patch`` is centred on his sprite)."""
+    from rollouts.envs import make_env
+    from rollouts.mario_expert import screen_centre
+    from worldmodel.config import load_config
+
+    env = make_env(load_config(None, ["env.name=mario"]).env)
+    try:
+        env.reset(seed=0)
+        assert screen_centre(env.unwrapped.ram) == (48.0, 200.0)
+    finally:
+        env.close()
+
+
+def test_the_player_patch_error_against_the_rest_of_the_frame():
+    centres = np.array([[128.0, 120.0], [48.0, 200.0], [2.0, 120.0]])  # the last: the patch leaves the frame
+    boxes = player_patch.patch_boxes(centres, 64)
+    assert boxes.tolist()[:2] == [[28, 36, 28, 36], [49, 57, 8, 16]] and boxes[2].tolist() == [-1] * 4
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    recon = frames.copy()
+    recon[0, 28:36, 28:36] = 0  # the player left out of the first frame...
+    recon[2] = 0  # ...and of a frame without him: not counted
+    recon[1, 0, 0] = frames[1, 0, 0] ^ 1  # a nearly perfect rest
+    errors = player_patch.patch_errors(frames, recon, boxes)
+    expected = ((frames[0, 28:36, 28:36] / 255.0) ** 2).sum() / (2 * 8 * 8 * 3)
+    assert errors["frames"] == 2 and errors["player_mse"] == pytest.approx(expected)
+    assert 0 < errors["rest_mse"] < 1e-6 and errors["ratio"] > 1e4
+    assert player_patch.patch_errors(frames, frames, boxes)["ratio"] is None
+    sheet = player_patch.closeups(frames, recon, boxes)
+    assert [len(row) for row in sheet] == [2, 2] and sheet[0][0].shape == (16, 16, 3)
+    with pytest.raises(DataError, match="off the screen in every frame"):
+        player_patch.patch_errors(frames, recon, np.full((3, 4), -1))
+
+
+def test_the_player_patch_command(tmp_path, run_main):
+    from worldmodel.io import read_json, save_checkpoint
+    from worldmodel.vae import ConvVAE
+
+    save_checkpoint(tmp_path / "v.pt", state_dict=ConvVAE(8).state_dict(), config={})
+    args = ["--set=env.name=mario", "--set=collect.max_steps=20", f"--set=runs_dir={tmp_path}"]
+    result = run_main(*args, "--episodes=1", f"--vae={tmp_path / 'v.pt'}", main=player_patch.main)
+    assert result.returncode == 0, result.stderr
+    summary = read_json(tmp_path / "tiny" / "player_patch" / "summary.json")
+    assert summary["frames"] == 20 and summary["player_mse"] > 0 and summary["rest_mse"] > 0
+    assert (tmp_path / "tiny" / "player_patch" / "closeups.png").stat().st_size > 0
+    refused = run_main(f"--set=runs_dir={tmp_path}", main=player_patch.main)  # CarRacing has no Mario
+    assert refused.returncode == 2 and "read from Mario's RAM" in refused.stderr
+    missing = run_main(*args, f"--vae={tmp_path / 'none.pt'}", main=player_patch.main)
+    assert missing.returncode == 2 and "none.pt" in missing.stderr

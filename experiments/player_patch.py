@@ -1,0 +1,161 @@
+"""Does V draw the player? On Super Mario Bros episodes played by the RAM expert, V's reconstruction error in
+a patch around Mario (placed from the game's RAM, never from the frame) against its error over the rest of
+the frame, and a sheet of close-ups: originals above their reconstructions from the posterior mean.
+
+    .venv/bin/python experiments/player_patch.py --config configs/mario-hour-expert.yaml [--set name=...]
+        [--episodes 4] [--vae PATH]
+
+Writes ``<run>/player_patch/summary.json`` (also printed) and ``closeups.png``. ``ratio`` is the patch's mean
+squared error over the rest's: a V that leaves Mario out has a patch error several times the rest's; one that
+draws him, near it. The episodes are the expert's (``collect.expert_noise`` of the config) on seeds of their
+own, so the frames are like V's training data but not among them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from rollouts.collect import collect_env_config, rollout_episode  # noqa: E402 (sys.path)
+from rollouts.envs import make_env  # noqa: E402 (sys.path)
+from rollouts.mario_expert import SCREEN_HEIGHT, SCREEN_WIDTH, screen_centre  # noqa: E402 (sys.path)
+from rollouts.policies import make_exploration_policy  # noqa: E402 (sys.path)
+from worldmodel.config import Config, ConfigError, load_config  # noqa: E402 (sys.path)
+from worldmodel.io import DataError, write_json  # noqa: E402 (sys.path)
+from worldmodel.plots import save_image_grid  # noqa: E402 (sys.path)
+from worldmodel.runs import run_paths  # noqa: E402 (sys.path)
+from worldmodel.vae import ConvVAE, frames_to_tensor, load_vae, tensor_to_frames  # noqa: E402 (sys.path)
+
+PURPOSE = 7
+"""Seeds these episodes apart from collection's, training's and evaluation's."""
+HALF = 4
+"""Half the patch side in pixels of the 64 x 64 frame (8 x 8: small Mario is about 4 x 4 there)."""
+
+
+class RecordingExpert:
+    """The RAM expert, noting where Mario is on the screen each time it acts (on the frame it is shown)."""
+
+    def __init__(self, policy, game):
+        self.policy, self.game, self.centres = policy, game, []
+
+    def reset(self) -> None:
+        self.policy.reset()
+
+    def act(self, obs: np.ndarray):
+        self.centres.append(screen_centre(self.game.unwrapped.ram))
+        return self.policy.act(obs)
+
+
+def play(cfg: Config, episodes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Frames ``[N, S, S, 3]`` of ``episodes`` expert episodes and Mario's centre on each ``[N, 2]`` (x, y in
+    pixels of the NES screen)."""
+    env_cfg = collect_env_config(cfg)
+    collect = dataclasses.replace(cfg.collect, policy="ram_expert")
+    frames, centres = [], []
+    for index in range(episodes):
+        env_seed, policy_seed = np.random.SeedSequence([cfg.seed, PURPOSE, index]).generate_state(2)
+        env = make_env(env_cfg)
+        try:
+            policy = make_exploration_policy(env_cfg, collect, np.random.default_rng(policy_seed), env)
+            recording = RecordingExpert(policy, env)
+            arrays = rollout_episode(env, env_cfg, recording, int(env_seed))
+        finally:
+            env.close()
+        frames.append(arrays["obs"][: len(recording.centres)])  # the last frame is never acted on
+        centres += recording.centres
+    return np.concatenate(frames), np.asarray(centres, dtype=np.float64)
+
+
+def patch_boxes(centres: np.ndarray, size: int) -> np.ndarray:
+    """``[N, 4]`` (top, bottom, left, right) of the ``2 HALF``-pixel square around each centre in a
+    ``size``-pixel square frame; rows whose square leaves the frame are -1."""
+    x = np.round(centres[:, 0] * size / SCREEN_WIDTH).astype(int)
+    y = np.round(centres[:, 1] * size / SCREEN_HEIGHT).astype(int)
+    boxes = np.stack([y - HALF, y + HALF, x - HALF, x + HALF], axis=1)
+    inside = (boxes[:, 0] >= 0) & (boxes[:, 1] <= size) & (boxes[:, 2] >= 0) & (boxes[:, 3] <= size)
+    boxes[~inside] = -1
+    return boxes
+
+
+def patch_errors(frames: np.ndarray, recon: np.ndarray, boxes: np.ndarray) -> dict:
+    """Mean squared error (pixels in [0, 1]) inside the player's patch and over the rest of each frame, on the
+    frames whose patch lies inside the frame."""
+    keep = boxes[:, 0] >= 0
+    if not keep.any():
+        raise DataError("player_patch: Mario was off the screen in every frame")
+    squared = ((recon[keep].astype(np.float64) - frames[keep]) / 255.0) ** 2
+    mask = np.zeros(squared.shape[:3], dtype=bool)
+    for row, (top, bottom, left, right) in enumerate(boxes[keep]):
+        mask[row, top:bottom, left:right] = True
+    player, rest = float(squared[mask].mean()), float(squared[~mask].mean())
+    ratio = player / rest if rest > 0 else None  # None: a perfect reconstruction outside the patch
+    return {"frames": int(keep.sum()), "player_mse": player, "rest_mse": rest, "ratio": ratio}
+
+
+@torch.no_grad()
+def reconstruct(vae: ConvVAE, frames: np.ndarray, batch: int = 64) -> np.ndarray:
+    """Each frame decoded from its posterior mean."""
+    out = []
+    for start in range(0, len(frames), batch):
+        mu, _ = vae.encode(frames_to_tensor(frames[start : start + batch]))
+        out.append(tensor_to_frames(vae.decode(mu)))
+    return np.concatenate(out)
+
+
+def closeups(
+    frames: np.ndarray, recon: np.ndarray, boxes: np.ndarray, count: int = 8
+) -> list[list[np.ndarray]]:
+    """Rows of crops (four patch sides wide) around Mario: originals above reconstructions, ``count`` frames
+    spread over those with Mario on the screen."""
+    kept = np.flatnonzero(boxes[:, 0] >= 0)
+    chosen = kept[np.linspace(0, len(kept) - 1, min(count, len(kept))).round().astype(int)]
+    size, side = frames.shape[1], 4 * HALF
+
+    def crop(image: np.ndarray, box: np.ndarray) -> np.ndarray:
+        top = int(np.clip((box[0] + box[1]) // 2 - side // 2, 0, size - side))
+        left = int(np.clip((box[2] + box[3]) // 2 - side // 2, 0, size - side))
+        return image[top : top + side, left : left + side]
+
+    return [[crop(images[i], boxes[i]) for i in chosen] for images in (frames, recon)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="the run's config (default: the embedded tiny one)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
+    parser.add_argument("--episodes", type=int, default=4, help="expert episodes to play (default 4)")
+    parser.add_argument("--vae", help="a V checkpoint (default: the run's vae/vae.pt)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        if cfg.env.name != "mario":
+            raise ConfigError(f"env.name is {cfg.env.name!r}: the player's position is read from Mario's RAM")
+        if args.episodes < 1:
+            raise ConfigError(f"--episodes must be at least 1, got {args.episodes}")
+        path = Path(args.vae) if args.vae else run_paths(cfg).vae / "vae.pt"
+        vae = load_vae(path)
+    except (ConfigError, DataError) as error:
+        print(f"player_patch: {error}", file=sys.stderr)
+        return 2
+    frames, centres = play(cfg, args.episodes)
+    recon = reconstruct(vae, frames)
+    boxes = patch_boxes(centres, frames.shape[1])
+    out = run_paths(cfg).root / "player_patch"
+    summary = {"vae": str(path), "episodes": args.episodes, **patch_errors(frames, recon, boxes)}
+    save_image_grid(out / "closeups.png", closeups(frames, recon, boxes), scale=4)
+    write_json(out / "summary.json", summary)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
