@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from agents.controller import Controller
-from rollouts.envs import CARRACING_HIGH, CARRACING_LOW, action_dim, is_discrete
+from rollouts.envs import CARRACING_HIGH, CARRACING_LOW, action_dim, is_discrete, player_centre
 from worldmodel.config import EnvConfig
 from worldmodel.memory import MemoryModel
 from worldmodel.vae import ConvVAE, frames_to_tensor, posterior_sample
@@ -205,6 +205,8 @@ class Episode:
     """When recorded: the reward of every step."""
     terminals: list[bool] = field(default_factory=list)
     """When recorded: whether the game itself ended with the step (gymnasium's ``terminated``)."""
+    players: list = field(default_factory=list)
+    """When recorded: the player's centre in each frame (``rollouts.envs.player_centre``; None: CarRacing)."""
     max_x: float | None = None
     """The furthest ``info["x_pos"]`` reached (Super Mario Bros reports it; None for games that don't)."""
 
@@ -231,8 +233,14 @@ def play_episodes(
     else:
         agent.reset([int(seed) for seed in seeds])
     episodes = [
-        Episode(seed=int(seed), ret=0.0, steps=0, frames=[obs] if record else [])
-        for seed, obs in zip(seeds, observations, strict=True)
+        Episode(
+            seed=int(seed),
+            ret=0.0,
+            steps=0,
+            frames=[obs] if record else [],
+            players=[player_centre(env)] if record else [],
+        )
+        for seed, obs, env in zip(seeds, observations, envs, strict=True)
     ]
     playing = [max_steps is None or max_steps > 0] * len(envs)
     while any(playing):
@@ -257,6 +265,7 @@ def play_episodes(
                 episode.actions.append(actions[i])
                 episode.rewards.append(float(reward))
                 episode.terminals.append(bool(terminated))
+                episode.players.append(player_centre(env))
             playing[i] = not (
                 terminated or truncated or (max_steps is not None and episode.steps >= max_steps)
             )

@@ -17,7 +17,7 @@ from agents.agent import ActionNoise, Episode, WorldModelAgent, controller_for, 
 from rollouts.envs import encode_action, make_env
 from rollouts.pool import ActorPool, PoolWorker
 from worldmodel.config import Config, ConfigError, ControllerConfig, EnvConfig
-from worldmodel.data import validate_episode
+from worldmodel.data import episode_arrays
 from worldmodel.io import npz_bytes
 from worldmodel.memory import MemoryModel
 from worldmodel.vae import ConvVAE
@@ -101,15 +101,14 @@ class RolloutWorker(PoolWorker):
             finally:
                 self.agent.noise = None
             for episode in episodes:
-                arrays = {
-                    "obs": np.stack(episode.frames).astype(np.uint8, copy=False),
-                    "actions": np.stack([encode_action(self.env_cfg, a) for a in episode.actions]).astype(
-                        np.float32
-                    ),
-                    "rewards": np.asarray(episode.rewards, dtype=np.float32),
-                    "terminals": np.asarray(episode.terminals, dtype=np.bool_),
-                }
-                validate_episode(f"episode of seed {episode.seed}", arrays)
+                arrays = episode_arrays(
+                    f"episode of seed {episode.seed}",
+                    np.stack(episode.frames),
+                    np.stack([encode_action(self.env_cfg, a) for a in episode.actions]),
+                    episode.rewards,
+                    episode.terminals,
+                    None if episode.players[0] is None else np.stack(episode.players),
+                )
                 out.append(
                     {
                         "seed": episode.seed,

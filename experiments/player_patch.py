@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT))
 
 from rollouts.collect import collect_env_config, rollout_episode  # noqa: E402 (sys.path)
 from rollouts.envs import make_env  # noqa: E402 (sys.path)
-from rollouts.mario_expert import SCREEN_HEIGHT, SCREEN_WIDTH, screen_centre  # noqa: E402 (sys.path)
 from rollouts.policies import make_exploration_policy  # noqa: E402 (sys.path)
 from worldmodel.config import Config, ConfigError, load_config  # noqa: E402 (sys.path)
+from worldmodel.frames import PLAYER_HALF, player_boxes  # noqa: E402 (sys.path)
 from worldmodel.io import DataError, write_json  # noqa: E402 (sys.path)
 from worldmodel.plots import save_image_grid  # noqa: E402 (sys.path)
 from worldmodel.runs import run_paths  # noqa: E402 (sys.path)
@@ -37,27 +37,11 @@ from worldmodel.vae import ConvVAE, frames_to_tensor, load_vae, tensor_to_frames
 
 PURPOSE = 7
 """Seeds these episodes apart from collection's, training's and evaluation's."""
-HALF = 4
-"""Half the patch side in pixels of the 64 x 64 frame (8 x 8: small Mario is about 4 x 4 there)."""
-
-
-class RecordingExpert:
-    """The RAM expert, noting where Mario is on the screen each time it acts (on the frame it is shown)."""
-
-    def __init__(self, policy, game):
-        self.policy, self.game, self.centres = policy, game, []
-
-    def reset(self) -> None:
-        self.policy.reset()
-
-    def act(self, obs: np.ndarray):
-        self.centres.append(screen_centre(self.game.unwrapped.ram))
-        return self.policy.act(obs)
 
 
 def play(cfg: Config, episodes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Frames ``[N, S, S, 3]`` of ``episodes`` expert episodes and Mario's centre on each ``[N, 2]`` (x, y in
-    pixels of the NES screen)."""
+    """Frames ``[N, S, S, 3]`` of ``episodes`` expert episodes and Mario's centre in each ``[N, 2]`` (x, y in
+    pixels of the frame, NaN off the screen: the episodes' ``player``)."""
     env_cfg = collect_env_config(cfg)
     collect = dataclasses.replace(cfg.collect, policy="ram_expert")
     frames, centres = [], []
@@ -66,24 +50,12 @@ def play(cfg: Config, episodes: int) -> tuple[np.ndarray, np.ndarray]:
         env = make_env(env_cfg)
         try:
             policy = make_exploration_policy(env_cfg, collect, np.random.default_rng(policy_seed), env)
-            recording = RecordingExpert(policy, env)
-            arrays = rollout_episode(env, env_cfg, recording, int(env_seed))
+            arrays = rollout_episode(env, env_cfg, policy, int(env_seed))
         finally:
             env.close()
-        frames.append(arrays["obs"][: len(recording.centres)])  # the last frame is never acted on
-        centres += recording.centres
-    return np.concatenate(frames), np.asarray(centres, dtype=np.float64)
-
-
-def patch_boxes(centres: np.ndarray, size: int) -> np.ndarray:
-    """``[N, 4]`` (top, bottom, left, right) of the ``2 HALF``-pixel square around each centre in a
-    ``size``-pixel square frame; rows whose square leaves the frame are -1."""
-    x = np.round(centres[:, 0] * size / SCREEN_WIDTH).astype(int)
-    y = np.round(centres[:, 1] * size / SCREEN_HEIGHT).astype(int)
-    boxes = np.stack([y - HALF, y + HALF, x - HALF, x + HALF], axis=1)
-    inside = (boxes[:, 0] >= 0) & (boxes[:, 1] <= size) & (boxes[:, 2] >= 0) & (boxes[:, 3] <= size)
-    boxes[~inside] = -1
-    return boxes
+        frames.append(arrays["obs"])
+        centres.append(arrays["player"])
+    return np.concatenate(frames), np.concatenate(centres)
 
 
 def patch_errors(frames: np.ndarray, recon: np.ndarray, boxes: np.ndarray) -> dict:
@@ -118,7 +90,7 @@ def closeups(
     spread over those with Mario on the screen."""
     kept = np.flatnonzero(boxes[:, 0] >= 0)
     chosen = kept[np.linspace(0, len(kept) - 1, min(count, len(kept))).round().astype(int)]
-    size, side = frames.shape[1], 4 * HALF
+    size, side = frames.shape[1], 4 * PLAYER_HALF
 
     def crop(image: np.ndarray, box: np.ndarray) -> np.ndarray:
         top = int(np.clip((box[0] + box[1]) // 2 - side // 2, 0, size - side))
@@ -148,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     frames, centres = play(cfg, args.episodes)
     recon = reconstruct(vae, frames)
-    boxes = patch_boxes(centres, frames.shape[1])
+    boxes = player_boxes(centres, frames.shape[1])
     out = run_paths(cfg).root / "player_patch"
     summary = {"vae": str(path), "episodes": args.episodes, **patch_errors(frames, recon, boxes)}
     save_image_grid(out / "closeups.png", closeups(frames, recon, boxes), scale=4)

@@ -41,12 +41,12 @@ from pathlib import Path
 import gymnasium
 import numpy as np
 
-from rollouts.envs import action_dim, check_env_config, encode_action, make_env
+from rollouts.envs import action_dim, check_env_config, encode_action, make_env, player_centre
 from rollouts.parallel import init_ray
 from rollouts.policies import Policy, check_policy_config, make_exploration_policy
 from rollouts.pool import ActorPool, PoolWorker, WorkerInfo
 from worldmodel.config import CollectConfig, Config, ConfigError, EnvConfig, check_run_config, step_limit
-from worldmodel.data import load_episode, validate_episode
+from worldmodel.data import episode_arrays, load_episode, validate_episode
 from worldmodel.io import DataError, atomic_write_bytes, npz_bytes, write_json
 from worldmodel.progress import note
 from worldmodel.progress import progress as progress_bar
@@ -79,26 +79,31 @@ def rollout_episode(
     """Play ``policy`` from ``env.reset(seed=seed)`` to the end (or the env's time limit): the episode arrays.
 
     ``obs`` [T+1] holds the first frame and the frame after every action; ``actions`` are encoded with
-    ``encode_action``; ``terminals[t]`` is gymnasium's ``terminated`` of step t (truncation is not an end).
+    ``encode_action``; ``terminals[t]`` is gymnasium's ``terminated`` of step t (truncation is not an end);
+    Mario's episodes add ``player`` [T+1, 2], his centre in each frame (``rollouts.envs.player_centre``).
     """
     obs, _ = env.reset(seed=seed)
     policy.reset()
     frames, actions, rewards, terminals = [obs], [], [], []
+    players = [player_centre(env)]
     done = False
     while not done:
         action = policy.act(obs)
         obs, reward, terminated, truncated, _ = env.step(action)
         frames.append(obs)
+        players.append(player_centre(env))
         actions.append(encode_action(env_cfg, action))
         rewards.append(reward)
         terminals.append(terminated)
         done = terminated or truncated
-    return {
-        "obs": np.stack(frames).astype(np.uint8, copy=False),
-        "actions": np.stack(actions).astype(np.float32, copy=False),
-        "rewards": np.asarray(rewards, dtype=np.float32),
-        "terminals": np.asarray(terminals, dtype=np.bool_),
-    }
+    return episode_arrays(
+        f"episode of env seed {seed}",
+        np.stack(frames),
+        np.stack(actions),
+        rewards,
+        terminals,
+        None if players[0] is None else np.stack(players),
+    )
 
 
 def _describe(error: BaseException) -> str:

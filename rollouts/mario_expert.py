@@ -11,7 +11,8 @@ frame): it only gathers the data; the controller learns from the frames' latents
 RAM layout (Super Mario Bros, documented by the ROM disassembly and used by gym-super-mario-bros):
 
 - Mario's level x: ``0x6D`` (page) * 256 + ``0x86``; his screen x: ``0x3AD``; his screen y: ``0xCE``, the
-  top of a 16 x 32 px box whose lower half small Mario fills; his float state ``0x1D`` (0 on the ground).
+  top of a 16 x 32 px box whose lower half small Mario fills, and its page ``0xB5`` (1 on the screen, 0 above
+  it, 2 and more below it: falling down a hole); his float state ``0x1D`` (0 on the ground).
 - Enemy slots i = 0..4: active flag ``0x0F + i``, level x ``0x6E + i`` * 256 + ``0x87 + i``, screen y
   ``0xCF + i``.
 - The level's metatiles around the screen: ``0x500``, two pages of 13 rows x 16 columns of 16 px, row 0 at
@@ -45,8 +46,11 @@ SCREEN_WIDTH, SCREEN_HEIGHT = 256, 240
 """The NES frame gym-super-mario-bros returns, before any resize."""
 
 
-def screen_centre(ram: np.ndarray) -> tuple[float, float]:
-    """Where small Mario's sprite is centred in the NES frame (x, y pixels of the 256 x 240 screen)."""
+def screen_centre(ram: np.ndarray) -> tuple[float, float] | None:
+    """Where small Mario's sprite is centred in the NES frame (x, y pixels of the 256 x 240 screen); None when
+    he is above or below the screen (``0xCE`` alone would wrap around)."""
+    if ram[0xB5] != 1:
+        return None
     return int(ram[0x3AD]) + TILE / 2, int(ram[0xCE]) + 1.5 * TILE
 
 

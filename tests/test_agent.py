@@ -14,6 +14,7 @@ from agents import evaluate
 from agents.agent import Episode, WorldModelAgent, controller_for, play_episode, play_episodes
 from agents.controller import Controller
 from agents.workers import RolloutWorker
+from rollouts.collect import rollout_episode
 from rollouts.envs import action_dim
 from worldmodel.config import EnvConfig, MemoryConfig, load_config
 from worldmodel.data import save_latents
@@ -369,6 +370,39 @@ def test_play_episodes_records_the_furthest_x_position():
         assert episode.max_x >= 40 + episode.ret  # x moved by the summed rewards at the end, and max >= end
     bare = play_episodes([gymnasium.make("CartPole-v1")], None, seeds=[0], max_steps=5)
     assert bare[0].max_x is None
+
+
+def test_recorded_episodes_note_where_mario_is_in_every_frame():
+    """The controller's recorded episodes (M's data in the iterations) carry the player's position as
+    collection's do, so a V weighted on it can train on them."""
+    from rollouts.envs import make_env
+    from worldmodel.config import EnvConfig
+
+    mario = make_env(EnvConfig(name="mario", max_steps=6))
+    try:
+        episode = play_episode(mario, None, seed=3, record=True)
+        again = rollout_episode(mario, EnvConfig(name="mario", max_steps=6), _Replay(episode.actions), seed=3)
+    finally:
+        mario.close()
+    assert len(episode.players) == len(episode.frames) == 7
+    np.testing.assert_array_equal(np.stack(episode.players), again["player"])
+    np.testing.assert_allclose(episode.players[0], [12.0, 200 * 64 / 240], rtol=1e-6)
+    game = NoiseGame(spaces.Box(-1.0, 1.0, (3,), np.float32), length=3)
+    assert play_episode(game, None, 0, record=True).players == [None] * 4
+
+
+class _Replay:
+    """A policy that plays back recorded actions."""
+
+    def __init__(self, actions):
+        self.actions = list(actions)
+
+    def reset(self) -> None:
+        self.step = 0
+
+    def act(self, obs):
+        self.step += 1
+        return self.actions[self.step - 1]
 
 
 def test_episode_stats_summarise_returns_and_the_furthest_x_where_the_game_reports_it():

@@ -19,6 +19,7 @@ from rollouts.envs import (
     is_discrete,
     make_env,
     mario_buttons,
+    player_centre,
 )
 from rollouts.policies import (
     FOLLOW_ROWS,
@@ -426,3 +427,25 @@ def test_mario_ram_expert_noise_is_drawn_per_episode():
     policy.noise = 1.0  # every step random: uniform over the action set
     actions = np.array([policy.act(None) for _ in range(7000)])
     assert np.bincount(actions, minlength=7) == pytest.approx(np.full(7, 1000), abs=150)
+
+
+def test_mario_stands_where_the_ram_says_at_the_start_of_1_1():
+    """Small Mario starts standing on the ground at screen x 40-56, feet at y 208 (checked on the frame: the
+    patch of ``vae.player_weight`` and ``experiments/player_patch.py`` is centred on his sprite)."""
+    env = make_env(MARIO)
+    try:
+        env.reset(seed=0)
+        assert mario_expert.screen_centre(env.unwrapped.ram) == (48.0, 200.0)
+        # the same point in the 64 x 64 frame: x * 64 / 256, y * 64 / 240
+        np.testing.assert_allclose(player_centre(env), [12.0, 200 * 64 / 240], rtol=1e-6)
+        ram = env.unwrapped.ram.copy()
+        ram[0xB5] = 2  # falling down a hole: below the screen
+        assert mario_expert.screen_centre(ram) is None
+    finally:
+        env.close()
+    car = make_env(CAR)
+    try:
+        car.reset(seed=0)
+        assert player_centre(car) is None
+    finally:
+        car.close()

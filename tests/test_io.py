@@ -46,6 +46,14 @@ def test_episode_round_trip_and_no_temp_files_left(tmp_path):
     assert (tmp_path / "ep.npz").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+def test_the_players_position_is_stored_with_nan_off_the_screen(tmp_path):
+    player = np.array([[1.5, 2.0], [np.nan, np.nan], [3, 4], [5, 6], [7, 8], [9, 10]], dtype=np.float64)
+    save_episode(tmp_path / "ep.npz", **_episode(), player=player)
+    loaded = load_episode(tmp_path / "ep.npz")["player"]
+    assert loaded.dtype == np.float32
+    np.testing.assert_array_equal(loaded, player.astype(np.float32))  # NaN where NaN
+
+
 def test_truncated_episode_is_reported_by_name(tmp_path):
     save_episode(tmp_path / "ep.npz", **_episode())
     data = (tmp_path / "ep.npz").read_bytes()
@@ -62,6 +70,9 @@ def test_truncated_episode_is_reported_by_name(tmp_path):
         ("rewards", np.zeros(5, dtype=np.float64), "rewards"),
         ("terminals", np.zeros(5, dtype=np.int64), "terminals"),
         ("rewards", np.full(5, np.nan, dtype=np.float32), "NaN"),
+        ("player", np.zeros((5, 2), dtype=np.float32), "player has shape"),
+        ("player", np.zeros((6, 2), dtype=np.float64), "player has shape"),
+        ("player", np.full((6, 2), np.inf, dtype=np.float32), "player contains inf"),
     ],
 )
 def test_bad_episode_layout_names_the_array(tmp_path, key, value, fragment):

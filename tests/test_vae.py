@@ -17,7 +17,7 @@ import torch
 from worldmodel import encode as encode_module
 from worldmodel import frames as frames_module
 from worldmodel import stages, train_vae
-from worldmodel.config import load_config
+from worldmodel.config import ConfigError, load_config
 from worldmodel.data import load_latents, save_episode
 from worldmodel.io import DataError, load_checkpoint, read_json, read_jsonl, save_checkpoint
 from worldmodel.plots import plot_curves, save_image_grid
@@ -149,6 +149,26 @@ def test_vae_loss_matches_hand_computation():
     assert torch.allclose(mu_grad[1], torch.tensor(mu[1]) / 2)  # d/dmu of mean_b 1/2 mu^2
 
 
+def test_weighted_vae_loss_against_a_dense_reference():
+    """Each pixel's squared error times its weight: a loop over every pixel, and the unweighted loss as the
+    special case of weights 1."""
+    rng = np.random.default_rng(2)
+    x, recon = rng.uniform(size=(2, 3, 5, 5)), rng.uniform(size=(2, 3, 5, 5))
+    mu, logvar = rng.normal(size=(2, 4)), rng.normal(size=(2, 4))
+    weight = 1.0 + 30.0 * (rng.uniform(size=(2, 1, 5, 5)) < 0.2)  # broadcast over the channels
+    dense = 0.0
+    for b, c, i, j in itertools.product(range(2), range(3), range(5), range(5)):
+        dense += weight[b, 0, i, j] * (recon[b, c, i, j] - x[b, c, i, j]) ** 2
+    tensors = [torch.tensor(a) for a in (recon, x, mu, logvar)]
+    weighted = vae_loss(*tensors, kl_tolerance=0.5, weight=torch.tensor(weight))
+    plain = vae_loss(*tensors, kl_tolerance=0.5)
+    assert weighted["recon"].item() == pytest.approx(dense / 2)
+    assert weighted["recon"].item() > plain["recon"].item()
+    ones = vae_loss(*tensors, kl_tolerance=0.5, weight=torch.ones(2, 1, 5, 5, dtype=torch.float64))
+    assert ones["recon"].item() == pytest.approx(plain["recon"].item())
+    assert weighted["kl"].item() == plain["kl"].item()
+
+
 def carracing_frames(count: int = 16) -> np.ndarray:
     """Real CarRacing frames through the project's env (past the opening zoom), with a gentle random drive."""
     from rollouts.envs import make_env
@@ -224,6 +244,49 @@ def test_shuffled_batches_emit_every_frame_once_in_bounded_memory(tmp_path, monk
     ]
     first = list(frames_module.shuffled_batches(paths, batch_size, buffer_size, np.random.default_rng(5)))
     assert all(np.array_equal(a, b) for a, b in zip(again, first))  # a pass is a function of the seed
+
+
+def test_player_boxes_and_masks():
+    centres = np.array([[32.0, 32.0], [12.0, 53.3], [0.5, 32.0], [np.nan, np.nan]])
+    boxes = frames_module.player_boxes(centres, 64)
+    # the third square leaves the frame, the fourth frame has no player
+    assert boxes.tolist() == [[28, 36, 28, 36], [49, 57, 8, 16], [-1] * 4, [-1] * 4]
+    masks = frames_module.player_masks(centres, 64)
+    assert masks.dtype == np.uint8 and masks.shape == (4, 64, 64)
+    assert masks[0, 28:36, 28:36].all() and masks[0].sum() == 64 and masks[1, 49:57, 8:16].sum() == 64
+    assert masks[2:].sum() == 0
+
+
+def test_the_players_patch_travels_with_its_frame_through_the_shuffle(tmp_path):
+    """With ``player=True`` every emitted frame carries, as a fourth channel, the mask of its own episode's
+    ``player`` row; an episode without positions is refused by name."""
+    rng = np.random.default_rng(0)
+    paths, lengths = [], [9, 14, 6]
+    for episode, length in enumerate(lengths):
+        obs = np.zeros((length, 64, 64, 3), dtype=np.uint8)
+        obs[:, 0, 0, 0], obs[:, 0, 0, 1] = episode, np.arange(length)
+        player = np.stack([10.0 + 3 * np.arange(length), np.full(length, 20.0 + 10 * episode)], axis=1)
+        player[-1] = np.nan  # the last frame without the player
+        paths.append(tmp_path / f"e{episode}.npz")
+        steps = length - 1
+        save_episode(paths[-1], obs, rng.normal(size=(steps, 2)), np.zeros(steps), np.zeros(steps), player)
+    emitted = 0
+    for batch in frames_module.shuffled_batches(paths, 4, 5, np.random.default_rng(1), player=True):
+        assert batch.shape[1:] == (64, 64, 4)
+        for frame in batch:
+            episode, index = int(frame[0, 0, 0]), int(frame[0, 0, 1])
+            row = np.load(paths[episode])["player"][index : index + 1]
+            np.testing.assert_array_equal(frame[..., 3], frames_module.player_masks(row, 64)[0])
+            assert frame[..., 3].sum() == (0 if index == lengths[episode] - 1 else 64)
+            emitted += 1
+    assert emitted == sum(lengths)
+    batches = frames_module.sequential_batches(paths, 100, (64, 64, 3), player=True)
+    first = next(iter(batches))
+    assert first.shape == (9, 64, 64, 4) and first[0, 16:24, 6:14, 3].all()
+
+    bare = write_episodes(tmp_path / "bare", count=1, steps=3)
+    with pytest.raises(DataError, match="episode_0000.npz: no player positions.*vae.player_weight"):
+        list(frames_module.shuffled_batches(bare, 4, 8, np.random.default_rng(0), player=True))
 
 
 def test_loader_names_a_broken_episode(tmp_path):
@@ -305,6 +368,47 @@ def test_resume_after_a_kill_continues_from_the_checkpoint(
     reference = load_checkpoint(run_paths(whole).vae / "checkpoint.pt")["model"]
     for key in reference:
         torch.testing.assert_close(final[key], reference[key], rtol=1e-5, atol=1e-6)
+
+
+def test_player_weight_weighs_the_patch_in_training_and_validation(tmp_path, monkeypatch):
+    """``vae.player_weight`` reaches the loss as weights of 31 on the player's 8 x 8 patch and 1 elsewhere;
+    it is refused below 1 and for a game without a player, before any work."""
+    config = tiny_config(tmp_path, "pw", "env.name=mario", "vae.player_weight=31", "vae.epochs=1")
+    folder = run_paths(config).episodes
+    for index, path in enumerate(write_episodes(folder, count=4, steps=6)):
+        episode = np.load(path)
+        player = np.tile([[30.0, 30.0]], (7, 1))
+        player[index] = np.nan  # one frame of each episode without the player
+        save_episode(path, *(episode[key] for key in ("obs", "actions", "rewards", "terminals")), player)
+    weights = []
+    original = train_vae.vae_loss
+
+    def recording(*args, **kwargs):
+        weights.append((torch.is_grad_enabled(), args[-1] if len(args) > 5 else kwargs.get("weight")))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_vae, "vae_loss", recording)
+    train_vae.run(config)
+    assert any(grad for grad, _ in weights) and any(not grad for grad, _ in weights)  # training, validation
+    for _, weight in weights:
+        assert weight.shape[1:] == (1, 64, 64)
+        assert set(weight.unique().tolist()) <= {1.0, 31.0}
+        patches = (weight == 31).flatten(1).sum(dim=1)
+        assert set(patches.tolist()) <= {0, 64} and (patches == 64).any()
+        assert weight[patches == 64][:, 0, 26:34, 26:34].eq(31).all()
+
+    low = tiny_config(tmp_path, "low", "env.name=mario", "vae.player_weight=0.5")
+    with pytest.raises(ConfigError, match="vae.player_weight must be at least 1"):
+        train_vae.run(low)
+    old = tiny_config(tmp_path, "old", "env.name=mario", "vae.player_weight=31")
+    write_episodes(run_paths(old).episodes, count=3, steps=4)
+    with pytest.raises(DataError, match=r"episode_0000.npz \(and 2 more episodes\): no player positions"):
+        train_vae.run(old)
+    assert not run_paths(old).vae.exists()  # refused before any work
+    car = tiny_config(tmp_path, "car", "vae.player_weight=2")
+    with pytest.raises(ConfigError, match="only Super Mario Bros"):
+        train_vae.run(car)
+    assert not run_paths(car).root.exists()
 
 
 def test_train_without_episodes_says_to_collect(tmp_path):

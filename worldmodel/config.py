@@ -87,6 +87,8 @@ class VAEConfig:
     """Adam learning rate."""
     kl_tolerance: float = 0.5
     """Free bits per latent dimension (World Models: 0.5): the KL term is max(KL, tolerance * latent_dim)."""
+    player_weight: float = 1.0
+    """Weight of the squared error in the 8 x 8 patch around the player (Mario; 1 = every pixel alike)."""
     val_fraction: float = 0.1
     """Fraction of episodes held out for validation."""
     shuffle_buffer: int = 4096

@@ -2,7 +2,8 @@
 file.
 
 Episode: ``obs`` uint8 [T+1, H, W, 3], ``actions`` float32 [T, A], ``rewards`` float32 [T],
-``terminals`` bool [T].
+``terminals`` bool [T]; Mario's also ``player`` float32 [T+1, 2], the player's centre (x, y) in the pixels of
+each frame, NaN while he is off the screen.
 Latents: the same, with ``mu`` and ``logvar`` float32 [T+1, Z] in place of ``obs``.
 """
 
@@ -59,6 +60,15 @@ def validate_episode(path: str | Path, arrays: dict[str, np.ndarray]) -> dict[st
             f"{path}: obs has shape {obs.shape} and dtype {obs.dtype}, expected uint8 [T+1, H, W, 3]"
         )
     _check_transitions(path, arrays, "obs")
+    if "player" in arrays:
+        player = arrays["player"]
+        if player.dtype != np.float32 or player.shape != (obs.shape[0], 2):
+            raise DataError(
+                f"{path}: player has shape {player.shape} and dtype {player.dtype}, "
+                f"expected float32 [{obs.shape[0]}, 2] (an x, y per frame)"
+            )
+        if np.isinf(player).any():
+            raise DataError(f"{path}: player contains inf (NaN marks a frame without the player)")
     return arrays
 
 
@@ -79,8 +89,9 @@ def validate_latents(path: str | Path, arrays: dict[str, np.ndarray]) -> dict[st
     return arrays
 
 
-def save_episode(path: str | Path, obs, actions, rewards, terminals) -> None:
-    """Write one episode atomically, in the on-disk dtypes."""
+def episode_arrays(name: str | Path, obs, actions, rewards, terminals, player=None) -> dict[str, np.ndarray]:
+    """An episode's arrays in the on-disk dtypes, validated (``name`` says which episode in an error);
+    ``player`` is stored when given."""
     arrays = {
         "obs": np.asarray(obs, dtype=np.uint8),
         "actions": np.asarray(actions, dtype=np.float32),
@@ -89,8 +100,14 @@ def save_episode(path: str | Path, obs, actions, rewards, terminals) -> None:
     }
     if arrays["actions"].ndim == 1:
         arrays["actions"] = arrays["actions"][:, None]
-    validate_episode(path, arrays)
-    save_npz(path, **arrays)
+    if player is not None:
+        arrays["player"] = np.asarray(player, dtype=np.float32)
+    return validate_episode(name, arrays)
+
+
+def save_episode(path: str | Path, obs, actions, rewards, terminals, player=None) -> None:
+    """Write one episode atomically, in the on-disk dtypes."""
+    save_npz(path, **episode_arrays(path, obs, actions, rewards, terminals, player))
 
 
 def load_episode(path: str | Path) -> dict[str, np.ndarray]:

@@ -27,7 +27,13 @@ import torch
 
 from worldmodel.config import Config, ConfigError, config_to_dict
 from worldmodel.data import list_npz, load_episode, split_by_episode
-from worldmodel.frames import count_batches, episode_length, sequential_batches, shuffled_batches
+from worldmodel.frames import (
+    check_player_positions,
+    count_batches,
+    episode_length,
+    sequential_batches,
+    shuffled_batches,
+)
 from worldmodel.io import (
     DataError,
     save_checkpoint,
@@ -64,6 +70,13 @@ def check_vae_config(cfg: Config) -> None:
         raise ConfigError(f"vae.kl_tolerance must be >= 0, got {vae.kl_tolerance}")
     if not 0 <= vae.val_fraction < 1:
         raise ConfigError(f"vae.val_fraction must be in [0, 1), got {vae.val_fraction}")
+    if not vae.player_weight >= 1:
+        raise ConfigError(f"vae.player_weight must be at least 1 (1 = no weighting), got {vae.player_weight}")
+    if vae.player_weight != 1 and cfg.env.name != "mario":
+        raise ConfigError(
+            f"vae.player_weight={vae.player_weight} weighs the player's patch, which only Super Mario Bros "
+            f"episodes record (env.name is {cfg.env.name!r})"
+        )
 
 
 def find_episodes(cfg: Config) -> list[Path]:
@@ -78,16 +91,31 @@ def find_episodes(cfg: Config) -> list[Path]:
     return episodes
 
 
+def weighs_player(cfg: Config) -> bool:
+    return cfg.vae.player_weight != 1
+
+
+def loss_inputs(batch: np.ndarray, cfg: Config) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(frames ``[B, 3, H, W]``, pixel weights ``[B, 1, H, W]`` or None) of a loader batch: the weights are
+    ``vae.player_weight`` in the player's patch (the batch's fourth channel, ``worldmodel.frames``), 1
+    elsewhere."""
+    if not weighs_player(cfg):
+        return frames_to_tensor(batch, cfg.device), None
+    x = frames_to_tensor(batch[..., :3], cfg.device)
+    patch = torch.from_numpy(np.ascontiguousarray(batch[..., 3])).to(cfg.device)[:, None].float()
+    return x, 1.0 + (cfg.vae.player_weight - 1.0) * patch
+
+
 @torch.no_grad()
 def evaluate(model: ConvVAE, paths: list[Path], cfg: Config) -> dict[str, float]:
     """Per-frame mean of the training loss over ``paths``, with a fixed noise seed so epochs compare."""
     model.eval()
     generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
     sums, frames = np.zeros(len(LOSS_PARTS)), 0
-    for batch in sequential_batches(paths, cfg.vae.encode_batch, FRAME_SHAPE):
-        x = frames_to_tensor(batch, cfg.device)
+    for batch in sequential_batches(paths, cfg.vae.encode_batch, FRAME_SHAPE, weighs_player(cfg)):
+        x, weight = loss_inputs(batch, cfg)
         recon, mu, logvar = model(x, generator)
-        losses = vae_loss(recon, x, mu, logvar, cfg.vae.kl_tolerance)
+        losses = vae_loss(recon, x, mu, logvar, cfg.vae.kl_tolerance, weight)
         sums += [losses[part].item() * len(batch) for part in LOSS_PARTS]
         frames += len(batch)
     model.train()
@@ -142,6 +170,8 @@ def run(cfg: Config, *, initial: Path | None = None, stop_after_steps: int | Non
     check_vae_config(cfg)
     vcfg = cfg.vae
     episodes = find_episodes(cfg)
+    if weighs_player(cfg):
+        check_player_positions(episodes)
     inputs = {"initial": file_digest(initial)} if initial is not None else None
     stage = Stage(cfg, "train-vae", inputs=inputs)
     if (finished := stage.open()) is not None:
@@ -171,13 +201,17 @@ def run(cfg: Config, *, initial: Path | None = None, stop_after_steps: int | Non
             vcfg.shuffle_buffer,
             np.random.default_rng([cfg.seed, epoch]),
             FRAME_SHAPE,
+            weighs_player(cfg),
         )
         # the epoch's stream is replayed up to where a checkpoint left it (frames are cheap to read)
-        return (frames_to_tensor(batch, cfg.device) for index, batch in enumerate(stream) if index >= start)
+        return (loss_inputs(batch, cfg) for index, batch in enumerate(stream) if index >= start)
 
-    def losses(model: ConvVAE, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
+    def losses(
+        model: ConvVAE, batch: tuple[torch.Tensor, torch.Tensor | None]
+    ) -> tuple[dict[str, torch.Tensor], int]:
+        x, weight = batch
         recon, mu, logvar = model(x)
-        return vae_loss(recon, x, mu, logvar, vcfg.kl_tolerance), len(x)
+        return vae_loss(recon, x, mu, logvar, vcfg.kl_tolerance, weight), len(x)
 
     def save_best(epoch: int, val_loss: float | None) -> None:
         save_checkpoint(

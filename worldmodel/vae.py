@@ -5,12 +5,13 @@ linear heads for mu and log sigma^2 of q(z|x) = N(mu, diag(exp(logvar))).
 Decoder: z -> linear 1024 -> 1x1x1024 -> four transposed convs (kernels 5, 5, 6, 6, stride 2; ReLU, then a
 sigmoid) -> 64x64x3 in [0, 1].
 
-Loss (as in the original code):
-    recon = sum_pixels (x - x_hat)^2                       (mean over the batch)
+Loss (as in the original code, with an optional weight w per pixel, 1 by default):
+    recon = sum_pixels w (x - x_hat)^2                     (mean over the batch)
     kl    = max(KL(q(z|x) || N(0, I)), kl_tolerance * Z)   (per frame, then mean over the batch)
     KL    = -1/2 sum_j (1 + logvar_j - mu_j^2 - exp(logvar_j))
 The clamp is "free bits": below kl_tolerance nats per dimension on average the KL term has no gradient, so
-the model spends that much information on the frame for free.
+the model spends that much information on the frame for free. The weight is how ``vae.player_weight`` makes a
+few pixels (Mario, about 4 x 4 of 64 x 64) count: unweighted, V leaves him out and still scores well.
 """
 
 from __future__ import annotations
@@ -96,10 +97,15 @@ def reparameterize(mu: Tensor, logvar: Tensor, generator: torch.Generator | None
     return posterior_sample(mu, logvar, eps)
 
 
-def vae_loss(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, kl_tolerance: float) -> dict[str, Tensor]:
-    """World Models loss: summed squared error + KL clamped below at ``kl_tolerance * Z`` (means over the
-    batch)."""
-    recon_loss = (recon - x).pow(2).flatten(1).sum(dim=1).mean()
+def vae_loss(
+    recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, kl_tolerance: float, weight: Tensor | None = None
+) -> dict[str, Tensor]:
+    """World Models loss: summed squared error (each pixel's times ``weight``, broadcast to ``x``, when given)
+    + KL clamped below at ``kl_tolerance * Z`` (means over the batch)."""
+    squared = (recon - x).pow(2)
+    if weight is not None:
+        squared = squared * weight
+    recon_loss = squared.flatten(1).sum(dim=1).mean()
     kl = -0.5 * (1.0 + logvar - mu.pow(2) - logvar.exp()).sum(dim=1)
     kl_loss = kl.clamp(min=kl_tolerance * mu.shape[1]).mean()
     return {"loss": recon_loss + kl_loss, "recon": recon_loss, "kl": kl_loss}
