@@ -15,6 +15,7 @@ from worldmodel.io import DataError
 
 sys.path.insert(0, str(REPO / "experiments"))
 
+import done_head  # noqa: E402 (the script's folder on the path)
 import dream_switches  # noqa: E402 (the script's folder on the path)
 import player_patch  # noqa: E402 (the script's folder on the path)
 
@@ -111,3 +112,62 @@ def test_the_player_patch_command(tmp_path, run_main):
     assert refused.returncode == 2 and "read from Mario's RAM" in refused.stderr
     missing = run_main(*args, f"--vae={tmp_path / 'none.pt'}", main=player_patch.main)
     assert missing.returncode == 2 and "none.pt" in missing.stderr
+
+
+def test_the_done_head_read_in_one_pass_matches_a_step_by_step_reading(tmp_path):
+    """``done_probabilities`` reads an episode in one sequence call; the memory's one-step path, fed the same
+    z and a, gives the same probabilities."""
+    import torch
+
+    from tests.conftest import write_tiny_latents
+    from worldmodel.config import MemoryConfig
+    from worldmodel.data import load_latents
+    from worldmodel.memory import MemoryModel
+
+    write_tiny_latents(tmp_path, episodes=1, steps=12)
+    latents = load_latents(tmp_path / "episode_0000.npz")
+    torch.manual_seed(0)
+    memory = MemoryModel(
+        4, 2, MemoryConfig(hidden=8, components=2, rank=1, flow_blocks=1, flow_hidden=8)
+    ).eval()
+    probabilities = done_head.done_probabilities(memory, latents)
+    assert probabilities.shape == (12,)
+    state, stepped = None, []
+    with torch.no_grad():
+        for t in range(12):
+            z = torch.from_numpy(latents["mu"][t])[None]
+            a = torch.from_numpy(latents["actions"][t])[None]
+            out, state = memory.step(z, a, state)
+            stepped.append(torch.sigmoid(out.done_logit).item())
+    np.testing.assert_allclose(probabilities, stepped, rtol=1e-5, atol=1e-6)
+
+
+def test_the_done_head_summary():
+    ended = [np.array([0.1, 0.2, 0.3, 0.9]), np.array([0.0, 0.4, 0.1])]
+    summary = done_head.summarise(ended)
+    assert summary["episodes"] == 2 and summary["end_mean"] == pytest.approx(0.5)
+    assert summary["end_share_above_half"] == 0.5
+    assert summary["before_5_max_mean"] == pytest.approx((0.3 + 0.4) / 2)
+    assert summary["other_steps_mean"] == pytest.approx((0.1 + 0.2 + 0.3 + 0.0 + 0.4) / 5)
+    assert done_head.summarise([]) == {"episodes": 0}
+
+
+def test_the_done_head_command(tmp_path, tiny_run, run_main):
+    from tests.conftest import copy_tiny_run
+    from worldmodel.data import load_latents
+    from worldmodel.io import read_json
+
+    copy_tiny_run(tiny_run, tmp_path)
+    result = run_main(f"--set=runs_dir={tmp_path}", main=done_head.main)
+    assert result.returncode == 0, result.stderr
+    summary = read_json(tmp_path / "tiny" / "done_head.json")
+    split = read_json(tmp_path / "tiny" / "memory" / "summary.json")["split"]
+    for name in ("train", "test"):
+        ended = [
+            episode
+            for episode in split[name]
+            if load_latents(tmp_path / "tiny" / "latents" / episode)["terminals"][-1]
+        ]
+        assert summary[name]["episodes"] == len(ended)
+    missing = run_main(f"--set=runs_dir={tmp_path / 'none'}", main=done_head.main)
+    assert missing.returncode == 2 and "no trained memory" in missing.stderr

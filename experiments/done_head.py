@@ -1,0 +1,93 @@
+"""Does M know when Mario dies? M's done head, teacher-forced on the run's encoded episodes (posterior means
+and the actions taken), at the step each episode ended with the game's own end, against the other steps, on
+the memory's training and test splits (the split ``train-memory`` used).
+
+    .venv/bin/python experiments/done_head.py --config configs/mario-hour-expert.yaml [--set name=...]
+
+Writes ``<run>/done_head.json`` (also printed). For each split: how many episodes end with a terminal step,
+the done probability p = sigmoid(done logit) at that step (mean, median, share above 0.5), the highest p in
+the 5 steps before it, and the mean p over every other step. A head that generalises gives the test split's
+deaths about the training split's probabilities; one that learned its training deaths gives them far less.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from rollouts.dream_env import load_memory  # noqa: E402 (sys.path)
+from worldmodel.config import ConfigError, load_config  # noqa: E402 (sys.path)
+from worldmodel.data import load_latents  # noqa: E402 (sys.path)
+from worldmodel.io import DataError, write_json  # noqa: E402 (sys.path)
+from worldmodel.memory import MemoryModel  # noqa: E402 (sys.path)
+from worldmodel.runs import run_paths  # noqa: E402 (sys.path)
+from worldmodel.sequences import split_latent_files  # noqa: E402 (sys.path)
+
+BEFORE = 5
+"""Steps before the end whose highest probability is reported (an early warning is also a usable head)."""
+
+
+@torch.no_grad()
+def done_probabilities(memory: MemoryModel, latents: dict[str, np.ndarray]) -> np.ndarray:
+    """p_t = P(the episode ended with step t) for every step of one episode, reading z_t = mu_t and a_t."""
+    z = torch.from_numpy(latents["mu"][:-1]).float()[None]
+    actions = torch.from_numpy(latents["actions"]).float()[None]
+    out, _ = memory(z, actions)
+    return torch.sigmoid(out.done_logit[0]).numpy()
+
+
+def summarise(probabilities: list[np.ndarray]) -> dict:
+    """The figures of the module docstring over episodes whose last step is a terminal one."""
+    if not probabilities:
+        return {"episodes": 0}
+    last = np.array([p[-1] for p in probabilities])
+    before = np.array([p[-1 - BEFORE : -1].max() if len(p) > 1 else 0.0 for p in probabilities])
+    others = np.concatenate([p[:-1] for p in probabilities])
+    return {
+        "episodes": len(probabilities),
+        "end_mean": float(last.mean()),
+        "end_median": float(np.median(last)),
+        "end_share_above_half": float((last > 0.5).mean()),
+        f"before_{BEFORE}_max_mean": float(before.mean()),
+        "other_steps_mean": float(others.mean()) if len(others) else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="the run's config (default: the embedded tiny one)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        memory = load_memory(cfg, "cpu")
+        if memory.config.predict_done is False:
+            raise ConfigError("memory.predict_done is false: this memory has no done head")
+        tc = cfg.memory_train
+        split = split_latent_files(run_paths(cfg).latents, tc.val_fraction, tc.test_fraction, cfg.seed)
+    except (ConfigError, DataError) as error:
+        print(f"done_head: {error}", file=sys.stderr)
+        return 2
+    summary = {}
+    for name in ("train", "test"):
+        ended = []
+        for path in split.get(name, []):
+            latents = load_latents(path)
+            if latents["terminals"][-1]:
+                ended.append(done_probabilities(memory, latents))
+        summary[name] = summarise(ended)
+    write_json(run_paths(cfg).root / "done_head.json", summary)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
