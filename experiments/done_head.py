@@ -12,7 +12,6 @@ deaths about the training split's probabilities; one that learned its training d
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -22,6 +21,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from run_args import run_parser  # noqa: E402 (the script's folder)
 
 from rollouts.dream_env import load_memory  # noqa: E402 (sys.path)
 from worldmodel.config import ConfigError, load_config  # noqa: E402 (sys.path)
@@ -62,9 +63,7 @@ def summarise(probabilities: list[np.ndarray]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="the run's config (default: the embedded tiny one)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
+    parser = run_parser(__doc__)
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)

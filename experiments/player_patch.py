@@ -13,7 +13,6 @@ own, so the frames are like V's training data but not among them.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -24,6 +23,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from run_args import run_parser  # noqa: E402 (the script's folder)
 
 from rollouts.collect import collect_env_config, rollout_episode  # noqa: E402 (sys.path)
 from rollouts.envs import make_env  # noqa: E402 (sys.path)
@@ -101,9 +102,7 @@ def closeups(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="the run's config (default: the embedded tiny one)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
+    parser = run_parser(__doc__)
     parser.add_argument("--episodes", type=int, default=4, help="expert episodes to play (default 4)")
     parser.add_argument("--vae", help="a V checkpoint (default: the run's vae/vae.pt)")
     args = parser.parse_args(argv)

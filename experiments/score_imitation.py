@@ -11,7 +11,6 @@ max and values (for Mario the same of the furthest x).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -22,6 +21,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from run_args import run_parser  # noqa: E402 (the script's folder)
 
 from agents.agent import controller_for  # noqa: E402 (sys.path)
 from agents.evaluate import episode_stats  # noqa: E402 (sys.path)
@@ -35,9 +36,7 @@ from worldmodel.runs import run_paths  # noqa: E402 (sys.path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="the run's config (default: the embedded tiny one)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
+    parser = run_parser(__doc__)
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
