@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from agents.controller import Controller
-from rollouts.envs import CARRACING_HIGH, CARRACING_LOW, action_dim, is_discrete, player_centre
+from rollouts.envs import CARRACING_HIGH, CARRACING_LOW, action_dim, is_discrete, sprite_centres
 from worldmodel.config import EnvConfig
 from worldmodel.memory import MemoryModel
 from worldmodel.vae import ConvVAE, frames_to_tensor, posterior_sample
@@ -205,8 +205,9 @@ class Episode:
     """When recorded: the reward of every step."""
     terminals: list[bool] = field(default_factory=list)
     """When recorded: whether the game itself ended with the step (gymnasium's ``terminated``)."""
-    players: list = field(default_factory=list)
-    """When recorded: the player's centre in each frame (``rollouts.envs.player_centre``; None: CarRacing)."""
+    sprites: list = field(default_factory=list)
+    """When recorded: where the sprites are in each frame (``rollouts.envs.sprite_centres``; None:
+    CarRacing)."""
     max_x: float | None = None
     """The furthest ``info["x_pos"]`` reached (Super Mario Bros reports it; None for games that don't)."""
 
@@ -238,7 +239,7 @@ def play_episodes(
             ret=0.0,
             steps=0,
             frames=[obs] if record else [],
-            players=[player_centre(env)] if record else [],
+            sprites=[sprite_centres(env)] if record else [],
         )
         for seed, obs, env in zip(seeds, observations, envs, strict=True)
     ]
@@ -265,7 +266,7 @@ def play_episodes(
                 episode.actions.append(actions[i])
                 episode.rewards.append(float(reward))
                 episode.terminals.append(bool(terminated))
-                episode.players.append(player_centre(env))
+                episode.sprites.append(sprite_centres(env))
             playing[i] = not (
                 terminated or truncated or (max_steps is not None and episode.steps >= max_steps)
             )

@@ -107,7 +107,7 @@ class RolloutWorker(PoolWorker):
                     np.stack([encode_action(self.env_cfg, a) for a in episode.actions]),
                     episode.rewards,
                     episode.terminals,
-                    None if episode.players[0] is None else np.stack(episode.players),
+                    None if episode.sprites[0] is None else np.stack(episode.sprites),
                 )
                 out.append(
                     {

@@ -8,6 +8,8 @@ Writes ``<run>/done_head.json`` (also printed). For each split: how many episode
 the done probability p = sigmoid(done logit) at that step (mean, median, share above 0.5), the highest p in
 the 5 steps before it, and the mean p over every other step. A head that generalises gives the test split's
 deaths about the training split's probabilities; one that learned its training deaths gives them far less.
+When the episodes store Mario's position, ``by_end`` gives the same figures for the deaths where he fell
+off the screen (``fell``: a pit) and for the others (``on_screen``: an enemy or the clock).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from run_args import run_parser  # noqa: E402 (the script's folder)
 
 from rollouts.dream_env import load_memory  # noqa: E402 (sys.path)
 from worldmodel.config import ConfigError, load_config  # noqa: E402 (sys.path)
-from worldmodel.data import load_latents  # noqa: E402 (sys.path)
+from worldmodel.data import load_episode, load_latents  # noqa: E402 (sys.path)
 from worldmodel.io import DataError, write_json  # noqa: E402 (sys.path)
 from worldmodel.memory import MemoryModel  # noqa: E402 (sys.path)
 from worldmodel.runs import run_paths  # noqa: E402 (sys.path)
@@ -62,6 +64,17 @@ def summarise(probabilities: list[np.ndarray]) -> dict:
     }
 
 
+def end_kind(episode: Path) -> str | None:
+    """``fell`` when Mario is off the screen in the episode's last frame, ``on_screen`` when he is not, None
+    for an episode without his positions (or without its episode file)."""
+    if not episode.is_file():
+        return None
+    player = load_episode(episode).get("player")
+    if player is None:
+        return None
+    return "fell" if np.isnan(player[-1]).any() else "on_screen"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = run_parser(__doc__)
     args = parser.parse_args(argv)
@@ -77,12 +90,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     summary = {}
     for name in ("train", "test"):
-        ended = []
+        ended, kinds = [], {}
         for path in split.get(name, []):
             latents = load_latents(path)
             if latents["terminals"][-1]:
                 ended.append(done_probabilities(memory, latents))
+                kinds.setdefault(end_kind(run_paths(cfg).episodes / path.name), []).append(ended[-1])
         summary[name] = summarise(ended)
+        if None not in kinds and kinds:
+            summary[name]["by_end"] = {kind: summarise(kinds.get(kind, [])) for kind in ("fell", "on_screen")}
     write_json(run_paths(cfg).root / "done_head.json", summary)
     print(json.dumps(summary, indent=2))
     return 0

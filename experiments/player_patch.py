@@ -1,14 +1,16 @@
-"""Does V draw the player? On Super Mario Bros episodes played by the RAM expert, V's reconstruction error in
-a patch around Mario (placed from the game's RAM, never from the frame) against its error over the rest of
-the frame, and a sheet of close-ups: originals above their reconstructions from the posterior mean.
+"""Does V draw the player and the enemies? On Super Mario Bros episodes played by the RAM expert, V's
+reconstruction error in the patch around Mario and in those around the enemies (placed from the game's RAM,
+never from the frame) against its error over the rest of the frame, and sheets of close-ups: originals above
+their reconstructions from the posterior mean.
 
     .venv/bin/python experiments/player_patch.py --config configs/mario-hour-expert.yaml [--set name=...]
         [--episodes 4] [--vae PATH]
 
-Writes ``<run>/player_patch/summary.json`` (also printed) and ``closeups.png``. ``ratio`` is the patch's mean
-squared error over the rest's: a V that leaves Mario out has a patch error several times the rest's; one that
-draws him, near it. The episodes are the expert's (``collect.expert_noise`` of the config) on seeds of their
-own, so the frames are like V's training data but not among them.
+Writes ``<run>/player_patch/summary.json`` (also printed), ``closeups.png`` (Mario) and
+``enemy_closeups.png``. ``ratio`` is the player patch's mean squared error over the rest's (``enemy_ratio``
+the enemies'): a V that leaves Mario out has a patch error several times the rest's; one that draws him, near
+it. The rest is every pixel outside all patches. The episodes are the expert's (``collect.expert_noise`` of
+the config) on seeds of their own, so the frames are like V's training data but not among them.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from rollouts.collect import collect_env_config, rollout_episode  # noqa: E402 (
 from rollouts.envs import make_env  # noqa: E402 (sys.path)
 from rollouts.policies import make_exploration_policy  # noqa: E402 (sys.path)
 from worldmodel.config import Config, ConfigError, load_config  # noqa: E402 (sys.path)
-from worldmodel.frames import PLAYER_HALF, player_boxes  # noqa: E402 (sys.path)
+from worldmodel.frames import PATCH_HALF, SPRITE_BITS, patch_boxes, sprite_masks  # noqa: E402 (sys.path)
 from worldmodel.io import DataError, write_json  # noqa: E402 (sys.path)
 from worldmodel.plots import save_image_grid  # noqa: E402 (sys.path)
 from worldmodel.runs import run_paths  # noqa: E402 (sys.path)
@@ -40,12 +42,16 @@ PURPOSE = 7
 """Seeds these episodes apart from collection's, training's and evaluation's."""
 
 
-def play(cfg: Config, episodes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Frames ``[N, S, S, 3]`` of ``episodes`` expert episodes and Mario's centre in each ``[N, 2]`` (x, y in
-    pixels of the frame, NaN off the screen: the episodes' ``player``)."""
+SPRITES = ("player", "enemies")
+
+
+def play(cfg: Config, episodes: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Frames ``[N, S, S, 3]`` of ``episodes`` expert episodes and where the sprites are in each (the
+    episodes' ``player`` [N, 2] and ``enemies`` [N, E, 2]: x, y in pixels of the frame, NaN off the
+    screen)."""
     env_cfg = collect_env_config(cfg)
     collect = dataclasses.replace(cfg.collect, policy="ram_expert")
-    frames, centres = [], []
+    frames, centres = [], {key: [] for key in SPRITES}
     for index in range(episodes):
         env_seed, policy_seed = np.random.SeedSequence([cfg.seed, PURPOSE, index]).generate_state(2)
         env = make_env(env_cfg)
@@ -55,23 +61,41 @@ def play(cfg: Config, episodes: int) -> tuple[np.ndarray, np.ndarray]:
         finally:
             env.close()
         frames.append(arrays["obs"])
-        centres.append(arrays["player"])
-    return np.concatenate(frames), np.concatenate(centres)
+        for key in SPRITES:
+            centres[key].append(arrays[key])
+    return np.concatenate(frames), {key: np.concatenate(value) for key, value in centres.items()}
 
 
-def patch_errors(frames: np.ndarray, recon: np.ndarray, boxes: np.ndarray) -> dict:
-    """Mean squared error (pixels in [0, 1]) inside the player's patch and over the rest of each frame, on the
-    frames whose patch lies inside the frame."""
-    keep = boxes[:, 0] >= 0
-    if not keep.any():
+def patch_errors(frames: np.ndarray, recon: np.ndarray, masks: np.ndarray) -> dict:
+    """Mean squared error (pixels in [0, 1]) inside the player's patches, inside the enemies' and over the
+    pixels outside every patch, from the sprite ``masks`` ``[N, S, S]`` (``worldmodel.frames.sprite_masks``)
+    of the frames; ``frames`` and ``enemy_frames`` count the frames with each kind of patch."""
+    player, enemies = (masks & SPRITE_BITS[key] != 0 for key in SPRITES)
+    if not player.any():
         raise DataError("player_patch: Mario was off the screen in every frame")
-    squared = ((recon[keep].astype(np.float64) - frames[keep]) / 255.0) ** 2
-    mask = np.zeros(squared.shape[:3], dtype=bool)
-    for row, (top, bottom, left, right) in enumerate(boxes[keep]):
-        mask[row, top:bottom, left:right] = True
-    player, rest = float(squared[mask].mean()), float(squared[~mask].mean())
-    ratio = player / rest if rest > 0 else None  # None: a perfect reconstruction outside the patch
-    return {"frames": int(keep.sum()), "player_mse": player, "rest_mse": rest, "ratio": ratio}
+    squared = (((recon.astype(np.float64) - frames) / 255.0) ** 2).mean(axis=-1)
+    player_mse, rest_mse = float(squared[player].mean()), float(squared[masks == 0].mean())
+    enemy_mse = float(squared[enemies].mean()) if enemies.any() else None
+
+    def ratio(mse: float | None) -> float | None:  # None: a perfect reconstruction outside the patches
+        return mse / rest_mse if mse is not None and rest_mse > 0 else None
+
+    return {
+        "frames": int(player.any(axis=(1, 2)).sum()),
+        "player_mse": player_mse,
+        "enemy_frames": int(enemies.any(axis=(1, 2)).sum()),
+        "enemy_mse": enemy_mse,
+        "rest_mse": rest_mse,
+        "ratio": ratio(player_mse),
+        "enemy_ratio": ratio(enemy_mse),
+    }
+
+
+def first_on_screen(centres: np.ndarray) -> np.ndarray:
+    """``[N, 2]``: the first of each frame's ``[N, E, 2]`` centres that is on the screen (NaN if none)."""
+    known = ~np.isnan(centres).any(axis=2)
+    first = np.where(known.any(axis=1), known.argmax(axis=1), 0)
+    return np.where(known.any(axis=1)[:, None], centres[np.arange(len(centres)), first], np.nan)
 
 
 @torch.no_grad()
@@ -87,11 +111,11 @@ def reconstruct(vae: ConvVAE, frames: np.ndarray, batch: int = 64) -> np.ndarray
 def closeups(
     frames: np.ndarray, recon: np.ndarray, boxes: np.ndarray, count: int = 8
 ) -> list[list[np.ndarray]]:
-    """Rows of crops (four patch sides wide) around Mario: originals above reconstructions, ``count`` frames
-    spread over those with Mario on the screen."""
+    """Rows of crops (four patch sides wide) around ``boxes`` (``patch_boxes``): originals above
+    reconstructions, ``count`` frames spread over those with a box."""
     kept = np.flatnonzero(boxes[:, 0] >= 0)
     chosen = kept[np.linspace(0, len(kept) - 1, min(count, len(kept))).round().astype(int)]
-    size, side = frames.shape[1], 4 * PLAYER_HALF
+    size, side = frames.shape[1], 4 * PATCH_HALF
 
     def crop(image: np.ndarray, box: np.ndarray) -> np.ndarray:
         top = int(np.clip((box[0] + box[1]) // 2 - side // 2, 0, size - side))
@@ -119,10 +143,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     frames, centres = play(cfg, args.episodes)
     recon = reconstruct(vae, frames)
-    boxes = player_boxes(centres, frames.shape[1])
+    size = frames.shape[1]
+    masks = sprite_masks(centres, SPRITES, size)
     out = run_paths(cfg).root / "player_patch"
-    summary = {"vae": str(path), "episodes": args.episodes, **patch_errors(frames, recon, boxes)}
-    save_image_grid(out / "closeups.png", closeups(frames, recon, boxes), scale=4)
+    summary = {"vae": str(path), "episodes": args.episodes, **patch_errors(frames, recon, masks)}
+    save_image_grid(
+        out / "closeups.png", closeups(frames, recon, patch_boxes(centres["player"], size)), scale=4
+    )
+    enemy_boxes = patch_boxes(first_on_screen(centres["enemies"]), size)
+    if (enemy_boxes[:, 0] >= 0).any():
+        save_image_grid(out / "enemy_closeups.png", closeups(frames, recon, enemy_boxes), scale=4)
     write_json(out / "summary.json", summary)
     print(json.dumps(summary, indent=2))
     return 0

@@ -41,7 +41,7 @@ from pathlib import Path
 import gymnasium
 import numpy as np
 
-from rollouts.envs import action_dim, check_env_config, encode_action, make_env, player_centre
+from rollouts.envs import action_dim, check_env_config, encode_action, make_env, sprite_centres
 from rollouts.parallel import init_ray
 from rollouts.policies import Policy, check_policy_config, make_exploration_policy
 from rollouts.pool import ActorPool, PoolWorker, WorkerInfo
@@ -80,18 +80,19 @@ def rollout_episode(
 
     ``obs`` [T+1] holds the first frame and the frame after every action; ``actions`` are encoded with
     ``encode_action``; ``terminals[t]`` is gymnasium's ``terminated`` of step t (truncation is not an end);
-    Mario's episodes add ``player`` [T+1, 2], his centre in each frame (``rollouts.envs.player_centre``).
+    Mario's episodes add where he and the enemies are in each frame (``player``, ``enemies``: see
+    ``worldmodel.data`` and ``rollouts.envs.sprite_centres``).
     """
     obs, _ = env.reset(seed=seed)
     policy.reset()
     frames, actions, rewards, terminals = [obs], [], [], []
-    players = [player_centre(env)]
+    sprites = [sprite_centres(env)]
     done = False
     while not done:
         action = policy.act(obs)
         obs, reward, terminated, truncated, _ = env.step(action)
         frames.append(obs)
-        players.append(player_centre(env))
+        sprites.append(sprite_centres(env))
         actions.append(encode_action(env_cfg, action))
         rewards.append(reward)
         terminals.append(terminated)
@@ -102,7 +103,7 @@ def rollout_episode(
         np.stack(actions),
         rewards,
         terminals,
-        None if players[0] is None else np.stack(players),
+        None if sprites[0] is None else np.stack(sprites),
     )
 
 

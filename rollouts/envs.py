@@ -16,8 +16,9 @@ RGB: the same preprocessing when collecting, training and acting, because everyt
 time limit ``env.max_steps`` counts agent steps (``truncated``, never ``terminated``).
 
 Actions are stored in episodes and fed to the memory as float vectors: ``encode_action`` (identity for
-CarRacing, one-hot for Mario) and back with ``decode_action``. Mario's episodes also store where the player is
-in each frame (``player_centre``, read from the game's RAM), which V's loss can weigh (``vae.player_weight``).
+CarRacing, one-hot for Mario) and back with ``decode_action``. Mario's episodes also store where the player
+and the enemies are in each frame (``sprite_centres``, read from the game's RAM), which V's loss can weigh
+(``vae.player_weight``, ``vae.enemy_weight``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.wrappers import RepeatAction, ResizeObservation, TimeLimit, TransformObservation
 
-from rollouts.mario_expert import SCREEN_HEIGHT, SCREEN_WIDTH, screen_centre
+from rollouts.mario_expert import ENEMY_SLOTS, SCREEN_HEIGHT, SCREEN_WIDTH, enemy_centres, screen_centre
 from worldmodel.config import VAE_FRAME_SIZE, ConfigError, EnvConfig
 
 ENV_NAMES = ("carracing", "mario")
@@ -119,18 +120,21 @@ def decode_action(env_cfg: EnvConfig, vector) -> np.ndarray | int:
     return np.clip(vector, CARRACING_LOW, CARRACING_HIGH).astype(np.float32)
 
 
-def player_centre(env: gymnasium.Env) -> np.ndarray | None:
-    """Where Mario is centred in the frame ``env`` (made by ``make_env``) last returned: float32 (x, y) in
-    pixels of the ``frame_size`` square, NaN while he is above or below the screen; None for a game with no
-    player position (CarRacing)."""
+def sprite_centres(env: gymnasium.Env) -> np.ndarray | None:
+    """Where the sprites are centred in the frame ``env`` (made by ``make_env``) last returned: float32
+    ``[1 + ENEMY_SLOTS, 2]`` (x, y) in pixels of the ``frame_size`` square, row 0 Mario, then the enemy slots
+    (``rollouts.mario_expert.enemy_centres``); NaN for a sprite off the screen (Mario above or below it, an
+    empty slot). None for a game with no sprite positions (CarRacing)."""
     ram = getattr(env.unwrapped, "ram", None)
     if ram is None:
         return None
-    centre = screen_centre(ram)
-    if centre is None:
-        return np.full(2, np.nan, dtype=np.float32)
+    centres = np.full((1 + ENEMY_SLOTS, 2), np.nan)
+    player = screen_centre(ram)
+    if player is not None:
+        centres[0] = player
+    centres[1:] = enemy_centres(ram)
     size = env.observation_space.shape[0]
-    return np.array([centre[0] * size / SCREEN_WIDTH, centre[1] * size / SCREEN_HEIGHT], dtype=np.float32)
+    return (centres * [size / SCREEN_WIDTH, size / SCREEN_HEIGHT]).astype(np.float32)
 
 
 def _crop_rows(env: gymnasium.Env, rows: int) -> gymnasium.Env:

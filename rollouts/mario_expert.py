@@ -14,7 +14,8 @@ RAM layout (Super Mario Bros, documented by the ROM disassembly and used by gym-
   top of a 16 x 32 px box whose lower half small Mario fills, and its page ``0xB5`` (1 on the screen, 0 above
   it, 2 and more below it: falling down a hole); his float state ``0x1D`` (0 on the ground).
 - Enemy slots i = 0..4: active flag ``0x0F + i``, level x ``0x6E + i`` * 256 + ``0x87 + i``, screen y
-  ``0xCF + i``.
+  ``0xCF + i`` (a goomba is drawn in the 16 x 16 px square from x, y + 8) and its page ``0xB6 + i``.
+- The screen's left edge in the level: ``0x71A`` (page) * 256 + ``0x71C``.
 - The level's metatiles around the screen: ``0x500``, two pages of 13 rows x 16 columns of 16 px, row 0 at
   screen y 32; a non-zero tile is solid enough to jump over or stand on.
 """
@@ -52,6 +53,19 @@ def screen_centre(ram: np.ndarray) -> tuple[float, float] | None:
     if ram[0xB5] != 1:
         return None
     return int(ram[0x3AD]) + TILE / 2, int(ram[0xCE]) + 1.5 * TILE
+
+
+def enemy_centres(ram: np.ndarray) -> np.ndarray:
+    """float ``[ENEMY_SLOTS, 2]``: where each enemy slot's sprite is centred in the NES frame (x, y pixels),
+    NaN for an empty slot or an enemy off the screen. While the screen scrolls the sprites are drawn a few
+    pixels right of this (the frame was drawn with the scroll of the frame before)."""
+    left = level_x(ram, 0x71A, 0x71C)
+    centres = np.full((ENEMY_SLOTS, 2), np.nan)
+    for slot in range(ENEMY_SLOTS):
+        x = level_x(ram, 0x6E + slot, 0x87 + slot) - left + TILE / 2
+        if ram[0x0F + slot] and ram[0xB6 + slot] == 1 and 0 <= x < SCREEN_WIDTH:
+            centres[slot] = x, int(ram[0xCF + slot]) + TILE
+    return centres
 
 
 def on_ground(ram: np.ndarray) -> bool:

@@ -373,8 +373,8 @@ def test_play_episodes_records_the_furthest_x_position():
 
 
 def test_recorded_episodes_note_where_mario_is_in_every_frame():
-    """The controller's recorded episodes (M's data in the iterations) carry the player's position as
-    collection's do, so a V weighted on it can train on them."""
+    """The controller's recorded episodes (M's data in the iterations) carry the sprites' positions as
+    collection's do, so a V weighted on them can train on them."""
     from rollouts.envs import make_env
     from worldmodel.config import EnvConfig
 
@@ -384,11 +384,12 @@ def test_recorded_episodes_note_where_mario_is_in_every_frame():
         again = rollout_episode(mario, EnvConfig(name="mario", max_steps=6), _Replay(episode.actions), seed=3)
     finally:
         mario.close()
-    assert len(episode.players) == len(episode.frames) == 7
-    np.testing.assert_array_equal(np.stack(episode.players), again["player"])
-    np.testing.assert_allclose(episode.players[0], [12.0, 200 * 64 / 240], rtol=1e-6)
+    assert len(episode.sprites) == len(episode.frames) == 7
+    np.testing.assert_array_equal(np.stack(episode.sprites)[:, 0], again["player"])
+    np.testing.assert_array_equal(np.stack(episode.sprites)[:, 1:], again["enemies"])
+    np.testing.assert_allclose(episode.sprites[0][0], [12.0, 200 * 64 / 240], rtol=1e-6)
     game = NoiseGame(spaces.Box(-1.0, 1.0, (3,), np.float32), length=3)
-    assert play_episode(game, None, 0, record=True).players == [None] * 4
+    assert play_episode(game, None, 0, record=True).sprites == [None] * 4
 
 
 class _Replay:

@@ -78,11 +78,12 @@ def test_both_games_give_valid_reproducible_episodes(ray_session, tmp_path, game
         assert 1 <= steps <= 12
         assert episode["obs"].shape == (steps + 1, 64, 64, 3)
         assert episode["actions"].shape == (steps, width)
-        assert ("player" in episode) == (game == "mario")
+        assert ("player" in episode) == ("enemies" in episode) == (game == "mario")
         if game == "mario":
             np.testing.assert_array_equal(episode["actions"].sum(axis=1), 1.0)  # one-hot
             assert episode["player"].shape == (steps + 1, 2)
             assert np.all((episode["player"] >= 0) & (episode["player"] < 64))  # on the screen so early
+            assert episode["enemies"].shape == (steps + 1, 5, 2)
         # the same episode whichever worker played it, after however many earlier episodes on its env
         expected = reference_episode(cfg, index)
         for key in expected:

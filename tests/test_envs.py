@@ -19,7 +19,7 @@ from rollouts.envs import (
     is_discrete,
     make_env,
     mario_buttons,
-    player_centre,
+    sprite_centres,
 )
 from rollouts.policies import (
     FOLLOW_ROWS,
@@ -34,6 +34,7 @@ from worldmodel.config import CollectConfig, ConfigError, EnvConfig
 
 CAR = EnvConfig(name="carracing", max_steps=12)
 MARIO = EnvConfig(name="mario", max_steps=12)
+MARIO_LONG = EnvConfig(name="mario", max_steps=200)
 
 
 def play(env: gymnasium.Env, actions, seed: int):
@@ -429,6 +430,37 @@ def test_mario_ram_expert_noise_is_drawn_per_episode():
     assert np.bincount(actions, minlength=7) == pytest.approx(np.full(7, 1000), abs=150)
 
 
+def test_the_first_goomba_is_drawn_where_the_ram_says():
+    """The RAM expert (no noise) runs into 1-1 until the first goomba is on the screen: the sprite's pixels
+    fill the 5 x 5 square (native pixels) around the centre ``enemy_centres`` gives, and 8-14 px above it
+    is sky (the colour above the level: one tile off in y fails both); ``sprite_centres`` scales it to the
+    frame. The screen is scrolling here, so the goomba is drawn about 4 px right of the centre."""
+    env = make_env(MARIO_LONG)
+    try:
+        policy = make_exploration_policy(
+            MARIO_LONG, CollectConfig(policy="ram_expert", expert_noise=0.0), np.random.default_rng(0), env
+        )
+        env.reset(seed=0)
+        policy.reset()
+        for _ in range(MARIO_LONG.max_steps):
+            env.step(policy.act(None))
+            centres = mario_expert.enemy_centres(env.unwrapped.ram)
+            if (~np.isnan(centres[:, 0]) & (centres[:, 0] < 200)).any():
+                break
+        slot = int(np.flatnonzero(~np.isnan(centres[:, 0]))[0])
+        x, y = centres[slot].astype(int)
+        screen = env.unwrapped.screen
+        sky = screen[40, 8]  # above the level, left of the score
+        assert not (screen[y - 2 : y + 3, x - 2 : x + 3] == sky).all(axis=-1).any()
+        assert (screen[y - 14 : y - 7, x - 2 : x + 3] == sky).all(axis=-1).all()
+        size = env.observation_space.shape[0]
+        np.testing.assert_allclose(
+            sprite_centres(env)[1 + slot], centres[slot] * [size / 256, size / 240], rtol=1e-6
+        )
+    finally:
+        env.close()
+
+
 def test_mario_stands_where_the_ram_says_at_the_start_of_1_1():
     """Small Mario starts standing on the ground at screen x 40-56, feet at y 208 (checked on the frame: the
     patch of ``vae.player_weight`` and ``experiments/player_patch.py`` is centred on his sprite)."""
@@ -437,7 +469,7 @@ def test_mario_stands_where_the_ram_says_at_the_start_of_1_1():
         env.reset(seed=0)
         assert mario_expert.screen_centre(env.unwrapped.ram) == (48.0, 200.0)
         # the same point in the 64 x 64 frame: x * 64 / 256, y * 64 / 240
-        np.testing.assert_allclose(player_centre(env), [12.0, 200 * 64 / 240], rtol=1e-6)
+        np.testing.assert_allclose(sprite_centres(env)[0], [12.0, 200 * 64 / 240], rtol=1e-6)
         ram = env.unwrapped.ram.copy()
         ram[0xB5] = 2  # falling down a hole: below the screen
         assert mario_expert.screen_centre(ram) is None
@@ -446,6 +478,6 @@ def test_mario_stands_where_the_ram_says_at_the_start_of_1_1():
     car = make_env(CAR)
     try:
         car.reset(seed=0)
-        assert player_centre(car) is None
+        assert sprite_centres(car) is None
     finally:
         car.close()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.test_pipeline import REPO
-from worldmodel.frames import player_boxes
+from worldmodel.frames import patch_boxes, sprite_masks
 from worldmodel.io import DataError
 
 sys.path.insert(0, str(REPO / "experiments"))
@@ -77,24 +77,36 @@ def test_the_imitation_score_refuses_a_run_without_an_imitation_or_a_memory(tmp_
     assert not any(tmp_path.iterdir())  # refused before any work
 
 
-def test_the_player_patch_error_against_the_rest_of_the_frame():
-    centres = np.array([[32.0, 32.0], [12.0, 53.3], [0.5, 32.0]])  # the last: the patch leaves the frame
-    boxes = player_boxes(centres, 64)
+def test_the_sprite_patch_errors_against_the_rest_of_the_frame():
+    player = np.array([[32.0, 32.0], [12.0, 53.3], [0.5, 32.0]])  # the last: the patch leaves the frame
+    enemies = np.full((3, 2, 2), np.nan)
+    enemies[1, 1] = 40.0, 10.0  # one enemy, in the second frame's second slot
+    centres = {"player": player, "enemies": enemies}
+    masks = sprite_masks(centres, ("player", "enemies"), 64)
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
     recon = frames.copy()
     recon[0, 28:36, 28:36] = 0  # the player left out of the first frame...
-    recon[2] = 0  # ...and of a frame without him: not counted
+    recon[2, 28:36, 0:4] = 0  # ...not counted where his patch would leave the frame: the rest's pixels
+    recon[1, 6:14, 36:44] = 255 - frames[1, 6:14, 36:44]  # the enemy drawn in negative
     recon[1, 0, 0] = frames[1, 0, 0] ^ 1  # a nearly perfect rest
-    errors = player_patch.patch_errors(frames, recon, boxes)
+    errors = player_patch.patch_errors(frames, recon, masks)
     expected = ((frames[0, 28:36, 28:36] / 255.0) ** 2).sum() / (2 * 8 * 8 * 3)
+    negative = (((255 - 2 * frames[1, 6:14, 36:44].astype(float)) / 255.0) ** 2).mean()
     assert errors["frames"] == 2 and errors["player_mse"] == pytest.approx(expected)
-    assert 0 < errors["rest_mse"] < 1e-6 and errors["ratio"] > 1e4
-    assert player_patch.patch_errors(frames, frames, boxes)["ratio"] is None
+    assert errors["enemy_frames"] == 1 and errors["enemy_mse"] == pytest.approx(negative)
+    rest = (((recon[2, 28:36, 0:4] - frames[2, 28:36, 0:4].astype(float)) / 255.0) ** 2).sum()
+    assert errors["rest_mse"] == pytest.approx((rest / 3 + 1 / 255.0**2) / (3 * 64 * 64 - 2 * 64 - 64))
+    assert errors["ratio"] == pytest.approx(expected / errors["rest_mse"])
+    unseen = player_patch.patch_errors(frames, frames, sprite_masks(centres, ("player",), 64))
+    assert unseen["ratio"] is None and unseen["enemy_mse"] is None and unseen["enemy_frames"] == 0
+    boxes = patch_boxes(player, 64)
     sheet = player_patch.closeups(frames, recon, boxes)
     assert [len(row) for row in sheet] == [2, 2] and sheet[0][0].shape == (16, 16, 3)
+    np.testing.assert_array_equal(player_patch.first_on_screen(enemies)[1], [40.0, 10.0])
+    assert np.isnan(player_patch.first_on_screen(enemies)[[0, 2]]).all()
     with pytest.raises(DataError, match="off the screen in every frame"):
-        player_patch.patch_errors(frames, recon, np.full((3, 4), -1))
+        player_patch.patch_errors(frames, recon, np.zeros((3, 64, 64), np.uint8))
 
 
 def test_the_player_patch_command(tmp_path, run_main):
@@ -107,6 +119,7 @@ def test_the_player_patch_command(tmp_path, run_main):
     assert result.returncode == 0, result.stderr
     summary = read_json(tmp_path / "tiny" / "player_patch" / "summary.json")
     assert summary["frames"] == 21 and summary["player_mse"] > 0 and summary["rest_mse"] > 0
+    assert summary["enemy_frames"] == 0 and summary["enemy_mse"] is None  # no enemy in the first 20 steps
     assert (tmp_path / "tiny" / "player_patch" / "closeups.png").stat().st_size > 0
     refused = run_main(f"--set=runs_dir={tmp_path}", main=player_patch.main)  # CarRacing has no Mario
     assert refused.returncode == 2 and "read from Mario's RAM" in refused.stderr
@@ -152,6 +165,24 @@ def test_the_done_head_summary():
     assert done_head.summarise([]) == {"episodes": 0}
 
 
+def test_a_death_is_a_fall_when_mario_ends_off_the_screen(tmp_path):
+    from worldmodel.data import save_episode
+
+    obs, steps = np.zeros((4, 64, 64, 3), np.uint8), 3
+    arrays = (obs, np.zeros((steps, 2)), np.zeros(steps), [False, False, True])
+    sprites = np.full((4, 2, 2), 30.0)
+    save_episode(tmp_path / "on_screen.npz", *arrays, sprites)
+    sprites[-1, 0] = np.nan  # Mario below the screen in the last frame; the enemy is still there
+    save_episode(tmp_path / "fell.npz", *arrays, sprites)
+    sprites[-1, 0], sprites[-1, 1] = 30.0, np.nan  # the enemy gone does not make a fall
+    save_episode(tmp_path / "enemy_gone.npz", *arrays, sprites)
+    save_episode(tmp_path / "bare.npz", *arrays)
+    kinds = [done_head.end_kind(tmp_path / f"{name}.npz") for name in ("on_screen", "fell", "enemy_gone")]
+    assert kinds == ["on_screen", "fell", "on_screen"]
+    assert done_head.end_kind(tmp_path / "bare.npz") is None
+    assert done_head.end_kind(tmp_path / "missing.npz") is None
+
+
 def test_the_done_head_command(tmp_path, tiny_run, run_main):
     from tests.conftest import copy_tiny_run
     from worldmodel.data import load_latents
@@ -169,5 +200,6 @@ def test_the_done_head_command(tmp_path, tiny_run, run_main):
             if load_latents(tmp_path / "tiny" / "latents" / episode)["terminals"][-1]
         ]
         assert summary[name]["episodes"] == len(ended)
+        assert "by_end" not in summary[name]  # CarRacing: no player to fall
     missing = run_main(f"--set=runs_dir={tmp_path / 'none'}", main=done_head.main)
     assert missing.returncode == 2 and "no trained memory" in missing.stderr

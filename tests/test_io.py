@@ -46,12 +46,18 @@ def test_episode_round_trip_and_no_temp_files_left(tmp_path):
     assert (tmp_path / "ep.npz").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
-def test_the_players_position_is_stored_with_nan_off_the_screen(tmp_path):
+def test_the_sprites_positions_are_stored_with_nan_off_the_screen(tmp_path):
     player = np.array([[1.5, 2.0], [np.nan, np.nan], [3, 4], [5, 6], [7, 8], [9, 10]], dtype=np.float64)
-    save_episode(tmp_path / "ep.npz", **_episode(), player=player)
-    loaded = load_episode(tmp_path / "ep.npz")["player"]
-    assert loaded.dtype == np.float32
-    np.testing.assert_array_equal(loaded, player.astype(np.float32))  # NaN where NaN
+    enemies = np.arange(6 * 3 * 2, dtype=np.float64).reshape(6, 3, 2)
+    enemies[2, 1] = np.nan
+    sprites = np.concatenate([player[:, None], enemies], axis=1)
+    save_episode(tmp_path / "ep.npz", **_episode(), sprites=sprites)
+    loaded = load_episode(tmp_path / "ep.npz")
+    assert loaded["player"].dtype == loaded["enemies"].dtype == np.float32
+    np.testing.assert_array_equal(loaded["player"], player.astype(np.float32))  # NaN where NaN
+    np.testing.assert_array_equal(loaded["enemies"], enemies.astype(np.float32))
+    with pytest.raises(DataError, match="ep.npz: sprites has shape \\(6, 2\\)"):
+        save_episode(tmp_path / "ep.npz", **_episode(), sprites=player)
 
 
 def test_truncated_episode_is_reported_by_name(tmp_path):
@@ -73,6 +79,10 @@ def test_truncated_episode_is_reported_by_name(tmp_path):
         ("player", np.zeros((5, 2), dtype=np.float32), "player has shape"),
         ("player", np.zeros((6, 2), dtype=np.float64), "player has shape"),
         ("player", np.full((6, 2), np.inf, dtype=np.float32), "player contains inf"),
+        ("enemies", np.zeros((6, 2), dtype=np.float32), r"enemies has shape \(6, 2\).*\[6, E, 2\]"),
+        ("enemies", np.zeros((5, 3, 2), dtype=np.float32), "enemies has shape"),
+        ("enemies", np.zeros((6, 3, 3), dtype=np.float32), "enemies has shape"),
+        ("enemies", np.full((6, 3, 2), -np.inf, dtype=np.float32), "enemies contains inf"),
     ],
 )
 def test_bad_episode_layout_names_the_array(tmp_path, key, value, fragment):

@@ -246,47 +246,68 @@ def test_shuffled_batches_emit_every_frame_once_in_bounded_memory(tmp_path, monk
     assert all(np.array_equal(a, b) for a, b in zip(again, first))  # a pass is a function of the seed
 
 
-def test_player_boxes_and_masks():
+def test_patch_boxes_and_sprite_masks():
     centres = np.array([[32.0, 32.0], [12.0, 53.3], [0.5, 32.0], [np.nan, np.nan]])
-    boxes = frames_module.player_boxes(centres, 64)
-    # the third square leaves the frame, the fourth frame has no player
+    boxes = frames_module.patch_boxes(centres, 64)
+    # the third square leaves the frame, the fourth frame has no sprite
     assert boxes.tolist() == [[28, 36, 28, 36], [49, 57, 8, 16], [-1] * 4, [-1] * 4]
-    masks = frames_module.player_masks(centres, 64)
+    # two enemy slots per frame: the first frame's overlaps the player's patch by 4 x 8 pixels, the second
+    # frame's two enemies overlap each other (one bit all the same), the others have none on the screen
+    enemies = np.full((4, 2, 2), np.nan)
+    enemies[0, 0] = 36.0, 32.0
+    enemies[1] = [[50.0, 10.0], [52.0, 10.0]]
+    masks = frames_module.sprite_masks({"player": centres, "enemies": enemies}, ("player", "enemies"), 64)
     assert masks.dtype == np.uint8 and masks.shape == (4, 64, 64)
-    assert masks[0, 28:36, 28:36].all() and masks[0].sum() == 64 and masks[1, 49:57, 8:16].sum() == 64
+    player, enemy = frames_module.SPRITE_BITS["player"], frames_module.SPRITE_BITS["enemies"]
+    assert np.bincount(masks[0].ravel(), minlength=4).tolist() == [64 * 64 - 96, 32, 32, 32]
+    assert (masks[0, 28:36, 32:36] == player + enemy).all() and (masks[0, 28:36, 36:40] == enemy).all()
+    assert (masks[1, 49:57, 8:16] == player).all()
+    assert (masks[1, 6:14, 46:56] == enemy).all() and (masks[1] == enemy).sum() == 8 * 10
     assert masks[2:].sum() == 0
+    only_player = frames_module.sprite_masks({"player": centres, "enemies": enemies}, ("player",), 64)
+    np.testing.assert_array_equal(only_player, masks & player)
 
 
-def test_the_players_patch_travels_with_its_frame_through_the_shuffle(tmp_path):
-    """With ``player=True`` every emitted frame carries, as a fourth channel, the mask of its own episode's
-    ``player`` row; an episode without positions is refused by name."""
+def test_the_sprites_patches_travel_with_their_frame_through_the_shuffle(tmp_path):
+    """With ``sprites`` every emitted frame carries, as a fourth channel, the mask of its own episode's
+    ``player`` and ``enemies`` rows; an episode without the positions asked for is refused by name."""
     rng = np.random.default_rng(0)
     paths, lengths = [], [9, 14, 6]
     for episode, length in enumerate(lengths):
         obs = np.zeros((length, 64, 64, 3), dtype=np.uint8)
         obs[:, 0, 0, 0], obs[:, 0, 0, 1] = episode, np.arange(length)
-        player = np.stack([10.0 + 3 * np.arange(length), np.full(length, 20.0 + 10 * episode)], axis=1)
-        player[-1] = np.nan  # the last frame without the player
+        sprites = np.full((length, 3, 2), np.nan)
+        sprites[:, 0] = np.stack([10.0 + 3 * np.arange(length), np.full(length, 20.0 + 10 * episode)], axis=1)
+        sprites[-1, 0] = np.nan  # the last frame without the player
+        sprites[::2, 2] = 50.0, 40.0  # an enemy in every other frame
         paths.append(tmp_path / f"e{episode}.npz")
         steps = length - 1
-        save_episode(paths[-1], obs, rng.normal(size=(steps, 2)), np.zeros(steps), np.zeros(steps), player)
+        save_episode(paths[-1], obs, rng.normal(size=(steps, 2)), np.zeros(steps), np.zeros(steps), sprites)
     emitted = 0
-    for batch in frames_module.shuffled_batches(paths, 4, 5, np.random.default_rng(1), player=True):
+    keys = ("player", "enemies")
+    for batch in frames_module.shuffled_batches(paths, 4, 5, np.random.default_rng(1), sprites=keys):
         assert batch.shape[1:] == (64, 64, 4)
         for frame in batch:
             episode, index = int(frame[0, 0, 0]), int(frame[0, 0, 1])
-            row = np.load(paths[episode])["player"][index : index + 1]
-            np.testing.assert_array_equal(frame[..., 3], frames_module.player_masks(row, 64)[0])
-            assert frame[..., 3].sum() == (0 if index == lengths[episode] - 1 else 64)
+            arrays = {key: np.load(paths[episode])[key][index : index + 1] for key in keys}
+            np.testing.assert_array_equal(frame[..., 3], frames_module.sprite_masks(arrays, keys, 64)[0])
+            player = 0 if index == lengths[episode] - 1 else 64
+            assert (frame[..., 3] & 1).sum() == player and (frame[..., 3] >= 2).sum() == 64 * (index % 2 == 0)
             emitted += 1
     assert emitted == sum(lengths)
-    batches = frames_module.sequential_batches(paths, 100, (64, 64, 3), player=True)
+    batches = frames_module.sequential_batches(paths, 100, (64, 64, 3), sprites=("player",))
     first = next(iter(batches))
-    assert first.shape == (9, 64, 64, 4) and first[0, 16:24, 6:14, 3].all()
+    assert first.shape == (9, 64, 64, 4) and first[0, 16:24, 6:14, 3].all() and first[..., 3].max() == 1
 
     bare = write_episodes(tmp_path / "bare", count=1, steps=3)
     with pytest.raises(DataError, match="episode_0000.npz: no player positions.*vae.player_weight"):
-        list(frames_module.shuffled_batches(bare, 4, 8, np.random.default_rng(0), player=True))
+        list(frames_module.shuffled_batches(bare, 4, 8, np.random.default_rng(0), sprites=("player",)))
+    older = tmp_path / "older.npz"  # the first episodes with positions stored the player's only
+    arrays = dict(np.load(paths[0]))
+    del arrays["enemies"]
+    np.savez(older, **arrays)
+    with pytest.raises(DataError, match="older.npz: no enemies positions.*vae.enemy_weight"):
+        list(frames_module.sequential_batches([older], 4, sprites=keys))
 
 
 def test_loader_names_a_broken_episode(tmp_path):
@@ -370,16 +391,22 @@ def test_resume_after_a_kill_continues_from_the_checkpoint(
         torch.testing.assert_close(final[key], reference[key], rtol=1e-5, atol=1e-6)
 
 
-def test_player_weight_weighs_the_patch_in_training_and_validation(tmp_path, monkeypatch):
-    """``vae.player_weight`` reaches the loss as weights of 31 on the player's 8 x 8 patch and 1 elsewhere;
-    it is refused below 1 and for a game without a player, before any work."""
-    config = tiny_config(tmp_path, "pw", "env.name=mario", "vae.player_weight=31", "vae.epochs=1")
+def test_sprite_weights_weigh_the_patches_in_training_and_validation(tmp_path, monkeypatch):
+    """``vae.player_weight`` and ``vae.enemy_weight`` reach the loss as weights of 31 on the player's 8 x 8
+    patch, 11 on an enemy's, 31 where they overlap and 1 elsewhere; they are refused below 1, for a game
+    without sprites and for episodes without the positions, before any work."""
+    config = tiny_config(
+        tmp_path, "pw", "env.name=mario", "vae.player_weight=31", "vae.enemy_weight=11", "vae.epochs=1"
+    )
     folder = run_paths(config).episodes
     for index, path in enumerate(write_episodes(folder, count=4, steps=6)):
         episode = np.load(path)
-        player = np.tile([[30.0, 30.0]], (7, 1))
-        player[index] = np.nan  # one frame of each episode without the player
-        save_episode(path, *(episode[key] for key in ("obs", "actions", "rewards", "terminals")), player)
+        sprites = np.full((7, 2, 2), np.nan)
+        sprites[:, 0] = 30.0, 30.0
+        sprites[index, 0] = np.nan  # one frame of each episode without the player
+        sprites[:, 1] = 34.0, 30.0  # an enemy whose patch half covers the player's
+        arrays = (episode[key] for key in ("obs", "actions", "rewards", "terminals"))
+        save_episode(path, *arrays, sprites)
     weights = []
     original = train_vae.vae_loss
 
@@ -392,21 +419,24 @@ def test_player_weight_weighs_the_patch_in_training_and_validation(tmp_path, mon
     assert any(grad for grad, _ in weights) and any(not grad for grad, _ in weights)  # training, validation
     for _, weight in weights:
         assert weight.shape[1:] == (1, 64, 64)
-        assert set(weight.unique().tolist()) <= {1.0, 31.0}
+        assert set(weight.unique().tolist()) <= {1.0, 11.0, 31.0}
         patches = (weight == 31).flatten(1).sum(dim=1)
         assert set(patches.tolist()) <= {0, 64} and (patches == 64).any()
         assert weight[patches == 64][:, 0, 26:34, 26:34].eq(31).all()
+        assert weight[patches == 64][:, 0, 26:34, 34:38].eq(11).all()  # the enemy's half outside Mario's
+        assert weight[patches == 0][:, 0, 26:34, 30:38].eq(11).all()  # the frames without the player
+        assert (weight != 1).flatten(1).sum(dim=1).tolist() == [8 * 8 + 8 * 4 * (p == 64) for p in patches]
 
-    low = tiny_config(tmp_path, "low", "env.name=mario", "vae.player_weight=0.5")
-    with pytest.raises(ConfigError, match="vae.player_weight must be at least 1"):
+    low = tiny_config(tmp_path, "low", "env.name=mario", "vae.enemy_weight=0.5")
+    with pytest.raises(ConfigError, match="vae.enemy_weight must be at least 1"):
         train_vae.run(low)
     old = tiny_config(tmp_path, "old", "env.name=mario", "vae.player_weight=31")
     write_episodes(run_paths(old).episodes, count=3, steps=4)
     with pytest.raises(DataError, match=r"episode_0000.npz \(and 2 more episodes\): no player positions"):
         train_vae.run(old)
     assert not run_paths(old).vae.exists()  # refused before any work
-    car = tiny_config(tmp_path, "car", "vae.player_weight=2")
-    with pytest.raises(ConfigError, match="only Super Mario Bros"):
+    car = tiny_config(tmp_path, "car", "vae.enemy_weight=2")
+    with pytest.raises(ConfigError, match="vae.enemy_weight=2.0 .*only Super Mario Bros"):
         train_vae.run(car)
     assert not run_paths(car).root.exists()
 

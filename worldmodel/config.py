@@ -89,6 +89,9 @@ class VAEConfig:
     """Free bits per latent dimension (World Models: 0.5): the KL term is max(KL, tolerance * latent_dim)."""
     player_weight: float = 1.0
     """Weight of the squared error in the 8 x 8 patch around the player (Mario; 1 = every pixel alike)."""
+    enemy_weight: float = 1.0
+    """Weight of the squared error in the 8 x 8 patch around each enemy (Mario; 1 = every pixel alike; where a
+    patch overlaps the player's, the larger weight)."""
     val_fraction: float = 0.1
     """Fraction of episodes held out for validation."""
     shuffle_buffer: int = 4096

@@ -3,7 +3,9 @@ file.
 
 Episode: ``obs`` uint8 [T+1, H, W, 3], ``actions`` float32 [T, A], ``rewards`` float32 [T],
 ``terminals`` bool [T]; Mario's also ``player`` float32 [T+1, 2], the player's centre (x, y) in the pixels of
-each frame, NaN while he is off the screen.
+each frame, NaN while he is off the screen, and ``enemies`` float32 [T+1, E, 2], the centre of each enemy
+slot's sprite, NaN for an empty slot or an enemy off the screen (the first episodes with ``player`` lack
+it).
 Latents: the same, with ``mu`` and ``logvar`` float32 [T+1, Z] in place of ``obs``.
 """
 
@@ -60,15 +62,22 @@ def validate_episode(path: str | Path, arrays: dict[str, np.ndarray]) -> dict[st
             f"{path}: obs has shape {obs.shape} and dtype {obs.dtype}, expected uint8 [T+1, H, W, 3]"
         )
     _check_transitions(path, arrays, "obs")
-    if "player" in arrays:
-        player = arrays["player"]
-        if player.dtype != np.float32 or player.shape != (obs.shape[0], 2):
+    for key, shape in (("player", (obs.shape[0], 2)), ("enemies", (obs.shape[0], None, 2))):
+        if key not in arrays:
+            continue
+        centres = arrays[key]
+        if (
+            centres.dtype != np.float32
+            or centres.ndim != len(shape)
+            or any(want is not None and have != want for have, want in zip(centres.shape, shape, strict=True))
+        ):
+            expected = ", ".join("E" if want is None else str(want) for want in shape)
             raise DataError(
-                f"{path}: player has shape {player.shape} and dtype {player.dtype}, "
-                f"expected float32 [{obs.shape[0]}, 2] (an x, y per frame)"
+                f"{path}: {key} has shape {centres.shape} and dtype {centres.dtype}, "
+                f"expected float32 [{expected}] (an x, y per frame)"
             )
-        if np.isinf(player).any():
-            raise DataError(f"{path}: player contains inf (NaN marks a frame without the player)")
+        if np.isinf(centres).any():
+            raise DataError(f"{path}: {key} contains inf (NaN marks a frame without the sprite)")
     return arrays
 
 
@@ -89,9 +98,10 @@ def validate_latents(path: str | Path, arrays: dict[str, np.ndarray]) -> dict[st
     return arrays
 
 
-def episode_arrays(name: str | Path, obs, actions, rewards, terminals, player=None) -> dict[str, np.ndarray]:
-    """An episode's arrays in the on-disk dtypes, validated (``name`` says which episode in an error);
-    ``player`` is stored when given."""
+def episode_arrays(name: str | Path, obs, actions, rewards, terminals, sprites=None) -> dict[str, np.ndarray]:
+    """An episode's arrays in the on-disk dtypes, validated (``name`` says which episode in an error).
+    ``sprites`` [T+1, 1 + E, 2] (``rollouts.envs.sprite_centres`` of every frame), when given, is stored as
+    ``player`` (its first row) and ``enemies`` (the others)."""
     arrays = {
         "obs": np.asarray(obs, dtype=np.uint8),
         "actions": np.asarray(actions, dtype=np.float32),
@@ -100,14 +110,17 @@ def episode_arrays(name: str | Path, obs, actions, rewards, terminals, player=No
     }
     if arrays["actions"].ndim == 1:
         arrays["actions"] = arrays["actions"][:, None]
-    if player is not None:
-        arrays["player"] = np.asarray(player, dtype=np.float32)
+    if sprites is not None:
+        sprites = np.asarray(sprites, dtype=np.float32)
+        if sprites.ndim != 3 or sprites.shape[1] < 1 or sprites.shape[2] != 2:
+            raise DataError(f"{name}: sprites has shape {sprites.shape}, expected [T+1, 1 + E, 2]")
+        arrays["player"], arrays["enemies"] = sprites[:, 0], sprites[:, 1:]
     return validate_episode(name, arrays)
 
 
-def save_episode(path: str | Path, obs, actions, rewards, terminals, player=None) -> None:
-    """Write one episode atomically, in the on-disk dtypes."""
-    save_npz(path, **episode_arrays(path, obs, actions, rewards, terminals, player))
+def save_episode(path: str | Path, obs, actions, rewards, terminals, sprites=None) -> None:
+    """Write one episode atomically, in the on-disk dtypes (``sprites`` as in ``episode_arrays``)."""
+    save_npz(path, **episode_arrays(path, obs, actions, rewards, terminals, sprites))
 
 
 def load_episode(path: str | Path) -> dict[str, np.ndarray]:

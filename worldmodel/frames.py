@@ -8,8 +8,9 @@ shuffled and emitted. Memory is the buffer plus one episode, never the data set.
 exactly once per pass, and the whole pass is a function of the rng's seed, so a resumed epoch can replay
 the same stream and skip the batches it already trained on.
 
-With ``player=True`` each frame carries a fourth channel, 1 in the player's patch (``player_boxes``) and 0
-elsewhere, read from the episode's ``player`` array, so the patch travels through the shuffle with its frame.
+With ``sprites=("player", "enemies")`` (or either) each frame carries a fourth channel, the sum of
+``SPRITE_BITS[key]`` over the named sprites whose patch (``patch_boxes``) covers a pixel, 0 elsewhere, read
+from the episode's arrays of those names, so the patches travel through the shuffle with their frame.
 """
 
 from __future__ import annotations
@@ -46,26 +47,35 @@ def episode_length(path: str | Path) -> int:
     return int(shape[0])
 
 
-def _no_player(path: Path, also: int = 0) -> DataError:
+SPRITE_BITS = {"player": 1, "enemies": 2}
+"""The bit of each sprite array's patches in the mask channel."""
+SPRITE_WEIGHTS = {"player": "player_weight", "enemies": "enemy_weight"}
+"""The ``vae`` setting that weighs each sprite array's patches."""
+
+
+def _no_positions(path: Path, key: str, also: int = 0) -> DataError:
     others = f" (and {also} more episodes)" if also else ""
     return DataError(
-        f"{path}{others}: no player positions, which vae.player_weight needs (Super Mario Bros episodes "
-        "store them since 2026-12-05: collect again into a new run, or leave vae.player_weight at 1)"
+        f"{path}{others}: no {key} positions, which vae.{SPRITE_WEIGHTS[key]} needs (Super Mario Bros "
+        "episodes store the player's since 2026-12-05 and the enemies' a few hours later: collect again into "
+        f"a new run, or leave vae.{SPRITE_WEIGHTS[key]} at 1)"
     )
 
 
-def check_player_positions(paths: Sequence[Path]) -> None:
-    """Refuse, before any training, episodes without a ``player`` array (read from the zip's directory)."""
-    missing = []
-    for path in map(Path, paths):
-        try:
-            with zipfile.ZipFile(path) as archive:
-                if "player.npy" not in archive.namelist():
-                    missing.append(path)
-        except Exception:  # noqa: BLE001,S112 - a broken file is named by the loader, with its reason
-            continue
-    if missing:
-        raise _no_player(missing[0], len(missing) - 1)
+def check_sprite_positions(paths: Sequence[Path], keys: Sequence[str]) -> None:
+    """Refuse, before any training, episodes without the sprite arrays ``keys`` (read from the zip's
+    directory)."""
+    for key in keys:
+        missing = []
+        for path in map(Path, paths):
+            try:
+                with zipfile.ZipFile(path) as archive:
+                    if f"{key}.npy" not in archive.namelist():
+                        missing.append(path)
+            except Exception:  # noqa: BLE001,S112 - a broken file is named by the loader, with its reason
+                continue
+        if missing:
+            raise _no_positions(missing[0], key, len(missing) - 1)
 
 
 def count_batches(frames: int, batch_size: int) -> int:
@@ -73,32 +83,43 @@ def count_batches(frames: int, batch_size: int) -> int:
     return math.ceil(frames / batch_size)
 
 
-PLAYER_HALF = 4
-"""Half the side of the player's patch in pixels of the 64 x 64 frame (8 x 8; small Mario is about 4 x 4)."""
+PATCH_HALF = 4
+"""Half the side of a sprite's patch in pixels of the 64 x 64 frame (8 x 8; small Mario and a goomba are about
+4 x 4)."""
 
 
-def player_boxes(player: np.ndarray, size: int, half: int = PLAYER_HALF) -> np.ndarray:
-    """``[N, 4]`` (top, bottom, left, right) of the ``2 half``-pixel square around each (x, y) centre of
-    ``player`` (pixels, rounded) in a ``size``-pixel square frame; -1 in the rows whose centre is NaN (no
-    player) or whose square leaves the frame."""
-    known = ~np.isnan(player).any(axis=1)
-    x, y = np.round(np.where(known[:, None], player, 0.0)).astype(int).T
+def patch_boxes(centres: np.ndarray, size: int, half: int = PATCH_HALF) -> np.ndarray:
+    """``[N, 4]`` (top, bottom, left, right) of the ``2 half``-pixel square around each (x, y) of ``centres``
+    ``[N, 2]`` (pixels, rounded) in a ``size``-pixel square frame; -1 in the rows whose centre is NaN (no
+    sprite) or whose square leaves the frame."""
+    known = ~np.isnan(centres).any(axis=1)
+    x, y = np.round(np.where(known[:, None], centres, 0.0)).astype(int).T
     boxes = np.stack([y - half, y + half, x - half, x + half], axis=1)
     inside = known & (boxes[:, 0] >= 0) & (boxes[:, 1] <= size) & (boxes[:, 2] >= 0) & (boxes[:, 3] <= size)
     boxes[~inside] = -1
     return boxes
 
 
-def player_masks(player: np.ndarray, size: int) -> np.ndarray:
-    """uint8 ``[N, size, size]``: 1 inside each frame's player box (``player_boxes``), 0 elsewhere."""
-    masks = np.zeros((len(player), size, size), dtype=np.uint8)
-    for row, (top, bottom, left, right) in enumerate(player_boxes(player, size)):
-        masks[row, top:bottom, left:right] = 1  # a -1 row slices nothing
+def sprite_masks(arrays: dict[str, np.ndarray], keys: Sequence[str], size: int) -> np.ndarray:
+    """uint8 ``[N, size, size]``: in each frame, the sum of ``SPRITE_BITS[key]`` over the ``keys`` whose patch
+    (``patch_boxes``) of any of the frame's centres ``arrays[key]`` (``[N, 2]`` or ``[N, E, 2]``) covers the
+    pixel."""
+    frames = len(arrays[keys[0]]) if keys else 0
+    masks = np.zeros((frames, size, size), dtype=np.uint8)
+    for key in keys:
+        centres = arrays[key].reshape(frames, -1, 2)
+        layer = np.zeros_like(masks, dtype=bool)
+        boxes = patch_boxes(centres.reshape(-1, 2), size).reshape(frames, -1, 4)
+        for row, sprite in zip(*np.nonzero(boxes[..., 0] >= 0), strict=True):
+            top, bottom, left, right = boxes[row, sprite]
+            layer[row, top:bottom, left:right] = True
+        masks += layer * np.uint8(SPRITE_BITS[key])
     return masks
 
 
-def _load_obs(path: Path, frame_shape: tuple[int, ...] | None, player: bool = False) -> np.ndarray:
-    """The episode's frames ``[T+1, H, W, 3]``, or ``[T+1, H, W, 4]`` with the player's mask (``player``)."""
+def _load_obs(path: Path, frame_shape: tuple[int, ...] | None, sprites: Sequence[str] = ()) -> np.ndarray:
+    """The episode's frames ``[T+1, H, W, 3]``, or ``[T+1, H, W, 4]`` with the mask of the ``sprites``'
+    patches (``sprite_masks``)."""
     arrays = load_episode(path)
     obs = arrays["obs"]
     if frame_shape is not None and obs.shape[1:] != tuple(frame_shape):
@@ -106,11 +127,12 @@ def _load_obs(path: Path, frame_shape: tuple[int, ...] | None, player: bool = Fa
             f"{path}: frames have shape {obs.shape[1:]}, expected {tuple(frame_shape)} "
             "(the ConvVAE takes 64x64 RGB frames: collect with env.frame_size=64)"
         )
-    if not player:
+    if not sprites:
         return obs
-    if "player" not in arrays:
-        raise _no_player(path)
-    return np.concatenate([obs, player_masks(arrays["player"], obs.shape[1])[..., None]], axis=-1)
+    for key in sprites:
+        if key not in arrays:
+            raise _no_positions(path, key)
+    return np.concatenate([obs, sprite_masks(arrays, sprites, obs.shape[1])[..., None]], axis=-1)
 
 
 def _drop_slots(buffer: np.ndarray, filled: int, slots: np.ndarray) -> int:
@@ -129,15 +151,15 @@ def shuffled_batches(
     buffer_size: int,
     rng: np.random.Generator,
     frame_shape: tuple[int, ...] | None = None,
-    player: bool = False,
+    sprites: Sequence[str] = (),
 ) -> Iterator[np.ndarray]:
-    """Shuffled uint8 minibatches ``[B, H, W, 3]`` (``[B, H, W, 4]`` with ``player``) of every frame of
+    """Shuffled uint8 minibatches ``[B, H, W, 3]`` (``[B, H, W, 4]`` with ``sprites``) of every frame of
     ``paths``, holding at most ``max(buffer_size, batch_size)`` frames (plus the episode being read)."""
     capacity = max(buffer_size, batch_size)
     buffer: np.ndarray | None = None
     filled = 0
     for index in rng.permutation(len(paths)):
-        obs = _load_obs(Path(paths[index]), frame_shape, player)
+        obs = _load_obs(Path(paths[index]), frame_shape, sprites)
         if buffer is None:
             buffer = np.empty((capacity, *obs.shape[1:]), dtype=np.uint8)
         elif obs.shape[1:] != buffer.shape[1:]:
@@ -169,11 +191,11 @@ def sequential_batches(
     paths: Sequence[Path],
     batch_size: int,
     frame_shape: tuple[int, ...] | None = None,
-    player: bool = False,
+    sprites: Sequence[str] = (),
 ) -> Iterator[np.ndarray]:
-    """Every frame of ``paths`` in file order (with the player's mask as a fourth channel with ``player``), in
+    """Every frame of ``paths`` in file order (with the ``sprites``' mask as a fourth channel), in
     batches of at most ``batch_size`` (never across episodes)."""
     for path in paths:
-        obs = _load_obs(Path(path), frame_shape, player)
+        obs = _load_obs(Path(path), frame_shape, sprites)
         for start in range(0, len(obs), batch_size):
             yield obs[start : start + batch_size]

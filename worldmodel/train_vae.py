@@ -28,7 +28,9 @@ import torch
 from worldmodel.config import Config, ConfigError, config_to_dict
 from worldmodel.data import list_npz, load_episode, split_by_episode
 from worldmodel.frames import (
-    check_player_positions,
+    SPRITE_BITS,
+    SPRITE_WEIGHTS,
+    check_sprite_positions,
     count_batches,
     episode_length,
     sequential_batches,
@@ -70,13 +72,15 @@ def check_vae_config(cfg: Config) -> None:
         raise ConfigError(f"vae.kl_tolerance must be >= 0, got {vae.kl_tolerance}")
     if not 0 <= vae.val_fraction < 1:
         raise ConfigError(f"vae.val_fraction must be in [0, 1), got {vae.val_fraction}")
-    if not vae.player_weight >= 1:
-        raise ConfigError(f"vae.player_weight must be at least 1 (1 = no weighting), got {vae.player_weight}")
-    if vae.player_weight != 1 and cfg.env.name != "mario":
-        raise ConfigError(
-            f"vae.player_weight={vae.player_weight} weighs the player's patch, which only Super Mario Bros "
-            f"episodes record (env.name is {cfg.env.name!r})"
-        )
+    for key, field in SPRITE_WEIGHTS.items():
+        value = getattr(vae, field)
+        if not value >= 1:
+            raise ConfigError(f"vae.{field} must be at least 1 (1 = no weighting), got {value}")
+        if value != 1 and cfg.env.name != "mario":
+            raise ConfigError(
+                f"vae.{field}={value} weighs the patches around the {key}, whose positions only Super Mario "
+                f"Bros episodes record (env.name is {cfg.env.name!r})"
+            )
 
 
 def find_episodes(cfg: Config) -> list[Path]:
@@ -91,19 +95,26 @@ def find_episodes(cfg: Config) -> list[Path]:
     return episodes
 
 
-def weighs_player(cfg: Config) -> bool:
-    return cfg.vae.player_weight != 1
+def sprite_weights(cfg: Config) -> dict[str, float]:
+    """The weight of each sprite array's patches (``worldmodel.frames.SPRITE_BITS``) that is not 1."""
+    weights = {key: getattr(cfg.vae, field) for key, field in SPRITE_WEIGHTS.items()}
+    return {key: weight for key, weight in weights.items() if weight != 1}
 
 
 def loss_inputs(batch: np.ndarray, cfg: Config) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(frames ``[B, 3, H, W]``, pixel weights ``[B, 1, H, W]`` or None) of a loader batch: the weights are
-    ``vae.player_weight`` in the player's patch (the batch's fourth channel, ``worldmodel.frames``), 1
-    elsewhere."""
-    if not weighs_player(cfg):
+    """(frames ``[B, 3, H, W]``, pixel weights ``[B, 1, H, W]`` or None) of a loader batch: in each sprite's
+    patch (the batch's fourth channel, ``worldmodel.frames.sprite_masks``) the largest of the weights
+    ``sprite_weights`` of the sprites covering the pixel, 1 elsewhere."""
+    weights = sprite_weights(cfg)
+    if not weights:
         return frames_to_tensor(batch, cfg.device), None
     x = frames_to_tensor(batch[..., :3], cfg.device)
-    patch = torch.from_numpy(np.ascontiguousarray(batch[..., 3])).to(cfg.device)[:, None].float()
-    return x, 1.0 + (cfg.vae.player_weight - 1.0) * patch
+    mask = torch.from_numpy(np.ascontiguousarray(batch[..., 3])).to(cfg.device)[:, None]
+    weight = torch.ones(mask.shape, device=cfg.device)
+    for key, value in weights.items():
+        covered = (mask & SPRITE_BITS[key]) != 0
+        weight = torch.where(covered, torch.clamp(weight, min=value), weight)
+    return x, weight
 
 
 @torch.no_grad()
@@ -112,7 +123,7 @@ def evaluate(model: ConvVAE, paths: list[Path], cfg: Config) -> dict[str, float]
     model.eval()
     generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
     sums, frames = np.zeros(len(LOSS_PARTS)), 0
-    for batch in sequential_batches(paths, cfg.vae.encode_batch, FRAME_SHAPE, weighs_player(cfg)):
+    for batch in sequential_batches(paths, cfg.vae.encode_batch, FRAME_SHAPE, tuple(sprite_weights(cfg))):
         x, weight = loss_inputs(batch, cfg)
         recon, mu, logvar = model(x, generator)
         losses = vae_loss(recon, x, mu, logvar, cfg.vae.kl_tolerance, weight)
@@ -170,8 +181,7 @@ def run(cfg: Config, *, initial: Path | None = None, stop_after_steps: int | Non
     check_vae_config(cfg)
     vcfg = cfg.vae
     episodes = find_episodes(cfg)
-    if weighs_player(cfg):
-        check_player_positions(episodes)
+    check_sprite_positions(episodes, tuple(sprite_weights(cfg)))
     inputs = {"initial": file_digest(initial)} if initial is not None else None
     stage = Stage(cfg, "train-vae", inputs=inputs)
     if (finished := stage.open()) is not None:
@@ -201,7 +211,7 @@ def run(cfg: Config, *, initial: Path | None = None, stop_after_steps: int | Non
             vcfg.shuffle_buffer,
             np.random.default_rng([cfg.seed, epoch]),
             FRAME_SHAPE,
-            weighs_player(cfg),
+            tuple(sprite_weights(cfg)),
         )
         # the epoch's stream is replayed up to where a checkpoint left it (frames are cheap to read)
         return (loss_inputs(batch, cfg) for index, batch in enumerate(stream) if index >= start)

@@ -10,8 +10,9 @@ Loss (as in the original code, with an optional weight w per pixel, 1 by default
     kl    = max(KL(q(z|x) || N(0, I)), kl_tolerance * Z)   (per frame, then mean over the batch)
     KL    = -1/2 sum_j (1 + logvar_j - mu_j^2 - exp(logvar_j))
 The clamp is "free bits": below kl_tolerance nats per dimension on average the KL term has no gradient, so
-the model spends that much information on the frame for free. The weight is how ``vae.player_weight`` makes a
-few pixels (Mario, about 4 x 4 of 64 x 64) count: unweighted, V leaves him out and still scores well.
+the model spends that much information on the frame for free. The weight is how ``vae.player_weight`` (and
+``enemy_weight``) makes a few pixels (Mario, about 4 x 4 of 64 x 64) count: unweighted, V leaves him out and
+still scores well.
 """
 
 from __future__ import annotations
