@@ -13,10 +13,17 @@ import pytest
 import torch
 
 import worldmodel.training as training
+from worldmodel.config import ConfigError
 from worldmodel.data import list_npz, load_latents
 from worldmodel.io import DataError, load_checkpoint, read_json, read_jsonl
 from worldmodel.memory import MemoryModel
-from worldmodel.sequences import SequenceSet, chunk_episode, load_sequences, split_latent_files
+from worldmodel.sequences import (
+    SequenceSet,
+    chunk_episode,
+    load_sequences,
+    split_latent_files,
+    spread_terminals,
+)
 from worldmodel.train_memory import run
 from worldmodel.training import TrainingStopped
 
@@ -61,6 +68,38 @@ def test_windows_align_inputs_targets_and_mask_the_tail():
             assert windows["actions"][j, i, 0] == t and windows["rewards"][j, i] == 10 * t
             assert windows["dones"][j, i] == (t == steps - 1)
     assert np.isfinite(windows["mu"]).all() and np.isfinite(windows["logvar"]).all()
+
+
+def test_done_targets_spread_over_the_horizon():
+    terminals = np.array([0, 0, 0, 0, 1, 0, 1, 0, 0, 1], dtype=bool)
+    assert spread_terminals(terminals, 1).tolist() == terminals.tolist()
+    assert spread_terminals(terminals, 3).astype(int).tolist() == [0, 0, 1, 1, 1, 1, 1, 1, 1, 1]
+    assert spread_terminals(terminals[:3], 5).sum() == 0  # no end: nothing to spread
+    steps = 10
+    arrays = {
+        "mu": np.zeros((steps + 1, 2), np.float32),
+        "logvar": np.zeros((steps + 1, 2), np.float32),
+        "actions": np.zeros((steps, 1), np.float32),
+        "rewards": np.zeros(steps, np.float32),
+        "terminals": np.arange(steps) == steps - 1,
+    }
+    windows = chunk_episode(arrays, 4, done_horizon=3)
+    dones = windows["dones"].reshape(-1)[windows["mask"].reshape(-1)]
+    assert np.flatnonzero(dones).tolist() == [7, 8, 9]
+    assert not windows["dones"][~windows["mask"]].any()  # the padded tail stays 0
+
+
+def test_the_done_horizon_reaches_training_and_its_weight(tiny_memory_run):
+    """With ``memory_train.done_horizon`` the done targets of every split are spread and the done loss's
+    positive weight is negatives / positives of the spread training targets; below 1 is refused."""
+    cfg = tiny_memory_run("horizon", "memory_train.done_horizon=3", "memory_train.epochs=1")
+    summary = run(cfg)
+    split = split_latent_files(cfg.run_dir / "latents", 0.2, 0.2, cfg.seed)
+    dones = np.concatenate([spread_terminals(load_latents(path)["terminals"], 3) for path in split["train"]])
+    assert summary["done_positives_train"] == dones.sum() == 3 * len(split["train"])
+    assert summary["done_pos_weight"] == pytest.approx((~dones).sum() / dones.sum())
+    with pytest.raises(ConfigError, match="memory_train.done_horizon must be at least 1, got 0"):
+        run(tiny_memory_run("zero", "memory_train.done_horizon=0"))
 
 
 def test_posterior_sample_is_fresh_and_has_the_posterior_moments():

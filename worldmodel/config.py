@@ -170,6 +170,9 @@ class MemoryTrainConfig:
     """Weight of the reward loss in the total loss."""
     done_weight: float = 1.0
     """Weight of the done loss in the total loss."""
+    done_horizon: int = 1
+    """The done target is 1 on the last ``done_horizon`` steps of an episode the game ended (1 = on its last
+    step only): the head then says "the game ends within this many steps", and a dream ends that early."""
     max_steps_per_epoch: int = 0
     """Cap on optimiser steps per epoch, for quick runs (0 = every training window once)."""
     checkpoint_every: int = 100

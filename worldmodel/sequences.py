@@ -87,8 +87,20 @@ class SequenceSet:
         return math.ceil(len(self) / batch_size)
 
 
-def chunk_episode(arrays: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
-    """Cut one episode's latents into ceil(T / seq_len) windows (layout of :class:`SequenceSet`)."""
+def spread_terminals(terminals: np.ndarray, horizon: int) -> np.ndarray:
+    """done_t = any(terminals[t : t + horizon]): true on the ``horizon`` steps up to each terminal one."""
+    ends = np.flatnonzero(terminals)
+    dones = np.zeros_like(terminals, dtype=np.bool_)
+    for end in ends:
+        dones[max(0, end - horizon + 1) : end + 1] = True
+    return dones
+
+
+def chunk_episode(
+    arrays: dict[str, np.ndarray], seq_len: int, done_horizon: int = 1
+) -> dict[str, np.ndarray]:
+    """Cut one episode's latents into ceil(T / seq_len) windows (layout of :class:`SequenceSet`), the done
+    targets spread over ``done_horizon`` steps (``spread_terminals``)."""
     steps = arrays["actions"].shape[0]
     count = math.ceil(steps / seq_len)
     padded = count * seq_len
@@ -99,7 +111,8 @@ def chunk_episode(arrays: dict[str, np.ndarray], seq_len: int) -> dict[str, np.n
         return out
 
     frames = {key: pad(arrays[key], padded + 1) for key in ("mu", "logvar")}
-    moves = {key: pad(arrays[key], padded) for key in ("actions", "rewards", "terminals")}
+    moves = {key: pad(arrays[key], padded) for key in ("actions", "rewards")}
+    moves["terminals"] = pad(spread_terminals(arrays["terminals"], done_horizon), padded)
     mask = pad(np.ones(steps, dtype=np.bool_), padded)
     starts = np.arange(count) * seq_len
     frame_index = starts[:, None] + np.arange(seq_len + 1)
@@ -114,8 +127,9 @@ def chunk_episode(arrays: dict[str, np.ndarray], seq_len: int) -> dict[str, np.n
     }
 
 
-def load_sequences(paths: list[Path], seq_len: int) -> SequenceSet:
-    """Load and window the latent files ``paths`` (every file must have the same Z and A)."""
+def load_sequences(paths: list[Path], seq_len: int, done_horizon: int = 1) -> SequenceSet:
+    """Load and window the latent files ``paths`` (every file must have the same Z and A), the done targets
+    spread over ``done_horizon`` steps."""
     if seq_len < 1:
         raise ValueError(f"memory_train.seq_len must be >= 1, got {seq_len}")
     parts: list[dict[str, np.ndarray]] = []
@@ -129,7 +143,7 @@ def load_sequences(paths: list[Path], seq_len: int) -> SequenceSet:
                 "were the latents encoded by different VAEs? Rerun `python run.py encode`."
             )
         shapes = shape
-        parts.append(chunk_episode(arrays, seq_len))
+        parts.append(chunk_episode(arrays, seq_len, done_horizon))
     if not parts:
         raise DataError("no episodes to load")
     stacked = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}

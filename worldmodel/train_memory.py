@@ -60,7 +60,7 @@ LOSS_PARTS = ("loss", "nll", "nll_per_dim", "reward_loss", "done_loss")
 
 def check_memory_train_config(cfg: Config) -> None:
     tc = cfg.memory_train
-    for name in ("batch_size", "seq_len", "log_every"):
+    for name in ("batch_size", "seq_len", "log_every", "done_horizon"):
         if getattr(tc, name) < 1:
             raise ConfigError(f"memory_train.{name} must be at least 1, got {getattr(tc, name)}")
     for name in (
@@ -202,7 +202,9 @@ def train_memory(
         return finished  # already trained: the pipeline (and the sweep) rerun stages
     out_dir = stage.folder
     model_path = out_dir / "memory.pt"
-    data = {name: load_sequences(paths, tc.seq_len) for name, paths in split.items() if paths}
+    data = {
+        name: load_sequences(paths, tc.seq_len, tc.done_horizon) for name, paths in split.items() if paths
+    }
     train = data["train"]
     latent_dim, action_dim = train.latent_dim, train.action_dim
     for name, part in data.items():
