@@ -6,8 +6,11 @@ the memory's training and test splits (the split ``train-memory`` used).
 
 Writes ``<run>/done_head.json`` (also printed). For each split: how many episodes end with a terminal step,
 the done probability p = sigmoid(done logit) at that step (mean, median, share above 0.5), the highest p in
-the 5 steps before it, and the mean p over every other step. A head that generalises gives the test split's
-deaths about the training split's probabilities; one that learned its training deaths gives them far less.
+the 5 steps before it, the chance that a dream through the episode's last 6 steps ends in one of them
+(``caught_mean``: 1 - prod(1 - p) over those steps, at temperature 1; the figure that compares heads trained
+with different ``memory_train.done_horizon``), and the mean p over every other step. A head that generalises
+gives the test split's deaths about the training split's probabilities; one that learned its training deaths
+gives them far less.
 When the episodes store Mario's position, ``by_end`` gives the same figures for the deaths where he fell
 off the screen (``fell``: a pit) and for the others (``on_screen``: an enemy or the clock).
 """
@@ -53,6 +56,7 @@ def summarise(probabilities: list[np.ndarray]) -> dict:
         return {"episodes": 0}
     last = np.array([p[-1] for p in probabilities])
     before = np.array([p[-1 - BEFORE : -1].max() if len(p) > 1 else 0.0 for p in probabilities])
+    caught = np.array([1.0 - np.prod(1.0 - p[-1 - BEFORE :]) for p in probabilities])
     others = np.concatenate([p[:-1] for p in probabilities])
     return {
         "episodes": len(probabilities),
@@ -60,6 +64,7 @@ def summarise(probabilities: list[np.ndarray]) -> dict:
         "end_median": float(np.median(last)),
         "end_share_above_half": float((last > 0.5).mean()),
         f"before_{BEFORE}_max_mean": float(before.mean()),
+        "caught_mean": float(caught.mean()),
         "other_steps_mean": float(others.mean()) if len(others) else None,
     }
 

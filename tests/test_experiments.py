@@ -161,6 +161,8 @@ def test_the_done_head_summary():
     assert summary["episodes"] == 2 and summary["end_mean"] == pytest.approx(0.5)
     assert summary["end_share_above_half"] == 0.5
     assert summary["before_5_max_mean"] == pytest.approx((0.3 + 0.4) / 2)
+    caught = (1 - 0.9 * 0.8 * 0.7 * 0.1) + (1 - 1.0 * 0.6 * 0.9)  # 1 - P(no end) over the last 6 steps
+    assert summary["caught_mean"] == pytest.approx(caught / 2)
     assert summary["other_steps_mean"] == pytest.approx((0.1 + 0.2 + 0.3 + 0.0 + 0.4) / 5)
     assert done_head.summarise([]) == {"episodes": 0}
 
