@@ -8,7 +8,8 @@ Writes ``<run>/done_head.json`` (also printed). For each split: how many episode
 the done probability p = sigmoid(done logit) at that step (mean, median, share above 0.5), the highest p in
 the 5 steps before it, the chance that a dream through the episode's last 6 steps ends in one of them
 (``caught_mean``: 1 - prod(1 - p) over those steps, at temperature 1; the figure that compares heads trained
-with different ``memory_train.done_horizon``), and the mean p over every other step. A head that generalises
+with different ``memory_train.done_horizon``), the chance that it ends before them (``early_mean``: the
+false alarms a dream pays for), and the mean p over every other step. A head that generalises
 gives the test split's deaths about the training split's probabilities; one that learned its training deaths
 gives them far less.
 When the episodes store Mario's position, ``by_end`` gives the same figures for the deaths where he fell
@@ -57,6 +58,7 @@ def summarise(probabilities: list[np.ndarray]) -> dict:
     last = np.array([p[-1] for p in probabilities])
     before = np.array([p[-1 - BEFORE : -1].max() if len(p) > 1 else 0.0 for p in probabilities])
     caught = np.array([1.0 - np.prod(1.0 - p[-1 - BEFORE :]) for p in probabilities])
+    early = np.array([1.0 - np.prod(1.0 - p[: -1 - BEFORE]) for p in probabilities])
     others = np.concatenate([p[:-1] for p in probabilities])
     return {
         "episodes": len(probabilities),
@@ -65,6 +67,7 @@ def summarise(probabilities: list[np.ndarray]) -> dict:
         "end_share_above_half": float((last > 0.5).mean()),
         f"before_{BEFORE}_max_mean": float(before.mean()),
         "caught_mean": float(caught.mean()),
+        "early_mean": float(early.mean()),
         "other_steps_mean": float(others.mean()) if len(others) else None,
     }
 

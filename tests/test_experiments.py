@@ -163,6 +163,9 @@ def test_the_done_head_summary():
     assert summary["before_5_max_mean"] == pytest.approx((0.3 + 0.4) / 2)
     caught = (1 - 0.9 * 0.8 * 0.7 * 0.1) + (1 - 1.0 * 0.6 * 0.9)  # 1 - P(no end) over the last 6 steps
     assert summary["caught_mean"] == pytest.approx(caught / 2)
+    assert summary["early_mean"] == 0.0  # no step before the last 6
+    longer = done_head.summarise([np.array([0.5, 0.2, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0])])
+    assert longer["early_mean"] == pytest.approx(1 - 0.5 * 0.8) and longer["caught_mean"] == 1.0
     assert summary["other_steps_mean"] == pytest.approx((0.1 + 0.2 + 0.3 + 0.0 + 0.4) / 5)
     assert done_head.summarise([]) == {"episodes": 0}
 
