@@ -65,15 +65,17 @@ def _no_positions(path: Path, key: str, also: int = 0) -> DataError:
 def check_sprite_positions(paths: Sequence[Path], keys: Sequence[str]) -> None:
     """Refuse, before any training, episodes without the sprite arrays ``keys`` (read from the zip's
     directory)."""
+    if not keys:
+        return
+    stored: dict[Path, set[str]] = {}
+    for path in map(Path, paths):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                stored[path] = set(archive.namelist())
+        except Exception:  # noqa: BLE001,S112 - a broken file is named by the loader, with its reason
+            continue
     for key in keys:
-        missing = []
-        for path in map(Path, paths):
-            try:
-                with zipfile.ZipFile(path) as archive:
-                    if f"{key}.npy" not in archive.namelist():
-                        missing.append(path)
-            except Exception:  # noqa: BLE001,S112 - a broken file is named by the loader, with its reason
-                continue
+        missing = [path for path, names in stored.items() if f"{key}.npy" not in names]
         if missing:
             raise _no_positions(missing[0], key, len(missing) - 1)
 
