@@ -223,15 +223,20 @@ def main(argv: list[str] | None = None) -> int:
         from worldmodel.machine import describe
 
         machine = describe()  # after the checks: a bad setting is refused without it
-        if command == "train-memory" and args.sweep:
-            from rollouts.parallel import ray_map
-            from worldmodel.sweep import run_table1
+        from rollouts.pool import sharing_pools
 
-            summary = run_table1(config, map_fn=ray_map(config.ray))
-        elif command == "pipeline":
-            summary = run_pipeline(config, machine)
-        else:
-            summary = resolve(COMMANDS[command])(stage_config(config, command))
+        # stages in a row that play with the same models (the controller's real evaluations, the iterations'
+        # scores and collections, the final evaluation) reuse the rollout actors instead of starting new ones
+        with sharing_pools():
+            if command == "train-memory" and args.sweep:
+                from rollouts.parallel import ray_map
+                from worldmodel.sweep import run_table1
+
+                summary = run_table1(config, map_fn=ray_map(config.ray))
+            elif command == "pipeline":
+                summary = run_pipeline(config, machine)
+            else:
+                summary = resolve(COMMANDS[command])(stage_config(config, command))
         code = 0
     except (ConfigError, DataError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

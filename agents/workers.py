@@ -8,6 +8,7 @@ the actors work on any node of a cluster.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 
 from agents.agent import ActionNoise, Episode, WorldModelAgent, controller_for, play_episodes
 from rollouts.envs import encode_action, make_env
-from rollouts.pool import ActorPool, PoolWorker
+from rollouts.pool import ActorPool, PoolWorker, shared_pool
 from worldmodel.config import Config, ConfigError, ControllerConfig, EnvConfig
 from worldmodel.data import episode_arrays
 from worldmodel.io import npz_bytes
@@ -141,7 +142,8 @@ def rollout_pool(
     controller: ControllerConfig,
 ) -> ActorPool:
     """A pool of ``RolloutWorker`` actors (``controller.workers``: 0 = one per CPU Ray sees), the models put
-    once.
+    once; inside ``rollouts.pool.sharing_pools()`` the actors of the last such pool when it holds the same
+    models and settings (``max_steps`` None: the env's own time limit).
 
     A job that fails (its actor died, raised, or ran longer than ``controller.job_timeout``) is run again on
     another actor, at most ``controller.retries`` times; then ``map`` raises ``RuntimeError``.
@@ -151,25 +153,55 @@ def rollout_pool(
     check_rollout_config(controller)
     cpus = max(int(ray.cluster_resources().get("CPU", 1)), 1)
     size = controller.workers or cpus
-    actor_class = ray.remote(num_cpus=min(1.0, cpus / size), max_restarts=0)(RolloutWorker)
-    vae_ref, memory_ref = ray.put(vae_state), ray.put(memory_payload)
-    return ActorPool(
-        lambda: actor_class.remote(
-            env_cfg,
-            vae_ref,
-            memory_ref,
-            use_mu,
-            max_steps,
-            controller.envs_per_worker,
-            hidden=controller.hidden,
-        ),
-        size,
-        controller.retries,
-        controller.job_timeout,
-        controller.job_timeout,
-        "controller.job_timeout",
-        "rollout job",
-    )
+    max_steps = max_steps or env_cfg.max_steps  # the same episodes: the env truncates there
+
+    def make() -> ActorPool:
+        actor_class = ray.remote(num_cpus=min(1.0, cpus / size), max_restarts=0)(RolloutWorker)
+        vae_ref, memory_ref = ray.put(vae_state), ray.put(memory_payload)
+        return ActorPool(
+            lambda: actor_class.remote(
+                env_cfg,
+                vae_ref,
+                memory_ref,
+                use_mu,
+                max_steps,
+                controller.envs_per_worker,
+                hidden=controller.hidden,
+            ),
+            size,
+            controller.retries,
+            controller.job_timeout,
+            controller.job_timeout,
+            "controller.job_timeout",
+            "rollout job",
+        )
+
+    settings = (controller.envs_per_worker, controller.hidden, controller.retries, controller.job_timeout)
+    key = ("rollout", repr(env_cfg), _digest(vae_state), _digest(memory_payload), use_mu, max_steps, size)
+    return shared_pool((*key, *settings), make)
+
+
+def _digest(payload: object) -> str:
+    """A digest of a state dict or checkpoint payload: its tensors' bytes, dtypes and shapes, and the rest's
+    ``repr``, in order."""
+    digest = hashlib.sha256()
+
+    def feed(item: object) -> None:
+        if isinstance(item, torch.Tensor):
+            digest.update(f"{item.dtype}{tuple(item.shape)}".encode())
+            digest.update(item.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        elif isinstance(item, dict):
+            for name, value in item.items():
+                digest.update(repr(name).encode())
+                feed(value)
+        elif isinstance(item, list | tuple):
+            for value in item:
+                feed(value)
+        else:
+            digest.update(repr(item).encode())
+
+    feed(payload)
+    return digest.hexdigest()
 
 
 def run_pool(cfg: Config, max_steps: int | None = None, memory: MemoryModel | None = None) -> ActorPool:

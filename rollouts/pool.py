@@ -17,6 +17,11 @@ The contract, for every caller:
   that die on start-up, e.g. the project cannot be imported on the nodes), or jobs waiting ``start_timeout``
   seconds with no actor ready (the cluster lost the nodes the actors need), fail every job not done, with
   the reason.
+
+- Inside ``sharing_pools()`` (a command's whole run), a pool made by ``shared_pool(key, make)`` outlives its
+  user's ``close``: the next stage that asks for the same ``key`` (the same models and settings) gets its
+  actors, which are up, instead of starting new ones (each imports torch and builds the models: seconds). At
+  most one pool is kept, and any new pool closes it first: its idle actors hold CPUs the new ones need.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ import os
 import re
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,6 +119,7 @@ class ActorPool:
         self.gave_up: str | None = None
         """Set when actors kept dying: the pool then fails every job at once."""
         self._deaths_in_a_row = 0
+        _Kept.release()  # before this pool's actors ask for CPUs
         self._slots = [self._start() for _ in range(size)]
 
     def _start(self) -> _Slot:
@@ -324,12 +331,58 @@ class ActorPool:
         return results
 
     def close(self) -> None:
-        """Kill every actor, busy, idle or still starting."""
+        """Kill every actor, busy, idle or still starting; a pool ``sharing_pools`` keeps stays up for the
+        next user of its key."""
+        if _Kept.pool is self:
+            _Kept.in_use = False
+            return
         import ray
 
         for slot in self._slots:
             ray.kill(slot.handle)
         self._slots = []
+
+
+class _Kept:
+    """The one pool ``sharing_pools`` keeps (class attributes: one per process, as Ray's connection is)."""
+
+    active = False
+    key: Hashable = None
+    pool: ActorPool | None = None
+    in_use = False
+
+    @classmethod
+    def release(cls) -> None:
+        """Close the kept pool if nobody uses it (a pool in use stays with its user, who closes it)."""
+        if cls.pool is not None and not cls.in_use:
+            pool, cls.pool, cls.key = cls.pool, None, None
+            pool.close()
+
+
+@contextmanager
+def sharing_pools() -> Iterator[None]:
+    """Keep a ``shared_pool`` up between its users until the block ends (see the module's contract)."""
+    if _Kept.active:  # nested: the outer block keeps and closes
+        yield
+        return
+    _Kept.active = True
+    try:
+        yield
+    finally:
+        _Kept.active, _Kept.in_use = False, False
+        _Kept.release()
+
+
+def shared_pool(key: Hashable, make: Callable[[], ActorPool]) -> ActorPool:
+    """The kept pool if it was made for ``key`` and its last user closed it; else ``make()``, kept for the
+    next user inside ``sharing_pools()`` (outside, a plain pool that ``close`` kills)."""
+    if _Kept.pool is not None and _Kept.key == key and not _Kept.in_use:
+        _Kept.in_use = True
+        return _Kept.pool
+    pool = make()  # closes an idle kept pool of another key first
+    if _Kept.active and _Kept.pool is None:
+        _Kept.key, _Kept.pool, _Kept.in_use = key, pool, True
+    return pool
 
 
 def _short(error: BaseException) -> str:

@@ -13,9 +13,10 @@ from tracing import TracedMemory
 from agents import evaluate
 from agents.agent import Episode, WorldModelAgent, controller_for, play_episode, play_episodes
 from agents.controller import Controller
-from agents.workers import RolloutWorker
+from agents.workers import RolloutWorker, rollout_pool
 from rollouts.collect import rollout_episode
 from rollouts.envs import action_dim
+from rollouts.pool import sharing_pools
 from worldmodel.config import EnvConfig, MemoryConfig, load_config
 from worldmodel.data import save_latents
 from worldmodel.io import read_json, save_checkpoint
@@ -187,6 +188,41 @@ def test_rollout_worker_plays_carracing_with_the_models_it_holds():
         worker.evaluate(np.zeros_like(params), [11])[0].ret, rel=1e-4, abs=1e-5
     )
     worker.close()
+
+
+def test_rollout_pools_share_actors_only_for_the_same_models_and_settings(ray_session):
+    """Inside ``sharing_pools``, a rollout pool asked for again with a copy of the same weights and settings
+    is the kept one (``max_steps`` None is the env's own limit); another weight, a shorter limit or another
+    setting gets new actors."""
+    import copy
+
+    env_cfg = EnvConfig(name="carracing", max_steps=6)
+    vae, memory = models()
+    controller = load_config(None, ["controller.workers=1"]).controller
+
+    def pool(memory_payload, max_steps=None, settings=controller):
+        return rollout_pool(env_cfg, vae.state_dict(), memory_payload, False, max_steps, settings)
+
+    payload = memory.to_checkpoint()
+    with sharing_pools():
+        first = pool(payload)
+        first.close()
+        again = pool(copy.deepcopy(payload), max_steps=6)
+        assert again is first
+        again.close()
+        with torch.no_grad():
+            next(memory.parameters())[0].add_(1e-3)
+        other = pool(memory.to_checkpoint())
+        assert other is not first
+        other.close()
+        shorter = pool(memory.to_checkpoint(), max_steps=5)
+        assert shorter is not other
+        shorter.close()
+        more_envs = pool(
+            memory.to_checkpoint(), 5, load_config(None, ["controller.envs_per_worker=3"]).controller
+        )
+        assert more_envs is not shorter
+        more_envs.close()
 
 
 # ---- the commands on a tiny run ----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import ray
 
-from rollouts.pool import ActorPool, PoolWorker
+from rollouts.pool import ActorPool, PoolWorker, shared_pool, sharing_pools
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -215,6 +215,71 @@ def test_a_result_the_check_rejects_is_retried_and_the_actor_kept(ray_session, t
     assert sorted(index for index, _, _ in seen) == [0, 1, 2] and failures == []
     assert retries == [(1, 1, "bad result")]
     assert len({pid for _, _, pid in seen}) == 1 and pool.replaced == 0
+
+
+def alive(handles) -> list[bool]:
+    """Whether each actor still answers."""
+    states = []
+    for handle in handles:
+        try:
+            ray.get(handle.ping.remote(), timeout=60)
+            states.append(True)
+        except ray.exceptions.RayActorError:
+            states.append(False)
+    return states
+
+
+def test_sharing_pools_hands_a_closed_pool_to_the_next_user_of_its_key(ray_session, tmp_path):
+    """Inside ``sharing_pools``: a pool its user closed is the next user's of the same key, with the same
+    actors (none started again); a pool still in use is not shared; a pool of another key, or any new pool,
+    kills the kept one first (its idle actors hold CPUs); the block's end kills what it kept; outside,
+    ``close`` kills."""
+    actor_class = ray.remote(num_cpus=0, max_restarts=0)(ToyWorker)
+    made = []
+
+    def make_actor():
+        made.append(1)
+        return actor_class.remote(str(tmp_path))
+
+    def make() -> ActorPool:
+        return ActorPool(make_actor, size=2)
+
+    def handles(pool: ActorPool) -> list:
+        return [slot.handle for slot in pool._slots]
+
+    with sharing_pools():
+        first = shared_pool("a", make)
+        assert first.map("evaluate", toy_jobs(2)) == expected(2)
+        kept = handles(first)
+        first.close()
+        again = shared_pool("a", make)
+        assert again is first and again.map("evaluate", toy_jobs(3)) == expected(3)
+        assert len(made) == 2 and alive(kept) == [True, True]  # no actor started again
+        busy = shared_pool("a", make)  # the kept pool is in use: a pool of its own, killed by its close
+        assert busy is not again
+        busy_handles = handles(busy)
+        busy.close()
+        assert alive(busy_handles) == [False, False] and alive(kept) == [True, True]
+        again.close()
+        other = shared_pool("b", make)
+        assert alive(kept) == [False, False], "the kept pool was killed before the new one started"
+        other.close()
+        kept = handles(other)
+        plain = make()  # any new pool (collection's) kills the kept one first
+        assert alive(kept) == [False, False]
+        plain.close()
+        last = shared_pool("c", make)
+        last.close()
+        kept = handles(last)
+        assert alive(kept) == [True, True]
+    assert alive(kept) == [False, False], "the block's end killed the kept pool"
+    outside = shared_pool("c", make)
+    outside_handles = handles(outside)
+    outside.close()
+    assert alive(outside_handles) == [False, False]
+    fresh = shared_pool("c", make)
+    fresh.close()
+    assert fresh is not outside
 
 
 @pytest.mark.parametrize(
