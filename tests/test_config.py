@@ -120,7 +120,7 @@ def test_a_conditional_field_is_refused_only_where_its_condition_fails():
         check_run_config(
             load_config(hour, ["controller.dream_start=first", "controller.dream_start_limit=8"])
         )
-    mario = REPO / "configs" / "mario-hour.yaml"
+    mario = REPO / "configs" / "mario-hour-random.yaml"
     right_biased = ["collect.policy=right_biased", "collect.right_bias=0.5", "collect.mario_repeat=2"]
     check_run_config(load_config(mario, right_biased))
     with pytest.raises(ConfigError, match=r"collect.right_bias=0.5 is only read with env.name: mario"):
