@@ -98,7 +98,7 @@ def redone(log: str) -> list[str]:
     return [line.split("]")[0].lstrip("[") for line in log.splitlines() if "redoing it" in line]
 
 
-def test_tiny_pipeline_end_to_end_reruns_skip_done_stages_and_redo_stale_ones(tmp_path, tiny_run):
+def test_tiny_pipeline_end_to_end_reruns_skip_done_stages_and_redo_stale_ones(tmp_path, tiny_run, run_main):
     _, summary, log = tiny_run
     copy_tiny_run(tiny_run, tmp_path)
     root = tmp_path / "tiny"
@@ -146,16 +146,12 @@ def test_tiny_pipeline_end_to_end_reruns_skip_done_stages_and_redo_stale_ones(tm
     check_outputs(root, episodes=3)
 
     # --refuse-stale: a changed V is refused before anything is redone
-    args = [
-        sys.executable,
-        "run.py",
+    refused = run_main(
         "pipeline",
         "--refuse-stale",
-        "--set",
-        f"runs_dir={tmp_path}",
+        f"--set=runs_dir={tmp_path}",
         *(f"--set={o}" for o in [*TINY, "controller.temperature=0.5", "vae.lr=0.002"]),
-    ]
-    refused = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    )
     assert (
         refused.returncode == 2
         and "train-vae" in refused.stderr

@@ -352,19 +352,24 @@ def test_train_writes_outputs_and_skips_when_done(episode_run, count_train_steps
     assert count_train_steps == []  # a finished stage is not trained again
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_vae(tmp_path_factory) -> tuple[int, dict[str, torch.Tensor]]:
+    """(optimiser steps, final weights) of the tiny train-vae run trained without a kill, shared by the
+    resume tests whatever their ``vae.checkpoint_every``: writing checkpoints must not change the weights."""
+    config = tiny_config(tmp_path_factory.mktemp("uninterrupted"), "whole")
+    write_episodes(run_paths(config).episodes)
+    summary = train_vae.run(config)
+    return summary["steps"], load_checkpoint(run_paths(config).vae / "checkpoint.pt")["model"]
+
+
 @pytest.mark.parametrize("checkpoint_every, stop_at, resume_at", [(3, 5, 3), (0, 11, 8)])
 def test_resume_after_a_kill_continues_from_the_checkpoint(
-    tmp_path, episode_run, count_train_steps, monkeypatch, checkpoint_every, stop_at, resume_at
+    episode_run, uninterrupted_vae, count_train_steps, monkeypatch, checkpoint_every, stop_at, resume_at
 ):
     """Kill mid-epoch (checkpoint every 3 steps) or in epoch 2 (checkpoints at epoch ends only); the rerun
     takes only the missing steps and ends with exactly the weights of an uninterrupted run."""
-    setting = f"vae.checkpoint_every={checkpoint_every}"
-    whole = episode_run("whole", setting)
-    train_vae.run(whole)
-    total = len(count_train_steps)
-
-    killed = episode_run("killed", setting)
-    count_train_steps.clear()
+    total, reference = uninterrupted_vae
+    killed = episode_run("killed", f"vae.checkpoint_every={checkpoint_every}")
     ticks = itertools.count()  # a clock that moves one second each time the stage reads it
     monkeypatch.setattr(stages, "time", SimpleNamespace(monotonic=lambda: float(next(ticks))))
     with pytest.raises(TrainingStopped):
@@ -386,7 +391,6 @@ def test_resume_after_a_kill_continues_from_the_checkpoint(
     assert steps == list(range(1, total + 1))  # no step logged twice, none missing
 
     final = load_checkpoint(run_paths(killed).vae / "checkpoint.pt")["model"]
-    reference = load_checkpoint(run_paths(whole).vae / "checkpoint.pt")["model"]
     for key in reference:
         torch.testing.assert_close(final[key], reference[key], rtol=1e-5, atol=1e-6)
 
