@@ -234,27 +234,48 @@ def _score_start(
     return scores
 
 
-def _plot(path, rows: list[dict], start: dict | None, train_in: str) -> None:
+def _plot(path, rows: list[dict], start: dict | None, train_in: str, imitate_weight: float = 0.0) -> None:
     """The fitness curves; ``start``: the imitation's scores, drawn at generation 0; ``train_in``: where the
-    candidates were scored (``dream`` or ``real``)."""
+    candidates were scored (``dream`` or ``real``); ``imitate_weight`` > 0: the fitness is the return less
+    that weight x the imitation loss, a scale of its own, so the best candidate's returns (dream and real)
+    get the right-hand axis."""
     generations = [row["generation"] for row in rows]
-    series = {name: (generations, [row[name] for row in rows]) for name in ("best", "mean", "worst")}
+    fitness = {name: (generations, [row[name] for row in rows]) for name in ("best", "mean", "worst")}
+    returns = {}
     evaluations = [{"generation": 0, **start}, *rows] if start else rows
     scored = [row for row in evaluations if "eval_mean" in row]
     if scored:
         where = "dream" if train_in == "dream" else "real game"
-        series[f"best candidate, {where} (more episodes)"] = (
+        returns[f"best candidate, {where} (more episodes)"] = (
             [r["generation"] for r in scored],
             [r["eval_mean"] for r in scored],
         )
     real = [row for row in evaluations if "real_mean" in row]
     if real:  # the dream-vs-real gap: the same candidate in the real game
-        series["best candidate, real game"] = (
+        returns["best candidate, real game"] = (
             [r["generation"] for r in real],
             [r["real_mean"] for r in real],
         )
+    if imitate_weight > 0:
+        ylabel = f"fitness (mean return - {imitate_weight:g} x imitation loss)"
+        plot_curves(
+            path,
+            fitness,
+            xlabel="generation",
+            ylabel=ylabel,
+            title="CMA-ES",
+            integer_x=True,
+            right=returns,
+            right_label="best candidate's mean return",
+        )
+        return
     plot_curves(
-        path, series, xlabel="generation", ylabel="fitness (mean return)", title="CMA-ES", integer_x=True
+        path,
+        {**fitness, **returns},
+        xlabel="generation",
+        ylabel="fitness (mean return)",
+        title="CMA-ES",
+        integer_x=True,
     )
 
 
@@ -386,7 +407,7 @@ def run(cfg: Config, *, initial_mean: np.ndarray | None = None) -> dict:
             if scorer is not None:
                 scorer.close()
     start_scores = read_json(start_path) if start_path.exists() else None
-    _plot(out / "fitness.png", rows, start_scores, c.train_in)
+    _plot(out / "fitness.png", rows, start_scores, c.train_in, c.imitate_weight)
     summary = {
         "train_in": c.train_in,
         "generations": es.generation,

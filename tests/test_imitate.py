@@ -249,3 +249,38 @@ def test_a_weighted_run_resumes_after_a_kill_as_if_uninterrupted(tmp_path, monke
     kill_in_generation_3(cfg, monkeypatch)
     train_controller.run(cfg)
     assert rows_without_time(cfg) == rows_without_time(reference)
+
+
+@pytest.mark.parametrize("weight", [0.0, 30000.0])
+def test_the_fitness_plot_gives_the_returns_their_own_axis_when_the_fitness_is_penalised(
+    tmp_path, monkeypatch, weight
+):
+    """With ``controller.imitate_weight`` the fitness (return - weight x loss) is on another scale than the
+    best candidate's dream and real returns: those go to the right-hand axis; without it, one axis."""
+    drawn = {}
+    monkeypatch.setattr(
+        train_controller, "plot_curves", lambda path, series, **kw: drawn.update(kw, series=series)
+    )
+    rows = [
+        {"generation": 1, "best": -16000.0, "mean": -16500.0, "worst": -17000.0},
+        {
+            "generation": 2,
+            "best": -15900.0,
+            "mean": -16400.0,
+            "worst": -16900.0,
+            "eval_mean": 1600.0,
+            "real_mean": 1900.0,
+        },
+    ]
+    start = {"eval_mean": 1400.0, "real_mean": 1650.0}
+    train_controller._plot(tmp_path / "fitness.png", rows, start, "dream", weight)
+    returns = {
+        "best candidate, dream (more episodes)": ([0, 2], [1400.0, 1600.0]),
+        "best candidate, real game": ([0, 2], [1650.0, 1900.0]),
+    }
+    fitness = {name: ([1, 2], [row[name] for row in rows]) for name in ("best", "mean", "worst")}
+    if weight:
+        assert drawn["series"] == fitness and drawn["right"] == returns
+        assert "30000 x imitation loss" in drawn["ylabel"]
+    else:
+        assert drawn["series"] == {**fitness, **returns} and "right" not in drawn

@@ -229,6 +229,18 @@ def alive(handles) -> list[bool]:
     return states
 
 
+def dead(handles, within: float = 30.0) -> list[bool]:
+    """Whether each actor stops answering within ``within`` seconds: ``ray.kill`` returns before the actor
+    is gone, so a ping sent right after it may still be answered."""
+    deadline = time.monotonic() + within
+    states = []
+    for handle in handles:
+        while (answered := alive([handle])[0]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        states.append(not answered)
+    return states
+
+
 def test_sharing_pools_hands_a_closed_pool_to_the_next_user_of_its_key(ray_session, tmp_path):
     """Inside ``sharing_pools``: a pool its user closed is the next user's of the same key, with the same
     actors (none started again); a pool still in use is not shared; a pool of another key, or any new pool,
@@ -259,24 +271,24 @@ def test_sharing_pools_hands_a_closed_pool_to_the_next_user_of_its_key(ray_sessi
         assert busy is not again
         busy_handles = handles(busy)
         busy.close()
-        assert alive(busy_handles) == [False, False] and alive(kept) == [True, True]
+        assert dead(busy_handles) == [True, True] and alive(kept) == [True, True]
         again.close()
         other = shared_pool("b", make)
-        assert alive(kept) == [False, False], "the kept pool was killed before the new one started"
+        assert dead(kept) == [True, True], "the kept pool was killed before the new one started"
         other.close()
         kept = handles(other)
         plain = make()  # any new pool (collection's) kills the kept one first
-        assert alive(kept) == [False, False]
+        assert dead(kept) == [True, True]
         plain.close()
         last = shared_pool("c", make)
         last.close()
         kept = handles(last)
         assert alive(kept) == [True, True]
-    assert alive(kept) == [False, False], "the block's end killed the kept pool"
+    assert dead(kept) == [True, True], "the block's end killed the kept pool"
     outside = shared_pool("c", make)
     outside_handles = handles(outside)
     outside.close()
-    assert alive(outside_handles) == [False, False]
+    assert dead(outside_handles) == [True, True]
     fresh = shared_pool("c", make)
     fresh.close()
     assert fresh is not outside

@@ -530,10 +530,17 @@ def test_plot_helpers_write_pngs(tmp_path):
         tmp_path / "curves.png", {"a": [3.0, 2.0, 1.0], "b": ([0, 5, 10], [1.0, 2.0, 4.0])}, title="t"
     )
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    image = np.full((4, 6, 3), 200, dtype=np.uint8)
-    save_image_grid(tmp_path / "grid.png", [[image, image, image], [image]], pad=1, scale=2)
+    plot_curves(
+        tmp_path / "two_scales.png",
+        {"fitness": [-16000.0, -15000.0]},
+        right={"return": ([0, 1], [1500.0, 1800.0]), "empty": []},
+        right_label="return",
+    )
     import matplotlib.image
 
+    assert matplotlib.image.imread(tmp_path / "two_scales.png").shape[:2] == (480, 640)  # the legend below
+    image = np.full((4, 6, 3), 200, dtype=np.uint8)
+    save_image_grid(tmp_path / "grid.png", [[image, image, image], [image]], pad=1, scale=2)
     grid = matplotlib.image.imread(tmp_path / "grid.png")
     assert grid.shape[:2] == (2 * (2 * (4 + 1) + 1), 2 * (3 * (6 + 1) + 1))
 

@@ -46,35 +46,55 @@ def plot_curves(
     logy: bool = False,
     styles: Mapping[str, dict] | None = None,
     integer_x: bool = False,
+    right: Mapping[str, Series] | None = None,
+    right_label: str = "",
 ) -> None:
     """One line per named series (a list of y values, an ``(xs, ys)`` pair or an ``(xs, ys, errors)`` triple
     drawn with error bars), as a PNG at ``path``. ``styles``: matplotlib keywords per series name (colour,
-    line style); ``integer_x``: ticks at whole numbers only."""
-    figure, axes = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    line style); ``integer_x``: ticks at whole numbers only; ``right``: series of another scale, drawn dashed
+    against a second y axis on the right labelled ``right_label``."""
+    figure, axes = plt.subplots(figsize=(6.4, 4.8 if right else 4.0), dpi=100)
     try:
-        plotted = 0
-        for name, values in series.items():
-            xs, ys, errors = _xy(values)
-            if len(ys) == 0:
-                continue
-            # markers keep short series (a single point would be an invisible line) readable
-            marker = "o" if len(ys) < 30 else None
-            style = {"marker": marker, "markersize": 3, **(styles or {}).get(name, {})}
-            if errors is None:
-                axes.plot(xs, ys, label=name, **style)
-            else:
-                axes.errorbar(xs, ys, yerr=errors, label=name, capsize=3, **style)
-            plotted += 1
+        colours = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3)
+        lines = []
+        panels = [(axes, series)]
+        if right:
+            panels.append((axes.twinx(), right))
+        for panel, named in panels:
+            for name, values in named.items():
+                xs, ys, errors = _xy(values)
+                if len(ys) == 0:
+                    continue
+                # markers keep short series (a single point would be an invisible line) readable
+                marker = "o" if len(ys) < 30 else None
+                style = {"marker": marker, "markersize": 3, "color": next(colours)}
+                if panel is not axes:
+                    style["linestyle"] = "--"
+                style.update((styles or {}).get(name, {}))
+                if errors is None:
+                    lines += panel.plot(xs, ys, label=name, **style)
+                else:
+                    lines.append(panel.errorbar(xs, ys, yerr=errors, label=name, capsize=3, **style))
         axes.set_xlabel(xlabel)
         axes.set_ylabel(ylabel)
+        if right:
+            panels[1][0].set_ylabel(right_label)
         if title:
             axes.set_title(title)
         if logy:
             axes.set_yscale("log")
         if integer_x:
             axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if plotted:
-            axes.legend()
+        if lines and right:  # below the axes: two scales leave no free corner inside
+            axes.legend(
+                lines,
+                [line.get_label() for line in lines],
+                loc="upper center",
+                bbox_to_anchor=(0.5, -0.14),
+                ncol=2,
+            )
+        elif lines:
+            axes.legend(lines, [line.get_label() for line in lines])
         axes.grid(alpha=0.3)
         figure.tight_layout()
         buffer = io.BytesIO()
