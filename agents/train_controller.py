@@ -240,7 +240,7 @@ def _plot(path, rows: list[dict], start: dict | None, train_in: str, imitate_wei
     that weight x the imitation loss, a scale of its own, so the best candidate's returns (dream and real)
     get the right-hand axis."""
     generations = [row["generation"] for row in rows]
-    fitness = {name: (generations, [row[name] for row in rows]) for name in ("best", "mean", "worst")}
+    series = {name: (generations, [row[name] for row in rows]) for name in ("best", "mean", "worst")}
     returns = {}
     evaluations = [{"generation": 0, **start}, *rows] if start else rows
     scored = [row for row in evaluations if "eval_mean" in row]
@@ -256,27 +256,13 @@ def _plot(path, rows: list[dict], start: dict | None, train_in: str, imitate_wei
             [r["generation"] for r in real],
             [r["real_mean"] for r in real],
         )
+    ylabel, scales = "fitness (mean return)", {}
     if imitate_weight > 0:
         ylabel = f"fitness (mean return - {imitate_weight:g} x imitation loss)"
-        plot_curves(
-            path,
-            fitness,
-            xlabel="generation",
-            ylabel=ylabel,
-            title="CMA-ES",
-            integer_x=True,
-            right=returns,
-            right_label="best candidate's mean return",
-        )
-        return
-    plot_curves(
-        path,
-        {**fitness, **returns},
-        xlabel="generation",
-        ylabel="fitness (mean return)",
-        title="CMA-ES",
-        integer_x=True,
-    )
+        scales = {"right": returns, "right_label": "best candidate's mean return"}
+    else:
+        series.update(returns)
+    plot_curves(path, series, xlabel="generation", ylabel=ylabel, title="CMA-ES", integer_x=True, **scales)
 
 
 def run(cfg: Config, *, initial_mean: np.ndarray | None = None) -> dict:

@@ -7,6 +7,7 @@ renamed into place, so a crash never leaves half a PNG.
 from __future__ import annotations
 
 import io
+import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -55,12 +56,10 @@ def plot_curves(
     against a second y axis on the right labelled ``right_label``."""
     figure, axes = plt.subplots(figsize=(6.4, 4.8 if right else 4.0), dpi=100)
     try:
-        colours = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3)
+        colours = itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])
+        twin = axes.twinx() if right else None
         lines = []
-        panels = [(axes, series)]
-        if right:
-            panels.append((axes.twinx(), right))
-        for panel, named in panels:
+        for panel, named in ((axes, series), (twin, right or {})):
             for name, values in named.items():
                 xs, ys, errors = _xy(values)
                 if len(ys) == 0:
@@ -68,7 +67,7 @@ def plot_curves(
                 # markers keep short series (a single point would be an invisible line) readable
                 marker = "o" if len(ys) < 30 else None
                 style = {"marker": marker, "markersize": 3, "color": next(colours)}
-                if panel is not axes:
+                if panel is twin:
                     style["linestyle"] = "--"
                 style.update((styles or {}).get(name, {}))
                 if errors is None:
@@ -77,24 +76,18 @@ def plot_curves(
                     lines.append(panel.errorbar(xs, ys, yerr=errors, label=name, capsize=3, **style))
         axes.set_xlabel(xlabel)
         axes.set_ylabel(ylabel)
-        if right:
-            panels[1][0].set_ylabel(right_label)
+        if twin is not None:
+            twin.set_ylabel(right_label)
         if title:
             axes.set_title(title)
         if logy:
             axes.set_yscale("log")
         if integer_x:
             axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if lines and right:  # below the axes: two scales leave no free corner inside
-            axes.legend(
-                lines,
-                [line.get_label() for line in lines],
-                loc="upper center",
-                bbox_to_anchor=(0.5, -0.14),
-                ncol=2,
-            )
-        elif lines:
-            axes.legend(lines, [line.get_label() for line in lines])
+        if lines:
+            # with two scales no corner inside is free: the legend goes below the axes
+            below = {"loc": "upper center", "bbox_to_anchor": (0.5, -0.14), "ncol": 2} if twin else {}
+            axes.legend(lines, [line.get_label() for line in lines], **below)
         axes.grid(alpha=0.3)
         figure.tight_layout()
         buffer = io.BytesIO()
