@@ -59,6 +59,8 @@ def episode_seeds(seed: int, purpose: int, generation: int, count: int) -> list[
     return [int(s) for s in np.random.SeedSequence([seed, purpose, generation]).generate_state(count)]
 
 
+COVARIANCES = ("full", "diagonal")
+"""``controller.covariance``: CMA-ES's full covariance matrix, or sep-CMA-ES's diagonal (``agents/es.py``)."""
 DREAM_ONLY_FIELDS = ("temperature", "dream_start", "dream_start_limit", "dream_threads", "eval_real_episodes")
 """Controller fields read only when candidates are scored in the dream (``train_in: dream``)."""
 
@@ -97,6 +99,10 @@ def check_controller_config(cfg: Config) -> None:
     check_rollout_config(c)
     check_dream_start(c.dream_start)
     check_init(c, cfg.env.name)
+    if c.covariance not in COVARIANCES:
+        raise ConfigError(
+            f"controller.covariance must be one of {', '.join(COVARIANCES)}, got {c.covariance!r}"
+        )
     if c.sigma <= 0 or c.temperature < 0:
         raise ConfigError(
             f"controller.sigma must be > 0 and controller.temperature >= 0, got {c.sigma}, {c.temperature}"
@@ -308,7 +314,7 @@ def run(cfg: Config, *, initial_mean: np.ndarray | None = None) -> dict:
             x0 = imitation.params.double().numpy()
         else:
             x0 = start.double().numpy()
-        es = CMAES(x0, c.sigma, c.population, cfg.seed)
+        es = CMAES(x0, c.sigma, c.population, cfg.seed, diagonal=c.covariance == "diagonal")
         best = {"score": -float("inf"), "std": 0.0, "generation": 0, "params": None}
 
     def imitation_penalty(population: np.ndarray) -> np.ndarray:

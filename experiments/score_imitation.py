@@ -5,7 +5,8 @@ training), scored on the evaluate stage's own test seeds, so it sits next to the
 
 Reads the run's latents and memory (``run.py train-memory`` first), fits the imitation exactly as
 ``train-controller`` does, plays ``evaluate.episodes`` real episodes on the rollout workers and writes
-``<run>/imitation_score.json`` (also printed): the fit's figures and the returns' mean, std, min,
+``<run>/imitation_score.json`` (``--out NAME`` for another name in the run's folder, to keep a screen of
+``--set controller.hidden=N`` beside it; also printed): the fit's figures and the returns' mean, std, min,
 max and values (for Mario the same of the furthest x).
 """
 
@@ -37,8 +38,13 @@ from worldmodel.runs import run_paths  # noqa: E402 (sys.path)
 
 def main(argv: list[str] | None = None) -> int:
     parser = run_parser(__doc__)
+    parser.add_argument(
+        "--out", default="imitation_score.json", help="the result's file name in the run's folder"
+    )
     args = parser.parse_args(argv)
     try:
+        if Path(args.out).name != args.out or not args.out.endswith(".json"):
+            raise ConfigError(f"--out must be a .json file name in the run's folder, got {args.out!r}")
         cfg = load_config(args.config, args.set)
         if cfg.controller.init != "imitate":
             raise ConfigError(
@@ -66,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.perf_counter() - started, 1),
         "seeds": seeds,
     }
-    write_json(run_paths(cfg).root / "imitation_score.json", result)
+    write_json(run_paths(cfg).root / args.out, result)
     print(json.dumps({key: value for key, value in result.items() if key not in ("seeds", "returns")}))
     return 0
 

@@ -37,24 +37,44 @@ def evolve(es: CMAES, generations: int) -> CMAES:
     return es
 
 
-def test_cmaes_improves_a_toy_quadratic():
-    es = evolve(CMAES(np.zeros(8), 0.5, population=10, seed=0), 40)
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_cmaes_improves_a_toy_quadratic(diagonal):
+    es = evolve(CMAES(np.zeros(8), 0.5, population=10, seed=0, diagonal=diagonal), 40)
     assert es.generation == 40
     assert quadratic(es.mean[None])[0] > 0.01 * quadratic(np.zeros((1, 8)))[0]  # 100x closer to the optimum
 
 
-@pytest.mark.parametrize("dim, population", [(10, 8), (120, 16), (5, 4)])
-def test_es_state_is_plain_data_and_resumes_bit_for_bit(tmp_path, dim, population):
-    uninterrupted = evolve(CMAES(np.zeros(dim), 0.3, population, seed=4), 7)
-    first_part = evolve(CMAES(np.zeros(dim), 0.3, population, seed=4), 3)
-    save_checkpoint(tmp_path / "es.pt", es=first_part.state_dict())
+def _state_sizes(state) -> list[int]:
+    if isinstance(state, torch.Tensor):
+        return [state.numel()]
+    if isinstance(state, (list, tuple)):
+        return [size for item in state for size in _state_sizes(item)]
+    if isinstance(state, dict):
+        return [size for item in state.values() for size in _state_sizes(item)]
+    return []
+
+
+@pytest.mark.parametrize(
+    "dim, population, diagonal", [(10, 8, False), (120, 16, False), (5, 4, False), (120, 16, True)]
+)
+def test_es_state_is_plain_data_and_resumes_bit_for_bit(tmp_path, dim, population, diagonal):
+    uninterrupted = evolve(CMAES(np.zeros(dim), 0.3, population, seed=4, diagonal=diagonal), 7)
+    first_part = evolve(CMAES(np.zeros(dim), 0.3, population, seed=4, diagonal=diagonal), 3)
+    state = first_part.state_dict()
+    # sep-CMA-ES keeps vectors only; the full strategy its n x n covariance and eigen basis
+    assert (max(_state_sizes(state)) < dim * dim) == diagonal
+    save_checkpoint(tmp_path / "es.pt", es=state)
     del first_part
     resumed = CMAES.from_state_dict(load_checkpoint(tmp_path / "es.pt")["es"])  # weights_only=True load
-    assert resumed.generation == 3
+    assert resumed.generation == 3 and resumed.diagonal == diagonal
     evolve(resumed, 4)
     assert resumed.generation == 7
     assert np.array_equal(resumed.mean, uninterrupted.mean) and resumed.sigma == uninterrupted.sigma
-    assert np.array_equal(resumed.es.sm.C, uninterrupted.es.sm.C)
+    if diagonal:  # the diagonal's scales moved away from 1 and were restored
+        scales = resumed.es.sigma_vec.scaling
+        assert not np.allclose(scales, 1.0) and np.array_equal(scales, uninterrupted.es.sigma_vec.scaling)
+    else:
+        assert np.array_equal(resumed.es.sm.C, uninterrupted.es.sm.C)
     assert np.array_equal(resumed.ask(), uninterrupted.ask())
 
 
@@ -197,6 +217,14 @@ def test_train_controller_trains_a_controller_with_a_hidden_layer(tmp_path):
     assert train_controller.run(tiny_run(tmp_path, generations=1))["num_params"] == (Z + 8 + 1) * 3
     with pytest.raises(ConfigError, match="controller.hidden"):
         train_controller.run(tiny_run(tmp_path / "bad", extra=["controller.hidden=-2"]))
+    diagonal = tiny_run(
+        tmp_path / "diagonal", generations=2, extra=[*extra, "controller.covariance=diagonal"]
+    )
+    train_controller.run(diagonal)
+    state = load_checkpoint(run_paths(diagonal).controller / "es_state.pt")["es"]
+    assert state["diagonal"] is True  # sep-CMA-ES, and a resumed run stays so
+    with pytest.raises(ConfigError, match="controller.covariance must be one of full, diagonal"):
+        train_controller.run(tiny_run(tmp_path / "bad", extra=["controller.covariance=sparse"]))
 
 
 def _memory_and_controller(cfg):

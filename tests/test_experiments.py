@@ -74,6 +74,8 @@ def test_the_imitation_score_refuses_a_run_without_an_imitation_or_a_memory(tmp_
     assert result.returncode == 2 and "controller.init is 'zeros'" in result.stderr
     result = score("--set=controller.init=imitate")
     assert result.returncode == 2 and "no trained memory" in result.stderr
+    result = score("--set=controller.init=imitate", "--out=../elsewhere.json")
+    assert result.returncode == 2 and "--out must be a .json file name" in result.stderr
     assert not any(tmp_path.iterdir())  # refused before any work
 
 

@@ -210,6 +210,9 @@ class ControllerConfig:
     """Rollouts per candidate; fitness is their mean return."""
     sigma: float = 0.1
     """Initial CMA-ES step size."""
+    covariance: str = "full"
+    """CMA-ES's covariance: ``full`` (an n x n matrix: its update and checkpoint grow as n^2) or ``diagonal``
+    (sep-CMA-ES: n entries, for a controller with a hidden layer, whose n runs to thousands)."""
     init: str = "zeros"
     """Where CMA-ES starts: ``zeros`` (World Models: the controller's initial parameters) or ``imitate`` (the
     controller fitted to the recorded actions of the best collected episodes, ``agents/imitate.py``)."""
