@@ -222,7 +222,7 @@ def test_train_controller_trains_a_controller_with_a_hidden_layer(tmp_path):
     )
     train_controller.run(diagonal)
     state = load_checkpoint(run_paths(diagonal).controller / "es_state.pt")["es"]
-    assert state["diagonal"] is True  # sep-CMA-ES, and a resumed run stays so
+    assert state["diagonal"] is True  # the checkpoint says so: from_state_dict rebuilds sep-CMA-ES
     with pytest.raises(ConfigError, match="controller.covariance must be one of full, diagonal"):
         train_controller.run(tiny_run(tmp_path / "bad", extra=["controller.covariance=sparse"]))
 
