@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "agents.evaluate:run",
     "dream": "agents.evaluate:run_dream",
     "iterate": "agents.iterate:run",
+    "fidelity": "agents.fidelity:run",
     "benchmark speech": "benchmarks.speech:run",
     "benchmark image": "benchmarks.image:run",
 }
@@ -48,6 +49,7 @@ SECTION_CHECKS: dict[str, tuple[str, str | None]] = {
     "controller": ("agents.train_controller:check_controller_config", None),
     "evaluate": ("agents.evaluate:check_evaluate_config", None),
     "iterate": ("agents.iterate:check_iterate_config", None),
+    "fidelity": ("agents.fidelity:check_fidelity_config", None),
     "image": ("benchmarks.image:check_image_config", None),
     "speech": ("benchmarks.speech:check_speech_config", None),
 }
@@ -60,6 +62,7 @@ COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
     "evaluate": ("env", "controller", "evaluate"),
     "dream": ("env", "controller", "evaluate"),
     "iterate": ("env", "collect", "vae", "memory", "memory_train", "controller", "iterate"),
+    "fidelity": ("env", "memory", "controller", "fidelity"),
     "benchmark speech": ("speech",),
     "benchmark image": ("image",),
 }
@@ -196,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
         "iterate",
         parents=[common],
         help="iterative training: collect with the best controller, train M further, continue CMA-ES",
+    )
+    commands.add_parser(
+        "fidelity",
+        parents=[common],
+        help="how well the dream ranks a set of controllers as the real game does (Spearman, figure)",
     )
     commands.add_parser("pipeline", parents=[common], help="every stage in order, skipping what is done")
     return parser

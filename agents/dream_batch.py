@@ -6,8 +6,8 @@ reading :math:`(z_t, a_t)`), :math:`a_t = C_p(z_t, h_t)` for every candidate p a
 then the dream's step (``rollouts.dream_step.DreamDynamics``, the very step ``rollouts.dream_env.DreamEnv``
 takes, so the dream video shows the dream the controller was trained in): the LSTM reads :math:`(z_t, a_t)`,
 its output gives :math:`z_{t+1}` (the chosen component's sample through the inverse flow), :math:`r_t` and
-:math:`done_t \sim \text{Bernoulli}(\sigma(\ell_t / \tau))`; ended dreams are masked; every dream stops at the
-horizon.
+:math:`done_t \sim \text{Bernoulli}(\lambda_t)` (the done head's per-step hazard); ended dreams are masked;
+every dream stops at the horizon, or where the real game would from its start frame.
 
 Rollout r of every candidate starts from the same :math:`z_0` (a real frame: a first frame with
 :math:`h_0 = c_0 = 0`, or any frame with the memory's state there, ``rollouts.dream_env.warm_starts``):
@@ -80,13 +80,15 @@ class BatchedDream(DreamDriver):
         use_mu: bool = False,
         threads: int = 1,
         initial_state: LSTMState | None = None,
+        steps_left: np.ndarray | None = None,
     ):
         """``threads``: torch threads while dreaming (0 = torch's setting). One by default: the dream's
         results then do not depend on the machine's core count (matmuls split over threads round
         differently), and it keeps its speed when other processes share the CPU, where waiting for a second
         thread at each of the step's ~100 operations made it 50x slower in our measurements
         (``perf/dream_speed.py``).
-        ``initial_state``: the memory's (h, c) ``[N, H]`` at each start frame; None = zeros."""
+        ``initial_state``: the memory's (h, c) ``[N, H]`` at each start frame; None = zeros; ``steps_left
+        [N]``: the real game's steps left from each start frame (None: the horizon)."""
         if controller.z_dim != memory.target_dim or controller.h_dim != memory.config.hidden:
             raise ValueError(
                 f"controller reads z of {controller.z_dim} and h of {controller.h_dim}, the memory has "
@@ -97,7 +99,7 @@ class BatchedDream(DreamDriver):
                 f"controller emits {controller.action_dim}-d actions, the memory reads {memory.cond_dim}"
             )
         self.dynamics = DreamDynamics(
-            memory, initial_mu, initial_logvar, horizon, temperature, use_mu, initial_state
+            memory, initial_mu, initial_logvar, horizon, temperature, use_mu, initial_state, steps_left
         )
         self.controller, self.threads = controller, threads
 

@@ -23,6 +23,7 @@ STAGE_FOLDERS = {
     "evaluate": "evaluate",
     "dream": "dream",
     "iterate": "iterate",
+    "fidelity": "fidelity",
 }
 MEDIA_SUFFIXES = (".png", ".gif", ".mp4")
 SKIPPED_KEYS = {"settings", "memory_config"}
@@ -45,6 +46,16 @@ def work_seconds(config: Config, stage: str, summary: dict | None, fallback: flo
         if recorded is not None:
             return recorded
     return fallback
+
+
+def fidelity_summary(config: Config) -> dict | None:
+    """The run's dream-fidelity measurement (``run.py fidelity``, not a pipeline stage) if it was made from
+    the run's memory and controller as they are now; None without one."""
+    if not (run_paths(config).fidelity / "summary.json").exists():
+        return None
+    from agents.fidelity import finished  # here: it imports torch and the agents
+
+    return finished(config)
 
 
 def _scalars(summary: dict, prefix: str = "") -> list[tuple[str, object]]:
@@ -110,6 +121,17 @@ def _headline(summaries: dict[str, dict]) -> list[str]:
                 f"{last['real_mean']:.1f}",
             )
         )
+    fidelity = summaries.get("fidelity") or {}
+    if "spearman" in fidelity:
+        rho = "undefined" if fidelity["spearman"] is None else f"{fidelity['spearman']:.2f}"
+        rows.append(
+            (
+                "dream fidelity",
+                f"Spearman ρ = {rho} between the dream's and the real game's mean returns of "
+                f"{fidelity['controllers']} controllers (dream - real {fidelity['mean_gap']:+.1f} on "
+                "average)",
+            )
+        )
     iterate = summaries.get("iterate") or {}
     if iterate.get("rows"):
         first, last = iterate["rows"][0], iterate["rows"][-1]
@@ -154,6 +176,8 @@ def write_report(
     evaluation). ``machine``: this invocation's (``worldmodel.machine.describe``), shown with the run's
     earlier ones."""
     work = work or seconds
+    if "fidelity" not in summaries and (fidelity := fidelity_summary(config)) is not None:
+        summaries = {**summaries, "fidelity": fidelity}  # listed after the stages, never timed with them
     training = sum(secs for stage, secs in work.items() if stage not in EVALUATION_STAGES)
 
     def share(stage: str) -> str:

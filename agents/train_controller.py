@@ -8,10 +8,11 @@ candidate is scored on ``controller.eval_episodes`` fresh episodes in the same p
 far is kept in ``best.pt``.
 
 Outputs in ``<run>/controller/``: ``es_state.pt`` (the ES state as plain data, written after every generation:
-a killed run resumes there and continues exactly as if uninterrupted), ``best.pt`` (controller parameters,
-its score and generation), ``metrics.jsonl`` (per generation: best/mean/worst fitness, sigma, seconds),
-``fitness.png`` and ``summary.json``. A finished run is skipped; raising ``controller.generations`` continues
-it.
+a killed run resumes there and continues exactly as if uninterrupted; it also keeps every periodic
+evaluation's champion, the controllers ``run.py fidelity`` scores from several generations), ``best.pt``
+(controller parameters, its score and generation), ``metrics.jsonl`` (per generation: best/mean/worst
+fitness, sigma, seconds), ``fitness.png`` and ``summary.json``. A finished run is skipped; raising
+``controller.generations`` continues it.
 
 Episodes are seeded from (``seed``, generation), so the same config gives the same run.
 """
@@ -31,7 +32,7 @@ from agents.controller import Controller
 from agents.dream_batch import BatchedDream
 from agents.imitate import Imitation, check_init, imitate_collected, imitation_loss
 from agents.workers import check_rollout_config, chunk_count, map_seeds, run_pool
-from rollouts.dream_env import check_dream_start, dream_horizon, dream_starts, load_memory
+from rollouts.dream_env import check_dream_start, dream_horizon, dream_starts, load_memory, steps_left
 from worldmodel.config import Config, ConfigError, ControllerConfig, step_limit
 from worldmodel.data import list_npz, load_latents
 from worldmodel.io import (
@@ -114,18 +115,19 @@ class DreamFitness:
 
     def __init__(self, cfg: Config, memory: MemoryModel, controller: Controller):
         latents = run_paths(cfg).latents
-        mu, logvar, state = dream_starts(cfg, memory)
+        starts = dream_starts(cfg, memory)
         self.seed = cfg.seed
         self.dream = BatchedDream(
             memory,
             controller,
-            mu,
-            logvar,
+            starts.mu,
+            starts.logvar,
             dream_horizon(cfg),
             cfg.controller.temperature,
             cfg.memory_train.use_mu,
             cfg.controller.dream_threads,
-            initial_state=state,
+            initial_state=starts.state,
+            steps_left=steps_left(cfg, starts),
         )
         # how long the real episodes went on from where the dreams start (capped at the dream's horizon): from
         # the first frame, the whole episode; from any frame, on average what is left of it. Flags dreams that
@@ -307,6 +309,7 @@ def run(cfg: Config, *, initial_mean: np.ndarray | None = None) -> dict:
     if state_path.exists():
         state = load_checkpoint(state_path)
         es, best = CMAES.from_state_dict(state["es"]), state["best"]
+        champions = state.get("champions", [])
     else:
         if initial_mean is not None:
             x0 = np.asarray(initial_mean, np.float64)
@@ -316,6 +319,7 @@ def run(cfg: Config, *, initial_mean: np.ndarray | None = None) -> dict:
             x0 = start.double().numpy()
         es = CMAES(x0, c.sigma, c.population, cfg.seed, diagonal=c.covariance == "diagonal")
         best = {"score": -float("inf"), "std": 0.0, "generation": 0, "params": None}
+        champions = []
 
     def imitation_penalty(population: np.ndarray) -> np.ndarray:
         """[P] ``controller.imitate_weight`` times each candidate's imitation loss (zeros without)."""
@@ -361,6 +365,9 @@ def run(cfg: Config, *, initial_mean: np.ndarray | None = None) -> dict:
                 row.update(return_mean=float(dream_returns.mean()), penalty_mean=float(penalties.mean()))
             if (c.eval_every and generation % c.eval_every == 0) or generation == c.generations:
                 champion = candidates[int(np.argmax(scores))]
+                champions.append(
+                    {"generation": generation, "params": torch.as_tensor(champion, dtype=torch.float32)}
+                )
                 returns = fitness.episodes(champion, c.eval_episodes, generation)
                 row.update(eval_mean=float(returns.mean()), eval_std=float(returns.std()))
                 # what the champion is kept by: its dream score less its imitation penalty
@@ -388,7 +395,7 @@ def run(cfg: Config, *, initial_mean: np.ndarray | None = None) -> dict:
                     )
             row["seconds"] = round(time.perf_counter() - tick, 3)
             append_jsonl(metrics_path, row)
-            save_checkpoint(state_path, es=es.state_dict(), best=best)
+            save_checkpoint(state_path, es=es.state_dict(), best=best, champions=champions)
             stage.record_progress()
             rows.append(row)
             bar.update(1)

@@ -5,8 +5,9 @@ the memory's training and test splits (the split ``train-memory`` used).
     .venv/bin/python experiments/done_head.py --config configs/mario-hour-expert.yaml [--set name=...]
 
 Writes ``<run>/done_head.json`` (also printed). For each split: how many episodes end with a terminal step,
-the done probability p = sigmoid(done logit) at that step (mean, median, share above 0.5), the highest p in
-the 5 steps before it, the chance that a dream through the episode's last 6 steps ends in one of them
+the done probability p the dream draws at that step (``MemoryModel.done_probability``: the head's logit
+with the loss's positive weight and the done horizon taken out; mean, median, share above 0.5), the highest p
+in the 5 steps before it, the chance that a dream through the episode's last 6 steps ends in one of them
 (``caught_mean``: 1 - prod(1 - p) over those steps, at temperature 1; the figure that compares heads trained
 with different ``memory_train.done_horizon``), the chance that it ends before them (``early_mean``: the
 false alarms a dream pays for), and the mean p over every other step. A head that generalises
@@ -44,11 +45,12 @@ BEFORE = 5
 
 @torch.no_grad()
 def done_probabilities(memory: MemoryModel, latents: dict[str, np.ndarray]) -> np.ndarray:
-    """p_t = P(the episode ended with step t) for every step of one episode, reading z_t = mu_t and a_t."""
-    z = torch.from_numpy(latents["mu"][:-1]).float()[None]
+    """p_t = P(the episode ended with step t) for every step of one episode, reading z_t = mu_t and a_t (and
+    z_{t+1} = mu_{t+1}, with heads that read it): the per-step chance the dream draws."""
+    z = torch.from_numpy(latents["mu"]).float()[None]
     actions = torch.from_numpy(latents["actions"]).float()[None]
-    out, _ = memory(z, actions)
-    return torch.sigmoid(out.done_logit[0]).numpy()
+    _, out = memory.sequence_log_prob(z, actions)
+    return memory.done_probability(out.done_logit[0]).numpy()
 
 
 def summarise(probabilities: list[np.ndarray]) -> dict:

@@ -7,8 +7,9 @@ where :math:`h_t` is the LSTM output *before* reading :math:`(z_t, a_t)`. ``step
 - :math:`z_{t+1}`: a *sample* of the mixture (``MemoryModel.sample``: temperature :math:`\tau` divides the
   mixture logits and multiplies the covariance), then :math:`y = f^{-1}(z)` through the flow;
 - :math:`r_t`: the reward head's prediction for this transition;
-- :math:`done_t \sim \text{Bernoulli}(\sigma(\ell / \tau))` with :math:`\ell` the done head's logit (the same
-  temperature divides this logit too; :math:`\tau = 0` ends the episode iff :math:`\ell > 0`, Ha's rule).
+- :math:`done_t \sim \text{Bernoulli}(\lambda_t)`, :math:`\lambda_t` the done head's per-step hazard
+  (``MemoryModel.done_probability``; the temperature leaves it alone, and :math:`\tau = 0` ends the episode
+  iff :math:`\lambda_t > 1/2`, Ha's rule).
 
 The start and the step are ``rollouts.dream_step.DreamDynamics`` on a batch of one dream: the very code of the
 batched dream CMA-ES trains on (``agents.dream_batch``), so the dream video shows the dream the controller was
@@ -19,7 +20,8 @@ sample :math:`\mu + \sigma \epsilon`, or :math:`\mu` with ``use_mu``, the same c
 on), with :math:`h_0 = 0`, and is truncated at the real game's horizon. With ``controller.dream_start: any``
 it starts from any frame :math:`t` of a real episode instead, with the LSTM state :math:`(h_t, c_t)` the
 memory reached by reading that episode's :math:`(z_{<t}, a_{<t})`: dreams from the first frames alone rehearse
-only the opening of a game (Mario's first Goomba is 28 steps in; a tiny memory's dreams last ~17).
+only the opening of a game (Mario's first Goomba is 28 steps in; a tiny memory's dreams last ~17). A dream
+from frame t is truncated where the real game would be, after the horizon less t steps.
 
 All randomness comes from a ``torch.Generator`` seeded from ``np_random`` at every reset, so a seeded reset
 replays exactly; ``info["dream_seed"]`` is that seed (the batched dream of one rollout given a generator with
@@ -38,7 +40,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from rollouts.dream_step import DreamBatch, DreamDriver, DreamDynamics, LSTMState
+from rollouts.dream_step import DreamBatch, DreamDriver, DreamDynamics, DreamStarts, LSTMState
 from rollouts.envs import CARRACING_HIGH, CARRACING_LOW, action_dim, is_discrete
 from worldmodel.config import Config, ConfigError, EnvConfig, step_limit
 from worldmodel.data import list_npz, load_latents
@@ -83,10 +85,11 @@ def memory_inputs(
 @torch.inference_mode()
 def warm_starts(
     latents_dir: str | Path, memory: MemoryModel, limit: int, use_mu: bool, seed: int
-) -> tuple[np.ndarray, np.ndarray, LSTMState]:
-    """(mu, logvar) ``[N, Z]`` of up to ``limit`` frames drawn from the encoded episodes, and the memory's
-    state ``(h_t, c_t)`` there: the LSTM's after reading the episode's ``(z_<t, a_<t)`` (z as in training:
-    ``mu``, or a posterior sample with ``use_mu`` off), i.e. the state the controller sees with that frame.
+) -> DreamStarts:
+    """(mu, logvar) ``[N, Z]`` of up to ``limit`` frames drawn from the encoded episodes, their steps t in
+    their episodes, and the memory's state ``(h_t, c_t)`` there: the LSTM's after reading the episode's
+    ``(z_<t, a_<t)`` (z as in training: ``mu``, or a posterior sample with ``use_mu`` off), i.e. the state the
+    controller sees with that frame.
 
     At most ``limit`` episodes are read, each giving an equal share of distinct frames (never its final
     observation, which no action follows)."""
@@ -125,7 +128,7 @@ def warm_starts(
             _, state = memory.lstm(inputs[:, t : t + 1], state)
     mu = np.concatenate([data["mu"][wanted] for data, wanted in zip(episodes, frames)])
     logvar = np.concatenate([data["logvar"][wanted] for data, wanted in zip(episodes, frames)])
-    return mu, logvar, (hidden, cell)
+    return DreamStarts(mu, logvar, (hidden, cell), times)
 
 
 def check_dream_start(value: str) -> None:
@@ -135,13 +138,14 @@ def check_dream_start(value: str) -> None:
         raise ConfigError(f"controller.dream_start must be one of {', '.join(DREAM_STARTS)}, got {value!r}")
 
 
-def dream_starts(cfg: Config, memory: MemoryModel) -> tuple[np.ndarray, np.ndarray, LSTMState | None]:
-    """Where the run's dreams begin (``controller.dream_start``): (mu, logvar) ``[N, Z]`` of the start frames
-    and the memory's state there (None: h = c = 0, the ``first`` frames)."""
+def dream_starts(cfg: Config, memory: MemoryModel) -> DreamStarts:
+    """Where the run's dreams begin (``controller.dream_start``): the ``first`` frames (h = c = 0) or frames
+    of ``any`` step, with the memory's state there."""
     check_dream_start(cfg.controller.dream_start)
     latents = run_paths(cfg).latents
     if cfg.controller.dream_start == "first":
-        return (*first_latents(latents), None)
+        mu, logvar = first_latents(latents)
+        return DreamStarts(mu, logvar, None, np.zeros(len(mu), np.int64))
     return warm_starts(latents, memory, cfg.controller.dream_start_limit, cfg.memory_train.use_mu, cfg.seed)
 
 
@@ -149,6 +153,12 @@ def dream_horizon(cfg: Config) -> int:
     """Steps per dream: ``controller.max_steps`` if set, never beyond the real game's horizon
     ``env.max_steps``."""
     return step_limit(cfg, cfg.controller.max_steps)
+
+
+def steps_left(cfg: Config, starts: DreamStarts) -> np.ndarray:
+    """[N] the real game's steps left from each start frame: its horizon ``env.max_steps`` less the frame's
+    step (at least 1: a frame is never an episode's last observation)."""
+    return np.maximum(cfg.env.max_steps - starts.times, 1)
 
 
 def load_memory(cfg: Config, device: str | torch.device | None = None) -> MemoryModel:
@@ -195,15 +205,17 @@ class DreamEnv(gymnasium.Env, DreamDriver):
         vae: ConvVAE | None = None,
         render_mode: str | None = None,
         initial_state: LSTMState | None = None,
+        steps_left: np.ndarray | None = None,
     ):
         """``initial_state``: the memory's (h, c) ``[N, H]`` at each start frame (``warm_starts``);
-        None = zeros."""
+        None = zeros; ``steps_left [N]``: the real game's steps left from each start frame (None: the
+        horizon)."""
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"DreamEnv renders only 'rgb_array', got render_mode={render_mode!r}")
         if render_mode == "rgb_array" and vae is None:
             raise ValueError("DreamEnv(render_mode='rgb_array') needs the VAE (vae=...) to decode frames")
         self.dynamics = DreamDynamics(
-            memory, initial_mu, initial_logvar, horizon, temperature, use_mu, initial_state
+            memory, initial_mu, initial_logvar, horizon, temperature, use_mu, initial_state, steps_left
         )
         self.vae, self.render_mode = vae, render_mode
         self.action_space = action_space
@@ -248,7 +260,7 @@ class DreamEnv(gymnasium.Env, DreamDriver):
         self._dream.action[0] = encode_action_tensor(self.action_space, action).to(self.device)
         reward, done = self.dynamics.step(self._dream, self._generator)
         terminated = bool(done[0])
-        truncated = not terminated and self._dream.steps >= self.dynamics.horizon
+        truncated = not terminated and not bool(self._dream.alive[0])
         return self._observation(), float(reward[0]), terminated, truncated, {"step": self._dream.steps}
 
     @torch.inference_mode()
@@ -265,13 +277,14 @@ def make_dream_env(
     paths = run_paths(cfg)
     vae = load_vae(paths.vae / "vae.pt", cfg.device) if render_mode == "rgb_array" else None
     memory = load_memory(cfg)
-    mu, logvar, state = dream_starts(cfg, memory)
+    starts = dream_starts(cfg, memory)
     return gymnasium.make(
         DREAM_ENV_ID,
         memory=memory,
-        initial_mu=mu,
-        initial_logvar=logvar,
-        initial_state=state,
+        initial_mu=starts.mu,
+        initial_logvar=starts.logvar,
+        initial_state=starts.state,
+        steps_left=steps_left(cfg, starts),
         action_space=game_action_space(cfg.env),
         horizon=dream_horizon(cfg),
         temperature=cfg.controller.temperature if temperature is None else temperature,

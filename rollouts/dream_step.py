@@ -6,15 +6,19 @@ B dreams advance together in a ``DreamBatch``; the driver writes each dream's ac
 calls ``DreamDynamics.step``. Per step, with :math:`h_t` the LSTM output *before* reading :math:`(z_t, a_t)`:
 
 1. the LSTM reads :math:`(z_t, a_t)` from :math:`(h_t, c_t)`: one fused ``[z, h, a] @ W`` for all four gates;
-2. its output :math:`h_{t+1}` gives the mixture logits, :math:`r_t` and the done logit :math:`\ell_t` (one
-   small matmul); a component :math:`k \sim \text{softmax}(\text{logits} / \tau)` (the argmax at
-   :math:`\tau = 0`); then *only the chosen component's* mean, diagonal and low-rank factor are computed (one
-   matmul per component over the dreams that chose it, about K times fewer flops than the full head), and
-   :math:`z_{t+1}` is drawn from it with the project's sampler (``gmm_sample``: covariance times :math:`\tau`)
-   and mapped through the inverse flow;
-3. :math:`done_t \sim \text{Bernoulli}(\sigma(\ell_t / \tau))`, and :math:`\tau = 0` ends a dream iff
-   :math:`\ell_t > 0` (Ha's rule); a dream that ended is masked, not removed (the tensors keep their shape):
-   it collects no more reward or steps. The drivers stop every dream at the horizon.
+2. its output :math:`h_{t+1}` gives the mixture logits and the parts of :math:`r_t` and the done logit
+   :math:`\ell_t` that read h (one small matmul); a component :math:`k \sim \text{softmax}(\text{logits} /
+   \tau)` (the argmax at :math:`\tau = 0`); then *only the chosen component's* mean, diagonal and low-rank
+   factor are computed (one matmul per component over the dreams that chose it, about K times fewer flops than
+   the full head), and :math:`z_{t+1}` is drawn from it with the project's sampler (``gmm_sample``: covariance
+   times :math:`\tau`) and mapped through the inverse flow; with ``memory.heads_read_z`` the reward and done
+   heads then add their part that reads the drawn :math:`z_{t+1}`, so they score the frame the dream shows;
+3. :math:`done_t \sim \text{Bernoulli}(\lambda_t)`, :math:`\lambda_t` the head's per-step hazard
+   (``MemoryModel.done_probability``: the loss's positive weight and the done horizon taken out); the
+   temperature leaves it alone, and :math:`\tau = 0` ends a dream iff :math:`\lambda_t > 1/2` (Ha's rule).
+   A dream that ended is masked, not removed (the tensors keep their shape): it collects no more reward or
+   steps. Each dream stops at the horizon, and a dream started at step t of a real episode at the steps the
+   real game had left from there (``steps_left``).
 
 That is the law of ``MemoryModel.step`` followed by ``MemoryModel.sample`` (the tests pin the two together).
 
@@ -45,6 +49,7 @@ by default (and then drawing nothing and costing nothing):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -57,6 +62,20 @@ from worldmodel.vae import posterior_sample
 
 LSTMState = tuple[np.ndarray, np.ndarray]
 """(h, c), ``[N, H]`` each: the memory's LSTM state at N start frames."""
+
+
+@dataclass
+class DreamStarts:
+    """Real frames dreams start from."""
+
+    mu: np.ndarray
+    """[N, Z] the frames' posterior means."""
+    logvar: np.ndarray
+    """[N, Z] their log-variances."""
+    state: LSTMState | None
+    """The memory's (h, c) at each frame; None: zeros (first frames)."""
+    times: np.ndarray
+    """[N] the step of its real episode each frame is at (0 for first frames)."""
 
 
 def start_state_tensors(
@@ -75,15 +94,14 @@ def start_state_tensors(
     return parts
 
 
-def dream_done(done_logit: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
-    """done ~ Bernoulli(sigmoid(logit / tau)) as bools; tau = 0 is the threshold logit > 0 (and draws
-    nothing)."""
-    if temperature == 0:
-        return done_logit > 0
+def dream_done(probability: Tensor, threshold: bool, generator: torch.Generator | None) -> Tensor:
+    """done ~ Bernoulli(probability) as bools; ``threshold``: probability > 1/2 instead (draws nothing)."""
+    if threshold:
+        return probability > 0.5
     uniform = torch.rand(
-        done_logit.shape, generator=generator, device=done_logit.device, dtype=done_logit.dtype
+        probability.shape, generator=generator, device=probability.device, dtype=probability.dtype
     )
-    return uniform < torch.sigmoid(done_logit / temperature)
+    return uniform < probability
 
 
 class DreamBatch:
@@ -96,12 +114,14 @@ class DreamBatch:
         cell: Tensor,
         start: Tensor,
         z_dim: int,
+        limit: Tensor,
         head_mask: Tensor | None = None,
         member: Tensor | None = None,
     ):
         """``inputs [B, Z + H + A]``: the row ``[z_t, h_t, a_t]`` the LSTM reads next; ``cell [B, H]``: c_t;
-        ``start [B]``: each dream's start frame; ``head_mask [B, H]``, ``member [B]``: see below."""
-        self.inputs, self.cell, self.start, self.z_dim = inputs, cell, start, z_dim
+        ``start [B]``: each dream's start frame; ``limit [B]``: the steps each dream may last;
+        ``head_mask [B, H]``, ``member [B]``: see below."""
+        self.inputs, self.cell, self.start, self.z_dim, self.limit = inputs, cell, start, z_dim, limit
         self.head_mask = head_mask
         """[B, H] each dream's fixed dropout mask (0 or 1 / (1 - p)) on what the heads read; None: no
         dropout."""
@@ -156,6 +176,7 @@ class DreamBatch:
             self.cell.repeat(times, 1),
             self.start.repeat(times),
             self.z_dim,
+            self.limit.repeat(times),
             None if self.head_mask is None else self.head_mask.repeat(times, 1),
             None if self.member is None else self.member.repeat(times),
         )
@@ -173,9 +194,12 @@ class DreamDynamics:
         temperature: float = 1.0,
         use_mu: bool = False,
         initial_state: LSTMState | None = None,
+        steps_left: np.ndarray | Sequence[int] | None = None,
     ):
         """``initial_mu``, ``initial_logvar`` ``[N, Z]``: the start frames' posteriors (logvar None: their
-        means); ``initial_state``: the memory's (h, c) ``[N, H]`` at each start frame; None = zeros."""
+        means); ``initial_state``: the memory's (h, c) ``[N, H]`` at each start frame; None = zeros;
+        ``steps_left [N]``: the steps the real game had left from each start frame (a dream from there lasts
+        at most that many); None = the horizon for every frame."""
         if memory.reward_head is None or memory.done_head is None:
             raise ValueError(
                 "the dream needs a memory with reward and done heads (memory.predict_reward/predict_done)"
@@ -200,6 +224,11 @@ class DreamDynamics:
             else torch.as_tensor(initial_logvar, dtype=self.dtype, device=self.device)
         )
         self.initial_state = start_state_tensors(initial_state, len(self.initial_mu), memory, self.dtype)
+        count = len(self.initial_mu)
+        left = np.full(count, horizon) if steps_left is None else np.asarray(steps_left).reshape(-1)
+        if left.shape != (count,) or (left < 1).any():
+            raise ValueError(f"steps_left must be [{count}] counts >= 1, got {left.tolist()[:8]}...")
+        self.limits = torch.as_tensor(np.minimum(left, horizon), dtype=torch.long, device=self.device)
         self._fuse_weights()
 
     @torch.no_grad()
@@ -218,17 +247,27 @@ class DreamDynamics:
         self.gate_weight = fused.T.contiguous()
         self.gate_bias = (lstm.bias_ih_l0 + lstm.bias_hh_l0).clone()
         head_w, head_b = memory.mixture_head.weight, memory.mixture_head.bias
+        hidden = memory.config.hidden
         reward, done = memory.reward_head, memory.done_head
-        # logits, reward and done (of every member) from one small matmul
+        # logits, and the parts of reward and done that read h (of every member), from one small matmul
         logit_rows = torch.cat([torch.arange(m * width, m * width + k) for m in range(n)])
+        scalar_h = [reward.weight[:, None, :hidden], done.weight[:, None, :hidden]]
         self.small_weight = (
-            torch.cat([head_w[logit_rows].reshape(n, k, -1), reward.weight[:, None], done.weight[:, None]], 1)
+            torch.cat([head_w[logit_rows].reshape(n, k, -1), *scalar_h], 1)
             .reshape(n * (k + 2), -1)
             .T.contiguous()
         )
         self.small_bias = torch.cat(
             [head_b[logit_rows].reshape(n, k), reward.bias[:, None], done.bias[:, None]], 1
         ).reshape(-1)
+        # [Z, N 2]: the parts of member m's reward and done that read z_{t+1}, columns 2m and 2m + 1
+        self.outcome_weight = (
+            torch.stack([reward.weight[:, hidden:], done.weight[:, hidden:]], 1)
+            .reshape(2 * n, -1)
+            .T.contiguous()
+            if memory.config.heads_read_z
+            else None
+        )
         # rows of member m's component j: its mean, its raw diagonal and its raw low-rank factor
         rows = [
             m * width
@@ -278,6 +317,7 @@ class DreamDynamics:
         else:
             inputs[:, z_dim : z_dim + hidden] = self.initial_state[0][index]
             cell = self.initial_state[1][index]
+        limit = self.limits[index]
         head_mask = member = None
         if (p := self.memory.config.dropout) > 0:
             keep = torch.rand(count, hidden, generator=generator, device=self.device, dtype=self.dtype) >= p
@@ -286,7 +326,7 @@ class DreamDynamics:
             # uniform per dream, balanced over the batch: a random order and a random rotation of 0..N-1, ...
             order = torch.randperm(count, generator=generator, device=self.device)
             member = (order + torch.randint(members, (1,), generator=generator, device=self.device)) % members
-        return DreamBatch(inputs, cell, index, z_dim, head_mask, member)
+        return DreamBatch(inputs, cell, index, z_dim, limit, head_mask, member)
 
     def step(self, batch: DreamBatch, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Advance every dream of ``batch`` by one step, in place, its actions a_t already in
@@ -310,14 +350,22 @@ class DreamDynamics:
         if batch.member is not None:  # each dream's own member's columns
             small = small.view(batch.size, -1, k + 2)[torch.arange(batch.size), batch.member]
         batch.z[:] = self.sample_next(features, small[:, :k], generator, batch.member)
+        outcome = small[:, k:]
+        if self.outcome_weight is not None:  # the heads' parts that read the drawn z_{t+1}
+            latent = batch.z @ self.outcome_weight
+            if batch.member is not None:
+                latent = latent.view(batch.size, -1, 2)[torch.arange(batch.size), batch.member]
+            outcome = outcome + latent
         batch.h[:] = hidden  # the controller reads the undropped h
         # 3. ended dreams are masked: no reward, no steps, no second end
         live = batch.alive
-        reward = small[:, k] * live
+        reward = outcome[:, 0] * live
         batch.returns += reward
         batch.lengths += live
-        done = dream_done(small[:, k + 1], self.temperature, generator) & live
+        hazard = self.memory.done_probability(outcome[:, 1])
+        done = dream_done(hazard, self.temperature == 0, generator) & live
         live &= ~done
+        live &= batch.lengths < batch.limit  # the real game has no more steps from its start
         batch.steps += 1
         return reward, done
 

@@ -24,9 +24,9 @@ from gymnasium.utils.env_checker import check_env
 
 from agents.controller import Controller
 from agents.dream_batch import BatchedDream
-from rollouts.dream_env import DREAM_ENV_ID, DreamEnv, game_action_space, warm_starts
-from rollouts.dream_step import DreamDynamics
-from worldmodel.config import EnvConfig, MemoryConfig
+from rollouts.dream_env import DREAM_ENV_ID, DreamEnv, game_action_space, steps_left, warm_starts
+from rollouts.dream_step import DreamDynamics, DreamStarts
+from worldmodel.config import EnvConfig, MemoryConfig, load_config
 from worldmodel.data import save_latents
 from worldmodel.memory import MemoryModel
 from worldmodel.vae import ConvVAE
@@ -133,15 +133,13 @@ def test_dream_env_alignment_reads_z_a_from_the_h_the_controller_saw(done_bias):
             # step t reads z_t and a_t, starting from h_t: exactly the observation the controller acted on
             np.testing.assert_allclose(obs[Z:], state[0][0, 0].numpy(), rtol=1e-5, atol=1e-6)
             out, state = memory.step(torch.from_numpy(obs[None, :Z]), torch.from_numpy(action[None]), state)
-            # its output predicts z_{t+1} (a sample of that very output, at the env's temperature), r_t,
-            # done_t
-            np.testing.assert_allclose(
-                next_obs[:Z], memory.sample(out, 1.3, replay)[0].numpy(), rtol=1e-5, atol=1e-5
-            )
-            assert reward == pytest.approx(float(out.reward[0]), rel=1e-5, abs=1e-6)
-            assert terminated == bool(
-                torch.rand(1, generator=replay)[0] < torch.sigmoid(out.done_logit[0] / 1.3)
-            )
+            # its output predicts z_{t+1} (a sample of that very output, at the env's temperature), then r_t
+            # and done_t of the transition to that very z_{t+1}; the temperature leaves done alone
+            next_z = memory.sample(out, 1.3, replay)
+            np.testing.assert_allclose(next_obs[:Z], next_z[0].numpy(), rtol=1e-5, atol=1e-5)
+            expected_reward, done_logit = memory.outcome(out, next_z)
+            assert reward == pytest.approx(float(expected_reward[0]), rel=1e-5, abs=1e-6)
+            assert terminated == bool(torch.rand(1, generator=replay)[0] < torch.sigmoid(done_logit[0]))
         # h_{t+1} is the LSTM output after reading (z_t, a_t)
         np.testing.assert_allclose(next_obs[Z:], out.hidden[0].numpy(), rtol=1e-5, atol=1e-6)
         ended.append(terminated)
@@ -238,9 +236,10 @@ def reference_returns(memory, ctrl, params, z0, horizon, h0=None, c0=None):
                     action = ctrl.act(params[p], z, state[0][0])  # h_t: before reading (z_t, a_t)
                     out, state = memory.step(z, ctrl.encode(action), state)
                     z = memory.sample(out, temperature=0.0)
-                    returns[p, r] += out.reward[0]
+                    reward, done_logit = memory.outcome(out, z)
+                    returns[p, r] += reward[0]
                     lengths[p, r] += 1
-                    if out.done_logit[0] > 0:
+                    if memory.done_probability(done_logit[0]) > 0.5:
                         break
     return returns, lengths
 
@@ -248,13 +247,19 @@ def reference_returns(memory, ctrl, params, z0, horizon, h0=None, c0=None):
 @pytest.mark.parametrize(
     "kind, rank, discrete, done_bias, extra",
     [
-        ("frmdn", 2, False, -0.05, {}),
-        ("frmdn", 3, False, -0.2, {"flow_context": True, "diag_activation": "exp", "diag_clamp": [0.1, 1.9]}),
-        ("rmdn", 0, True, -0.05, {}),
-        ("frmdn", 2, True, -0.8, {"warm": True}),
+        ("frmdn", 2, False, -0.75, {}),
+        (
+            "frmdn",
+            3,
+            False,
+            -0.25,
+            {"flow_context": True, "diag_activation": "exp", "diag_clamp": [0.1, 1.9]},
+        ),
+        ("rmdn", 0, True, -0.25, {}),
+        ("frmdn", 2, True, 0.0, {"warm": True}),
         # Ha's controller with a hidden layer: the population form against the single-vector one
-        ("frmdn", 2, False, -0.05, {"controller_hidden": 4}),
-        ("frmdn", 2, True, -0.8, {"warm": True, "controller_hidden": 3}),
+        ("frmdn", 2, False, -0.75, {"controller_hidden": 4}),
+        ("frmdn", 2, True, 0.0, {"warm": True, "controller_hidden": 3}),
     ],
 )
 def test_batched_dream_equals_a_step_by_step_reference(kind, rank, discrete, done_bias, extra):
@@ -262,8 +267,9 @@ def test_batched_dream_equals_a_step_by_step_reference(kind, rank, discrete, don
     warm, hidden = extra.pop("warm", False), extra.pop("controller_hidden", 0)
     actions = 4 if discrete else A
     memory = tiny_memory(kind=kind, rank=rank, cond=actions, done_bias=None, **extra)
-    with torch.no_grad():  # some dreams end early, others run to the horizon
-        memory.done_head.weight.copy_(torch.linspace(-1.0, 1.0, H))
+    with torch.no_grad():  # some dreams end early, others run to the horizon (done reads h_{t+1} alone)
+        memory.done_head.weight.zero_()
+        memory.done_head.weight[:, :H].copy_(torch.linspace(-1.0, 1.0, H))
         memory.done_head.bias.fill_(done_bias)
     ctrl = controller(discrete, actions, hidden)
     torch.manual_seed(5)
@@ -356,7 +362,8 @@ def test_warm_starts_carry_the_memory_state_reached_by_reading_the_real_episode(
             np.eye(1, steps, steps - 1, dtype=bool)[0],
         )
         episodes.append((mu, actions))
-    mu, logvar, (hidden, cell) = warm_starts(tmp_path, memory, limit=12, use_mu=True, seed=0)
+    warm = warm_starts(tmp_path, memory, limit=12, use_mu=True, seed=0)
+    mu, logvar, (hidden, cell) = warm.mu, warm.logvar, warm.state
     # 12 starts over 3 episodes: 4 distinct frames each (all 4 of the 4-step one), never a final observation
     assert mu.shape == (12, Z) and hidden.shape == cell.shape == (12, H) and np.all(logvar == -2.0)
     found = []
@@ -364,7 +371,7 @@ def test_warm_starts_carry_the_memory_state_reached_by_reading_the_real_episode(
         ((episode, frame),) = [
             (e, t) for e, (m, _) in enumerate(episodes) for t in range(len(m)) if np.array_equal(m[t], z)
         ]
-        assert frame < len(episodes[episode][1])
+        assert frame < len(episodes[episode][1]) and warm.times[row] == frame
         found.append((episode, frame))
         # reference: MemoryModel.step through the episode's real (z_<t, a_<t)
         state = memory.initial_state(1)
@@ -381,9 +388,9 @@ def test_warm_starts_carry_the_memory_state_reached_by_reading_the_real_episode(
     assert any(frame == 0 for _, frame in found) and any(frame > 5 for _, frame in found)
     # at most `limit` episodes are read, and the draw is seeded
     few = warm_starts(tmp_path, memory, limit=2, use_mu=False, seed=1)
-    assert len(few[0]) == 2 and not np.array_equal(few[2][0][0], few[2][0][1])
+    assert len(few.mu) == 2 and not np.array_equal(few.state[0][0], few.state[0][1])
     np.testing.assert_array_equal(
-        few[2][0], warm_starts(tmp_path, memory, limit=2, use_mu=False, seed=1)[2][0]
+        few.state[0], warm_starts(tmp_path, memory, limit=2, use_mu=False, seed=1).state[0]
     )
     # the dream env begins each dream in the start frame's state
     env = DreamEnv(memory, mu, logvar, action_space=CAR_ACTIONS, use_mu=True, initial_state=(hidden, cell))
@@ -451,14 +458,15 @@ def twin_dreams(kind, rank, start, temperature, probe, use_mu=False, horizon=25,
     action_space = spaces.Discrete(actions) if discrete else CAR_ACTIONS
 
     def build(bias):
-        with torch.no_grad():
-            memory.done_head.weight.copy_(weight)
+        with torch.no_grad():  # done reads h_{t+1} alone here (the z_{t+1} part is zero)
+            memory.done_head.weight.zero_()
+            memory.done_head.weight[:, :H].copy_(weight)
             memory.done_head.bias.fill_(bias)
         env = DreamEnv(memory, mu, logvar, action_space=action_space, **settings)
         return env, BatchedDream(memory, ctrl, mu, logvar, **settings)
 
     if temperature > 0:
-        return (*build(-1.5), ctrl)
+        return (*build(-2.5), ctrl)
     peaks = (probe(*build(-1e4))[:, 1:7, Z:] @ weight).amax(1).sort().values
     # -b midway across the widest gap between the middle half of the peaks: no dream's logit sits at the
     # threshold, where the two code paths' last bits could end one and not the other
@@ -587,9 +595,10 @@ def reference_dream(memory, ctrl, params, z0, horizon, mask=None):
             hidden = state[0][0]
             out = memory._heads(hidden if mask is None else hidden * mask)
             z = memory.sample(out, temperature=0.0)
+            reward, done_logit = memory.outcome(out, z)
             observations.append(torch.cat([z[0], hidden[0]]))
-            rewards.append(float(out.reward[0]))
-            dones.append(bool(out.done_logit[0] > 0))
+            rewards.append(float(reward[0]))
+            dones.append(bool(memory.done_probability(done_logit[0]) > 0.5))
             if dones[-1]:
                 break
     return torch.stack(observations).numpy(), np.array(rewards, np.float32), np.array(dones)
@@ -711,3 +720,93 @@ def test_dream_env_with_dropout_and_an_ensemble_passes_the_env_checker():
         render_mode="rgb_array",
     )
     assert_passes_check_env(env)
+
+
+# ------------------------------------------------------- the game's rules: where dreams end, what they pay
+
+
+def test_a_dream_from_step_t_ends_where_the_real_game_would():
+    """A dream started at step t of a real episode has the steps the game had left from there (capped at the
+    horizon), in the env and the batched dream alike; ``steps_left`` reads them off the start frames."""
+    never = tiny_memory(done_bias=-50.0)
+    mu, logvar = starts()
+    left = np.array([3, 7, 20, 1])
+    expected = np.minimum(left, 10)
+    env = DreamEnv(never, mu, logvar, action_space=CAR_ACTIONS, horizon=10, steps_left=left)
+    for index, steps in enumerate(expected):
+        env.reset(seed=index, options={"start_index": index})
+        flags = [env.step(CAR_ACTIONS.sample())[2:4] for _ in range(steps)]
+        assert flags == [(False, False)] * (steps - 1) + [(False, True)]
+    dream = BatchedDream(never, controller(), mu, logvar, horizon=10, steps_left=left)
+    result = dream.rollout(torch.randn(3, controller().num_params), 16, torch.Generator().manual_seed(0))
+    assert set(result.starts.tolist()) == {0, 1, 2, 3}
+    assert torch.equal(result.lengths, torch.as_tensor(expected)[result.starts].expand(3, -1))
+    cfg = load_config(None, ["env.max_steps=200"])
+    at = DreamStarts(mu[:3], logvar[:3], None, np.array([0, 5, 199]))
+    np.testing.assert_array_equal(steps_left(cfg, at), [200, 195, 1])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 1.3])
+def test_the_temperature_leaves_the_end_of_a_dream_alone(temperature):
+    """tau divides the mixture logits and widens the covariance, never the done head's chance: with a done
+    chance of 0.1 a step, a tenth of the dreams end at their first step at any temperature."""
+    memory = tiny_memory(done_bias=float(np.log(0.1 / 0.9)))
+    mu, logvar = starts()
+    dream = BatchedDream(memory, controller(), mu, logvar, horizon=1, temperature=temperature)
+    params = torch.zeros(1, controller().num_params)
+    trace = dream.rollout(params, 6000, torch.Generator().manual_seed(1), record=True)
+    ended = float(trace.dones.float().mean())
+    assert ended == pytest.approx(0.1, abs=0.02)
+
+
+@pytest.mark.parametrize("horizon, weight", [(1, 1.0), (4, 1.0), (1, 30.0), (6, 30.0)])
+def test_a_weighted_horizon_head_dreams_the_per_step_hazard(horizon, weight):
+    """A done head trained with targets on the last H steps and positives weighted by w says
+    logit = log w + logit(1 - (1 - lambda)^H) for a per-step hazard lambda: the dream undoes both, so its
+    dreams last as long as the data's episodes, E[min(G, T)] = (1 - (1 - lambda)^T) / lambda."""
+    hazard, steps = 0.05, 60
+    within = 1 - (1 - hazard) ** horizon
+    logit = float(np.log(weight) + np.log(within / (1 - within)))
+    memory = tiny_memory(done_bias=logit)
+    memory.done_pos_weight, memory.done_horizon = weight, horizon
+    assert float(memory.done_probability(torch.tensor(logit))) == pytest.approx(hazard, rel=1e-5)
+    mu, logvar = starts()
+    dream = BatchedDream(memory, controller(), mu, logvar, horizon=steps, temperature=1.15)
+    lengths = dream.rollout(
+        torch.zeros(1, controller().num_params), 3000, torch.Generator().manual_seed(2)
+    ).lengths
+    expected = (1 - (1 - hazard) ** steps) / hazard
+    assert float(lengths.float().mean()) == pytest.approx(expected, abs=1.5)
+
+
+def test_the_reward_and_the_end_are_those_of_the_frame_the_dream_draws():
+    """With ``heads_read_z`` the heads read the sampled z_{t+1}: a reward head that reads z_{t+1}[0] alone
+    pays exactly the drawn frame's z[0], and a done head that reads z_{t+1}[1] alone ends the dream exactly
+    where the drawn z[1] crosses its threshold (tau = 1: z is sampled)."""
+    memory = tiny_memory(rank=2, done_bias=-50.0)
+    with torch.no_grad():
+        memory.reward_head.weight.zero_()
+        memory.reward_head.bias.zero_()
+        memory.reward_head.weight[0, H] = 1.0
+        memory.done_head.weight[0, H + 1] = 1e4
+        memory.done_head.bias.fill_(-1e4 * 4.0)  # ends where z_{t+1}[1] > 4.0
+    mu, logvar = starts()
+    env = DreamEnv(memory, mu, logvar, action_space=CAR_ACTIONS, horizon=40, temperature=1.0)
+    ended = 0
+    for seed in range(8):
+        env.reset(seed=seed)
+        terminated = truncated = False
+        while not (terminated or truncated):
+            obs, reward, terminated, truncated, _ = env.step(CAR_ACTIONS.sample())
+            assert reward == pytest.approx(float(obs[0]), abs=1e-5)
+            assert terminated == bool(obs[1] > 4.0)
+        ended += terminated
+    assert 0 < ended < 8
+    dream = BatchedDream(memory, controller(), mu, logvar, horizon=40, temperature=1.0)
+    trace = dream.rollout(
+        torch.randn(2, controller().num_params), 8, torch.Generator().manual_seed(3), record=True
+    )
+    alive = torch.arange(trace.rewards.shape[-1]) < trace.lengths[..., None]
+    drawn = trace.observations[..., 1:, :]
+    torch.testing.assert_close(trace.rewards[alive], drawn[..., 0][alive])
+    assert torch.equal(trace.dones[alive], drawn[..., 1][alive] > 4.0)

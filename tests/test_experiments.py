@@ -131,7 +131,8 @@ def test_the_player_patch_command(tmp_path, run_main):
 
 def test_the_done_head_read_in_one_pass_matches_a_step_by_step_reading(tmp_path):
     """``done_probabilities`` reads an episode in one sequence call; the memory's one-step path, fed the same
-    z and a, gives the same probabilities."""
+    z and a (and the next z, which the heads read), gives the same per-step chances, calibrated for the
+    head's positive weight and horizon."""
     import torch
 
     from tests.conftest import write_tiny_latents
@@ -145,6 +146,7 @@ def test_the_done_head_read_in_one_pass_matches_a_step_by_step_reading(tmp_path)
     memory = MemoryModel(
         4, 2, MemoryConfig(hidden=8, components=2, rank=1, flow_blocks=1, flow_hidden=8)
     ).eval()
+    memory.done_pos_weight, memory.done_horizon = 20.0, 3
     probabilities = done_head.done_probabilities(memory, latents)
     assert probabilities.shape == (12,)
     state, stepped = None, []
@@ -153,7 +155,9 @@ def test_the_done_head_read_in_one_pass_matches_a_step_by_step_reading(tmp_path)
             z = torch.from_numpy(latents["mu"][t])[None]
             a = torch.from_numpy(latents["actions"][t])[None]
             out, state = memory.step(z, a, state)
-            stepped.append(torch.sigmoid(out.done_logit).item())
+            _, logit = memory.outcome(out, torch.from_numpy(latents["mu"][t + 1])[None])
+            within = torch.sigmoid(logit - np.log(20.0))  # "the end within 3 steps", unweighted
+            stepped.append(1 - (1 - within.item()) ** (1 / 3))
     np.testing.assert_allclose(probabilities, stepped, rtol=1e-5, atol=1e-6)
 
 

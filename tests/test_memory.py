@@ -140,12 +140,18 @@ def test_output_shapes(kind, rank):
     out, (h_n, c_n) = model(y[:, :-1], cond)
     assert out.logit_pi.shape == (b, t, k) and out.mu.shape == out.diag.shape == (b, t, k, d)
     assert out.u is None if rank == 0 else out.u.shape == (b, t, k, d, rank)
-    assert out.reward.shape == out.done_logit.shape == (b, t) and out.hidden.shape == (b, t, h)
+    # the reward and done heads read the next latent too: none without it
+    assert out.reward is None and out.done_logit is None and out.hidden.shape == (b, t, h)
+    reward, done = model.outcome(out, y[:, 1:])
+    assert reward.shape == done.shape == (b, t)
     assert h_n.shape == c_n.shape == (1, b, h)
-    log_p, _ = model.sequence_log_prob(y, cond)
-    assert log_p.shape == (b, t)
+    log_p, scored = model.sequence_log_prob(y, cond)
+    assert log_p.shape == (b, t) and scored.reward.shape == scored.done_logit.shape == (b, t)
     one, _ = model.step(y[:, 0], cond[:, 0], None)
-    assert one.mu.shape == (b, k, d) and one.reward.shape == (b,) and model.sample(one).shape == (b, d)
+    next_y = model.sample(one)
+    assert (
+        one.mu.shape == (b, k, d) and model.outcome(one, next_y)[0].shape == (b,) and next_y.shape == (b, d)
+    )
 
 
 def test_heads_can_be_switched_off():
@@ -171,8 +177,9 @@ def test_sequence_log_prob_matches_step_by_step_calls():
             h_before = state[0][0].clone()
             step, state = model.step(y[:, t], cond[:, t], state)
             torch.testing.assert_close(model.log_prob(y[:, t + 1], step), sequence[:, t])
-            torch.testing.assert_close(step.reward, out.reward[:, t])
-            torch.testing.assert_close(step.done_logit, out.done_logit[:, t])
+            reward, done = model.outcome(step, y[:, t + 1])
+            torch.testing.assert_close(reward, out.reward[:, t])
+            torch.testing.assert_close(done, out.done_logit[:, t])
             torch.testing.assert_close(step.hidden, out.hidden[:, t])
             # the state handed to the controller at t is the one from before reading (y_t, c_t)
             expected_before = torch.zeros_like(h_before) if t == 0 else out.hidden[:, t - 1]
@@ -475,12 +482,13 @@ def test_one_member_is_the_single_memory_of_before():
     ]
     assert sorted(model.state_dict()) == sorted(lstm + heads + flow)
     assert model.mixture_head.weight.shape == (k + 2 * k * d + k * d * r, h)
+    assert model.reward_head.weight.shape == model.done_head.weight.shape == (1, h + d)
+    model = make_model(seed=20, heads_read_z=False).float()
     assert model.reward_head.weight.shape == model.done_head.weight.shape == (1, h)
     payload = model.to_checkpoint()
-    old = payload | {
-        "config": {
-            key: value for key, value in payload["config"].items() if key not in ("dropout", "ensemble")
-        }
+    new_fields = ("dropout", "ensemble", "heads_read_z")
+    old = {key: value for key, value in payload.items() if key not in ("done_pos_weight", "done_horizon")} | {
+        "config": {key: value for key, value in payload["config"].items() if key not in new_fields}
     }
     restored = MemoryModel.from_checkpoint(old)
     assert restored.config == model.config and restored.ensemble == 1 and restored.dropout is None

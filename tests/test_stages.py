@@ -80,8 +80,20 @@ def test_a_folder_without_a_record_is_stale_and_a_new_setting_at_its_default_is_
     write_json(stage.folder / MADE_FROM, record)
     assert Stage(cfg(tmp_path / "b"), "train-vae").stale_reasons() == []
     assert Stage(cfg(tmp_path / "b", "vae.grad_clip=1.0"), "train-vae").stale_reasons() == [
-        "vae.grad_clip: None -> 1.0"
+        "vae.grad_clip: 0.0 -> 1.0"
     ]
+
+    # a setting whose default changed what the stage does: a record without it was made the old way
+    memory = Stage(cfg(tmp_path / "c"), "train-memory")
+    memory.open()
+    memory.finish({"done": True})
+    record = read_json(memory.folder / MADE_FROM)
+    del record["fingerprint"]["settings"]["memory.heads_read_z"]
+    write_json(memory.folder / MADE_FROM, record)
+    assert Stage(cfg(tmp_path / "c"), "train-memory").stale_reasons() == [
+        "memory.heads_read_z: False -> True"
+    ]
+    assert Stage(cfg(tmp_path / "c", "memory.heads_read_z=false"), "train-memory").done() == {"done": True}
 
 
 def test_extra_inputs_are_part_of_the_fingerprint(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import worldmodel.training as training
-from worldmodel.config import ConfigError
+from worldmodel.config import ConfigError, MemoryConfig
 from worldmodel.data import list_npz, load_latents
 from worldmodel.io import DataError, load_checkpoint, read_json, read_jsonl
 from worldmodel.memory import MemoryModel
@@ -114,6 +114,8 @@ def test_posterior_sample_is_fresh_and_has_the_posterior_moments():
         np.zeros((200, 2), bool),
         np.ones((200, 2), bool),
         ["a"],
+        np.zeros(200, np.int64),
+        np.arange(200),
     )
     first = data.latents(False, np.random.default_rng(1))
     second = data.latents(False, np.random.default_rng(2))
@@ -141,18 +143,22 @@ def test_loss_falls_test_nll_is_finite_and_a_rerun_is_skipped(tiny_memory_run):
     )
     assert (out / "nll.png").stat().st_size > 0
 
-    # the contract others load: the best-validation model, plain data
+    # the contract others load: the model with the best validation loss, the dream's (the latent NLL, the
+    # reward and the done terms), plain data
     payload = load_checkpoint(out / "memory.pt")
-    assert payload["epoch"] == summary["best_epoch"] and payload["val_nll"] == pytest.approx(
-        summary["val_nll_per_dim"]
-    )
+    best = min(epochs, key=lambda row: row["val_loss"])
+    assert payload["epoch"] == summary["best_epoch"] == best["epoch"]
+    assert payload["val_loss"] == pytest.approx(best["val_loss"]) == summary["val_loss"]
+    assert summary["val_nll_per_dim"] == best["val_nll_per_dim"]
     model = MemoryModel.from_checkpoint(payload)
     assert (model.target_dim, model.cond_dim, model.config.kind) == (4, 2, "frmdn")
 
-    # done weighting from the training split: negatives / positives, computed independently here
+    # done weighting from the training split: negatives / positives, computed independently here; the memory
+    # keeps it (and the done horizon) for the dream to undo
     split = split_latent_files(cfg.run_dir / "latents", 0.2, 0.2, cfg.seed)
     dones = np.concatenate([load_latents(path)["terminals"] for path in split["train"]])
     assert summary["done_pos_weight"] == pytest.approx((~dones).sum() / dones.sum())
+    assert model.done_pos_weight == pytest.approx(summary["done_pos_weight"]) and model.done_horizon == 1
 
     # the pipeline reruns stages: a finished run is not trained again
     before = (out / "metrics.jsonl").read_text()
@@ -161,7 +167,8 @@ def test_loss_falls_test_nll_is_finite_and_a_rerun_is_skipped(tiny_memory_run):
 
 
 def test_a_kill_mid_epoch_resumes_from_the_saved_step(tiny_memory_run, monkeypatch):
-    overrides = ("memory_train.epochs=2", "memory_train.batch_size=2", "memory_train.checkpoint_every=2")
+    # saved at step 3: mid-episode in both lanes, so the carried LSTM states must be restored too
+    overrides = ("memory_train.epochs=2", "memory_train.batch_size=2", "memory_train.checkpoint_every=3")
     reference_cfg = tiny_memory_run("straight", *overrides)
     reference = run(reference_cfg)
     steps_per_epoch = reference["steps"] // 2
@@ -170,14 +177,16 @@ def test_a_kill_mid_epoch_resumes_from_the_saved_step(tiny_memory_run, monkeypat
     cfg = tiny_memory_run("killed", *overrides)
     with pytest.raises(TrainingStopped):
         run(cfg, stop_after_steps=5)
-    saved = load_checkpoint(cfg.run_dir / "memory" / "checkpoint.pt")["state"]
-    assert (saved["epoch"], saved["step_in_epoch"], saved["global_step"]) == (0, 4, 4)
+    checkpoint = load_checkpoint(cfg.run_dir / "memory" / "checkpoint.pt")
+    saved = checkpoint["state"]
+    assert (saved["epoch"], saved["step_in_epoch"], saved["global_step"]) == (0, 3, 3)
+    assert checkpoint["carried"]["h"].shape == (1, 2, 16) and checkpoint["carried"]["h"].ne(0).all()
 
     calls = []
     real_step = training.guarded_step
     monkeypatch.setattr(training, "guarded_step", lambda *a, **k: calls.append(1) or real_step(*a, **k))
     resumed = run(cfg)
-    assert len(calls) == reference["steps"] - 4  # it went on from step 4, it did not start over
+    assert len(calls) == reference["steps"] - 3  # it went on from step 3, it did not start over
     assert resumed["steps"] == reference["steps"]
     train_rows = [
         row["step"] for row in read_jsonl(cfg.run_dir / "memory" / "metrics.jsonl") if row["kind"] == "train"
@@ -236,7 +245,9 @@ def test_a_changed_model_is_redone_or_refused_never_resumed(tiny_memory_run):
 def test_use_mu_trains_on_the_posterior_mean(tiny_memory_run):
     cfg = tiny_memory_run("mu", "memory_train.use_mu=true", "memory_train.epochs=1")
     split = split_latent_files(cfg.run_dir / "latents", 0.2, 0.2, cfg.seed)
-    test = load_sequences(split["test"], cfg.memory_train.seq_len)
+    # each test episode read whole, from a zero state: what carrying the state across its windows reads
+    test = load_sequences(split["test"], 10_000)
+    assert len(test) == len(split["test"]) and cfg.memory_train.seq_len < test.steps
     summary = run(cfg)
     model = MemoryModel.from_checkpoint(load_checkpoint(cfg.run_dir / "memory" / "memory.pt"))
     with torch.no_grad():
@@ -271,3 +282,112 @@ def test_command_line_smoke(tiny_memory_run, run_main):
 
     missing = run_main(*args[2:], "--set", "name=nothing")
     assert missing.returncode == 2 and "run.py encode" in missing.stderr
+
+
+def geometric_episodes(count: int, hazard: float, cap: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Episodes of random latents and actions whose end comes with a constant chance ``hazard`` a step
+    (cut at ``cap`` steps without a terminal)."""
+    rng = np.random.default_rng(seed)
+    episodes = []
+    for _ in range(count):
+        steps = min(int(rng.geometric(hazard)), cap)
+        mu = rng.normal(size=(steps + 1, 2)).astype(np.float32)
+        episodes.append(
+            {
+                "mu": mu,
+                "logvar": np.full_like(mu, -4.0),
+                "actions": rng.normal(size=(steps, 1)).astype(np.float32),
+                "rewards": np.zeros(steps, np.float32),
+                "terminals": np.arange(steps) == (steps - 1 if steps < cap else steps),
+            }
+        )
+    return episodes
+
+
+def test_a_weighted_horizon_done_head_trained_on_the_data_gives_its_hazard():
+    """Trained as train-memory trains it (targets on the last H steps, positives weighted by the data's
+    negatives / positives), the done head's raw sigmoid is near 1/2, far from the data's chance an episode
+    ends at a step; ``done_probability`` gives that chance back."""
+    hazard, horizon = 0.05, 4
+    windows = [chunk_episode(e, 16, horizon) for e in geometric_episodes(300, hazard, cap=250)]
+    data = {key: torch.from_numpy(np.concatenate([w[key] for w in windows])) for key in windows[0]}
+    positives = float((data["dones"] & data["mask"]).sum())
+    weight = (float(data["mask"].sum()) - positives) / positives
+    torch.manual_seed(0)
+    model = MemoryModel(2, 1, MemoryConfig(hidden=8, components=1, rank=0, kind="rmdn"))
+    model.done_pos_weight, model.done_horizon = weight, horizon
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        index = torch.from_numpy(rng.choice(len(data["mu"]), 64))
+        losses = model.sequence_loss(
+            data["mu"][index],
+            data["actions"][index],
+            None,
+            data["dones"][index],
+            data["mask"][index],
+            done_pos_weight=weight,
+        )
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        optimizer.step()
+    with torch.no_grad():
+        _, out = model.sequence_log_prob(data["mu"], data["actions"])
+    live = data["mask"]
+    assert float(torch.sigmoid(out.done_logit)[live].mean()) == pytest.approx(0.5, abs=0.1)
+    assert float(model.done_probability(out.done_logit)[live].mean()) == pytest.approx(hazard, abs=0.012)
+
+
+def test_lanes_read_each_episode_in_order_one_window_a_step():
+    """Truncated backpropagation's schedule: every window once an epoch, an episode's window j + 1 one step
+    after its window j in the same lane, ``reset`` exactly where a window starts an episode or pads a lane."""
+    windows = [chunk_episode(e, 4) for e in geometric_episodes(9, 0.08, cap=40, seed=3)]
+    sizes = [len(w["mask"]) for w in windows]
+    stacked = {key: np.concatenate([w[key] for w in windows]) for key in windows[0]}
+    data = SequenceSet(
+        **stacked,
+        episodes=[f"ep{i}" for i in range(9)],
+        episode=np.repeat(np.arange(9), sizes),
+        window=np.concatenate([np.arange(size) for size in sizes]),
+    )
+    lanes = data.lanes(3)
+    assert sorted(e for lane in lanes for e in lane) == list(range(9))
+    for rng in (None, np.random.default_rng(0)):
+        schedule = data.lane_schedule(lanes, rng)
+        assert schedule.shape == (max(sum(sizes[e] for e in lane) for lane in lanes), 3)
+        assert sorted(schedule[schedule >= 0].tolist()) == list(range(len(data)))
+        for step, row in enumerate(schedule):
+            for lane, index in enumerate(row):
+                if index >= 0 and data.window[index] > 0:
+                    assert schedule[step - 1, lane] == index - 1  # the same episode's previous window
+        z = data.latents(True, np.random.default_rng(0))
+        resets = np.stack([batch["reset"].numpy() for batch in data.lane_batches(z, schedule)])
+        np.testing.assert_array_equal(resets, (schedule < 0) | (data.window[np.maximum(schedule, 0)] == 0))
+        # a padded lane scores nothing
+        masks = np.stack([batch["mask"].numpy() for batch in data.lane_batches(z, schedule)])
+        assert not masks[schedule < 0].any() and masks.sum() == data.steps
+
+
+def test_the_carried_state_is_the_state_the_last_window_ended_in_detached(tiny_memory_run):
+    """One lane batch after another: the second starts where the first ended (zeros on reset rows) and no
+    gradient flows back into the first."""
+    from worldmodel.train_memory import StateCarry, batch_losses
+
+    cfg = tiny_memory_run("carry")
+    split = split_latent_files(cfg.run_dir / "latents", 0.2, 0.2, cfg.seed)
+    train = load_sequences(split["train"], cfg.memory_train.seq_len)
+    schedule = train.lane_schedule(train.lanes(2))
+    assert (schedule[1] >= 0).all() and (train.window[schedule[1]] > 0).any()
+    batches = list(train.lane_batches(train.latents(True, np.random.default_rng(0)), schedule[:2]))
+    torch.manual_seed(0)
+    model = MemoryModel(4, 2, cfg.memory)
+    carry = StateCarry()
+    batch_losses(model, batches[0], cfg, 1.0, carry)
+    ended = carry.state
+    assert not ended[0].requires_grad and not ended[1].requires_grad
+    start = carry.start(batches[1]["reset"])
+    reset = batches[1]["reset"]
+    assert torch.equal(start[0][0, ~reset], ended[0][0, ~reset]) and start[0][0, reset].eq(0).all()
+    losses, _ = batch_losses(model, batches[1], cfg, 1.0, carry)
+    fresh, _ = batch_losses(model, batches[1], cfg, 1.0)
+    assert not torch.allclose(losses["nll"], fresh["nll"])  # the carried state changed what it reads

@@ -203,7 +203,8 @@ def test_tensorboard_gets_the_metrics(tmp_path):
 
 
 def _poison_every_other(function):
-    """Wrap a loss function so that every second call with gradients enabled returns a NaN loss."""
+    """Wrap a loss function (returning the losses, or the losses and more) so that every second call with
+    gradients enabled returns a NaN loss."""
     calls = []
 
     def poisoned(*args, **kwargs):
@@ -211,7 +212,9 @@ def _poison_every_other(function):
         if torch.is_grad_enabled():
             calls.append(1)
             if len(calls) % 2 == 0:
-                result = {**result, "loss": result["loss"] * math.nan}
+                losses, *rest = result if isinstance(result, tuple) else (result,)
+                losses = {**losses, "loss": losses["loss"] * math.nan}
+                result = (losses, *rest) if rest else losses
         return result
 
     return poisoned
@@ -238,7 +241,8 @@ def test_the_vae_trains_through_the_guard(tmp_path, monkeypatch):
 
 def test_the_memory_trains_through_the_guard(tiny_memory_run, monkeypatch):
     cfg = tiny_memory_run("m", "memory_train.epochs=1")
-    monkeypatch.setattr(MemoryModel, "sequence_loss", _poison_every_other(MemoryModel.sequence_loss))
+    poisoned = _poison_every_other(MemoryModel.sequence_loss_and_state)
+    monkeypatch.setattr(MemoryModel, "sequence_loss_and_state", poisoned)
     summary = train_memory_run(cfg)
     assert summary["skipped_steps"] == summary["steps"] // 2 and np.isfinite(summary["test_nll_per_dim"])
     _check_guarded(cfg.run_dir / "memory", ["checkpoint.pt", "memory.pt"])

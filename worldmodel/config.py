@@ -140,6 +140,10 @@ class MemoryConfig:
     ensemble: int = 1
     """Head sets (mixture, reward, done heads and flow) on the shared LSTM; the loss is their mean and each
     dream runs in one member drawn at its start. 1 = the single memory."""
+    heads_read_z: bool = True
+    """The reward and done heads read z_{t+1} beside h_{t+1}: the recorded latent in training, the sampled one
+    in the dream, so r_t and done_t belong to the frame the dream shows (false: h_{t+1} alone, the reward and
+    done expected from the history and the action)."""
 
 
 @dataclass
@@ -173,6 +177,10 @@ class MemoryTrainConfig:
     done_horizon: int = 1
     """The done target is 1 on the last ``done_horizon`` steps of an episode the game ended (1 = on its last
     step only): the head then says "the game ends within this many steps", and a dream ends that early."""
+    carry_state: bool = True
+    """Truncated backpropagation through time: an episode's windows are read in order, each starting from the
+    LSTM state the previous one ended in (detached), so M learns on states of every age the agent reaches;
+    false: every window starts from a zero state."""
     max_steps_per_epoch: int = 0
     """Cap on optimiser steps per epoch, for quick runs (0 = every training window once)."""
     checkpoint_every: int = 100
@@ -299,6 +307,19 @@ class EvaluateConfig:
     """Also score uniformly random actions on the same episode seeds, for comparison."""
     video_scale: int = 4
     """Enlarge the 64x64 frames this many times in the videos."""
+
+
+@dataclass
+class FidelityConfig:
+    controllers: int = 35
+    """Perturbed and random controllers in ``run.py fidelity``'s set, dealt in turn over its scales (besides
+    the kept controller, the CMA-ES start and the zeros)."""
+    dreams: int = 64
+    """Dreams per controller (the same start frames and generator seed for every controller)."""
+    real_episodes: int = 8
+    """Real episodes per controller (the same seeds for every controller)."""
+    seed: int = 0
+    """Which draw of perturbations, dreams and real episodes, with the run's ``seed``."""
 
 
 @dataclass
@@ -444,6 +465,7 @@ class Config:
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     iterate: IterateConfig = field(default_factory=IterateConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    fidelity: FidelityConfig = field(default_factory=FidelityConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     speech: SpeechConfig = field(default_factory=SpeechConfig)
     image: ImageConfig = field(default_factory=ImageConfig)

@@ -10,7 +10,14 @@ in the benchmarks) and outputs K logits, K means, K diagonal precisions :math:`D
         + \log\lvert\det \partial f / \partial y_{t+1}\rvert.
 
 ``kind="rmdn"`` uses no flow (f = identity), ``rank=0`` diagonal precisions. Optional heads predict the
-transition's reward and whether the episode ended with it, so the memory can serve as a dream environment.
+transition's reward and whether the episode ended with it, so the memory can serve as a dream environment;
+with ``heads_read_z`` they read :math:`[h_{t+1}, y_{t+1}]`, the next latent too (``outcome``), so in the dream
+they score the frame that was drawn.
+
+The done head is trained on targets spread over the last H steps of an episode (``done_horizon``) with the
+positives weighted by w (``done_pos_weight``): its logit is :math:`\ell = \log w + \operatorname{logit}
+P(\text{end within } H)`. ``done_probability`` undoes both, giving the per-step hazard
+:math:`\lambda = 1 - (1 - \sigma(\ell - \log w))^{1/H}` (exact for a constant hazard), which the dream draws.
 
 Two regularisers of the dream, both off by default. ``dropout`` p drops the LSTM output before the heads in
 training (the LSTM's recurrent state is never dropped; eval mode drops nothing). ``ensemble`` N > 1 puts N
@@ -56,6 +63,9 @@ class MemoryOutput:
     """[...] logit of 'the episode ended with this transition'."""
     hidden: Tensor
     """[..., H] what the heads read (the flow's context): the LSTM output, after dropout in train mode."""
+    reward_done: tuple[Tensor, Tensor] | None = None
+    """With ``heads_read_z``: the member's reward and done heads' parts that read h, ``([..., 1], [..., 1])``,
+    to which ``MemoryModel.outcome`` adds the next latent's part (None: nothing to add)."""
     member: int = 0
     """Which member of the ensemble made these (its flow scores and samples them)."""
 
@@ -109,8 +119,13 @@ class MemoryModel(nn.Module):
                 self.mixture_head.bias[start : start + k * d].fill_(diag_bias)
                 self.mixture_head.weight[start + k * d : end].mul_(0.1)
                 self.mixture_head.bias[start + k * d : end].zero_()
-        self.reward_head = nn.Linear(h, n) if config.predict_reward else None
-        self.done_head = nn.Linear(h, n) if config.predict_done else None
+        head_input = h + (d if config.heads_read_z else 0)
+        self.reward_head = nn.Linear(head_input, n) if config.predict_reward else None
+        self.done_head = nn.Linear(head_input, n) if config.predict_done else None
+        self.done_pos_weight = 1.0
+        """w, the positive weight the done head was trained with (``done_probability`` undoes it)."""
+        self.done_horizon = 1
+        """H: the done head was trained to say 'the episode ends within H steps'."""
 
         def new_flow() -> CouplingFlow:
             context = h if config.flow_context else 0
@@ -149,45 +164,60 @@ class MemoryModel(nn.Module):
         """What the heads read: the LSTM output ``hidden``, dropped out in train mode."""
         return hidden if self.dropout is None else self.dropout(hidden)
 
-    def _heads(self, hidden: Tensor, member: int = 0) -> MemoryOutput:
-        """Member ``member``'s outputs on the LSTM output ``hidden`` (dropout first, in train mode)."""
+    def _heads(self, hidden: Tensor, member: int = 0, next_y: Tensor | None = None) -> MemoryOutput:
+        """Member ``member``'s outputs on the LSTM output ``hidden`` (dropout first, in train mode);
+        ``next_y``: the next latent, which the reward and done heads read with ``heads_read_z``."""
         self._check_member(member)
         features = self._features(hidden)
         if self.config.ensemble == 1:
-            return self._output(features, self.mixture_head(features), *self._scalar_heads(features), 0)
-        rows = slice(member * self._width, (member + 1) * self._width)
-        raw = F.linear(features, self.mixture_head.weight[rows], self.mixture_head.bias[rows])
-        one = slice(member, member + 1)
-        reward, done = (
-            None if head is None else F.linear(features, head.weight[one], head.bias[one])
-            for head in (self.reward_head, self.done_head)
-        )
-        return self._output(features, raw, reward, done, member)
+            raw = self.mixture_head(features)
+        else:
+            rows = slice(member * self._width, (member + 1) * self._width)
+            raw = F.linear(features, self.mixture_head.weight[rows], self.mixture_head.bias[rows])
+        return self._output(features, raw, member, next_y)
 
-    def _all_heads(self, hidden: Tensor) -> list[MemoryOutput]:
+    def _all_heads(self, hidden: Tensor, next_y: Tensor | None = None) -> list[MemoryOutput]:
         """Every member's outputs on ``hidden``, from one matmul per head (and one dropout mask for all)."""
         features = self._features(hidden)
         raws = self.mixture_head(features).split(self._width, dim=-1)
-        reward, done = self._scalar_heads(features)
-        return [
-            self._output(
-                features,
-                raw,
-                None if reward is None else reward[..., member : member + 1],
-                None if done is None else done[..., member : member + 1],
-                member,
-            )
-            for member, raw in enumerate(raws)
-        ]
+        return [self._output(features, raw, member, next_y) for member, raw in enumerate(raws)]
 
-    def _scalar_heads(self, features: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        """Every member's reward and done logit, ``[..., N]`` each (None without the head)."""
-        return tuple(None if head is None else head(features) for head in (self.reward_head, self.done_head))
+    def _scalar_head(self, head: nn.Linear | None, features: Tensor, member: int) -> Tensor | None:
+        """Member ``member``'s part of ``head`` that reads h, ``[..., 1]`` (None without the head)."""
+        if head is None:
+            return None
+        one = slice(member, member + 1)
+        return F.linear(features, head.weight[one, : features.shape[-1]], head.bias[one])
 
-    def _output(
-        self, hidden: Tensor, raw: Tensor, reward: Tensor | None, done: Tensor | None, member: int
-    ) -> MemoryOutput:
-        """One member's ``MemoryOutput`` from its raw mixture outputs and its ``[..., 1]`` reward and done."""
+    def outcome(self, out: MemoryOutput, next_y: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        """r_t and the done logit ``[...]`` of the transition whose next latent is ``next_y`` ``[..., d]``
+        (read with ``heads_read_z``; ignored without). None where the memory has no such head, or where the
+        heads read a latent and none is given."""
+        if out.reward_done is None:
+            return out.reward, out.done_logit
+        if next_y is None:
+            return None, None
+        parts = []
+        for head, part in zip((self.reward_head, self.done_head), out.reward_done):
+            if head is None:
+                parts.append(None)
+                continue
+            one = slice(out.member, out.member + 1)
+            latent = F.linear(next_y.to(part.dtype), head.weight[one, out.hidden.shape[-1] :])
+            parts.append((part + latent).squeeze(-1))
+        return parts[0], parts[1]
+
+    def done_probability(self, done_logit: Tensor) -> Tensor:
+        r"""The per-step chance the episode ends, from the done head's logit: the positive weight w taken out
+        (the weighted loss's optimum is :math:`\log w + \operatorname{logit} p`) and the horizon-H chance
+        turned into the hazard :math:`\lambda = 1 - (1 - p_H)^{1/H}`."""
+        shifted = done_logit - math.log(self.done_pos_weight)
+        # log(1 - p_H) = -softplus(logit): stable for any logit
+        return -torch.expm1(-F.softplus(shifted) / self.done_horizon)
+
+    def _output(self, hidden: Tensor, raw: Tensor, member: int, next_y: Tensor | None = None) -> MemoryOutput:
+        """One member's ``MemoryOutput`` from its raw mixture outputs (its reward and done from the heads,
+        reading ``next_y`` too with ``heads_read_z``)."""
         k, d, r = self.config.components, self.target_dim, self.config.rank
         batch = hidden.shape[:-1]
         logit_pi, mu, raw_diag, raw_u = raw.split(self._sizes, dim=-1)
@@ -198,17 +228,25 @@ class MemoryModel(nn.Module):
         diag = diag + self.config.diag_floor
         if self.config.diag_clamp is not None:
             diag = diag.clamp(*self.config.diag_clamp)
-        return MemoryOutput(
+        reward, done = (
+            self._scalar_head(head, hidden, member) for head in (self.reward_head, self.done_head)
+        )
+        reads_z = self.config.heads_read_z and (reward is not None or done is not None)
+        out = MemoryOutput(
             logit_pi=logit_pi,
             mu=mu.reshape(*batch, k, d),
             diag=diag.reshape(*batch, k, d),
             # U_k^T is emitted row by row, so the mixture's contractions over d run along a unit stride.
             u=raw_u.reshape(*batch, k, r, d).transpose(-1, -2) if r > 0 else None,
-            reward=reward.squeeze(-1) if reward is not None else None,
-            done_logit=done.squeeze(-1) if done is not None else None,
+            reward=reward.squeeze(-1) if reward is not None and not reads_z else None,
+            done_logit=done.squeeze(-1) if done is not None and not reads_z else None,
             hidden=hidden,
             member=member,
+            reward_done=(reward, done) if reads_z else None,
         )
+        if reads_z and next_y is not None:
+            out.reward, out.done_logit = self.outcome(out, next_y)
+        return out
 
     def _lstm_input(self, y: Tensor, cond: Tensor | None) -> Tensor:
         if y.shape[-1] != self.target_dim:
@@ -261,14 +299,20 @@ class MemoryModel(nn.Module):
         return z if flow is None else flow.inverse(z, self._context(out))
 
     def member_sequence_log_probs(
-        self, y: Tensor, cond: Tensor | None = None
+        self, y: Tensor, cond: Tensor | None = None, state: State | None = None
     ) -> list[tuple[Tensor, MemoryOutput]]:
         """For each member: per-step log p(y_{t+1} | y_<=t, c_<=t) [B, T] and its outputs, for ``y``
-        [B, T+1, d], ``cond`` [B, T, c] (the LSTM reads the sequence once)."""
+        [B, T+1, d], ``cond`` [B, T, c] (the LSTM reads the sequence once, from ``state``; None = zeros)."""
+        return self._read_sequence(y, cond, state)[0]
+
+    def _read_sequence(
+        self, y: Tensor, cond: Tensor | None, state: State | None
+    ) -> tuple[list[tuple[Tensor, MemoryOutput]], State]:
+        """``member_sequence_log_probs`` and the LSTM state after the last step."""
         if y.dim() != 3 or y.shape[1] < 2:
             raise ValueError(f"sequence_log_prob expects y [B, T+1, d] with T >= 1, got {tuple(y.shape)}")
-        hidden, _ = self.lstm(self._lstm_input(y[:, :-1], cond))
-        return [(self.log_prob(y[:, 1:], out), out) for out in self._all_heads(hidden)]
+        hidden, state = self.lstm(self._lstm_input(y[:, :-1], cond), state)
+        return [(self.log_prob(y[:, 1:], out), out) for out in self._all_heads(hidden, y[:, 1:])], state
 
     def sequence_log_prob(self, y: Tensor, cond: Tensor | None = None) -> tuple[Tensor, MemoryOutput]:
         """Per-step log p(y_{t+1} | y_<=t, c_<=t) for ``y`` [B, T+1, d], ``cond`` [B, T, c] -> ([B, T],
@@ -279,7 +323,11 @@ class MemoryModel(nn.Module):
             return members[0]
         return torch.stack([log_prob for log_prob, _ in members]).mean(0), members[0][1]
 
-    def sequence_loss(
+    def sequence_loss(self, *args, **kwargs) -> dict[str, Tensor]:
+        """The losses of ``sequence_loss_and_state`` (same arguments), without the state it ends in."""
+        return self.sequence_loss_and_state(*args, **kwargs)[0]
+
+    def sequence_loss_and_state(
         self,
         y: Tensor,
         cond: Tensor | None = None,
@@ -289,14 +337,16 @@ class MemoryModel(nn.Module):
         done_pos_weight: float | None = None,
         reward_weight: float = 1.0,
         done_weight: float = 1.0,
-    ) -> dict[str, Tensor]:
-        """Training loss over sequences: NLL per dimension plus the weighted reward (MSE) and done (BCE)
-        losses.
+        state: State | None = None,
+    ) -> tuple[dict[str, Tensor], State]:
+        """Training loss over sequences read from the LSTM state ``state`` (None = zeros): NLL per dimension
+        plus the weighted reward (MSE) and done (BCE) losses; and the state after the last step (truncated
+        backpropagation through time carries it, detached, to the episode's next window).
 
-        Returns ``loss``, ``nll`` (mean NLL per step, nats), ``nll_per_dim``, ``reward_loss``, ``done_loss``;
-        with an ensemble, each is the mean over the members (every member is trained on the same batch).
-        """
-        members = self.member_sequence_log_probs(y, cond)
+        The losses are ``loss``, ``nll`` (mean NLL per step, nats), ``nll_per_dim``, ``reward_loss``,
+        ``done_loss``; with an ensemble, each is the mean over the members (every member is trained on the
+        same batch)."""
+        members, state = self._read_sequence(y, cond, state)
         log_prob = members[0][0]
         weights = torch.ones_like(log_prob) if mask is None else mask.to(log_prob.dtype)
         if weights.shape != log_prob.shape:
@@ -315,8 +365,8 @@ class MemoryModel(nn.Module):
             for log_prob, out in members
         ]
         if len(parts) == 1:
-            return parts[0]
-        return {key: torch.stack([part[key] for part in parts]).mean() for key in parts[0]}
+            return parts[0], state
+        return {key: torch.stack([part[key] for part in parts]).mean() for key in parts[0]}, state
 
     def _member_losses(
         self,
@@ -359,14 +409,20 @@ class MemoryModel(nn.Module):
             "target_dim": self.target_dim,
             "cond_dim": self.cond_dim,
             "config": dataclasses.asdict(self.config),
+            "done_pos_weight": self.done_pos_weight,
+            "done_horizon": self.done_horizon,
         }
 
     @classmethod
     def from_checkpoint(cls, payload: dict) -> MemoryModel:
         """The model of ``to_checkpoint`` (a checkpoint from before ``dropout``/``ensemble`` existed loads as
-        a single memory without dropout: its parameters have the same names)."""
-        model = cls(payload["target_dim"], payload["cond_dim"], MemoryConfig(**payload["config"]))
+        a single memory without dropout: its parameters have the same names; one from before
+        ``heads_read_z`` as heads that read h alone, one without ``done_horizon`` as a horizon of 1)."""
+        config = {"heads_read_z": False, **payload["config"]}
+        model = cls(payload["target_dim"], payload["cond_dim"], MemoryConfig(**config))
         model.load_state_dict(payload["state_dict"])
+        model.done_pos_weight = float(payload.get("done_pos_weight") or 1.0)
+        model.done_horizon = int(payload.get("done_horizon", 1))
         return model
 
     def member_model(self, member: int) -> MemoryModel:
@@ -376,6 +432,7 @@ class MemoryModel(nn.Module):
         with torch.random.fork_rng(devices=[]):
             single = MemoryModel(self.target_dim, self.cond_dim, dataclasses.replace(self.config, ensemble=1))
         single = single.to(self.mixture_head.weight).train(self.training)
+        single.done_pos_weight, single.done_horizon = self.done_pos_weight, self.done_horizon
         rows = slice(member * self._width, (member + 1) * self._width)
         state = dict(self.lstm.state_dict(prefix="lstm."))
         state |= {

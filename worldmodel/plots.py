@@ -38,6 +38,14 @@ def _xy(values: Series) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     return np.arange(len(ys), dtype=float), ys, None
 
 
+def _save(figure: plt.Figure, path: str | Path) -> None:
+    """``figure``, laid out, as a PNG at ``path`` (written atomically)."""
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def plot_curves(
     path: str | Path,
     series: Mapping[str, Series],
@@ -89,12 +97,63 @@ def plot_curves(
             below = {"loc": "upper center", "bbox_to_anchor": (0.5, -0.14), "ncol": 2} if twin else {}
             axes.legend(lines, [line.get_label() for line in lines], **below)
         axes.grid(alpha=0.3)
-        figure.tight_layout()
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png")
+        _save(figure, path)
     finally:
         plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_scatter(
+    path: str | Path,
+    groups: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float], Sequence[float]]],
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    diagonal: bool = False,
+) -> None:
+    """One colour of points per named group ``(xs, ys, x errors, y errors)``, each point with error bars of
+    +- its errors, as a PNG at ``path``; ``diagonal``: the line y = x across the points' range."""
+    figure, axes = plt.subplots(figsize=(6.4, 5.2), dpi=100)
+    try:
+        colours = itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])
+        values = []
+        for name, (xs, ys, x_errors, y_errors) in groups.items():
+            xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+            if len(xs) == 0:
+                continue
+            axes.errorbar(
+                xs,
+                ys,
+                xerr=x_errors,
+                yerr=y_errors,
+                fmt="o",
+                markersize=4,
+                capsize=2,
+                elinewidth=0.8,
+                alpha=0.85,
+                color=next(colours),
+                label=name,
+            )
+            values += [*xs, *ys]
+        if diagonal and values:
+            low, high = float(np.nanmin(values)), float(np.nanmax(values))
+            pad = 0.05 * (high - low) or 1.0
+            axes.plot(
+                [low - pad, high + pad],
+                [low - pad, high + pad],
+                color="grey",
+                linestyle="--",
+                linewidth=1,
+                label="y = x",
+            )
+        axes.set_xlabel(xlabel)
+        axes.set_ylabel(ylabel)
+        if title:
+            axes.set_title(title)
+        axes.legend(fontsize="small")
+        axes.grid(alpha=0.3)
+        _save(figure, path)
+    finally:
+        plt.close(figure)
 
 
 def image_grid(rows: Sequence[Sequence[np.ndarray]], pad: int = 2, scale: int = 1) -> np.ndarray:

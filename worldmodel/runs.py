@@ -48,6 +48,11 @@ class RunPaths:
         return self.root / "dream"
 
     @property
+    def fidelity(self) -> Path:
+        """How well the dream ranks controllers as the real game does (``run.py fidelity``)."""
+        return self.root / "fidelity"
+
+    @property
     def benchmarks(self) -> Path:
         return self.root / "benchmarks"
 

@@ -5,6 +5,12 @@ It is cut into ceil(T / L) windows of L transitions; window j covers transitions
 the L+1 frames z_s .. z_{s+L} (consecutive windows share one frame). The last window is padded with zeros and
 its ``mask`` is False on the padding, so no padded step ever enters a loss.
 
+With ``memory_train.carry_state`` (truncated backpropagation through time) the windows are read in *lanes*:
+the episodes are dealt to B lanes once (the longest first, each to the lane with the fewest windows so far),
+each epoch shuffles the order of the episodes within every lane, and batch i holds the i-th window of every
+lane, so window j + 1 of an episode comes one batch after window j and starts from the LSTM state it ended in
+(``reset`` is true where a window starts an episode, or pads a lane that has run out).
+
 Each epoch draws a fresh posterior sample :math:`z = \mu + e^{\log\sigma^2/2}\,\epsilon` (as World Models
 does), or uses :math:`\mu` itself when asked. Validation and test use one fixed sample, the same for every run
 with the same seed, so test NLLs of different models are comparable.
@@ -45,6 +51,10 @@ class SequenceSet:
     """[N, L] bool: False on the padding of an episode's last window."""
     episodes: list[str]
     """File names of the episodes, in order."""
+    episode: np.ndarray
+    """[N] which episode (index into ``episodes``) each window comes from."""
+    window: np.ndarray
+    """[N] each window's place in its episode (0 for its first)."""
 
     def __len__(self) -> int:
         return self.mu.shape[0]
@@ -85,6 +95,50 @@ class SequenceSet:
 
     def num_batches(self, batch_size: int) -> int:
         return math.ceil(len(self) / batch_size)
+
+    def lanes(self, count: int) -> list[list[int]]:
+        """The episodes dealt to ``min(count, episodes)`` lanes, the longest first, each to the lane with the
+        fewest windows so far (so the lanes end together)."""
+        sizes = np.bincount(self.episode, minlength=len(self.episodes))
+        lanes: list[list[int]] = [[] for _ in range(min(count, len(self.episodes)))]
+        loads = np.zeros(len(lanes), np.int64)
+        for episode in np.argsort(-sizes, kind="stable"):
+            lane = int(np.argmin(loads))
+            lanes[lane].append(int(episode))
+            loads[lane] += sizes[episode]
+        return lanes
+
+    def lane_schedule(self, lanes: list[list[int]], rng: np.random.Generator | None = None) -> np.ndarray:
+        """[S, lanes] the window each lane reads at each step (-1: the lane has run out): every lane's
+        episodes (in an order drawn from ``rng``, or as listed), each episode's windows in order."""
+        starts = np.flatnonzero(self.window == 0)  # windows of an episode are stored consecutively
+        sizes = np.bincount(self.episode, minlength=len(self.episodes))
+        rows = []
+        for lane in lanes:
+            order = lane if rng is None else [lane[i] for i in rng.permutation(len(lane))]
+            rows.append(np.concatenate([starts[e] + np.arange(sizes[e]) for e in order]))
+        schedule = np.full((max(len(row) for row in rows), len(rows)), -1, np.int64)
+        for column, row in enumerate(rows):
+            schedule[: len(row), column] = row
+        return schedule
+
+    def lane_batches(
+        self, z: np.ndarray, schedule: np.ndarray, start: int = 0, device: torch.device | str = "cpu"
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """The batches of ``lane_schedule`` from step ``start`` on, as ``batches`` gives them, with ``reset``
+        [B] (true where the window starts an episode or pads a run-out lane: its LSTM state starts at 0)."""
+        for index in schedule[start:]:
+            empty = index < 0
+            safe = np.where(empty, 0, index)
+            mask = self.mask[safe] & ~empty[:, None]
+            yield {
+                "y": torch.from_numpy(z[safe]).to(device),
+                "cond": torch.from_numpy(self.actions[safe]).to(device),
+                "rewards": torch.from_numpy(self.rewards[safe]).to(device),
+                "dones": torch.from_numpy(self.dones[safe]).to(device),
+                "mask": torch.from_numpy(mask).to(device),
+                "reset": torch.from_numpy(empty | (self.window[safe] == 0)).to(device),
+            }
 
 
 def spread_terminals(terminals: np.ndarray, horizon: int) -> np.ndarray:
@@ -134,7 +188,7 @@ def load_sequences(paths: list[Path], seq_len: int, done_horizon: int = 1) -> Se
         raise ValueError(f"memory_train.seq_len must be >= 1, got {seq_len}")
     parts: list[dict[str, np.ndarray]] = []
     shapes: tuple[int, int] | None = None
-    for path in paths:
+    for number, path in enumerate(paths):
         arrays = load_latents(path)
         shape = (arrays["mu"].shape[1], arrays["actions"].shape[1])
         if shapes is not None and shape != shapes:
@@ -143,7 +197,9 @@ def load_sequences(paths: list[Path], seq_len: int, done_horizon: int = 1) -> Se
                 "were the latents encoded by different VAEs? Rerun `python run.py encode`."
             )
         shapes = shape
-        parts.append(chunk_episode(arrays, seq_len, done_horizon))
+        part = chunk_episode(arrays, seq_len, done_horizon)
+        windows = len(part["mask"])
+        parts.append({**part, "episode": np.full(windows, number), "window": np.arange(windows)})
     if not parts:
         raise DataError("no episodes to load")
     stacked = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}

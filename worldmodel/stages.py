@@ -107,6 +107,19 @@ STAGES: dict[str, StageSpec] = {
         ("seed", "env", "evaluate", "memory_train.use_mu"),
         upstream=("train-vae", "train-memory", "train-controller"),
     ),
+    # not a pipeline stage (``run.py fidelity``)
+    "fidelity": StageSpec(
+        "fidelity",
+        ("seed", "env", "controller", "memory_train.use_mu", "fidelity"),
+        upstream=("encode", "train-vae", "train-memory", "train-controller"),
+        neutral=(
+            "controller.workers",
+            "controller.retries",
+            "controller.envs_per_worker",
+            "controller.job_timeout",
+            "controller.generations",
+        ),
+    ),
 }
 
 
@@ -182,12 +195,18 @@ def _seconds_of(record: dict) -> float | None:
     return float(seconds) if isinstance(seconds, int | float) else None
 
 
+LEGACY_BEHAVIOUR = {"memory.heads_read_z": False, "memory_train.carry_state": False}
+"""Settings added with a default that changed what the stage does: the value a record that lacks them was made
+with."""
+
+
 def _differences(before: dict, now: dict) -> list[str]:
-    """``key: before -> now`` for every setting that differs. A setting the record lacks and that holds its
-    default now is not a difference: a newer version added it, with a default that keeps the old behaviour."""
+    """``key: before -> now`` for every setting that differs. A setting the record lacks was made with the
+    behaviour of the version before it: its default, unless ``LEGACY_BEHAVIOUR`` says otherwise."""
     defaults = {key[1:]: value for key, value in _flat(config_to_dict(Config()), "").items()}
+    defaults |= LEGACY_BEHAVIOUR
     return [
-        f"{key}: {before.get(key)!r} -> {now.get(key)!r}"
+        f"{key}: {before.get(key, defaults.get(key))!r} -> {now.get(key)!r}"
         for key in sorted(set(before) | set(now))
         if before.get(key) != now.get(key) and not (key not in before and now.get(key) == defaults.get(key))
     ]

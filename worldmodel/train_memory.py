@@ -7,10 +7,15 @@ At step t the memory reads :math:`(z_t, a_t)` and is scored on :math:`z_{t+1}`, 
     \frac{1}{d}\,\mathrm{NLL}(z_{t+1}) + w_r (\hat r_t - r_t)^2
         + w_d\,\mathrm{BCE}_{p}(\hat d_t, \mathrm{done}_t),
 
-with the done loss's positive weight p = negatives / positives of the training split unless configured.
+with the done loss's positive weight p = negatives / positives of the training split unless configured (the
+memory keeps p and the done horizon, so the dream can undo both: ``MemoryModel.done_probability``).
 Episodes (not windows) are split into train / val / test; z is a fresh posterior sample every epoch (or the
 VAE mean with ``memory_train.use_mu``); validation and test use one fixed sample (see
-``worldmodel.sequences``).
+``worldmodel.sequences``). With ``memory_train.carry_state`` an episode's windows are read in order, each from
+the LSTM state the previous one ended in (detached: truncated backpropagation through time), in training and
+in validation and test alike, so M is fitted and scored on LSTM states as old as the episodes, as the agent
+and the dream produce them. The model kept is the one with the best validation loss, the whole of it (the
+latent NLL, the reward and the done terms): the dream uses every head.
 
 A step whose loss or gradient is not finite, or that would leave a non-finite parameter or optimiser state,
 is skipped (the model is restored), counted and logged; no checkpoint is ever written with a non-finite value.
@@ -20,9 +25,9 @@ Files in the output folder (``<run>/memory/``, or one per cell of ``--sweep tabl
   patience counter, running sums), written atomically every epoch and every ``checkpoint_every`` steps. The
   epoch's posterior sample and batch order are functions of (``memory_train.seed``, epoch), so a resumed run
   replays them and goes on from the saved step: a killed run loses at most ``checkpoint_every`` steps.
-- ``memory.pt``: the model with the best validation NLL (``MemoryModel.to_checkpoint()`` +
-  ``done_pos_weight``, ``epoch``, ``val_nll``); the untrained model is scored first, so this file exists after
-  the first epoch starts.
+- ``memory.pt``: the model with the best validation loss (``MemoryModel.to_checkpoint()``, with its done
+  head's positive weight and horizon, + ``epoch``, ``val_loss``); the untrained model is scored first, so
+  this file exists after the first epoch starts.
 - ``metrics.jsonl`` (``train``, ``epoch`` and ``skipped`` rows), ``summary.json``, ``nll.png``.
 """
 
@@ -40,7 +45,7 @@ from worldmodel.io import (
     load_checkpoint,
     save_checkpoint,
 )
-from worldmodel.memory import MemoryModel
+from worldmodel.memory import MemoryModel, State
 from worldmodel.plots import plot_curves
 from worldmodel.runs import run_paths
 from worldmodel.sequences import (
@@ -119,12 +124,37 @@ def done_weight_from_data(train: SequenceSet) -> tuple[float, int]:
     return (negatives / positives if positives else 1.0), positives
 
 
+class StateCarry:
+    """Truncated backpropagation through time: the LSTM state each lane's last window ended in, detached,
+    which the lane's next window starts from (zeros where it starts an episode)."""
+
+    def __init__(self) -> None:
+        self.state: State | None = None
+
+    def start(self, reset: torch.Tensor) -> State | None:
+        """The state a batch starts from: the carried one, zeroed on the rows of ``reset [B]``."""
+        if self.state is None:
+            return None
+        keep = (~reset).to(self.state[0].dtype)[None, :, None]
+        return self.state[0] * keep, self.state[1] * keep
+
+    def end(self, state: State) -> None:
+        self.state = (state[0].detach(), state[1].detach())
+
+    def get(self) -> dict | None:
+        return None if self.state is None else {"h": self.state[0], "c": self.state[1]}
+
+    def set(self, saved: dict | None) -> None:
+        self.state = None if saved is None else (saved["h"], saved["c"])
+
+
 def batch_losses(
-    model: MemoryModel, batch: dict, cfg: Config, done_pos_weight: float
+    model: MemoryModel, batch: dict, cfg: Config, done_pos_weight: float, carry: StateCarry | None = None
 ) -> tuple[dict[str, torch.Tensor], int]:
-    """The memory's losses on one batch of windows, and the number of real (unpadded) steps they average."""
+    """The memory's losses on one batch of windows, and the number of real (unpadded) steps they average;
+    with ``carry``, read from the state it carries (and left with the state the batch ends in)."""
     tc = cfg.memory_train
-    losses = model.sequence_loss(
+    losses, state = model.sequence_loss_and_state(
         batch["y"],
         batch["cond"],
         batch["rewards"],
@@ -133,7 +163,10 @@ def batch_losses(
         done_pos_weight=done_pos_weight,
         reward_weight=tc.reward_weight,
         done_weight=tc.done_weight,
+        state=None if carry is None else carry.start(batch["reset"]),
     )
+    if carry is not None:
+        carry.end(state)
     return losses, int(batch["mask"].sum())
 
 
@@ -141,14 +174,21 @@ def batch_losses(
 def evaluate(
     model: MemoryModel, data: SequenceSet, z: np.ndarray, cfg: Config, done_pos_weight: float
 ) -> dict:
-    """Mean losses per real (unpadded) step over every window of ``data``, with latents ``z``."""
+    """Mean losses per real (unpadded) step over every window of ``data``, with latents ``z`` (with
+    ``carry_state``, each episode read through from its start)."""
     was_training = model.training
     model.eval()
     totals = dict.fromkeys(LOSS_PARTS, 0.0)
     steps = 0
     tc = cfg.memory_train
-    for batch in data.batches(z, np.arange(len(data)), 4 * tc.batch_size, cfg.device):
-        losses, count = batch_losses(model, batch, cfg, done_pos_weight)
+    if tc.carry_state:
+        carry = StateCarry()
+        schedule = data.lane_schedule(data.lanes(4 * tc.batch_size))
+        batches = data.lane_batches(z, schedule, device=cfg.device)
+    else:
+        carry, batches = None, data.batches(z, np.arange(len(data)), 4 * tc.batch_size, cfg.device)
+    for batch in batches:
+        losses, count = batch_losses(model, batch, cfg, done_pos_weight, carry)
         for part in LOSS_PARTS:
             totals[part] += losses[part].item() * count
         steps += count
@@ -227,6 +267,7 @@ def train_memory(
     model_seed = cfg.seed if tc.seed is None else tc.seed
     torch.manual_seed(model_seed)
     model = MemoryModel(latent_dim, action_dim, cfg.memory).to(cfg.device)
+    model.done_pos_weight, model.done_horizon = done_pos_weight, tc.done_horizon
     if initial is not None:
         start = MemoryModel.from_checkpoint(load_checkpoint(initial))
         if start.to_checkpoint()["config"] != model.to_checkpoint()["config"]:
@@ -238,32 +279,38 @@ def train_memory(
     names = _split_names(split)
     title = f"{cfg.memory.kind.upper()} K={cfg.memory.components} d'={cfg.memory.rank} ({cfg.env.name})"
 
+    carry = StateCarry() if tc.carry_state else None
+    lanes = train.lanes(tc.batch_size)
+
     def epoch_batches(epoch: int, start: int):
         sample_rng, order_rng = epoch_rngs(model_seed, epoch)
         z = train.latents(tc.use_mu, sample_rng)
+        if carry is not None:
+            return train.lane_batches(z, train.lane_schedule(lanes, order_rng), start, cfg.device)
         order = order_rng.permutation(len(train))
         return train.batches(z, order[start * tc.batch_size :], tc.batch_size, cfg.device)
 
     def losses(model: MemoryModel, batch: dict) -> tuple[dict[str, torch.Tensor], int]:
-        return batch_losses(model, batch, cfg, done_pos_weight)
+        return batch_losses(model, batch, cfg, done_pos_weight, carry)
 
-    def save_best(epoch: int, val_nll: float | None) -> None:
-        save_checkpoint(
-            model_path, **model.to_checkpoint(), done_pos_weight=done_pos_weight, epoch=epoch, val_nll=val_nll
-        )
+    def save_best(epoch: int, val_loss: float | None) -> None:
+        save_checkpoint(model_path, **model.to_checkpoint(), epoch=epoch, val_loss=val_loss)
 
     task = TrainTask(
         epoch_batches=epoch_batches,
-        batches_per_epoch=train.num_batches(tc.batch_size),
+        batches_per_epoch=(
+            len(train.lane_schedule(lanes)) if carry is not None else train.num_batches(tc.batch_size)
+        ),
         losses=losses,
         validate=lambda model: (
             evaluate(model, data["val"], fixed_z["val"], cfg, done_pos_weight) if "val" in data else None
         ),
-        score="nll_per_dim",
+        score="loss",
         save_best=save_best,
         after_epoch=(lambda rows: save_nll_plot(out_dir / "nll.png", rows, title)) if progress else None,
         shown=("nll_per_dim",),
         checkpoint_extra={"split": names, "done_pos_weight": done_pos_weight},
+        carried=None if carry is None else (carry.get, carry.set),
     )
     settings = LoopSettings.of(tc, tensorboard=cfg.tensorboard, progress=progress, name="memory")
     result = train_loop(
@@ -298,7 +345,15 @@ def train_memory(
             finite_or_none(test["reward_loss"]) if test and cfg.memory.predict_reward else None
         ),
         "test_done_loss": finite_or_none(test["done_loss"]) if test and cfg.memory.predict_done else None,
-        "val_nll_per_dim": finite_or_none(best["val_nll"]) if best["val_nll"] is not None else None,
+        "val_loss": finite_or_none(best["val_loss"]) if best["val_loss"] is not None else None,
+        "val_nll_per_dim": next(
+            (
+                row.get("val_nll_per_dim")
+                for row in rows
+                if row["kind"] == "epoch" and row["epoch"] == best["epoch"]
+            ),
+            None,
+        ),
         "nll_units": "nats; per step = summed over the latent dimensions, per dim = divided by Z"
         + ("; the mean of the ensemble's members' NLLs" if cfg.memory.ensemble > 1 else ""),
         "best_epoch": best["epoch"],

@@ -97,6 +97,9 @@ class TrainTask:
     """Loss parts shown on the progress bar."""
     checkpoint_extra: dict = field(default_factory=dict)
     """Plain data stored with every checkpoint (e.g. the episode split), for the caller's own checks."""
+    carried: tuple[Callable[[], Any], Callable[[Any], None]] | None = None
+    """(get, set) of what the batches carry from one step to the next (truncated backpropagation's LSTM
+    states): saved with every checkpoint and restored on resume, so a resumed epoch goes on exactly."""
 
 
 @dataclass
@@ -248,6 +251,8 @@ def train(
             optimizer.load_state_dict(saved["optimizer"])
             torch.set_rng_state(saved["rng"])
             state, resumed = saved["state"], True
+            if task.carried is not None:
+                task.carried[1](saved.get("carried"))
         elif settings.progress:
             note(f"{checkpoint_path}: made with other settings; training {settings.name} from the start")
     if resumed:
@@ -289,6 +294,7 @@ def train(
             state=state,
             fingerprint=fingerprint,
             **task.checkpoint_extra,
+            **({"carried": task.carried[0]()} if task.carried is not None else {}),
         )
         if on_checkpoint is not None:
             on_checkpoint()

@@ -1,0 +1,117 @@
+"""What each of the dream's rules does to its fidelity: the run's ``run.py fidelity`` measurement re-scored
+in dreams that break one rule at a time, against the same real-game returns (the real game does not depend on
+the dream's rules, so it is played once, by ``run.py fidelity``).
+
+    .venv/bin/python experiments/dream_rules.py --config configs/carracing-hour.yaml [--set ...]
+
+The rules undone, one a row (and all of them together, the dream before they were made):
+- ``full horizon``: a dream from step t of a real episode runs the whole horizon, not the H - t steps the game
+  had left;
+- ``tau on done``: the temperature divides the done logit (sigma(logit / tau));
+- ``done horizon as a step's chance``: a head trained on "the episode ends within H steps" drawn at every step
+  as if it said "ends now";
+- ``weighted done as is``: the logit of a head trained with positive weight w, not shifted by -log w.
+The rules of the memory's training (``memory.heads_read_z``, ``memory_train.carry_state``, the checkpoint
+chosen on the whole validation loss) need a memory trained without them: a run of its own, with its own
+``run.py fidelity``.
+
+Writes ``<run>/fidelity/dream_rules.json`` (also printed): per variant, Spearman's rho and Pearson's r of the
+dream means against the real means, the mean gap dream - real, and the dreams' mean length.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from run_args import run_parser  # noqa: E402 (the script's folder)
+
+from agents.agent import controller_for  # noqa: E402 (sys.path)
+from agents.evaluate import _controller  # noqa: E402 (sys.path)
+from agents.fidelity import (  # noqa: E402 (sys.path)
+    DREAM,
+    controller_set,
+    fidelity_seeds,
+    load_champions,
+    pearson,
+    spearman,
+)
+from agents.train_controller import DreamFitness, load_best  # noqa: E402 (sys.path)
+from rollouts.dream_env import load_memory  # noqa: E402 (sys.path)
+from worldmodel.config import ConfigError, load_config  # noqa: E402 (sys.path)
+from worldmodel.io import DataError, read_json, write_json  # noqa: E402 (sys.path)
+from worldmodel.memory import MemoryModel  # noqa: E402 (sys.path)
+from worldmodel.runs import run_paths  # noqa: E402 (sys.path)
+
+RULES = ("full horizon", "tau on done", "done horizon as a step's chance", "weighted done as is")
+
+
+def break_rules(dream: DreamFitness, memory: MemoryModel, broken: tuple[str, ...]) -> None:
+    """Undo ``broken`` rules in ``dream`` (its dynamics and memory are this variant's copies)."""
+    dynamics = dream.dream.dynamics
+    if "full horizon" in broken:
+        dynamics.limits.fill_(dynamics.horizon)
+    if "done horizon as a step's chance" in broken:
+        memory.done_horizon = 1
+    if "weighted done as is" in broken:
+        memory.done_pos_weight = 1.0
+    if "tau on done" in broken and dynamics.temperature > 0:
+        calibrated, tau = memory.done_probability, dynamics.temperature
+        memory.done_probability = lambda logit: calibrated(logit / tau)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = run_parser(__doc__).parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        measured = read_json(run_paths(cfg).fidelity / "fidelity.json")
+        best = load_best(cfg)
+    except (ConfigError, DataError) as error:
+        print(f"dream_rules: {error} (run `python run.py fidelity` first)", file=sys.stderr)
+        return 2
+    settings = cfg.fidelity
+    real = np.array([row["real"]["mean"] for row in measured["rows"]])
+    variants = {"every rule": (), **{f"without: {rule}": (rule,) for rule in RULES}, "none of them": RULES}
+    results = {}
+    for name, broken in variants.items():
+        memory = load_memory(cfg)
+        controller = controller_for(cfg.env, memory, cfg.controller.hidden)
+        _controller(controller, best, run_paths(cfg).controller / "best.pt")
+        members = controller_set(cfg, settings, memory, controller, best, load_champions(cfg))
+        if [member.name for member in members] != [row["name"] for row in measured["rows"]]:
+            print(
+                "dream_rules: the controller set differs from fidelity.json's; rerun fidelity",
+                file=sys.stderr,
+            )
+            return 2
+        dream = DreamFitness(cfg, memory, controller)
+        break_rules(dream, memory, broken)
+        generator = torch.Generator().manual_seed(fidelity_seeds(cfg, settings, DREAM, 1)[0])
+        params = torch.as_tensor(np.stack([member.params for member in members]))
+        dreamt = dream.dream.rollout(params, settings.dreams, generator)
+        means = dreamt.returns.double().mean(1).numpy()
+        rho, r = spearman(means, real), pearson(means, real)
+        results[name] = {
+            "spearman": rho,
+            "pearson": r,
+            "mean_gap": float((means - real).mean()),
+            "dream_mean_length": float(dreamt.lengths.double().mean()),
+        }
+        shown = "undefined" if rho is None or math.isnan(rho) else f"{rho:+.3f}"
+        print(f"dream_rules: {name:40s} Spearman {shown}", file=sys.stderr)
+    summary = {"controllers": len(real), "real_mean_steps": measured["real_mean_steps"], "variants": results}
+    write_json(run_paths(cfg).fidelity / "dream_rules.json", summary)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""``run.py fidelity``: Spearman's rank correlation (ties included) and the measurement end to end on the
+session's tiny run (the same dreams and the same real seeds for every controller, the json, the figure, the
+report)."""
+
+import math
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+import run
+from agents import fidelity
+from agents.fidelity import average_ranks, pearson, spearman
+from agents.report import write_report
+from tests.conftest import copy_tiny_run
+from tests.test_pipeline import REPO, TINY
+from worldmodel.config import FidelityConfig, load_config
+from worldmodel.io import read_json
+from worldmodel.runs import run_paths
+
+sys.path.insert(0, str(REPO / "experiments"))
+
+import dream_rules  # noqa: E402 (the script's folder on the path)
+
+
+def test_average_ranks_share_the_mean_rank_of_ties():
+    assert average_ranks([3.0, 1.0, 3.0, 3.0]).tolist() == [3.0, 1.0, 3.0, 3.0]  # the 3s span ranks 2..4
+    assert average_ranks([10.0, -1.0, 2.5]).tolist() == [3.0, 1.0, 2.0]
+    with pytest.raises(ValueError, match="non-finite"):
+        average_ranks([1.0, float("nan")])
+
+
+def test_spearman_by_hand_with_ties_and_against_scipy():
+    x, y = [1.0, 2.0, 2.0, 3.0, 5.0], [2.0, 1.0, 4.0, 4.0, 6.0]
+    # ranks [1, 2.5, 2.5, 4, 5] and [2, 1, 3.5, 3.5, 5], both of mean 3: r = 7.25 / sqrt(9.5 * 9.5) = 29 / 38
+    assert spearman(x, y) == pytest.approx(29 / 38)
+    assert spearman(x, x) == pytest.approx(1.0) and spearman(x, [-v for v in x]) == pytest.approx(-1.0)
+    assert spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) is None  # a constant: undefined
+    assert pearson([1.0], [2.0]) is None
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        a, b = rng.integers(0, 5, 12).astype(float), rng.integers(0, 5, 12).astype(float)  # many ties
+        if len(set(a)) > 1 and len(set(b)) > 1:
+            assert spearman(a, b) == pytest.approx(stats.spearmanr(a, b).statistic, abs=1e-12)
+            assert pearson(a, b) == pytest.approx(stats.pearsonr(a, b).statistic, abs=1e-12)
+
+
+def test_fidelity_config_is_refused_where_it_cannot_give_a_standard_error():
+    cfg = load_config(None, [])
+    fidelity.check_fidelity_config(cfg)  # the defaults
+    with pytest.raises(Exception, match="fidelity.real_episodes must be at least 2"):
+        fidelity.check_fidelity_config(replace(cfg, fidelity=FidelityConfig(real_episodes=1)))
+
+
+def test_fidelity_refuses_a_run_without_a_controller(tmp_path, run_main):
+    result = run_main("fidelity", "--set", f"runs_dir={tmp_path}")
+    assert result.returncode == 2
+    assert "best.pt" in result.stderr and "train-controller" in result.stderr
+
+
+def test_fidelity_ranks_every_controller_on_the_same_dreams_and_real_seeds(
+    tmp_path, tiny_run, ray_session, one_thread
+):
+    copy_tiny_run(tiny_run, tmp_path)
+    cfg = load_config(None, [*TINY, f"runs_dir={tmp_path}", "controller.workers=2"])
+    run.check_config(cfg, "fidelity")
+    assert run.resolve(run.COMMANDS["fidelity"]) is fidelity.run
+    cfg = replace(cfg, fidelity=FidelityConfig(controllers=7, dreams=4, real_episodes=2))  # one of each scale
+    summary = fidelity.run(cfg)
+
+    out = run_paths(cfg).fidelity
+    data = read_json(out / "fidelity.json")
+    rows = data["rows"]
+    # the kept controller, the initial one (the linear controller's zeros: no separate zeros), the champion of
+    # each generation's evaluation (the kept one is one of the 2) and 7 more
+    champions = fidelity.load_champions(cfg)
+    assert [champion["generation"] for champion in champions] == [1, 2]
+    kinds = [
+        "kept",
+        "start",
+        "generation",
+        *["perturbed"] * len(fidelity.PERTURBATION_SCALES),
+        "random",
+        "random",
+    ]
+    assert [row["kind"] for row in rows] == kinds
+    assert len(rows) == data["controllers"] == summary["controllers"] == 10
+    assert len({row["name"] for row in rows}) == len(rows)
+    assert len(data["real_seeds"]) == 2 and len(data["dream_starts"]) == 4
+    for row in rows:
+        assert row["real"]["seeds"] == data["real_seeds"]  # every controller played the same episodes
+        assert len(row["dream"]["returns"]) == 4 and len(row["real"]["returns"]) == 2
+        for where in ("dream", "real"):
+            assert all(math.isfinite(row[where][key]) for key in ("mean", "std", "se"))
+    assert -1.0 <= data["spearman"] <= 1.0 and -1.0 <= data["pearson"] <= 1.0
+    assert math.isfinite(data["mean_gap"]) and data["temperature"] == cfg.controller.temperature
+    dream_means = [row["dream"]["mean"] for row in rows]
+    real_means = [row["real"]["mean"] for row in rows]
+    assert data["spearman"] == pytest.approx(spearman(dream_means, real_means))
+    assert (out / "fidelity.png").stat().st_size > 0
+    assert read_json(out / "summary.json")["spearman"] == data["spearman"]
+
+    # done: skipped, and redone with other settings; the run's report lists the figures and the picture
+    assert fidelity.run(cfg)["skipped"] is True
+    assert fidelity.finished(cfg) == summary
+    other = FidelityConfig(controllers=7, dreams=4, real_episodes=3)
+    assert fidelity.finished(replace(cfg, fidelity=other)) is None
+    report = write_report(cfg, {}, {}).read_text()
+    assert "(fidelity/fidelity.png)" in report and "| dream fidelity | Spearman ρ = " in report
+
+    # the rules' ablation re-dreams the same set: with every rule, the measurement's own dream means
+    overrides = [*TINY, f"runs_dir={tmp_path}", "fidelity.controllers=7", "fidelity.dreams=4"]
+    overrides.append("fidelity.real_episodes=2")
+    assert dream_rules.main([arg for o in overrides for arg in ("--set", o)]) == 0
+    rules = read_json(out / "dream_rules.json")["variants"]
+    assert rules["every rule"]["spearman"] == pytest.approx(data["spearman"])
+    assert rules["every rule"]["mean_gap"] == pytest.approx(data["mean_gap"])
+    assert set(rules) == {"every rule", "none of them", *(f"without: {rule}" for rule in dream_rules.RULES)}
