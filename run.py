@@ -8,6 +8,7 @@ With no --config every command uses the embedded tiny config (configs/tiny.yaml)
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import sys
@@ -252,6 +253,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr)
         code = 130
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        print(
+            f"error: the disk is full ({error.filename or 'writing'}; nothing half-written is kept): free "
+            "space and rerun the same command to resume",
+            file=sys.stderr,
+        )
+        code = 1
     finally:
         if machine is not None:
             from worldmodel.machine import record

@@ -5,8 +5,29 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
-from worldmodel.config import RayConfig
+from worldmodel.config import ConfigError, RayConfig
+
+REACH_SECONDS = 5.0
+"""How long a cluster address may take to accept a connection before it is reported unreachable."""
+
+
+def check_reachable(address: str) -> None:
+    """Refuse a ``host:port`` cluster address where nothing accepts a connection within ``REACH_SECONDS``
+    (``ray.init`` itself would wait minutes without a word); ``auto`` and ``ray://`` addresses are Ray's."""
+    if address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"ray.address must be 'auto' or host:port, got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=REACH_SECONDS).close()
+    except OSError as error:
+        raise ConfigError(
+            f"ray.address={address}: no Ray cluster answers there ({error.strerror or error}); start one "
+            "with `ray start --head`, or leave ray.address unset for a local Ray"
+        ) from None
 
 
 def init_ray(config: RayConfig) -> None:
@@ -23,6 +44,7 @@ def init_ray(config: RayConfig) -> None:
         "log_to_driver": True,
     }
     if address:
+        check_reachable(address)
         ray.init(address=address, **kwargs)
     else:
         ray.init(num_cpus=config.num_cpus or os.cpu_count(), **kwargs)

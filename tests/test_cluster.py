@@ -119,3 +119,20 @@ def test_real_game_generation_on_two_nodes_survives_a_killed_actor_and_a_lost_no
     # the next generation runs on the head node alone, with the lost actor's replacement never scheduled
     assert len(rollouts["alone"]) == 2 and rollouts["alone_seconds"] < TIMEOUT / 2
     assert rollouts["started_nodes"].count(second) == 1
+
+
+def test_a_cluster_address_where_nothing_listens_is_named_within_seconds():
+    """``ray.address=127.0.0.1:1``: refused with the address and what to do, exit code 2, no hang (Ray's own
+    connect would wait minutes without a word)."""
+    import time
+
+    from rollouts.parallel import REACH_SECONDS, check_reachable
+    from worldmodel.config import ConfigError
+
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"ray.address=127.0.0.1:1: no Ray cluster answers there"):
+        check_reachable("127.0.0.1:1")
+    with pytest.raises(ConfigError, match="host:port"):
+        check_reachable("nowhere")
+    check_reachable("auto")  # Ray's own lookup
+    assert time.perf_counter() - started < 2 * REACH_SECONDS

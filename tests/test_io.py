@@ -1,5 +1,6 @@
 """Atomic files, validated episodes/latents and checkpoints that load with weights_only=True."""
 
+import errno
 import os
 
 import numpy as np
@@ -148,3 +149,36 @@ def test_jsonl_survives_a_torn_last_line(tmp_path):
     with open(tmp_path / "m.jsonl", "a") as handle:
         handle.write('{"step": 3, "lo')
     assert [row["step"] for row in read_jsonl(tmp_path / "m.jsonl")] == [1, 2]
+
+
+def test_a_full_disk_names_the_file_and_leaves_nothing_that_looks_whole(tmp_path, monkeypatch, run_main):
+    """ENOSPC mid-write: no file and no temporary left, the error names the file being written, and a
+    command ends with that message (exit code 1), not a traceback."""
+    import run
+
+    real_fdopen = os.fdopen
+
+    class Full:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
+    target = tmp_path / "episodes" / "ep_00001.npz"
+    with pytest.raises(OSError) as raised:
+        save_episode(target, **_episode())
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(target)
+    assert list(target.parent.iterdir()) == []
+
+    monkeypatch.setattr(run, "resolve", lambda name: lambda cfg: save_episode(target, **_episode()))
+    result = run_main("collect", "--set", f"runs_dir={tmp_path / 'runs'}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"the disk is full ({target}; nothing half-written is kept)" in result.stderr

@@ -6,6 +6,7 @@ file or the whole new one, never half a file.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -34,8 +35,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            # the file being written, not the temporary name, is what the user can act on
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from error
         raise
 
 
