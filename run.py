@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from worldmodel.config import Config, ConfigError, load_config
+from worldmodel.config import Config, ConfigError, describe_fields, load_config
 from worldmodel.io import DataError
 
 # command -> "module:function"; each function takes the resolved Config and returns the stage's summary dict.
@@ -69,14 +69,19 @@ COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-def check_config(config: Config, command: str, sweep: bool = False) -> None:
-    """Refuse a bad value in any section ``command`` will use (``ConfigError`` naming the field), before any
-    work."""
+def sections_of(command: str, sweep: bool = False) -> list[str]:
+    """The config sections ``command`` reads (``run``: the top-level fields), each once."""
     commands = (*PIPELINE_STAGES, "iterate") if command == "pipeline" else (command,)
     sections = ["run", *(section for name in commands for section in COMMAND_SECTIONS[name])]
     if sweep:
         sections.append("sweep")
-    for section in dict.fromkeys(sections):
+    return list(dict.fromkeys(sections))
+
+
+def check_config(config: Config, command: str, sweep: bool = False) -> None:
+    """Refuse a bad value in any section ``command`` will use (``ConfigError`` naming the field), before any
+    work."""
+    for section in sections_of(command, sweep):
         target, attribute = SECTION_CHECKS[section]
         resolve(target)(config if attribute is None else getattr(config, attribute))
 
@@ -207,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="how well the dream ranks a set of controllers as the real game does (Spearman, figure)",
     )
     commands.add_parser("pipeline", parents=[common], help="every stage in order, skipping what is done")
+    for name, command in commands.choices.items():
+        names = ["benchmark speech", "benchmark image"] if name == "benchmark" else [name]
+        sections = dict.fromkeys(section for n in names for section in sections_of(n))
+        command.formatter_class = argparse.RawDescriptionHelpFormatter
+        command.epilog = "config fields it reads (--set FIELD=VALUE; default shown):\n" + "\n".join(
+            describe_fields(list(sections))
+        )
     return parser
 
 

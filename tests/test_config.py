@@ -225,3 +225,30 @@ def test_threads_setting_is_applied_to_torch_and_validated(tmp_path, run_main):
     result = run_main("encode", "--set", "threads=-1", "--set", f"runs_dir={tmp_path}")
     assert result.returncode == 2 and "threads must be at least 0" in result.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_every_field_has_a_doc_line_and_each_command_help_lists_the_fields_it_reads(run_main):
+    """``run.py <command> --help`` ends with every field of every section the command reads, its default and
+    its doc line; a field without a doc line would be listed bare, so every field must have one."""
+    import dataclasses
+
+    import run
+    from worldmodel.config import Config, field_docs
+
+    def undocumented(value, prefix=""):
+        docs = field_docs(type(value))
+        for item in dataclasses.fields(value):
+            inner = getattr(value, item.name)
+            if dataclasses.is_dataclass(inner):
+                yield from undocumented(inner, f"{prefix}{item.name}.")
+            elif item.name not in docs:
+                yield prefix + item.name
+
+    assert list(undocumented(Config())) == []
+    shown = run_main("train-memory", "--help").stdout
+    for item in dataclasses.fields(Config().memory_train):
+        assert f"  memory_train.{item.name} = " in shown
+    assert "  memory_train.carry_state = True\n      Truncated backpropagation through time" in shown
+    assert "  seed = 0\n" in shown and "controller." not in shown  # what it reads, nothing else
+    assert "  speech.memory.components = 20" in run_main("benchmark", "--help").stdout
+    assert set(run.sections_of("pipeline")) >= {"collect", "vae", "memory", "controller", "iterate"}

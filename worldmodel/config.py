@@ -6,9 +6,14 @@ it changes. Unknown keys are rejected with the dotted name of the key and the fi
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
+import textwrap
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -691,3 +696,52 @@ def save_config(config: Config, path: str | Path) -> None:
     from worldmodel.io import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The doc line under each field of the dataclass ``cls`` (and of its bases), read from its source."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for statement, following in zip(body, body[1:]):
+            if (
+                isinstance(statement, ast.AnnAssign)
+                and isinstance(statement.target, ast.Name)
+                and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)
+            ):
+                docs[statement.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def describe_fields(sections: Sequence[str]) -> list[str]:
+    """``section.field = default`` and its doc, for every field of each of ``sections`` of ``Config``
+    (``run``: its top-level fields; a nested section, such as ``speech.memory``, field by field): what
+    ``run.py <command> --help`` lists."""
+    defaults = Config()
+    return [
+        line
+        for section in sections
+        for line in _describe(
+            defaults if section == "run" else getattr(defaults, section), section != "run", section
+        )
+    ]
+
+
+def _describe(value: Any, nested: bool, prefix: str) -> list[str]:
+    docs, lines = field_docs(type(value)), []
+    for item in dataclasses.fields(value):
+        default, name = getattr(value, item.name), f"{prefix}.{item.name}" if nested else item.name
+        if dataclasses.is_dataclass(default):
+            if nested:  # the top level's sections are listed by the commands that read them
+                lines += _describe(default, True, name)
+            continue
+        lines.append(f"  {name} = {default!r}")
+        lines += textwrap.wrap(
+            docs.get(item.name, ""), 104, initial_indent="      ", subsequent_indent="      "
+        )
+    return lines
