@@ -10,7 +10,9 @@ The rules undone, one a row (and all of them together, the dream before they wer
 - ``tau on done``: the temperature divides the done logit (sigma(logit / tau));
 - ``done horizon as a step's chance``: a head trained on "the episode ends within H steps" drawn at every step
   as if it said "ends now";
-- ``weighted done as is``: the logit of a head trained with positive weight w, not shifted by -log w.
+- ``weighted done as is``: the logit of a head trained with positive weight w, not shifted by -log w;
+- ``done head uncalibrated``: without the bias b that sets the head's mean chance on the training steps to the
+  data's rate of ends.
 The rules of the memory's training (``memory.heads_read_z``, ``memory_train.carry_state``, the checkpoint
 chosen on the whole validation loss) need a memory trained without them: a run of its own, with its own
 ``run.py fidelity``.
@@ -51,7 +53,13 @@ from worldmodel.io import DataError, read_json, write_json  # noqa: E402 (sys.pa
 from worldmodel.memory import MemoryModel  # noqa: E402 (sys.path)
 from worldmodel.runs import run_paths  # noqa: E402 (sys.path)
 
-RULES = ("full horizon", "tau on done", "done horizon as a step's chance", "weighted done as is")
+RULES = (
+    "full horizon",
+    "tau on done",
+    "done horizon as a step's chance",
+    "weighted done as is",
+    "done head uncalibrated",
+)
 
 
 def break_rules(dream: DreamFitness, memory: MemoryModel, broken: tuple[str, ...]) -> None:
@@ -63,6 +71,8 @@ def break_rules(dream: DreamFitness, memory: MemoryModel, broken: tuple[str, ...
         memory.done_horizon = 1
     if "weighted done as is" in broken:
         memory.done_pos_weight = 1.0
+    if "done head uncalibrated" in broken:
+        memory.done_bias = 0.0
     if "tau on done" in broken and dynamics.temperature > 0:
         calibrated, tau = memory.done_probability, dynamics.temperature
         memory.done_probability = lambda logit: calibrated(logit / tau)

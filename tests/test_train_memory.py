@@ -391,3 +391,35 @@ def test_the_carried_state_is_the_state_the_last_window_ended_in_detached(tiny_m
     losses, _ = batch_losses(model, batches[1], cfg, 1.0, carry)
     fresh, _ = batch_losses(model, batches[1], cfg, 1.0)
     assert not torch.allclose(losses["nll"], fresh["nll"])  # the carried state changed what it reads
+
+
+@pytest.mark.parametrize("ends", [True, False])
+def test_the_done_head_is_calibrated_to_the_datas_rate_of_ends(tiny_memory_run, ends):
+    """After training, b is set so that the head's mean chance over the training steps (the positive weight
+    taken out) is the data's rate of ends with one pseudo-count each way: with no end in the data, about one
+    in the number of steps, however sure the head was."""
+    from worldmodel.train_memory import calibrate_done
+
+    cfg = tiny_memory_run("calibrated", "memory_train.use_mu=true", "memory_train.epochs=1")
+    if not ends:  # the same episodes, cut by the time limit: no terminal anywhere
+        for path in list_npz(cfg.run_dir / "latents"):
+            data = load_latents(path)
+            np.savez(path, **{**data, "terminals": np.zeros_like(data["terminals"])})
+    summary = run(cfg)
+    model = MemoryModel.from_checkpoint(load_checkpoint(cfg.run_dir / "memory" / "memory.pt"))
+    split = split_latent_files(cfg.run_dir / "latents", 0.2, 0.2, cfg.seed)
+    whole = load_sequences(split["train"], 10_000)  # each episode read through in one window
+    with torch.no_grad():
+        _, out = model.double().sequence_log_prob(
+            torch.from_numpy(whole.mu).double(), torch.from_numpy(whole.actions).double()
+        )
+    chance = model.done_probability(out.done_logit)[torch.from_numpy(whole.mask)]
+    ended = int(whole.dones.sum())
+    rate = (ended + 1) / (whole.steps + 2)
+    assert ended == (4 if ends else 0) and summary["done_calibration"]["rate"] == pytest.approx(rate)
+    assert float(chance.mean()) == pytest.approx(rate, rel=1e-3)
+    assert model.done_bias == summary["done_calibration"]["bias"] != 0
+    # calibrating again changes nothing (a rerun after a kill rewrites the same memory.pt)
+    assert calibrate_done(model.float(), whole, whole.mu, cfg)["bias"] == pytest.approx(
+        model.done_bias, abs=1e-6
+    )

@@ -17,7 +17,8 @@ they score the frame that was drawn.
 The done head is trained on targets spread over the last H steps of an episode (``done_horizon``) with the
 positives weighted by w (``done_pos_weight``): its logit is :math:`\ell = \log w + \operatorname{logit}
 P(\text{end within } H)`. ``done_probability`` undoes both, giving the per-step hazard
-:math:`\lambda = 1 - (1 - \sigma(\ell - \log w))^{1/H}` (exact for a constant hazard), which the dream draws.
+:math:`\lambda = 1 - (1 - \sigma(\ell - \log w + b))^{1/H}` (exact for a constant hazard), which the dream
+draws; b recalibrates the head so that its mean chance on the training steps is the data's.
 
 Two regularisers of the dream, both off by default. ``dropout`` p drops the LSTM output before the heads in
 training (the LSTM's recurrent state is never dropped; eval mode drops nothing). ``ensemble`` N > 1 puts N
@@ -126,6 +127,10 @@ class MemoryModel(nn.Module):
         """w, the positive weight the done head was trained with (``done_probability`` undoes it)."""
         self.done_horizon = 1
         """H: the done head was trained to say 'the episode ends within H steps'."""
+        self.done_bias = 0.0
+        """b, added to the logit once w is taken out, so that the head's mean chance on the training steps is
+        the data's (``worldmodel.train_memory.calibrate_done``): an undertrained head, or one that never saw
+        an end, would otherwise end dreams where the game never ends."""
 
         def new_flow() -> CouplingFlow:
             context = h if config.flow_context else 0
@@ -209,9 +214,9 @@ class MemoryModel(nn.Module):
 
     def done_probability(self, done_logit: Tensor) -> Tensor:
         r"""The per-step chance the episode ends, from the done head's logit: the positive weight w taken out
-        (the weighted loss's optimum is :math:`\log w + \operatorname{logit} p`) and the horizon-H chance
-        turned into the hazard :math:`\lambda = 1 - (1 - p_H)^{1/H}`."""
-        shifted = done_logit - math.log(self.done_pos_weight)
+        (the weighted loss's optimum is :math:`\log w + \operatorname{logit} p`), the calibration b added, and
+        the horizon-H chance turned into the hazard :math:`\lambda = 1 - (1 - p_H)^{1/H}`."""
+        shifted = done_logit - math.log(self.done_pos_weight) + self.done_bias
         # log(1 - p_H) = -softplus(logit): stable for any logit
         return -torch.expm1(-F.softplus(shifted) / self.done_horizon)
 
@@ -303,9 +308,9 @@ class MemoryModel(nn.Module):
     ) -> list[tuple[Tensor, MemoryOutput]]:
         """For each member: per-step log p(y_{t+1} | y_<=t, c_<=t) [B, T] and its outputs, for ``y``
         [B, T+1, d], ``cond`` [B, T, c] (the LSTM reads the sequence once, from ``state``; None = zeros)."""
-        return self._read_sequence(y, cond, state)[0]
+        return self.read_sequence(y, cond, state)[0]
 
-    def _read_sequence(
+    def read_sequence(
         self, y: Tensor, cond: Tensor | None, state: State | None
     ) -> tuple[list[tuple[Tensor, MemoryOutput]], State]:
         """``member_sequence_log_probs`` and the LSTM state after the last step."""
@@ -346,7 +351,7 @@ class MemoryModel(nn.Module):
         The losses are ``loss``, ``nll`` (mean NLL per step, nats), ``nll_per_dim``, ``reward_loss``,
         ``done_loss``; with an ensemble, each is the mean over the members (every member is trained on the
         same batch)."""
-        members, state = self._read_sequence(y, cond, state)
+        members, state = self.read_sequence(y, cond, state)
         log_prob = members[0][0]
         weights = torch.ones_like(log_prob) if mask is None else mask.to(log_prob.dtype)
         if weights.shape != log_prob.shape:
@@ -411,6 +416,7 @@ class MemoryModel(nn.Module):
             "config": dataclasses.asdict(self.config),
             "done_pos_weight": self.done_pos_weight,
             "done_horizon": self.done_horizon,
+            "done_bias": self.done_bias,
         }
 
     @classmethod
@@ -423,6 +429,7 @@ class MemoryModel(nn.Module):
         model.load_state_dict(payload["state_dict"])
         model.done_pos_weight = float(payload.get("done_pos_weight") or 1.0)
         model.done_horizon = int(payload.get("done_horizon", 1))
+        model.done_bias = float(payload.get("done_bias", 0.0))
         return model
 
     def member_model(self, member: int) -> MemoryModel:
@@ -433,6 +440,7 @@ class MemoryModel(nn.Module):
             single = MemoryModel(self.target_dim, self.cond_dim, dataclasses.replace(self.config, ensemble=1))
         single = single.to(self.mixture_head.weight).train(self.training)
         single.done_pos_weight, single.done_horizon = self.done_pos_weight, self.done_horizon
+        single.done_bias = self.done_bias
         rows = slice(member * self._width, (member + 1) * self._width)
         state = dict(self.lstm.state_dict(prefix="lstm."))
         state |= {

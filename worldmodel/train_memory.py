@@ -34,6 +34,8 @@ Files in the output folder (``<run>/memory/``, or one per cell of ``--sweep tabl
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +172,17 @@ def batch_losses(
     return losses, int(batch["mask"].sum())
 
 
+def scoring_batches(
+    data: SequenceSet, z: np.ndarray, cfg: Config
+) -> tuple[StateCarry | None, Iterator[dict]]:
+    """Every window of ``data`` once, in batches of ``4 x batch_size`` (with ``carry_state``, lanes that read
+    each episode through from its start, and the carry they need)."""
+    size = 4 * cfg.memory_train.batch_size
+    if cfg.memory_train.carry_state:
+        return StateCarry(), data.lane_batches(z, data.lane_schedule(data.lanes(size)), device=cfg.device)
+    return None, data.batches(z, np.arange(len(data)), size, cfg.device)
+
+
 @torch.no_grad()
 def evaluate(
     model: MemoryModel, data: SequenceSet, z: np.ndarray, cfg: Config, done_pos_weight: float
@@ -180,13 +193,7 @@ def evaluate(
     model.eval()
     totals = dict.fromkeys(LOSS_PARTS, 0.0)
     steps = 0
-    tc = cfg.memory_train
-    if tc.carry_state:
-        carry = StateCarry()
-        schedule = data.lane_schedule(data.lanes(4 * tc.batch_size))
-        batches = data.lane_batches(z, schedule, device=cfg.device)
-    else:
-        carry, batches = None, data.batches(z, np.arange(len(data)), 4 * tc.batch_size, cfg.device)
+    carry, batches = scoring_batches(data, z, cfg)
     for batch in batches:
         losses, count = batch_losses(model, batch, cfg, done_pos_weight, carry)
         for part in LOSS_PARTS:
@@ -194,6 +201,31 @@ def evaluate(
         steps += count
     model.train(was_training)
     return {part: value / max(steps, 1) for part, value in totals.items()}
+
+
+@torch.no_grad()
+def calibrate_done(model: MemoryModel, data: SequenceSet, z: np.ndarray, cfg: Config) -> dict:
+    r"""Set ``model.done_bias`` to the b for which the done head's mean chance over the real steps of
+    ``data`` (every member's, the positive weight w taken out) is the data's rate of done targets, with one
+    pseudo-count each way: :math:`\overline{\sigma(\ell - \log w + b)} = (n_+ + 1) / (n + 2)` (bisection; the
+    mean rises with b). Returns the rate, b and the head's mean chance before."""
+    model.eval()
+    carry, batches = scoring_batches(data, z, cfg)
+    logits = []
+    for batch in batches:
+        start = None if carry is None else carry.start(batch["reset"])
+        members, state = model.read_sequence(batch["y"], batch["cond"], start)
+        if carry is not None:
+            carry.end(state)
+        logits += [out.done_logit[batch["mask"]].double() for _, out in members]
+    shifted = torch.cat(logits) - math.log(model.done_pos_weight)
+    rate = (float((data.dones & data.mask).sum()) + 1) / (data.steps + 2)
+    low, high = -60.0, 60.0
+    for _ in range(80):
+        middle = (low + high) / 2
+        low, high = (middle, high) if float(torch.sigmoid(shifted + middle).mean()) < rate else (low, middle)
+    model.done_bias = (low + high) / 2
+    return {"rate": rate, "bias": model.done_bias, "mean_before": float(torch.sigmoid(shifted).mean())}
 
 
 def save_nll_plot(path: Path, rows: list[dict], title: str) -> None:
@@ -327,6 +359,13 @@ def train_memory(
 
     best = load_checkpoint(model_path)
     model = MemoryModel.from_checkpoint(best).to(cfg.device)
+    calibration = None
+    if model.done_head is not None:
+        # on the training split's fixed sample: the same z for a rerun, so memory.pt is rewritten the same
+        calibration = calibrate_done(
+            model, train, train.latents(tc.use_mu, fixed_sample_rng(cfg.seed, "train")), cfg
+        )
+        save_checkpoint(model_path, **{**best, **model.to_checkpoint()})
     test = evaluate(model, data["test"], fixed_z["test"], cfg, done_pos_weight) if "test" in data else None
     rows = result.rows
     save_nll_plot(out_dir / "nll.png", rows, title)
@@ -364,6 +403,8 @@ def train_memory(
         "parameters": parameter_counts(model),
         "done_pos_weight": done_pos_weight,
         "done_positives_train": positives,
+        # the done head's mean chance on the training steps before and after its bias b, against the data's
+        "done_calibration": calibration,
         "episodes": {name: len(split[name]) for name in SPLITS},
         "transitions": {name: data[name].steps if name in data else 0 for name in SPLITS},
         "windows": {name: len(data[name]) if name in data else 0 for name in SPLITS},
