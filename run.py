@@ -151,7 +151,9 @@ def run_pipeline(config: Config, machine: dict | None = None) -> dict:
     }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(fields: bool = True) -> argparse.ArgumentParser:
+    """The command line; ``fields``: each command's help lists the config fields it reads (read from the
+    config's source, so only when help is asked for)."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -212,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how well the dream ranks a set of controllers as the real game does (Spearman, figure)",
     )
     commands.add_parser("pipeline", parents=[common], help="every stage in order, skipping what is done")
-    for name, command in commands.choices.items():
+    for name, command in commands.choices.items() if fields else ():
         names = ["benchmark speech", "benchmark image"] if name == "benchmark" else [name]
         sections = dict.fromkeys(section for n in names for section in sections_of(n))
         command.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -223,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else argv
+    args = build_parser(fields=bool({"-h", "--help"} & set(arguments))).parse_args(argv)
     overrides = list(args.overrides)
     if args.device:
         overrides.append(f"device={args.device}")
