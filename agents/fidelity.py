@@ -43,12 +43,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from agents.agent import Episode, controller_for
+from agents.agent import controller_for
 from agents.controller import Controller
 from agents.evaluate import _controller, _stats
 from agents.imitate import imitate_collected
 from agents.train_controller import DreamFitness, RealFitness, load_best
-from agents.workers import check_rollout_config, chunk_count
+from agents.workers import check_rollout_config
 from rollouts.dream_env import load_memory
 from worldmodel.config import Config, ConfigError, FidelityConfig, step_limit
 from worldmodel.io import load_checkpoint, write_json
@@ -185,22 +185,6 @@ def _scores(returns: np.ndarray) -> dict:
     return {**_stats(returns), "se": float(returns.std(ddof=1) / np.sqrt(len(returns)))}
 
 
-def real_episodes(real: RealFitness, params: np.ndarray, seeds: list[int]) -> list[list[Episode]]:
-    """Every controller of ``params [P, n]`` on every one of ``seeds`` in one map over the rollout pool (jobs
-    of up to ``envs_per_worker`` episodes, one controller per episode); [P][len(seeds)] episodes."""
-    count = len(seeds)
-    owners = np.repeat(np.arange(len(params)), count)
-    every_seed = list(seeds) * len(params)
-    parts = chunk_count(len(every_seed), real.pool.size, real.envs_per_worker)
-    jobs = [
-        (params[owners[index]], [every_seed[i] for i in index])
-        for index in np.array_split(np.arange(len(every_seed)), parts)
-    ]
-    results = real.pool.map("evaluate", jobs, "[fidelity] real game", [len(job[1]) for job in jobs])
-    episodes = [episode for result in results for episode in result]
-    return [episodes[p * count : (p + 1) * count] for p in range(len(params))]
-
-
 def finished(cfg: Config) -> dict | None:
     """The summary of the run's measurement if it is finished and made from the run's memory and controller
     as they are now, with the config's settings; no side effects (the report's)."""
@@ -231,7 +215,7 @@ def run(cfg: Config) -> dict:
     real_seeds = fidelity_seeds(cfg, settings, REAL, settings.real_episodes)
     real = RealFitness(cfg, memory, controller)
     try:
-        played = real_episodes(real, params, real_seeds)
+        played = real.play(params, real_seeds, "[fidelity] real game")
     finally:
         real.close()
 

@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-from agents.agent import controller_for
+from agents.agent import Episode, controller_for
 from agents.controller import Controller
 from agents.dream_batch import BatchedDream
 from agents.imitate import Imitation, check_init, imitate_collected, imitation_loss
@@ -185,17 +185,25 @@ class RealFitness:
     def population(self, candidates: np.ndarray, rollouts: int, generation: int) -> tuple[np.ndarray, float]:
         """Each candidate's mean return over ``rollouts`` real episodes, and the episodes' mean length."""
         seeds = episode_seeds(self.seed, TRAIN, generation, rollouts)  # the same episodes for every candidate
-        # every (candidate, seed) episode, cut into lockstep batches of up to envs_per_worker episodes
-        owners = np.repeat(np.arange(len(candidates)), rollouts)
-        all_seeds = seeds * len(candidates)
+        played = self.play(candidates, seeds)
+        returns = np.array([[episode.ret for episode in row] for row in played])
+        return returns.mean(axis=1), float(np.mean([episode.steps for row in played for episode in row]))
+
+    def play(self, candidates: np.ndarray, seeds: list[int], desc: str | None = None) -> list[list[Episode]]:
+        """Every candidate of ``candidates [P, n]`` on every one of ``seeds``: [P][len(seeds)] episodes, the
+        (candidate, seed) episodes cut into lockstep batches of up to ``envs_per_worker`` episodes; ``desc``:
+        a progress bar's name."""
+        count = len(seeds)
+        owners = np.repeat(np.arange(len(candidates)), count)
+        all_seeds = list(seeds) * len(candidates)
         parts = chunk_count(len(all_seeds), self.pool.size, self.envs_per_worker)
         jobs = [
             (np.asarray(candidates[owners[index]], np.float32), [all_seeds[i] for i in index])
             for index in np.array_split(np.arange(len(all_seeds)), parts)
         ]
-        episodes = [episode for result in self.pool.map("evaluate", jobs) for episode in result]
-        returns = np.array([episode.ret for episode in episodes]).reshape(len(candidates), rollouts)
-        return returns.mean(axis=1), float(np.mean([episode.steps for episode in episodes]))
+        sizes = [len(job[1]) for job in jobs] if desc else None
+        episodes = [episode for result in self.pool.map("evaluate", jobs, desc, sizes) for episode in result]
+        return [episodes[p * count : (p + 1) * count] for p in range(len(candidates))]
 
     def episodes(self, params: np.ndarray, count: int, generation: int) -> np.ndarray:
         seeds = episode_seeds(self.seed, EVAL, generation, count)
