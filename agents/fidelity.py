@@ -45,6 +45,7 @@ import torch
 
 from agents.agent import controller_for
 from agents.controller import Controller
+from agents.dream_batch import DreamRollouts
 from agents.evaluate import _controller, _stats
 from agents.imitate import imitate_collected
 from agents.train_controller import DreamFitness, RealFitness, load_best
@@ -185,6 +186,27 @@ def _scores(returns: np.ndarray) -> dict:
     return {**_stats(returns), "se": float(returns.std(ddof=1) / np.sqrt(len(returns)))}
 
 
+def scored_set(cfg: Config, memory: MemoryModel, best: dict) -> tuple[Controller, list[Member]]:
+    """The run's controller shape (checked against ``best.pt``) and the set of controllers it measures."""
+    controller = controller_for(cfg.env, memory, cfg.controller.hidden)
+    _controller(controller, best, run_paths(cfg).controller / "best.pt")
+    return controller, controller_set(cfg, cfg.fidelity, memory, controller, best, load_champions(cfg))
+
+
+def dream_set(
+    cfg: Config, memory: MemoryModel, controller: Controller, members: list[Member], adjust=None
+) -> tuple[DreamRollouts, int]:
+    """Every member of the set in the run's batched dream, on the measurement's dreams (``adjust(dream)``
+    first changes the ``DreamFitness``, for an ablation), and the dreams' generator seed."""
+    dream = DreamFitness(cfg, memory, controller)
+    if adjust is not None:
+        adjust(dream)
+    seed = fidelity_seeds(cfg, cfg.fidelity, DREAM, 1)[0]
+    generator = torch.Generator(device=dream.dream.device).manual_seed(seed)
+    params = torch.as_tensor(np.stack([member.params for member in members]))
+    return dream.dream.rollout(params, cfg.fidelity.dreams, generator), seed
+
+
 def finished(cfg: Config) -> dict | None:
     """The summary of the run's measurement if it is finished and made from the run's memory and controller
     as they are now, with the config's settings; no side effects (the report's)."""
@@ -202,16 +224,9 @@ def run(cfg: Config) -> dict:
     out = stage.folder
     started = time.perf_counter()
     memory = load_memory(cfg)
-    controller = controller_for(cfg.env, memory, cfg.controller.hidden)
-    _controller(controller, best, run_paths(cfg).controller / "best.pt")
-    members = controller_set(cfg, settings, memory, controller, best, load_champions(cfg))
+    controller, members = scored_set(cfg, memory, best)
     params = np.stack([member.params for member in members])
-
-    dream = DreamFitness(cfg, memory, controller)
-    dream_seed = fidelity_seeds(cfg, settings, DREAM, 1)[0]
-    generator = torch.Generator(device=dream.dream.device).manual_seed(dream_seed)
-    dreamt = dream.dream.rollout(torch.as_tensor(params), settings.dreams, generator)
-    dream.close()
+    dreamt, dream_seed = dream_set(cfg, memory, controller, members)
     real_seeds = fidelity_seeds(cfg, settings, REAL, settings.real_episodes)
     real = RealFitness(cfg, memory, controller)
     try:
@@ -249,7 +264,7 @@ def run(cfg: Config) -> dict:
         "spearman": rho,
         "pearson": r,
         "mean_gap": float((dream_means - real_means).mean()),
-        "temperature": dream.dream.temperature,
+        "temperature": cfg.controller.temperature,
         "trained_temperature": best.get("temperature"),
         "horizon": step_limit(cfg, cfg.controller.max_steps),
         # how long the dreams and the real episodes went on (dreams ended far too soon say little of the game)

@@ -29,23 +29,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from run_args import run_parser  # noqa: E402 (the script's folder)
 
-from agents.agent import controller_for  # noqa: E402 (sys.path)
-from agents.evaluate import _controller  # noqa: E402 (sys.path)
-from agents.fidelity import (  # noqa: E402 (sys.path)
-    DREAM,
-    controller_set,
-    fidelity_seeds,
-    load_champions,
-    pearson,
-    spearman,
-)
+from agents.fidelity import dream_set, pearson, scored_set, spearman  # noqa: E402 (sys.path)
 from agents.train_controller import DreamFitness, load_best  # noqa: E402 (sys.path)
 from rollouts.dream_env import load_memory  # noqa: E402 (sys.path)
 from worldmodel.config import ConfigError, load_config  # noqa: E402 (sys.path)
@@ -87,26 +77,21 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as error:
         print(f"dream_rules: {error} (run `python run.py fidelity` first)", file=sys.stderr)
         return 2
-    settings = cfg.fidelity
     real = np.array([row["real"]["mean"] for row in measured["rows"]])
     variants = {"every rule": (), **{f"without: {rule}": (rule,) for rule in RULES}, "none of them": RULES}
     results = {}
     for name, broken in variants.items():
-        memory = load_memory(cfg)
-        controller = controller_for(cfg.env, memory, cfg.controller.hidden)
-        _controller(controller, best, run_paths(cfg).controller / "best.pt")
-        members = controller_set(cfg, settings, memory, controller, best, load_champions(cfg))
+        memory = load_memory(cfg)  # each variant breaks rules on a copy of its own
+        controller, members = scored_set(cfg, memory, best)
         if [member.name for member in members] != [row["name"] for row in measured["rows"]]:
             print(
                 "dream_rules: the controller set differs from fidelity.json's; rerun fidelity",
                 file=sys.stderr,
             )
             return 2
-        dream = DreamFitness(cfg, memory, controller)
-        break_rules(dream, memory, broken)
-        generator = torch.Generator().manual_seed(fidelity_seeds(cfg, settings, DREAM, 1)[0])
-        params = torch.as_tensor(np.stack([member.params for member in members]))
-        dreamt = dream.dream.rollout(params, settings.dreams, generator)
+        dreamt, _ = dream_set(
+            cfg, memory, controller, members, lambda dream: break_rules(dream, memory, broken)
+        )
         means = dreamt.returns.double().mean(1).numpy()
         rho, r = spearman(means, real), pearson(means, real)
         results[name] = {
