@@ -31,13 +31,13 @@ sys.path.insert(0, str(ROOT))
 
 from run_args import run_parser  # noqa: E402 (the script's folder)
 
-from rollouts.dream_env import load_memory  # noqa: E402 (sys.path)
-from worldmodel.config import ConfigError, load_config  # noqa: E402 (sys.path)
-from worldmodel.data import load_episode, load_latents  # noqa: E402 (sys.path)
-from worldmodel.io import DataError, write_json  # noqa: E402 (sys.path)
-from worldmodel.memory import MemoryModel  # noqa: E402 (sys.path)
-from worldmodel.runs import run_paths  # noqa: E402 (sys.path)
-from worldmodel.sequences import split_latent_files  # noqa: E402 (sys.path)
+from frmdn_worldmodels.data.episodes import load_episode, load_latents  # noqa: E402 (sys.path)
+from frmdn_worldmodels.data.sequences import split_latent_files  # noqa: E402 (sys.path)
+from frmdn_worldmodels.dream.env import load_memory  # noqa: E402 (sys.path)
+from frmdn_worldmodels.models.memory import MemoryModel  # noqa: E402 (sys.path)
+from frmdn_worldmodels.runtime.config import ConfigError, load_config  # noqa: E402 (sys.path)
+from frmdn_worldmodels.runtime.io import DataError, write_json  # noqa: E402 (sys.path)
+from frmdn_worldmodels.runtime.paths import run_paths  # noqa: E402 (sys.path)
 
 BEFORE = 5
 """Steps before the end whose highest probability is reported (an early warning is also a usable head)."""

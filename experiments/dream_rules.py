@@ -35,13 +35,13 @@ sys.path.insert(0, str(ROOT))
 
 from run_args import run_parser  # noqa: E402 (the script's folder)
 
-from agents.fidelity import dream_set, pearson, scored_set, spearman  # noqa: E402 (sys.path)
-from agents.train_controller import DreamFitness, load_best  # noqa: E402 (sys.path)
-from rollouts.dream_env import load_memory  # noqa: E402 (sys.path)
-from worldmodel.config import ConfigError, load_config  # noqa: E402 (sys.path)
-from worldmodel.io import DataError, read_json, write_json  # noqa: E402 (sys.path)
-from worldmodel.memory import MemoryModel  # noqa: E402 (sys.path)
-from worldmodel.runs import run_paths  # noqa: E402 (sys.path)
+from frmdn_worldmodels.dream.env import load_memory  # noqa: E402 (sys.path)
+from frmdn_worldmodels.models.memory import MemoryModel  # noqa: E402 (sys.path)
+from frmdn_worldmodels.runtime.config import ConfigError, load_config  # noqa: E402 (sys.path)
+from frmdn_worldmodels.runtime.io import DataError, read_json, write_json  # noqa: E402 (sys.path)
+from frmdn_worldmodels.runtime.paths import run_paths  # noqa: E402 (sys.path)
+from frmdn_worldmodels.stages.fidelity import dream_set, pearson, scored_set, spearman  # noqa: E402 (sys.path)
+from frmdn_worldmodels.stages.train_controller import DreamFitness, load_best  # noqa: E402 (sys.path)
 
 RULES = (
     "full horizon",

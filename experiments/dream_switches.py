@@ -22,9 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agents.iterate import iteration_config  # noqa: E402 (sys.path)
-from worldmodel.config import load_config  # noqa: E402 (sys.path)
-from worldmodel.io import atomic_write_text, read_json, write_json  # noqa: E402 (sys.path)
+from frmdn_worldmodels.runtime.config import load_config  # noqa: E402 (sys.path)
+from frmdn_worldmodels.runtime.io import atomic_write_text, read_json, write_json  # noqa: E402 (sys.path)
+from frmdn_worldmodels.stages.iterate import iteration_config  # noqa: E402 (sys.path)
 
 # name -> (overrides, the base's stage folders it reuses)
 DATA = ("episodes", "vae", "latents")

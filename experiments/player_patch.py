@@ -28,15 +28,15 @@ sys.path.insert(0, str(ROOT))
 
 from run_args import run_parser  # noqa: E402 (the script's folder)
 
-from rollouts.collect import collect_env_config, rollout_episode  # noqa: E402 (sys.path)
-from rollouts.envs import make_env  # noqa: E402 (sys.path)
-from rollouts.policies import make_exploration_policy  # noqa: E402 (sys.path)
-from worldmodel.config import Config, ConfigError, load_config  # noqa: E402 (sys.path)
-from worldmodel.frames import PATCH_HALF, SPRITE_BITS, patch_boxes, sprite_masks  # noqa: E402 (sys.path)
-from worldmodel.io import DataError, write_json  # noqa: E402 (sys.path)
-from worldmodel.plots import save_image_grid  # noqa: E402 (sys.path)
-from worldmodel.runs import run_paths  # noqa: E402 (sys.path)
-from worldmodel.vae import ConvVAE, frames_to_tensor, load_vae, tensor_to_frames  # noqa: E402 (sys.path)
+from frmdn_worldmodels.data.frames import PATCH_HALF, SPRITE_BITS, patch_boxes, sprite_masks  # noqa: E402 (sys.path)
+from frmdn_worldmodels.games.envs import make_env  # noqa: E402 (sys.path)
+from frmdn_worldmodels.games.policies import make_exploration_policy  # noqa: E402 (sys.path)
+from frmdn_worldmodels.models.vae import ConvVAE, frames_to_tensor, load_vae, tensor_to_frames  # noqa: E402 (sys.path)
+from frmdn_worldmodels.runtime.config import Config, ConfigError, load_config  # noqa: E402 (sys.path)
+from frmdn_worldmodels.runtime.io import DataError, write_json  # noqa: E402 (sys.path)
+from frmdn_worldmodels.runtime.paths import run_paths  # noqa: E402 (sys.path)
+from frmdn_worldmodels.runtime.plots import save_image_grid  # noqa: E402 (sys.path)
+from frmdn_worldmodels.stages.collect import collect_env_config, rollout_episode  # noqa: E402 (sys.path)
 
 PURPOSE = 7
 """Seeds these episodes apart from collection's, training's and evaluation's."""
@@ -68,7 +68,7 @@ def play(cfg: Config, episodes: int) -> tuple[np.ndarray, dict[str, np.ndarray]]
 
 def patch_errors(frames: np.ndarray, recon: np.ndarray, masks: np.ndarray) -> dict:
     """Mean squared error (pixels in [0, 1]) inside the player's patches, inside the enemies' and over the
-    pixels outside every patch, from the sprite ``masks`` ``[N, S, S]`` (``worldmodel.frames.sprite_masks``)
+    pixels outside every patch, from the sprite ``masks`` ``[N, S, S]`` (``data.frames.sprite_masks``)
     of the frames; ``frames`` and ``enemy_frames`` count the frames with each kind of patch."""
     player, enemies = (masks & SPRITE_BITS[key] != 0 for key in SPRITES)
     if not player.any():

@@ -25,15 +25,15 @@ sys.path.insert(0, str(ROOT))
 
 from run_args import run_parser  # noqa: E402 (the script's folder)
 
-from agents.agent import controller_for  # noqa: E402 (sys.path)
-from agents.evaluate import episode_stats  # noqa: E402 (sys.path)
-from agents.imitate import imitate_collected  # noqa: E402 (sys.path)
-from agents.train_controller import TEST, episode_seeds  # noqa: E402 (sys.path)
-from agents.workers import map_seeds, run_pool  # noqa: E402 (sys.path)
-from rollouts.dream_env import load_memory  # noqa: E402 (sys.path)
-from worldmodel.config import ConfigError, load_config  # noqa: E402 (sys.path)
-from worldmodel.io import DataError, write_json  # noqa: E402 (sys.path)
-from worldmodel.runs import run_paths  # noqa: E402 (sys.path)
+from frmdn_worldmodels.agent.play import controller_for  # noqa: E402 (sys.path)
+from frmdn_worldmodels.agent.workers import map_seeds, run_pool  # noqa: E402 (sys.path)
+from frmdn_worldmodels.dream.env import load_memory  # noqa: E402 (sys.path)
+from frmdn_worldmodels.runtime.config import ConfigError, load_config  # noqa: E402 (sys.path)
+from frmdn_worldmodels.runtime.io import DataError, write_json  # noqa: E402 (sys.path)
+from frmdn_worldmodels.runtime.paths import run_paths  # noqa: E402 (sys.path)
+from frmdn_worldmodels.stages.evaluate import episode_stats  # noqa: E402 (sys.path)
+from frmdn_worldmodels.stages.train_controller import TEST, episode_seeds  # noqa: E402 (sys.path)
+from frmdn_worldmodels.train.imitate import imitate_collected  # noqa: E402 (sys.path)
 
 
 def main(argv: list[str] | None = None) -> int:

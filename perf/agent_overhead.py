@@ -2,10 +2,10 @@
 
     .venv/bin/python perf/agent_overhead.py [--steps 300] [--envs 1 8] [--threads 1]
 
-CarRacing-v3 (through ``rollouts.envs.make_env``: 64x64 frames) played by the paper-scale agent (ConvVAE with
+CarRacing-v3 (through ``games.envs.make_env``: 64x64 frames) played by the paper-scale agent (ConvVAE with
 z of 32; FRMDN memory with LSTM 256, K = 5, d' = 3, a coupling flow; linear controller), with random weights
 (the cost does not depend on them), for N envs in lockstep as a rollout actor plays them
-(``agents.agent.play_episodes``: one batched agent call per step for all N envs, then each env steps).
+(``agent.play.play_episodes``: one batched agent call per step for all N envs, then each env steps).
 Every step times the agent call and the N env steps separately; overhead = total agent time / total env
 time. One torch thread by default, as in a Ray rollout actor. Goal: <= 10%.
 """
@@ -23,11 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agents.agent import WorldModelAgent, controller_for, onednn
-from rollouts.envs import make_env
-from worldmodel.config import EnvConfig, MemoryConfig
-from worldmodel.memory import MemoryModel
-from worldmodel.vae import ConvVAE
+from frmdn_worldmodels.agent.play import WorldModelAgent, controller_for, onednn
+from frmdn_worldmodels.games.envs import make_env
+from frmdn_worldmodels.models.memory import MemoryModel
+from frmdn_worldmodels.models.vae import ConvVAE
+from frmdn_worldmodels.runtime.config import EnvConfig, MemoryConfig
 
 
 def measure(envs, agent: WorldModelAgent, steps: int) -> tuple[float, float]:

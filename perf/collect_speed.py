@@ -33,11 +33,11 @@ sys.path.insert(0, str(ROOT))
 os.chdir(ROOT)  # Ray workers find the packages through the driver's working directory
 
 # the project's packages import only after the sys.path insert above (hence the noqa: E402)
-from rollouts.collect import collect_env_config, collect_episodes, episode_seeds  # noqa: E402 (sys.path)
-from rollouts.envs import make_env  # noqa: E402 (sys.path)
-from rollouts.parallel import init_ray  # noqa: E402 (sys.path)
-from rollouts.policies import make_exploration_policy  # noqa: E402 (sys.path)
-from worldmodel.config import load_config  # noqa: E402 (sys.path)
+from frmdn_worldmodels.games.envs import make_env  # noqa: E402 (sys.path)
+from frmdn_worldmodels.games.policies import make_exploration_policy  # noqa: E402 (sys.path)
+from frmdn_worldmodels.runtime.cluster import init_ray  # noqa: E402 (sys.path)
+from frmdn_worldmodels.runtime.config import load_config  # noqa: E402 (sys.path)
+from frmdn_worldmodels.stages.collect import collect_env_config, collect_episodes, episode_seeds  # noqa: E402 (sys.path)
 
 STEPS_PER_EPISODE = {"carracing": 250, "mario": 1000}
 

@@ -1,4 +1,4 @@
-"""Latent steps per second of the batched dream (``agents.dream_batch``) on this machine.
+"""Latent steps per second of the batched dream (``frmdn_worldmodels.dream.batched``) on this machine.
 
     .venv/bin/python perf/dream_speed.py [--batch 1024] [--steps 50] [--repeats 5] [--threads 1 2]
         [--profile]
@@ -28,11 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agents.controller import Controller
-from agents.dream_batch import BatchedDream
+from frmdn_worldmodels.dream.batched import BatchedDream
+from frmdn_worldmodels.models.controller import Controller
+from frmdn_worldmodels.models.memory import MemoryModel
+from frmdn_worldmodels.runtime.config import MemoryConfig
 from perf.roofline import matmul_peak
-from worldmodel.config import MemoryConfig
-from worldmodel.memory import MemoryModel
 
 
 def flops_per_latent_step(memory: MemoryModel, controller: Controller) -> float:

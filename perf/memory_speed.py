@@ -26,9 +26,9 @@ from torch.distributions import MultivariateNormal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from worldmodel.config import MemoryConfig
-from worldmodel.memory import MemoryModel
-from worldmodel.mixture import gmm_log_prob
+from frmdn_worldmodels.models.memory import MemoryModel
+from frmdn_worldmodels.models.mixture import gmm_log_prob
+from frmdn_worldmodels.runtime.config import MemoryConfig
 
 TRAIN_GOAL, DENSE_GOAL = 1.5, 500.0
 

@@ -1,7 +1,7 @@
 """This CPU's fp32 roofline for the perf scripts: the matmul peak, and FLOP counts to hold against it.
 
 A script reports its achieved GFLOP/s (counted FLOPs / wall time) as a fraction of ``matmul_peak``
-(``worldmodel.machine``, the rate every command records) measured in the same run with the same torch thread
+(``runtime.machine``, the rate every command records) measured in the same run with the same torch thread
 count, so the ratio means something on a busy machine too.
 
     from perf.roofline import matmul_peak, training_flops_per_frame
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from worldmodel.machine import matmul_peak
+from frmdn_worldmodels.runtime.machine import matmul_peak
 
 __all__ = ["matmul_peak", "training_flops_per_frame"]
 

@@ -34,11 +34,11 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from frmdn_worldmodels.data.episodes import save_episode
+from frmdn_worldmodels.data.frames import shuffled_batches
+from frmdn_worldmodels.models.vae import ConvVAE, frames_to_tensor, vae_loss
+from frmdn_worldmodels.stages.encode import encode_frames
 from perf.roofline import matmul_peak, training_flops_per_frame
-from worldmodel.data import save_episode
-from worldmodel.encode import encode_frames
-from worldmodel.frames import shuffled_batches
-from worldmodel.vae import ConvVAE, frames_to_tensor, vae_loss
 
 
 def timed_rate(step, frames_per_call: int, seconds: float) -> tuple[float, float]:

@@ -65,7 +65,7 @@ def staged_episode(env, env_cfg, policy, seed, log_dir: str, head: str):
     """
     import ray
 
-    from rollouts.collect import rollout_episode
+    from frmdn_worldmodels.stages.collect import rollout_episode
 
     node, pid, folder = ray.get_runtime_context().get_node_id(), os.getpid(), Path(log_dir)
     log_attempt(log_dir, event="start", seed=seed, node=node, pid=pid)
@@ -110,7 +110,7 @@ class Faults(threading.Thread):
 
 def collect_config(out: Path):
     """The config of the collection phase (the test rebuilds it to check the episodes)."""
-    from worldmodel.config import load_config
+    from frmdn_worldmodels.runtime.config import load_config
 
     return load_config(
         None,
@@ -127,8 +127,8 @@ def collect_config(out: Path):
 
 
 def collect_phase(cluster, worker_node, head: str, out: Path) -> dict:
-    from rollouts.collect import collect_episodes
-    from worldmodel.runs import run_paths
+    from frmdn_worldmodels.runtime.paths import run_paths
+    from frmdn_worldmodels.stages.collect import collect_episodes
 
     cfg = collect_config(out)
     events: dict = {}
@@ -164,13 +164,13 @@ def collect_phase(cluster, worker_node, head: str, out: Path) -> dict:
 def rollout_phase(cluster, head: str, out: Path) -> dict:
     import torch
 
-    from agents.agent import controller_for
-    from agents.train_controller import RealFitness
-    from worldmodel.config import load_config
-    from worldmodel.io import save_checkpoint
-    from worldmodel.memory import MemoryModel
-    from worldmodel.runs import run_paths
-    from worldmodel.vae import ConvVAE
+    from frmdn_worldmodels.agent.play import controller_for
+    from frmdn_worldmodels.models.memory import MemoryModel
+    from frmdn_worldmodels.models.vae import ConvVAE
+    from frmdn_worldmodels.runtime.config import load_config
+    from frmdn_worldmodels.runtime.io import save_checkpoint
+    from frmdn_worldmodels.runtime.paths import run_paths
+    from frmdn_worldmodels.stages.train_controller import RealFitness
 
     second = cluster.add_node(num_cpus=1)
     z_dim = 8

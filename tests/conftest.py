@@ -47,7 +47,7 @@ def ray_session():
 
 @pytest.fixture
 def run_main(capsys) -> Callable[..., subprocess.CompletedProcess]:
-    """``run_main(*args, main=run.main)``: a command's ``main(args)`` in this process, as the
+    """``run_main(*args, main=cli.main)``: a command's ``main(args)`` in this process, as the
     ``CompletedProcess`` a subprocess would give (exit code, stdout, stderr).
 
     For the refusals (exit code 2 before any work): a subprocess costs seconds of imports; each command keeps
@@ -57,9 +57,9 @@ def run_main(capsys) -> Callable[..., subprocess.CompletedProcess]:
 
     def call(*args, main: Callable[[list[str]], int] | None = None) -> subprocess.CompletedProcess:
         if main is None:
-            import run
+            from frmdn_worldmodels import cli
 
-            main = run.main
+            main = cli.main
         threads = torch.get_num_threads()
         capsys.readouterr()
         try:
@@ -103,7 +103,7 @@ def write_tiny_latents(
     """
     import numpy as np
 
-    from worldmodel.data import save_latents
+    from frmdn_worldmodels.data.episodes import save_latents
 
     rng = np.random.default_rng(seed)
     dynamics = 0.9 * np.linalg.qr(rng.standard_normal((z_dim, z_dim)))[0]
@@ -131,7 +131,7 @@ def write_tiny_latents(
 def tiny_memory_run(tmp_path):
     """``make(name="m", *overrides) -> Config``: a run under tmp_path holding synthetic latents (6 episodes,
     Z=4, A=2) and a small, fast memory (train/val/test = 4/1/1 episodes)."""
-    from worldmodel.config import load_config
+    from frmdn_worldmodels.runtime.config import load_config
 
     def make(name: str = "m", *overrides: str):
         config = load_config(

@@ -10,19 +10,19 @@ import torch
 from gymnasium import spaces
 from tracing import TracedMemory
 
-from agents import evaluate
-from agents.agent import Episode, WorldModelAgent, controller_for, play_episode, play_episodes
-from agents.controller import Controller
-from agents.workers import RolloutWorker, rollout_pool
-from rollouts.collect import rollout_episode
-from rollouts.envs import action_dim
-from rollouts.pool import sharing_pools
-from worldmodel.config import EnvConfig, MemoryConfig, load_config
-from worldmodel.data import save_latents
-from worldmodel.io import read_json, save_checkpoint
-from worldmodel.memory import MemoryModel
-from worldmodel.runs import run_paths
-from worldmodel.vae import ConvVAE, frames_to_tensor
+from frmdn_worldmodels.agent.play import Episode, WorldModelAgent, controller_for, play_episode, play_episodes
+from frmdn_worldmodels.agent.workers import RolloutWorker, rollout_pool
+from frmdn_worldmodels.data.episodes import save_latents
+from frmdn_worldmodels.games.envs import action_dim
+from frmdn_worldmodels.models.controller import Controller
+from frmdn_worldmodels.models.memory import MemoryModel
+from frmdn_worldmodels.models.vae import ConvVAE, frames_to_tensor
+from frmdn_worldmodels.runtime.config import EnvConfig, MemoryConfig, load_config
+from frmdn_worldmodels.runtime.io import read_json, save_checkpoint
+from frmdn_worldmodels.runtime.paths import run_paths
+from frmdn_worldmodels.runtime.pool import sharing_pools
+from frmdn_worldmodels.stages import evaluate
+from frmdn_worldmodels.stages.collect import rollout_episode
 
 Z, H = 8, 12
 
@@ -302,7 +302,7 @@ def test_dream_command_renders_a_dream_of_the_controller(tiny_run):
 
 
 def test_the_dream_sheet_spreads_its_frames_over_the_whole_dream():
-    from agents.evaluate import dream_sheet
+    from frmdn_worldmodels.stages.evaluate import dream_sheet
 
     frames = [np.full((2, 2, 3), i, np.uint8) for i in range(101)]
     rows = dream_sheet(frames)
@@ -315,7 +315,7 @@ def test_the_dream_sheet_spreads_its_frames_over_the_whole_dream():
 def test_dream_and_evaluate_rebuild_a_hidden_layer_controller_and_refuse_another_shape(tiny_run):
     from dataclasses import replace
 
-    from worldmodel.io import DataError, load_checkpoint
+    from frmdn_worldmodels.runtime.io import DataError, load_checkpoint
 
     hidden_cfg = replace(tiny_run, controller=replace(tiny_run.controller, hidden=4))
     for command in (evaluate.run, evaluate.run_dream):  # best.pt holds a linear controller
@@ -336,8 +336,8 @@ def test_train_controller_in_the_real_game_on_ray(ray_session, tiny_run, capsys)
     import shutil
     from dataclasses import replace
 
-    from agents import train_controller
-    from worldmodel.io import load_checkpoint, read_jsonl
+    from frmdn_worldmodels.runtime.io import load_checkpoint, read_jsonl
+    from frmdn_worldmodels.stages import train_controller
 
     # the fixture's hand-made best.pt is no stage's output: the stage never overwrites what it did not make
     shutil.rmtree(run_paths(tiny_run).controller)
@@ -370,8 +370,8 @@ def test_train_controller_in_the_real_game_on_ray(ray_session, tiny_run, capsys)
 def test_dream_only_fields_are_named_only_when_candidates_are_scored_in_the_real_game():
     from dataclasses import replace
 
-    from agents.train_controller import unused_in_real
-    from worldmodel.config import ControllerConfig
+    from frmdn_worldmodels.runtime.config import ControllerConfig
+    from frmdn_worldmodels.stages.train_controller import unused_in_real
 
     cfg = load_config(None)
     dreamy = replace(ControllerConfig(), temperature=1.3, dream_threads=2)
@@ -411,8 +411,8 @@ def test_play_episodes_records_the_furthest_x_position():
 def test_recorded_episodes_note_where_mario_is_in_every_frame():
     """The controller's recorded episodes (M's data in the iterations) carry the sprites' positions as
     collection's do, so a V weighted on them can train on them."""
-    from rollouts.envs import make_env
-    from worldmodel.config import EnvConfig
+    from frmdn_worldmodels.games.envs import make_env
+    from frmdn_worldmodels.runtime.config import EnvConfig
 
     mario = make_env(EnvConfig(name="mario", max_steps=6))
     try:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.common import benchmark_memory_config, model_label, train_or_resume
-from worldmodel.io import read_jsonl
-from worldmodel.memory import MemoryModel
-from worldmodel.training import LoopSettings
+from frmdn_worldmodels.benchmarks.common import benchmark_memory_config, model_label, train_or_resume
+from frmdn_worldmodels.models.memory import MemoryModel
+from frmdn_worldmodels.runtime.io import read_jsonl
+from frmdn_worldmodels.train.loop import LoopSettings
 
 
 class Interrupt(Exception):

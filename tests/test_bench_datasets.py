@@ -11,7 +11,7 @@ import wave
 import numpy as np
 import pytest
 
-from benchmarks.datasets import (
+from frmdn_worldmodels.benchmarks.datasets import (
     encode_wav_bytes,
     frame_sequences,
     list_wavs,
@@ -25,8 +25,8 @@ from benchmarks.datasets import (
     resolve_image_dataset,
     timit_split,
 )
-from worldmodel.config import ConfigError
-from worldmodel.io import DataError
+from frmdn_worldmodels.runtime.config import ConfigError
+from frmdn_worldmodels.runtime.io import DataError
 
 # ------------------------------------------------------------------------------------------------ MNIST IDX
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from scipy.stats import multivariate_normal, norm
 
-from benchmarks.common import benchmark_memory_config, model_variants, train_or_resume
-from benchmarks.image import (
+from frmdn_worldmodels.benchmarks.common import benchmark_memory_config, model_variants, train_or_resume
+from frmdn_worldmodels.benchmarks.image import (
     ClassGaussians,
     bits_per_dim,
     dequantize,
@@ -28,9 +28,9 @@ from benchmarks.image import (
     sequence_inputs,
     to_pixels,
 )
-from worldmodel.config import load_config
-from worldmodel.io import DataError, read_jsonl
-from worldmodel.memory import MemoryModel
+from frmdn_worldmodels.models.memory import MemoryModel
+from frmdn_worldmodels.runtime.config import load_config
+from frmdn_worldmodels.runtime.io import DataError, read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -356,7 +356,7 @@ def test_cli_refuses_bad_memory_settings_before_any_work(tmp_path, run_main):
 
 
 def test_memory_settings_reach_the_models_and_their_fingerprints(tmp_path, monkeypatch):
-    import benchmarks.image
+    import frmdn_worldmodels.benchmarks.image
 
     built = []
 
@@ -365,7 +365,7 @@ def test_memory_settings_reach_the_models_and_their_fingerprints(tmp_path, monke
             super().__init__(*args, **kwargs)
             built.append(self)
 
-    monkeypatch.setattr(benchmarks.image, "MemoryModel", Recording)
+    monkeypatch.setattr(frmdn_worldmodels.benchmarks.image, "MemoryModel", Recording)
     resumed = []
 
     def recording_train(*args, **kwargs):
@@ -373,7 +373,7 @@ def test_memory_settings_reach_the_models_and_their_fingerprints(tmp_path, monke
         resumed.append(result.resumed)
         return result
 
-    monkeypatch.setattr(benchmarks.image, "train_or_resume", recording_train)
+    monkeypatch.setattr(frmdn_worldmodels.benchmarks.image, "train_or_resume", recording_train)
     overrides = (
         "image.ranks=[1]",
         "image.kinds=[frmdn]",

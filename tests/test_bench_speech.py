@@ -13,12 +13,18 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.common import benchmark_memory_config
-from benchmarks.datasets import encode_wav_bytes
-from benchmarks.speech import length_batches, load_speech_corpus, pad_batch, run, sequence_nll
-from worldmodel.config import load_config
-from worldmodel.io import DataError
-from worldmodel.memory import MemoryModel
+from frmdn_worldmodels.benchmarks.common import benchmark_memory_config
+from frmdn_worldmodels.benchmarks.datasets import encode_wav_bytes
+from frmdn_worldmodels.benchmarks.speech import (
+    length_batches,
+    load_speech_corpus,
+    pad_batch,
+    run,
+    sequence_nll,
+)
+from frmdn_worldmodels.models.memory import MemoryModel
+from frmdn_worldmodels.runtime.config import load_config
+from frmdn_worldmodels.runtime.io import DataError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -189,7 +195,7 @@ def test_cli_refuses_a_missing_folder_and_bad_memory_settings_before_any_work(tm
 
 
 def test_memory_settings_reach_the_speech_models(tmp_path, monkeypatch):
-    import benchmarks.speech
+    import frmdn_worldmodels.benchmarks.speech
 
     built = []
 
@@ -198,7 +204,7 @@ def test_memory_settings_reach_the_speech_models(tmp_path, monkeypatch):
             super().__init__(*args, **kwargs)
             built.append(self)
 
-    monkeypatch.setattr(benchmarks.speech, "MemoryModel", Recording)
+    monkeypatch.setattr(frmdn_worldmodels.benchmarks.speech, "MemoryModel", Recording)
     write_wavs(tmp_path / "wavs", 20, np.random.default_rng(4), seconds=(0.1, 0.2))
     summary = run(
         speech_config(

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from cluster_driver import EPISODES, TIMEOUT, collect_config, read_attempts
 
-from rollouts.collect import collect_env_config, episode_name, episode_seeds, rollout_episode
-from rollouts.envs import make_env
-from rollouts.policies import make_exploration_policy
-from worldmodel.data import list_npz, load_episode
+from frmdn_worldmodels.data.episodes import list_npz, load_episode
+from frmdn_worldmodels.games.envs import make_env
+from frmdn_worldmodels.games.policies import make_exploration_policy
+from frmdn_worldmodels.stages.collect import collect_env_config, episode_name, episode_seeds, rollout_episode
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -126,8 +126,8 @@ def test_a_cluster_address_where_nothing_listens_is_named_within_seconds():
     connect would wait minutes without a word)."""
     import time
 
-    from rollouts.parallel import REACH_SECONDS, check_reachable
-    from worldmodel.config import ConfigError
+    from frmdn_worldmodels.runtime.cluster import REACH_SECONDS, check_reachable
+    from frmdn_worldmodels.runtime.config import ConfigError
 
     started = time.perf_counter()
     with pytest.raises(ConfigError, match=r"ray.address=127.0.0.1:1: no Ray cluster answers there"):

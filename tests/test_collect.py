@@ -15,7 +15,13 @@ import numpy as np
 import pytest
 import ray
 
-from rollouts.collect import (
+from frmdn_worldmodels.data.episodes import list_npz, load_episode, save_episode
+from frmdn_worldmodels.games.envs import make_env
+from frmdn_worldmodels.games.policies import make_exploration_policy
+from frmdn_worldmodels.runtime.config import ConfigError, load_config
+from frmdn_worldmodels.runtime.io import DataError, read_json
+from frmdn_worldmodels.runtime.paths import run_paths
+from frmdn_worldmodels.stages.collect import (
     collect_env_config,
     collect_episodes,
     episode_name,
@@ -23,12 +29,6 @@ from rollouts.collect import (
     rollout_episode,
     run,
 )
-from rollouts.envs import make_env
-from rollouts.policies import make_exploration_policy
-from worldmodel.config import ConfigError, load_config
-from worldmodel.data import list_npz, load_episode, save_episode
-from worldmodel.io import DataError, read_json
-from worldmodel.runs import run_paths
 
 ROOT = Path(__file__).resolve().parent.parent
 

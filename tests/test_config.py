@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from worldmodel.config import (
+from frmdn_worldmodels.runtime.config import (
     DEFAULT_CONFIG,
     Config,
     ConfigError,
@@ -30,11 +30,11 @@ def test_embedded_default_loads_and_differs_from_dataclass_defaults():
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_is_valid(path):
-    import run
+    from frmdn_worldmodels import cli
 
     config = load_config(path)
     for command in ("pipeline", "benchmark image", "benchmark speech"):
-        run.check_config(config, command)
+        cli.check_config(config, command)
 
 
 # one bad value per section (and the rules across sections): every command that uses the section refuses it
@@ -92,9 +92,9 @@ BAD_VALUES = [
 
 @pytest.mark.parametrize("command, override, message", BAD_VALUES, ids=[case[1] for case in BAD_VALUES])
 def test_a_bad_value_in_any_section_is_refused_before_any_work(tmp_path, capsys, command, override, message):
-    import run
+    from frmdn_worldmodels import cli
 
-    code = run.main([*command.split(), "--set", f"runs_dir={tmp_path / 'runs'}", "--set", override])
+    code = cli.main([*command.split(), "--set", f"runs_dir={tmp_path / 'runs'}", "--set", override])
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists(), "a refused config must not start any work"
@@ -212,13 +212,13 @@ def test_cli_refuses_unknown_key_with_exit_code_2(tmp_path):
 def test_threads_setting_is_applied_to_torch_and_validated(tmp_path, run_main):
     import torch
 
-    import run
+    from frmdn_worldmodels import cli
 
     before = torch.get_num_threads()
     try:
-        run.use_threads(1)
+        cli.use_threads(1)
         assert torch.get_num_threads() == 1
-        run.use_threads(0)  # torch's default stays as it is
+        cli.use_threads(0)  # torch's default stays as it is
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
@@ -232,8 +232,8 @@ def test_every_field_has_a_doc_line_and_each_command_help_lists_the_fields_it_re
     its doc line; a field without a doc line would be listed bare, so every field must have one."""
     import dataclasses
 
-    import run
-    from worldmodel.config import Config, field_docs
+    from frmdn_worldmodels import cli
+    from frmdn_worldmodels.runtime.config import Config, field_docs
 
     def undocumented(value, prefix=""):
         docs = field_docs(type(value))
@@ -251,4 +251,4 @@ def test_every_field_has_a_doc_line_and_each_command_help_lists_the_fields_it_re
     assert "  memory_train.carry_state = True\n      Truncated backpropagation through time" in shown
     assert "  seed = 0\n" in shown and "controller." not in shown  # what it reads, nothing else
     assert "  speech.memory.components = 20" in run_main("benchmark", "--help").stdout
-    assert set(run.sections_of("pipeline")) >= {"collect", "vae", "memory", "controller", "iterate"}
+    assert set(cli.sections_of("pipeline")) >= {"collect", "vae", "memory", "controller", "iterate"}

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from agents.controller import Controller
-from agents.train_controller import check_controller_config
-from rollouts.envs import action_dim, encode_action
-from worldmodel.config import ConfigError, EnvConfig, load_config
+from frmdn_worldmodels.games.envs import action_dim, encode_action
+from frmdn_worldmodels.models.controller import Controller
+from frmdn_worldmodels.runtime.config import ConfigError, EnvConfig, load_config
+from frmdn_worldmodels.stages.train_controller import check_controller_config
 
 MARIO = EnvConfig(name="mario", mario_actions="simple")
 

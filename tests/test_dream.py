@@ -22,14 +22,14 @@ import torch
 from gymnasium import spaces
 from gymnasium.utils.env_checker import check_env
 
-from agents.controller import Controller
-from agents.dream_batch import BatchedDream
-from rollouts.dream_env import DREAM_ENV_ID, DreamEnv, game_action_space, steps_left, warm_starts
-from rollouts.dream_step import DreamDynamics, DreamStarts
-from worldmodel.config import EnvConfig, MemoryConfig, load_config
-from worldmodel.data import save_latents
-from worldmodel.memory import MemoryModel
-from worldmodel.vae import ConvVAE
+from frmdn_worldmodels.data.episodes import save_latents
+from frmdn_worldmodels.dream.batched import BatchedDream
+from frmdn_worldmodels.dream.dynamics import DreamDynamics, DreamStarts
+from frmdn_worldmodels.dream.env import DREAM_ENV_ID, DreamEnv, game_action_space, steps_left, warm_starts
+from frmdn_worldmodels.models.controller import Controller
+from frmdn_worldmodels.models.memory import MemoryModel
+from frmdn_worldmodels.models.vae import ConvVAE
+from frmdn_worldmodels.runtime.config import EnvConfig, MemoryConfig, load_config
 
 Z, A, H = 6, 3, 12
 CAR_ACTIONS = game_action_space(EnvConfig(name="carracing"))
@@ -411,7 +411,7 @@ def warm_state(count, seed=3):
 
 
 def drive(env, ctrl, params, seed=None, options=None):
-    """One dream of ``env`` driven by the controller as ``agents.evaluate.run_dream`` drives it: observations
+    """One dream of ``env`` driven by the controller as ``stages.evaluate.run_dream`` drives it: observations
     [T + 1, Z + H], rewards [T], dones [T] and the reset's info."""
     obs, info = env.reset(seed=seed, options=options)
     observations, rewards, dones = [obs], [], []

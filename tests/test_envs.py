@@ -9,9 +9,8 @@ import gymnasium
 import numpy as np
 import pytest
 
-from rollouts import mario_expert
-from rollouts.collect import rollout_episode
-from rollouts.envs import (
+from frmdn_worldmodels.games import mario_expert
+from frmdn_worldmodels.games.envs import (
     CARRACING_INDICATOR_ROWS,
     action_dim,
     decode_action,
@@ -21,7 +20,7 @@ from rollouts.envs import (
     mario_buttons,
     sprite_centres,
 )
-from rollouts.policies import (
+from frmdn_worldmodels.games.policies import (
     FOLLOW_ROWS,
     BrownianCarPolicy,
     HeldDiscretePolicy,
@@ -30,7 +29,8 @@ from rollouts.policies import (
     right_biased_probs,
     road_offset,
 )
-from worldmodel.config import CollectConfig, ConfigError, EnvConfig
+from frmdn_worldmodels.runtime.config import CollectConfig, ConfigError, EnvConfig
+from frmdn_worldmodels.stages.collect import rollout_episode
 
 CAR = EnvConfig(name="carracing", max_steps=12)
 MARIO = EnvConfig(name="mario", max_steps=12)

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from agents import train_controller
-from agents.es import CMAES
-from worldmodel import stages
-from worldmodel.config import ConfigError, load_config
-from worldmodel.data import save_latents
-from worldmodel.io import load_checkpoint, read_jsonl, save_checkpoint
-from worldmodel.memory import MemoryModel
-from worldmodel.runs import run_paths
-from worldmodel.stages import recorded_seconds
+from frmdn_worldmodels.data.episodes import save_latents
+from frmdn_worldmodels.models.memory import MemoryModel
+from frmdn_worldmodels.runtime import records as stages
+from frmdn_worldmodels.runtime.config import ConfigError, load_config
+from frmdn_worldmodels.runtime.io import load_checkpoint, read_jsonl, save_checkpoint
+from frmdn_worldmodels.runtime.paths import run_paths
+from frmdn_worldmodels.runtime.records import recorded_seconds
+from frmdn_worldmodels.stages import train_controller
+from frmdn_worldmodels.train.es import CMAES
 
 Z = 4
 
@@ -232,8 +232,8 @@ def test_train_controller_trains_a_controller_with_a_hidden_layer(tmp_path):
 
 
 def _memory_and_controller(cfg):
-    from agents.agent import controller_for
-    from rollouts.dream_env import load_memory
+    from frmdn_worldmodels.agent.play import controller_for
+    from frmdn_worldmodels.dream.env import load_memory
 
     memory = load_memory(cfg)
     return memory, controller_for(cfg.env, memory, cfg.controller.hidden)

@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 
+from frmdn_worldmodels.data.frames import patch_boxes, sprite_masks
+from frmdn_worldmodels.runtime.io import DataError
 from tests.test_pipeline import REPO
-from worldmodel.frames import patch_boxes, sprite_masks
-from worldmodel.io import DataError
 
 sys.path.insert(0, str(REPO / "experiments"))
 
@@ -112,8 +112,8 @@ def test_the_sprite_patch_errors_against_the_rest_of_the_frame():
 
 
 def test_the_player_patch_command(tmp_path, run_main):
-    from worldmodel.io import read_json, save_checkpoint
-    from worldmodel.vae import ConvVAE
+    from frmdn_worldmodels.models.vae import ConvVAE
+    from frmdn_worldmodels.runtime.io import read_json, save_checkpoint
 
     save_checkpoint(tmp_path / "v.pt", state_dict=ConvVAE(8).state_dict(), config={})
     args = ["--set=env.name=mario", "--set=collect.max_steps=20", f"--set=runs_dir={tmp_path}"]
@@ -135,10 +135,10 @@ def test_the_done_head_read_in_one_pass_matches_a_step_by_step_reading(tmp_path)
     head's positive weight and horizon."""
     import torch
 
+    from frmdn_worldmodels.data.episodes import load_latents
+    from frmdn_worldmodels.models.memory import MemoryModel
+    from frmdn_worldmodels.runtime.config import MemoryConfig
     from tests.conftest import write_tiny_latents
-    from worldmodel.config import MemoryConfig
-    from worldmodel.data import load_latents
-    from worldmodel.memory import MemoryModel
 
     write_tiny_latents(tmp_path, episodes=1, steps=12)
     latents = load_latents(tmp_path / "episode_0000.npz")
@@ -177,7 +177,7 @@ def test_the_done_head_summary():
 
 
 def test_a_death_is_a_fall_when_mario_ends_off_the_screen(tmp_path):
-    from worldmodel.data import save_episode
+    from frmdn_worldmodels.data.episodes import save_episode
 
     obs, steps = np.zeros((4, 64, 64, 3), np.uint8), 3
     arrays = (obs, np.zeros((steps, 2)), np.zeros(steps), [False, False, True])
@@ -195,9 +195,9 @@ def test_a_death_is_a_fall_when_mario_ends_off_the_screen(tmp_path):
 
 
 def test_the_done_head_command(tmp_path, tiny_run, run_main):
+    from frmdn_worldmodels.data.episodes import load_latents
+    from frmdn_worldmodels.runtime.io import read_json
     from tests.conftest import copy_tiny_run
-    from worldmodel.data import load_latents
-    from worldmodel.io import read_json
 
     copy_tiny_run(tiny_run, tmp_path)
     result = run_main(f"--set=runs_dir={tmp_path}", main=done_head.main)

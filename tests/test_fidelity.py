@@ -9,15 +9,15 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-import run
-from agents import fidelity
-from agents.fidelity import average_ranks, pearson, spearman
-from agents.report import write_report
+from frmdn_worldmodels import cli
+from frmdn_worldmodels.runtime.config import FidelityConfig, load_config
+from frmdn_worldmodels.runtime.io import read_json
+from frmdn_worldmodels.runtime.paths import run_paths
+from frmdn_worldmodels.stages import fidelity
+from frmdn_worldmodels.stages.fidelity import average_ranks, pearson, spearman
+from frmdn_worldmodels.stages.report import write_report
 from tests.conftest import copy_tiny_run
 from tests.test_pipeline import REPO, TINY
-from worldmodel.config import FidelityConfig, load_config
-from worldmodel.io import read_json
-from worldmodel.runs import run_paths
 
 sys.path.insert(0, str(REPO / "experiments"))
 
@@ -65,8 +65,8 @@ def test_fidelity_ranks_every_controller_on_the_same_dreams_and_real_seeds(
 ):
     copy_tiny_run(tiny_run, tmp_path)
     cfg = load_config(None, [*TINY, f"runs_dir={tmp_path}", "controller.workers=2"])
-    run.check_config(cfg, "fidelity")
-    assert run.resolve(run.COMMANDS["fidelity"]) is fidelity.run
+    cli.check_config(cfg, "fidelity")
+    assert cli.resolve(cli.COMMANDS["fidelity"]) is fidelity.run
     cfg = replace(cfg, fidelity=FidelityConfig(controllers=7, dreams=4, real_episodes=2))  # one of each scale
     summary = fidelity.run(cfg)
 

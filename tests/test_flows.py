@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from worldmodel.flows import AffineCoupling, CouplingFlow
+from frmdn_worldmodels.models.flows import AffineCoupling, CouplingFlow
 
 F64 = torch.float64
 

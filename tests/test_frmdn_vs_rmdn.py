@@ -15,8 +15,8 @@ import math
 
 import torch
 
-from worldmodel.config import MemoryConfig
-from worldmodel.memory import MemoryModel
+from frmdn_worldmodels.models.memory import MemoryModel
+from frmdn_worldmodels.runtime.config import MemoryConfig
 
 NOISE = 0.2
 

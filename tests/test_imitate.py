@@ -9,9 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from agents import train_controller
-from agents.controller import Controller
-from agents.imitate import (
+from frmdn_worldmodels.data.episodes import load_latents, save_episode, save_latents
+from frmdn_worldmodels.models.controller import Controller
+from frmdn_worldmodels.models.memory import MemoryModel
+from frmdn_worldmodels.runtime.config import ConfigError, MemoryConfig, load_config
+from frmdn_worldmodels.runtime.io import DataError, load_checkpoint, read_json
+from frmdn_worldmodels.runtime.paths import run_paths
+from frmdn_worldmodels.stages import train_controller
+from frmdn_worldmodels.stages.report import _headline
+from frmdn_worldmodels.train.imitate import (
     check_init,
     controller_features,
     fit_controller,
@@ -20,12 +26,6 @@ from agents.imitate import (
     imitation_loss,
     imitation_targets,
 )
-from agents.report import _headline
-from worldmodel.config import ConfigError, MemoryConfig, load_config
-from worldmodel.data import load_latents, save_episode, save_latents
-from worldmodel.io import DataError, load_checkpoint, read_json
-from worldmodel.memory import MemoryModel
-from worldmodel.runs import run_paths
 
 Z, H = 4, 6
 EVERY_CONTROLLER = pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from worldmodel.data import (
+from frmdn_worldmodels.data.episodes import (
     list_npz,
     load_episode,
     load_latents,
@@ -15,7 +15,7 @@ from worldmodel.data import (
     save_latents,
     split_by_episode,
 )
-from worldmodel.io import (
+from frmdn_worldmodels.runtime.io import (
     DataError,
     append_jsonl,
     load_checkpoint,
@@ -154,7 +154,8 @@ def test_jsonl_survives_a_torn_last_line(tmp_path):
 def test_a_full_disk_names_the_file_and_leaves_nothing_that_looks_whole(tmp_path, monkeypatch, run_main):
     """ENOSPC mid-write: no file and no temporary left, the error names the file being written, and a
     command ends with that message (exit code 1), not a traceback."""
-    import run
+
+    from frmdn_worldmodels import cli
 
     real_fdopen = os.fdopen
 
@@ -178,7 +179,7 @@ def test_a_full_disk_names_the_file_and_leaves_nothing_that_looks_whole(tmp_path
     assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(target)
     assert list(target.parent.iterdir()) == []
 
-    monkeypatch.setattr(run, "resolve", lambda name: lambda cfg: save_episode(target, **_episode()))
+    monkeypatch.setattr(cli, "resolve", lambda name: lambda cfg: save_episode(target, **_episode()))
     result = run_main("collect", "--set", f"runs_dir={tmp_path / 'runs'}")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"the disk is full ({target}; nothing half-written is kept)" in result.stderr

@@ -13,18 +13,18 @@ import numpy as np
 import pytest
 import torch
 
-from agents.es import CMAES
-from agents.iterate import iteration_config
+from frmdn_worldmodels.data.episodes import list_npz
+from frmdn_worldmodels.data.sequences import fixed_sample_rng, load_sequences, split_latent_files
+from frmdn_worldmodels.models.memory import MemoryModel
+from frmdn_worldmodels.runtime.config import load_config
+from frmdn_worldmodels.runtime.io import load_checkpoint, read_json, read_jsonl
+from frmdn_worldmodels.runtime.paths import run_paths
+from frmdn_worldmodels.runtime.records import file_digest
+from frmdn_worldmodels.stages.iterate import iteration_config
+from frmdn_worldmodels.stages.train_memory import evaluate
+from frmdn_worldmodels.train.es import CMAES
 from tests.conftest import copy_tiny_run
 from tests.test_pipeline import REPO, TINY, run_pipeline
-from worldmodel.config import load_config
-from worldmodel.data import list_npz
-from worldmodel.io import load_checkpoint, read_json, read_jsonl
-from worldmodel.memory import MemoryModel
-from worldmodel.runs import run_paths
-from worldmodel.sequences import fixed_sample_rng, load_sequences, split_latent_files
-from worldmodel.stages import file_digest
-from worldmodel.train_memory import evaluate
 
 ITERATE = [
     "iterate.iterations=2",
@@ -139,21 +139,21 @@ def test_two_iterations_end_to_end_resume_after_a_kill(tmp_path, tiny_run):
 
 
 def test_evaluate_and_dream_read_the_last_iterations_controller(tmp_path, capsys):
-    import run
+    from frmdn_worldmodels import cli
 
     overrides = [f"runs_dir={tmp_path}", "iterate.iterations=2"]
     config = load_config(None, overrides)
-    assert run.stage_config(config, "train-controller") is config
+    assert cli.stage_config(config, "train-controller") is config
     # before the iterations, the command names what to run instead of scoring the wrong controller
-    assert run.main(["evaluate", *(f"--set={item}" for item in overrides)]) == 2
+    assert cli.main(["evaluate", *(f"--set={item}" for item in overrides)]) == 2
     assert "iterate.iterations=0" in capsys.readouterr().err
     final = iteration_config(config, 2)
     (run_paths(final).controller).mkdir(parents=True)
     (run_paths(final).controller / "best.pt").write_bytes(b"")
     for stage in ("evaluate", "dream"):
-        assert run_paths(run.stage_config(config, stage)).root == run_paths(final).root
+        assert run_paths(cli.stage_config(config, stage)).root == run_paths(final).root
     no_iterations = load_config(None, [f"runs_dir={tmp_path}"])
-    assert run.stage_config(no_iterations, "evaluate") is no_iterations
+    assert cli.stage_config(no_iterations, "evaluate") is no_iterations
 
 
 class Killed(BaseException):
@@ -163,7 +163,8 @@ class Killed(BaseException):
 def test_an_iterations_collection_keeps_the_episodes_saved_before_a_kill(
     tmp_path, monkeypatch, ray_session, tiny_run
 ):
-    from agents import iterate, workers
+    from frmdn_worldmodels.agent import workers
+    from frmdn_worldmodels.stages import iterate
 
     copy_tiny_run(tiny_run, tmp_path)  # the controller the iteration plays
     cfg = config(tmp_path, "iterate.episodes=4", "controller.envs_per_worker=1")

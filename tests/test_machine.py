@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from worldmodel import machine
-from worldmodel.io import read_jsonl
+from frmdn_worldmodels.runtime import machine
+from frmdn_worldmodels.runtime.io import read_jsonl
 
 
 def fake(rate: float, cpu: str = "Test CPU 9000", threads: int = 2) -> dict:
@@ -72,15 +72,15 @@ def test_the_report_line_names_the_machine_and_flags_a_run_of_mixed_speeds(
 
 
 def test_run_py_records_the_machine_of_an_interrupted_command(tmp_path, run_main, monkeypatch):
-    import run
+    from frmdn_worldmodels import cli
 
     def interrupted(config):
         (tmp_path / "tiny").mkdir()  # the stage started its outputs
         raise KeyboardInterrupt
 
-    original = run.resolve
+    original = cli.resolve
     monkeypatch.setattr(
-        run, "resolve", lambda target: interrupted if target == run.COMMANDS["encode"] else original(target)
+        cli, "resolve", lambda target: interrupted if target == cli.COMMANDS["encode"] else original(target)
     )
     result = run_main("encode", "--set", f"runs_dir={tmp_path}", "--set", "threads=1")
     assert result.returncode == 130 and "rerun the same command" in result.stderr
@@ -91,7 +91,7 @@ def test_run_py_records_the_machine_of_an_interrupted_command(tmp_path, run_main
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(
-        run, "resolve", lambda target: failing if target == run.COMMANDS["encode"] else original(target)
+        cli, "resolve", lambda target: failing if target == cli.COMMANDS["encode"] else original(target)
     )
     with pytest.raises(RuntimeError, match="a bug"):  # an unexpected error still reaches the user as is
         run_main("encode", "--set", f"runs_dir={tmp_path}", "--set", "threads=1")

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import MultivariateNormal
 
-from worldmodel.config import MemoryConfig
-from worldmodel.io import load_checkpoint, save_checkpoint
-from worldmodel.memory import MemoryModel, MemoryOutput
-from worldmodel.mixture import gmm_log_prob
+from frmdn_worldmodels.models.memory import MemoryModel, MemoryOutput
+from frmdn_worldmodels.models.mixture import gmm_log_prob
+from frmdn_worldmodels.runtime.config import MemoryConfig
+from frmdn_worldmodels.runtime.io import load_checkpoint, save_checkpoint
 
 F64 = torch.float64
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.distributions import MultivariateNormal
 
-from worldmodel.mixture import gaussian_log_prob, gmm_log_prob, gmm_sample
+from frmdn_worldmodels.models.mixture import gaussian_log_prob, gmm_log_prob, gmm_sample
 
 F64 = torch.float64
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from frmdn_worldmodels.data.episodes import list_npz, load_episode, load_latents
+from frmdn_worldmodels.models.memory import MemoryModel
+from frmdn_worldmodels.models.vae import load_vae
+from frmdn_worldmodels.runtime.config import load_config
+from frmdn_worldmodels.runtime.io import load_checkpoint, read_json, read_jsonl
+from frmdn_worldmodels.runtime.records import output_digest
 from tests.conftest import copy_tiny_run
-from worldmodel.config import load_config
-from worldmodel.data import list_npz, load_episode, load_latents
-from worldmodel.io import load_checkpoint, read_json, read_jsonl
-from worldmodel.memory import MemoryModel
-from worldmodel.stages import output_digest
-from worldmodel.vae import load_vae
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""The Ray actor pool of collection and real-game rollouts (``rollouts.pool``): results in job order, a dead
+"""The Ray actor pool of collection and real-game rollouts (``runtime.pool``): results in job order, a dead
 actor replaced and its job rerun on a live actor at once (never waiting on a replacement Ray cannot schedule),
 a hung job killed after its timeout and rerun, bounded retries, and a clear end when no actor is left or
 actors keep dying. (The two-node cluster version is tests/test_cluster.py.)"""
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import ray
 
-from rollouts.pool import ActorPool, PoolWorker, shared_pool, sharing_pools
+from frmdn_worldmodels.runtime.pool import ActorPool, PoolWorker, shared_pool, sharing_pools
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -304,8 +304,8 @@ def test_sharing_pools_hands_a_closed_pool_to_the_next_user_of_its_key(ray_sessi
     ],
 )
 def test_bad_rollout_pool_settings_are_refused_with_the_field(override):
-    from agents.workers import check_rollout_config
-    from worldmodel.config import ConfigError, load_config
+    from frmdn_worldmodels.agent.workers import check_rollout_config
+    from frmdn_worldmodels.runtime.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
         check_rollout_config(load_config(None, [override]).controller)

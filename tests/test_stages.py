@@ -1,4 +1,4 @@
-"""Stages that know what they were made from (``worldmodel.stages``)."""
+"""Stages that know what they were made from (``frmdn_worldmodels.runtime.records``)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from worldmodel import stages
-from worldmodel.config import ConfigError, load_config
-from worldmodel.io import read_json, write_json
-from worldmodel.stages import MADE_FROM, Stage, output_digest, recorded_seconds
+from frmdn_worldmodels.runtime import records as stages
+from frmdn_worldmodels.runtime.config import ConfigError, load_config
+from frmdn_worldmodels.runtime.io import read_json, write_json
+from frmdn_worldmodels.runtime.records import MADE_FROM, Stage, output_digest, recorded_seconds
 
 
 def cfg(tmp_path, *overrides):

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from worldmodel.data import load_latents
-from worldmodel.io import read_json, read_jsonl
-from worldmodel.sequences import split_latent_files
-from worldmodel.sweep import run_table1, table1_dir
+from frmdn_worldmodels.benchmarks.table1 import run_table1, table1_dir
+from frmdn_worldmodels.data.episodes import load_latents
+from frmdn_worldmodels.data.sequences import split_latent_files
+from frmdn_worldmodels.runtime.io import read_json, read_jsonl
 
 GRID = (
     "memory_train.sweep_components=[1,2]",
@@ -177,7 +177,7 @@ def test_a_partly_done_sweep_trains_only_the_missing_runs_and_says_what_is_left(
 
 
 def test_runs_go_as_ray_tasks(tiny_memory_run, ray_session):
-    from rollouts.parallel import ray_map
+    from frmdn_worldmodels.runtime.cluster import ray_map
 
     cfg = tiny_memory_run(
         "ray", *GRID[2:], "memory_train.sweep_components=[2]", "memory_train.sweep_ranks=[1]"

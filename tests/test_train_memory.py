@@ -12,20 +12,20 @@ import numpy as np
 import pytest
 import torch
 
-import worldmodel.training as training
-from worldmodel.config import ConfigError, MemoryConfig
-from worldmodel.data import list_npz, load_latents
-from worldmodel.io import DataError, load_checkpoint, read_json, read_jsonl
-from worldmodel.memory import MemoryModel
-from worldmodel.sequences import (
+import frmdn_worldmodels.train.loop as training
+from frmdn_worldmodels.data.episodes import list_npz, load_latents
+from frmdn_worldmodels.data.sequences import (
     SequenceSet,
     chunk_episode,
     load_sequences,
     split_latent_files,
     spread_terminals,
 )
-from worldmodel.train_memory import run
-from worldmodel.training import TrainingStopped
+from frmdn_worldmodels.models.memory import MemoryModel
+from frmdn_worldmodels.runtime.config import ConfigError, MemoryConfig
+from frmdn_worldmodels.runtime.io import DataError, load_checkpoint, read_json, read_jsonl
+from frmdn_worldmodels.stages.train_memory import run
+from frmdn_worldmodels.train.loop import TrainingStopped
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -229,7 +229,7 @@ def test_missing_latents_tell_the_user_to_encode(tiny_memory_run):
 
 
 def test_a_changed_model_is_redone_or_refused_never_resumed(tiny_memory_run):
-    from worldmodel.config import ConfigError
+    from frmdn_worldmodels.runtime.config import ConfigError
 
     cfg = tiny_memory_run("m", "memory_train.epochs=1")
     assert run(cfg)["rank"] == 1
@@ -371,7 +371,7 @@ def test_lanes_read_each_episode_in_order_one_window_a_step():
 def test_the_carried_state_is_the_state_the_last_window_ended_in_detached(tiny_memory_run):
     """One lane batch after another: the second starts where the first ended (zeros on reset rows) and no
     gradient flows back into the first."""
-    from worldmodel.train_memory import StateCarry, batch_losses
+    from frmdn_worldmodels.stages.train_memory import StateCarry, batch_losses
 
     cfg = tiny_memory_run("carry")
     split = split_latent_files(cfg.run_dir / "latents", 0.2, 0.2, cfg.seed)
@@ -398,7 +398,7 @@ def test_the_done_head_is_calibrated_to_the_datas_rate_of_ends(tiny_memory_run, 
     """After training, b is set so that the head's mean chance over the training steps (the positive weight
     taken out) is the data's rate of ends with one pseudo-count each way: with no end in the data, about one
     in the number of steps, however sure the head was."""
-    from worldmodel.train_memory import calibrate_done
+    from frmdn_worldmodels.stages.train_memory import calibrate_done
 
     cfg = tiny_memory_run("calibrated", "memory_train.use_mu=true", "memory_train.epochs=1")
     if not ends:  # the same episodes, cut by the time limit: no terminal anywhere

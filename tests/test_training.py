@@ -1,4 +1,4 @@
-"""The one training loop (``worldmodel.training``): resume, the NaN guard, TensorBoard; and that the VAE, the
+"""The one training loop (``train.loop``): resume, the NaN guard, TensorBoard; and that the VAE, the
 memory and the benchmarks all train through it (the guard holds in each)."""
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.common import train_or_resume
-from worldmodel import train_vae, training
-from worldmodel.io import load_checkpoint, read_jsonl
-from worldmodel.memory import MemoryModel
-from worldmodel.train_memory import run as train_memory_run
-from worldmodel.training import LoopSettings, TrainingStopped, TrainTask
+from frmdn_worldmodels.benchmarks.common import train_or_resume
+from frmdn_worldmodels.models.memory import MemoryModel
+from frmdn_worldmodels.runtime.io import load_checkpoint, read_jsonl
+from frmdn_worldmodels.stages import train_vae
+from frmdn_worldmodels.stages.train_memory import run as train_memory_run
+from frmdn_worldmodels.train import loop as training
+from frmdn_worldmodels.train.loop import LoopSettings, TrainingStopped, TrainTask
 
 
 def _finite(payload) -> bool:
@@ -228,8 +229,8 @@ def _check_guarded(folder, checkpoint_names):
 
 
 def test_the_vae_trains_through_the_guard(tmp_path, monkeypatch):
+    from frmdn_worldmodels.runtime.paths import run_paths
     from tests.test_vae import tiny_config, write_episodes
-    from worldmodel.runs import run_paths
 
     cfg = tiny_config(tmp_path, "v", "vae.epochs=1")
     write_episodes(run_paths(cfg).episodes)
@@ -249,7 +250,7 @@ def test_the_memory_trains_through_the_guard(tiny_memory_run, monkeypatch):
 
 
 def test_the_benchmarks_train_through_the_guard(tmp_path):
-    from worldmodel.config import MemoryConfig
+    from frmdn_worldmodels.runtime.config import MemoryConfig
 
     torch.manual_seed(0)
     model = MemoryModel(

@@ -14,17 +14,18 @@ import numpy as np
 import pytest
 import torch
 
-from worldmodel import encode as encode_module
-from worldmodel import frames as frames_module
-from worldmodel import stages, train_vae
-from worldmodel.config import ConfigError, load_config
-from worldmodel.data import load_latents, save_episode
-from worldmodel.io import DataError, load_checkpoint, read_json, read_jsonl, save_checkpoint
-from worldmodel.plots import plot_curves, save_image_grid
-from worldmodel.runs import run_paths
-from worldmodel.stages import recorded_seconds
-from worldmodel.training import TrainingStopped
-from worldmodel.vae import ConvVAE, frames_to_tensor, load_vae, tensor_to_frames, vae_loss
+from frmdn_worldmodels.data import frames as frames_module
+from frmdn_worldmodels.data.episodes import load_latents, save_episode
+from frmdn_worldmodels.models.vae import ConvVAE, frames_to_tensor, load_vae, tensor_to_frames, vae_loss
+from frmdn_worldmodels.runtime import records as stages
+from frmdn_worldmodels.runtime.config import ConfigError, load_config
+from frmdn_worldmodels.runtime.io import DataError, load_checkpoint, read_json, read_jsonl, save_checkpoint
+from frmdn_worldmodels.runtime.paths import run_paths
+from frmdn_worldmodels.runtime.plots import plot_curves, save_image_grid
+from frmdn_worldmodels.runtime.records import recorded_seconds
+from frmdn_worldmodels.stages import encode as encode_module
+from frmdn_worldmodels.stages import train_vae
+from frmdn_worldmodels.train.loop import TrainingStopped
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -171,7 +172,7 @@ def test_weighted_vae_loss_against_a_dense_reference():
 
 def carracing_frames(count: int = 16) -> np.ndarray:
     """Real CarRacing frames through the project's env (past the opening zoom), with a gentle random drive."""
-    from rollouts.envs import make_env
+    from frmdn_worldmodels.games.envs import make_env
 
     config = load_config(None, ["env.max_steps=200"])
     env = make_env(config.env, seed=3)

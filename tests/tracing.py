@@ -1,6 +1,6 @@
 """A memory model that records every recurrent step, for the alignment tests of the agent and the dream."""
 
-from worldmodel.memory import MemoryModel
+from frmdn_worldmodels.models.memory import MemoryModel
 
 
 class TracedMemory(MemoryModel):

@@ -1,1 +1,0 @@
-"""The controller, CMA-ES and agents acting with V + M + C (depends on rollouts and worldmodel)."""

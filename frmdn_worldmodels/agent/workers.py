@@ -1,0 +1,263 @@
+"""Real-game rollouts on Ray: actors that each hold their envs and the models (loaded once) and play a job's
+episodes in lockstep, run by the pool of ``runtime.pool`` (the one collection uses: a dead, failing or hung
+actor is replaced and its job run again, a bounded number of times).
+
+The models travel as plain state dicts through Ray's object store (``ray.put`` once), not as file paths, so
+the actors work on any node of a cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from frmdn_worldmodels.agent.play import ActionNoise, Episode, WorldModelAgent, controller_for, play_episodes
+from frmdn_worldmodels.data.episodes import episode_arrays
+from frmdn_worldmodels.games.envs import encode_action, make_env
+from frmdn_worldmodels.models.memory import MemoryModel
+from frmdn_worldmodels.models.vae import ConvVAE
+from frmdn_worldmodels.runtime.config import Config, ConfigError, ControllerConfig, EnvConfig
+from frmdn_worldmodels.runtime.io import npz_bytes
+from frmdn_worldmodels.runtime.pool import ActorPool, PoolWorker, shared_pool
+
+
+class RolloutWorker(PoolWorker):
+    """Holds up to ``envs`` real envs, the VAE and the memory; plays episodes in lockstep for any
+    controller."""
+
+    def __init__(
+        self,
+        env_cfg: EnvConfig,
+        vae_state: dict,
+        memory_payload: dict,
+        use_mu: bool,
+        max_steps: int | None = None,
+        envs: int = 16,
+        device: str = "cpu",
+        threads: int = 1,
+        hidden: int = 0,
+    ):
+        """``hidden``: the controller's hidden units (``controller.hidden``), so the actor builds the
+        controller the candidates' parameters are for."""
+        # one core per actor: torch's own thread pool would fight the other actors for the same cores
+        torch.set_num_threads(threads)
+        if envs < 1:
+            raise ValueError(f"a rollout worker needs at least one env, got envs={envs}")
+        self.env_cfg, self.use_mu, self.max_steps, self.device = env_cfg, use_mu, max_steps, device
+        self.max_envs = envs
+        self.envs = [make_env(env_cfg)]  # more are made when a job asks for more episodes at once
+        self.vae = ConvVAE(vae_state["fc_mu.weight"].shape[0])
+        self.vae.load_state_dict(vae_state)
+        self.vae.to(device).eval()
+        self.memory = MemoryModel.from_checkpoint(memory_payload).to(device).eval()
+        self.controller = controller_for(env_cfg, self.memory, hidden)
+        self.agent = WorldModelAgent(
+            self.vae, self.memory, self.controller, torch.zeros(self.controller.num_params), use_mu, device
+        )
+
+    def evaluate(
+        self, params: np.ndarray | None, seeds: Sequence[int], record: bool = False
+    ) -> list[Episode]:
+        """One episode per seed, up to ``envs`` of them at a time in lockstep. ``params``: one controller
+        ``[n]`` for all, one per episode ``[len(seeds), n]``, or ``None`` for uniformly random actions."""
+        if params is not None:
+            params = np.asarray(params, dtype=np.float32)
+            if params.ndim == 2 and len(params) != len(seeds):
+                raise ValueError(f"{len(params)} controllers for {len(seeds)} episodes")
+        episodes = []
+        for start, chunk in self._lockstep(seeds):
+            agent = None
+            if params is not None:
+                agent = self.agent
+                agent.set_params(params[start : start + len(chunk)] if params.ndim == 2 else params)
+            episodes += play_episodes(self.envs, agent, chunk, self.max_steps, record)
+        return episodes
+
+    def _lockstep(self, seeds: Sequence[int]) -> Iterator[tuple[int, list[int]]]:
+        """(offset, seeds) of each lockstep batch of at most ``envs`` episodes, with the envs to play them."""
+        for start in range(0, len(seeds), self.max_envs):
+            chunk = [int(seed) for seed in seeds[start : start + self.max_envs]]
+            while len(self.envs) < len(chunk):
+                self.envs.append(make_env(self.env_cfg))
+            yield start, chunk
+
+    def collect(self, params: np.ndarray, seeds: Sequence[int], noise: str, scale: float) -> list[dict]:
+        """Episodes for M's data, one per seed, played by the controller ``params [n]`` with exploration noise
+        (``noise``: ``action`` or ``params``, see ``IterateConfig``): per episode ``{"seed", "data"`` (the npz
+        bytes of the episode file), ``"return", "steps", "max_x"}``."""
+        params = np.asarray(params, dtype=np.float32)
+        out = []
+        for _, chunk in self._lockstep(seeds):
+            if noise == "params":  # one perturbed controller per episode, seeded by the episode
+                draws = [np.random.default_rng([8, seed]).standard_normal(len(params)) for seed in chunk]
+                self.agent.set_params(params + scale * np.stack(draws).astype(np.float32))
+            else:
+                self.agent.set_params(params)
+                self.agent.noise = ActionNoise(self.controller, scale)
+            try:
+                episodes = play_episodes(self.envs, self.agent, chunk, self.max_steps, record=True)
+            finally:
+                self.agent.noise = None
+            for episode in episodes:
+                arrays = episode_arrays(
+                    f"episode of seed {episode.seed}",
+                    np.stack(episode.frames),
+                    np.stack([encode_action(self.env_cfg, a) for a in episode.actions]),
+                    episode.rewards,
+                    episode.terminals,
+                    None if episode.sprites[0] is None else np.stack(episode.sprites),
+                )
+                out.append(
+                    {
+                        "seed": episode.seed,
+                        "data": npz_bytes(**arrays),
+                        "return": episode.ret,
+                        "steps": episode.steps,
+                        "max_x": episode.max_x,
+                    }
+                )
+        return out
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+
+
+def check_rollout_config(controller: ControllerConfig) -> None:
+    """Refuse rollout-pool settings that cannot work (``ConfigError`` naming the field), before any work."""
+    for key, low in (("workers", 0), ("retries", 0), ("envs_per_worker", 1), ("job_timeout", 0)):
+        if getattr(controller, key) < low:
+            raise ConfigError(f"controller.{key} must be at least {low}, got {getattr(controller, key)}")
+
+
+def rollout_pool(
+    env_cfg: EnvConfig,
+    vae_state: dict,
+    memory_payload: dict,
+    use_mu: bool,
+    max_steps: int | None,
+    controller: ControllerConfig,
+) -> ActorPool:
+    """A pool of ``RolloutWorker`` actors (``controller.workers``: 0 = one per CPU Ray sees), the models put
+    once; inside ``runtime.pool.sharing_pools()`` the actors of the last such pool when it holds the same
+    models and settings (``max_steps`` None: the env's own time limit).
+
+    A job that fails (its actor died, raised, or ran longer than ``controller.job_timeout``) is run again on
+    another actor, at most ``controller.retries`` times; then ``map`` raises ``RuntimeError``.
+    """
+    import ray
+
+    check_rollout_config(controller)
+    cpus = max(int(ray.cluster_resources().get("CPU", 1)), 1)
+    size = controller.workers or cpus
+    max_steps = max_steps or env_cfg.max_steps  # the same episodes: the env truncates there
+
+    def make() -> ActorPool:
+        actor_class = ray.remote(num_cpus=min(1.0, cpus / size), max_restarts=0)(RolloutWorker)
+        vae_ref, memory_ref = ray.put(vae_state), ray.put(memory_payload)
+        return ActorPool(
+            lambda: actor_class.remote(
+                env_cfg,
+                vae_ref,
+                memory_ref,
+                use_mu,
+                max_steps,
+                controller.envs_per_worker,
+                hidden=controller.hidden,
+            ),
+            size,
+            controller.retries,
+            controller.job_timeout,
+            controller.job_timeout,
+            "controller.job_timeout",
+            "rollout job",
+        )
+
+    settings = (controller.envs_per_worker, controller.hidden, controller.retries, controller.job_timeout)
+    key = ("rollout", repr(env_cfg), _digest(vae_state), _digest(memory_payload), use_mu, max_steps, size)
+    return shared_pool((*key, *settings), make)
+
+
+def _digest(payload: object) -> str:
+    """A digest of a state dict or checkpoint payload: its tensors' bytes, dtypes and shapes, and the rest's
+    ``repr``, in order."""
+    digest = hashlib.sha256()
+
+    def feed(item: object) -> None:
+        if isinstance(item, torch.Tensor):
+            digest.update(f"{item.dtype}{tuple(item.shape)}".encode())
+            digest.update(item.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        elif isinstance(item, dict):
+            for name, value in item.items():
+                digest.update(repr(name).encode())
+                feed(value)
+        elif isinstance(item, list | tuple):
+            for value in item:
+                feed(value)
+        else:
+            digest.update(repr(item).encode())
+
+    feed(payload)
+    return digest.hexdigest()
+
+
+def run_pool(cfg: Config, max_steps: int | None = None, memory: MemoryModel | None = None) -> ActorPool:
+    """A pool of rollout actors holding the V of the run ``cfg`` (its ``vae/vae.pt``) and ``memory``, by
+    default the run's own (``memory/memory.pt``)."""
+    from frmdn_worldmodels.dream.env import load_memory
+    from frmdn_worldmodels.models.vae import load_vae
+    from frmdn_worldmodels.runtime.cluster import init_ray
+    from frmdn_worldmodels.runtime.paths import run_paths
+
+    init_ray(cfg.ray)
+    vae = load_vae(run_paths(cfg).vae / "vae.pt", "cpu")
+    memory = memory if memory is not None else load_memory(cfg, "cpu")
+    return rollout_pool(
+        cfg.env, vae.state_dict(), memory.to_checkpoint(), cfg.memory_train.use_mu, max_steps, cfg.controller
+    )
+
+
+def seed_chunks(pool: ActorPool, seeds: Sequence[int], envs_per_worker: int) -> list[list[int]]:
+    """``seeds`` cut into the lockstep jobs of ``pool``: at least one per actor, none above
+    ``envs_per_worker``."""
+    return split_seeds(seeds, chunk_count(len(seeds), pool.size, envs_per_worker))
+
+
+def map_seeds(
+    pool: ActorPool,
+    method: str,
+    params: np.ndarray | None,
+    seeds: Sequence[int],
+    envs_per_worker: int,
+    *extra: object,
+    desc: str | None = None,
+    on_chunk: Callable[[list[int], list], None] | None = None,
+) -> list:
+    """``method(params, chunk, *extra)`` on the pool for every lockstep chunk of ``seeds``; the per-episode
+    results, flattened in the order of ``seeds``. ``desc``: a progress bar of the episodes under that name.
+    ``on_chunk(positions in seeds, results)`` is called as each chunk finishes."""
+    chunks = seed_chunks(pool, seeds, envs_per_worker)
+    jobs = [(params, chunk, *extra) for chunk in chunks]
+    starts = np.cumsum([0, *(len(chunk) for chunk in chunks)])
+
+    def delivered(index: int, result: list) -> None:
+        on_chunk(list(range(starts[index], starts[index + 1])), result)
+
+    on_result = None if on_chunk is None else delivered
+    results = pool.map(method, jobs, desc, [len(chunk) for chunk in chunks], on_result)
+    return [item for result in results for item in result]
+
+
+def split_seeds(seeds: Sequence[int], parts: int) -> list[list[int]]:
+    """``seeds`` cut into at most ``parts`` nearly equal consecutive chunks (none empty)."""
+    parts = max(1, min(parts, len(seeds)))
+    return [list(map(int, chunk)) for chunk in np.array_split(np.asarray(seeds, dtype=np.int64), parts)]
+
+
+def chunk_count(episodes: int, workers: int, envs_per_worker: int) -> int:
+    """How many jobs to cut ``episodes`` into: at least one per worker, none larger than
+    ``envs_per_worker``."""
+    return max(min(workers, episodes), -(-episodes // envs_per_worker))

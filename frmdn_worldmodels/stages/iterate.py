@@ -1,0 +1,336 @@
+"""``python run.py iterate``: World Models' iterative training, after the pipeline's first controller.
+
+Random exploration never shows the memory what good play leads to, so a controller trained in its dream
+exploits what the memory never saw. Ha & Schmidhuber's remedy, iteration i = 1 .. ``iterate.iterations``:
+
+1. play ``iterate.episodes`` real episodes with the current best controller acting through V + M on the Ray
+   rollout workers, with exploration noise (``iterate.noise``: ``action`` perturbs each action, ``params``
+   draws one perturbed controller per episode), written as ordinary episode files;
+2. train M further, from its previous weights, on every episode so far (V too with ``iterate.retrain_vae``);
+3. continue CMA-ES in the new dream from the previous mean;
+4. score the new best controller in the real game (``iterate.eval_episodes``, the random policy on the same
+   seeds alongside).
+
+Iteration i is a run of its own in ``<run>/iterate/it<i>/`` (its ``episodes/``, ``vae/``, ``latents/``,
+``memory/``, ``controller/``), made by the pipeline's own stages, so each step resumes after a kill and is
+redone when what it was made from changed. Earlier episodes are hard links, not copies.
+``iterate/summary.json`` holds one row per iteration (0 = the pipeline's controller): ``iteration``,
+``episodes_total``, ``real_mean``, ``real_std``, ``dream_best``, ``random_mean``, ``seconds``;
+``iterate/scores.png`` plots them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from frmdn_worldmodels.data.episodes import list_npz
+from frmdn_worldmodels.runtime.config import Config, ConfigError
+from frmdn_worldmodels.runtime.io import DataError, atomic_write_bytes, load_checkpoint, read_json, write_json
+from frmdn_worldmodels.runtime.paths import run_paths
+from frmdn_worldmodels.runtime.plots import plot_curves
+from frmdn_worldmodels.runtime.progress import note
+from frmdn_worldmodels.runtime.records import Stage, file_digest, recorded_seconds
+
+NOISE_KINDS = ("action", "params")
+"""Values of ``iterate.noise``."""
+EVAL_PURPOSE = 3
+"""Seed purpose of the iterations' real-game scores (``stages.train_controller``: 0 train, 1 eval, 2 test)."""
+
+
+def check_iterate_config(cfg: Config) -> None:
+    """Refuse an iterate section that cannot be used (``ConfigError`` naming the field)."""
+    it = cfg.iterate
+    for key, low in (
+        ("iterations", 0),
+        ("episodes", 1),
+        ("memory_epochs", 1),
+        ("generations", 1),
+        ("eval_episodes", 1),
+    ):
+        if getattr(it, key) < low:
+            raise ConfigError(f"iterate.{key} must be at least {low}, got {getattr(it, key)}")
+    if it.noise not in NOISE_KINDS:
+        raise ConfigError(f"iterate.noise must be one of {', '.join(NOISE_KINDS)}, got {it.noise!r}")
+    if not it.noise_scale >= 0:
+        raise ConfigError(f"iterate.noise_scale must be >= 0, got {it.noise_scale}")
+    if it.iterations and cfg.controller.train_in != "dream":
+        raise ConfigError(
+            "iterate.iterations > 0 trains the controller in the dream: controller.train_in must be "
+            f"'dream', got {cfg.controller.train_in!r}"
+        )
+
+
+def iteration_config(cfg: Config, iteration: int) -> Config:
+    """The run of iteration ``iteration`` (0 = the pipeline's own run): ``<run>/iterate/it<i>/``, with the
+    budgets of one iteration (``iterate.memory_epochs``, ``iterate.generations``)."""
+    if iteration == 0:
+        return cfg
+    root = Path(cfg.runs_dir).resolve() / cfg.name / "iterate"
+    return dataclasses.replace(
+        cfg,
+        runs_dir=str(root),
+        name=f"it{iteration:02d}",
+        memory_train=dataclasses.replace(cfg.memory_train, epochs=cfg.iterate.memory_epochs),
+        vae=dataclasses.replace(cfg.vae, epochs=cfg.iterate.memory_epochs),
+        controller=dataclasses.replace(cfg.controller, generations=cfg.iterate.generations),
+    )
+
+
+def _link_all(sources: list[Path], folder: Path) -> None:
+    """Hard-link ``sources`` into ``folder`` (a copy where the file system cannot link), keeping the names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for source in sources:
+        target = folder / source.name
+        if target.exists():
+            continue
+        try:
+            os.link(source, target)
+        except OSError:
+            atomic_write_bytes(target, source.read_bytes())
+
+
+def _policy_digest(cfg: Config) -> str:
+    return file_digest(run_paths(cfg).controller / "best.pt")
+
+
+PLAYED = "played.json"
+"""An iteration's episodes folder: the scores of the episodes saved so far by an unfinished collection."""
+
+
+def _params_digest(params: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(params, dtype=np.float32).tobytes()).hexdigest()[:16]
+
+
+def collect_iteration(cfg: Config, previous: Config, current: Config, iteration: int) -> dict:
+    """Step 1: the episodes of every earlier run, linked, and ``iterate.episodes`` new ones played by the
+    previous run's best controller through its V and M, with exploration noise; returns the episodes stage's
+    summary."""
+    from frmdn_worldmodels.agent.workers import map_seeds, run_pool
+    from frmdn_worldmodels.stages.train_controller import load_best
+
+    it = cfg.iterate
+    stage = Stage(
+        current,
+        "collect",
+        inputs={
+            "policy": _policy_digest(previous),
+            "iterate": {
+                "episodes": it.episodes,
+                "noise": it.noise,
+                "noise_scale": it.noise_scale,
+                "iteration": iteration,
+            },
+        },
+    )
+    done = stage.done()
+    if done is not None:
+        return done
+    note(f"[iterate] iteration {iteration}/{it.iterations}: collecting {it.episodes} episodes")
+    stage.open()
+    folder = stage.folder
+    _link_all(list_npz(run_paths(previous).episodes), folder)
+    best = load_best(previous)
+    params = best["params"].numpy().astype(np.float32)
+    names = [f"it{iteration:02d}_ep_{index:05d}.npz" for index in range(it.episodes)]
+    seeds = [int(s) for s in np.random.SeedSequence([cfg.seed, 4, iteration]).generate_state(it.episodes)]
+    # each chunk of episodes is saved as it finishes, with its scores in PLAYED, so a kill loses only the
+    # chunks still playing; an episode file without its scores (a kill between the two writes) is played again
+    played_path = folder / PLAYED
+    played: dict[str, dict] = read_json(played_path) if played_path.exists() else {}
+    todo = [i for i, name in enumerate(names) if not (folder / name).exists() or name not in played]
+
+    def save(positions: list[int], episodes: list[dict]) -> None:
+        for position, episode in zip(positions, episodes, strict=True):
+            name = names[todo[position]]
+            atomic_write_bytes(folder / name, episode["data"])
+            played[name] = {key: episode[key] for key in ("seed", "return", "steps", "max_x")}
+        write_json(played_path, played)
+        stage.record_progress()
+
+    if todo:
+        pool = run_pool(previous)
+        try:
+            map_seeds(
+                pool,
+                "collect",
+                params,
+                [seeds[i] for i in todo],
+                cfg.controller.envs_per_worker,
+                it.noise,
+                it.noise_scale,
+                desc=f"[iterate] iteration {iteration}: collecting",
+                on_chunk=save,
+            )
+        finally:
+            pool.close()
+    previous_summary = read_json(folder / "summary.json") if (folder / "summary.json").exists() else {}
+    episodes = {
+        **previous_summary.get("episodes", {}),
+        **{
+            name: {
+                **info,
+                "iteration": iteration,
+                "policy": str(run_paths(previous).controller / "best.pt"),
+                "policy_params": _params_digest(params),
+                "noise": it.noise,
+                "noise_scale": it.noise_scale,
+            }
+            for name, info in played.items()
+        },
+    }
+    summary = {
+        "iteration": iteration,
+        "episodes_total": len(list_npz(folder)),
+        "new_episodes": len(names),
+        "episodes": episodes,
+    }
+    return stage.finish(summary)
+
+
+def _share_vae(previous: Config, current: Config) -> None:
+    """Without ``iterate.retrain_vae`` every iteration reads the pipeline's V: its folder's files, linked."""
+    source, target = run_paths(previous).vae, run_paths(current).vae
+    _link_all(
+        [
+            source / name
+            for name in ("vae.pt", "made_from.json", "summary.json", "config.yaml")
+            if (source / name).exists()
+        ],
+        target,
+    )
+
+
+def _stage_seconds(current: Config, iteration: int) -> float:
+    """Wall seconds the stages of iteration ``iteration`` have worked, over every invocation (0 for iteration
+    0: its stages are the pipeline's own, reported under their names). V counts only when retrained: the
+    shared one's linked record is the pipeline's."""
+    if iteration == 0:
+        return 0.0
+    paths = run_paths(current)
+    folders = [paths.episodes, paths.latents, paths.memory, paths.controller]
+    if current.iterate.retrain_vae:
+        folders.append(paths.vae)
+    return float(sum(seconds for folder in folders if (seconds := recorded_seconds(folder)) is not None))
+
+
+def score(pool, params: np.ndarray | None, seeds: list[int], envs_per_worker: int) -> np.ndarray:
+    """Returns of ``params`` (None: uniformly random actions) on the real-game ``seeds``."""
+    from frmdn_worldmodels.agent.workers import map_seeds
+
+    desc = f"[iterate] scoring {'the random policy' if params is None else 'the best controller'}"
+    episodes = map_seeds(pool, "evaluate", params, seeds, envs_per_worker, desc=desc)
+    return np.array([episode.ret for episode in episodes])
+
+
+def run(cfg: Config) -> dict:
+    """Run every iteration that is not done yet (each resumes where a kill left it); returns the summary."""
+    from frmdn_worldmodels.agent.workers import run_pool
+    from frmdn_worldmodels.stages import encode, train_controller, train_memory, train_vae
+    from frmdn_worldmodels.train.es import CMAES
+
+    check_iterate_config(cfg)
+    it = cfg.iterate
+    base = run_paths(cfg)
+    if not (base.controller / "best.pt").exists():
+        raise DataError(
+            f"{base.controller / 'best.pt'}: no controller to iterate from; run `python run.py "
+            "pipeline` (or collect .. train-controller) first"
+        )
+    out = base.root / "iterate"
+    out.mkdir(parents=True, exist_ok=True)
+    eval_seeds = [
+        int(s) for s in np.random.SeedSequence([cfg.seed, EVAL_PURPOSE]).generate_state(it.eval_episodes)
+    ]
+    rows = []
+    for iteration in range(it.iterations + 1):
+        current = iteration_config(cfg, iteration)
+        marker = run_paths(current).root / ("iteration.json" if iteration else "iterate/iteration0.json")
+        previous = iteration_config(cfg, max(iteration - 1, 0))
+        # the stages run every time (each skips what it has done and redoes what a changed setting or a new
+        # upstream made stale), so a kept score is always the score of the controller they leave behind
+        if iteration:
+            collected = collect_iteration(cfg, previous, current, iteration)
+            if it.retrain_vae:
+                train_vae.run(current, initial=run_paths(previous).vae / "vae.pt")
+            else:
+                _share_vae(previous, current)
+            encode.run(current)
+            train_memory.run(current, initial=run_paths(previous).memory / "memory.pt")
+            es = CMAES.from_state_dict(load_checkpoint(run_paths(previous).controller / "es_state.pt")["es"])
+            controller = train_controller.run(current, initial_mean=es.mean)
+        else:
+            collected = {"episodes_total": len(list_npz(base.episodes))}
+            controller = read_json(base.controller / "summary.json")
+        policy = _policy_digest(current)
+        if marker.exists():
+            row = read_json(marker)
+            if row.get("eval_seeds") == eval_seeds and row.get("policy") == policy:
+                rows.append(row)
+                continue
+        started = time.perf_counter()
+        # the new best controller in the real game, with the random policy on the same seeds
+        best = train_controller.load_best(current)
+        params = best["params"].numpy().astype(np.float32)
+        pool = run_pool(current)
+        try:
+            real = score(pool, params, eval_seeds, cfg.controller.envs_per_worker)
+            random_path = out / "random.json"
+            if random_path.exists() and read_json(random_path).get("seeds") == eval_seeds:
+                random = np.array(read_json(random_path)["returns"])
+            else:
+                random = score(pool, None, eval_seeds, cfg.controller.envs_per_worker)
+                write_json(random_path, {"seeds": eval_seeds, "returns": random.tolist()})
+        finally:
+            pool.close()
+        row = {
+            "iteration": iteration,
+            "episodes_total": collected["episodes_total"],
+            "real_mean": float(real.mean()),
+            "real_std": float(real.std()),
+            "dream_best": controller.get("best_score"),
+            "random_mean": float(random.mean()),
+            "random_std": float(random.std()),
+            "controller": str(run_paths(current).controller / "best.pt"),
+            "seconds": round(_stage_seconds(current, iteration) + time.perf_counter() - started, 1),
+            "eval_seeds": eval_seeds,
+            "policy": policy,
+        }
+        write_json(marker, row)
+        note(
+            f"[iterate] iteration {iteration}: real {row['real_mean']:.1f} ± {row['real_std']:.1f} "
+            f"(random {row['random_mean']:.1f}), dream best {row['dream_best']}"
+        )
+        rows.append(row)
+    plot_scores(out / "scores.png", rows)
+    summary = {
+        "iterations": it.iterations,
+        "rows": [{k: v for k, v in row.items() if k != "eval_seeds"} for row in rows],
+        "final_controller": rows[-1]["controller"],
+        "plot": str(out / "scores.png"),
+    }
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def plot_scores(path: Path, rows: list[dict]) -> None:
+    """Real and dream score of each iteration's best controller, with the random policy's."""
+    iterations = [row["iteration"] for row in rows]
+    series = {
+        "real game (best controller)": (iterations, [row["real_mean"] for row in rows]),
+        "dream (its training score)": (iterations, [row["dream_best"] for row in rows]),
+        "random policy, real game": (iterations, [row["random_mean"] for row in rows]),
+    }
+    plot_curves(
+        path,
+        series,
+        xlabel="iteration",
+        ylabel="mean return",
+        title="Iterative training: dream vs real game",
+        integer_x=True,
+    )

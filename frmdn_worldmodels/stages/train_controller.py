@@ -1,0 +1,463 @@
+"""``python run.py train-controller [--in dream|real]``: evolve the controller C with CMA-ES.
+
+Each generation: ``ask`` P candidates, score each by its mean return over ``controller.rollouts`` episodes,
+``tell``. The episodes are dreams of the trained memory (``--in dream``: the whole population in one batched
+tensor program, ``dream.batched``) or real games played by Ray actors (``--in real``: V + M + C agents,
+``agent.workers``). Every ``controller.eval_every`` generations (and after the last) the generation's best
+candidate is scored on ``controller.eval_episodes`` fresh episodes in the same place; the best scored one so
+far is kept in ``best.pt``.
+
+Outputs in ``<run>/controller/``: ``es_state.pt`` (the ES state as plain data, written after every generation:
+a killed run resumes there and continues exactly as if uninterrupted; it also keeps every periodic
+evaluation's champion, the controllers ``run.py fidelity`` scores from several generations), ``best.pt``
+(controller parameters, its score and generation), ``metrics.jsonl`` (per generation: best/mean/worst
+fitness, sigma, seconds), ``fitness.png`` and ``summary.json``. A finished run is skipped; raising
+``controller.generations`` continues it.
+
+Episodes are seeded from (``seed``, generation), so the same config gives the same run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+
+import numpy as np
+import torch
+
+from frmdn_worldmodels.agent.play import Episode, controller_for
+from frmdn_worldmodels.agent.workers import check_rollout_config, chunk_count, map_seeds, run_pool
+from frmdn_worldmodels.data.episodes import list_npz, load_latents
+from frmdn_worldmodels.dream.batched import BatchedDream
+from frmdn_worldmodels.dream.env import (
+    check_dream_start,
+    dream_horizon,
+    dream_starts,
+    load_memory,
+    steps_left,
+)
+from frmdn_worldmodels.models.controller import Controller
+from frmdn_worldmodels.models.memory import MemoryModel
+from frmdn_worldmodels.runtime.config import Config, ConfigError, ControllerConfig, step_limit
+from frmdn_worldmodels.runtime.io import (
+    DataError,
+    append_jsonl,
+    atomic_write_text,
+    load_checkpoint,
+    read_json,
+    read_jsonl,
+    save_checkpoint,
+    write_json,
+)
+from frmdn_worldmodels.runtime.paths import run_paths
+from frmdn_worldmodels.runtime.plots import plot_curves
+from frmdn_worldmodels.runtime.progress import note, progress
+from frmdn_worldmodels.runtime.records import Stage
+from frmdn_worldmodels.train.imitate import Imitation, check_init, imitate_collected, imitation_loss
+
+TRAIN, EVAL, TEST = 0, 1, 2
+"""Purposes of episode seeds, so training, periodic evaluation and the evaluate stage never share episodes."""
+
+
+def episode_seeds(seed: int, purpose: int, generation: int, count: int) -> list[int]:
+    """``count`` env seeds (or dream seeds) for one purpose and generation, from the run's seed."""
+    return [int(s) for s in np.random.SeedSequence([seed, purpose, generation]).generate_state(count)]
+
+
+COVARIANCES = ("full", "diagonal")
+"""``controller.covariance``: CMA-ES's full covariance matrix, or sep-CMA-ES's diagonal (``train/es.py``)."""
+DREAM_ONLY_FIELDS = ("temperature", "dream_start", "dream_start_limit", "dream_threads", "eval_real_episodes")
+"""Controller fields read only when candidates are scored in the dream (``train_in: dream``)."""
+
+
+def unused_in_real(cfg: Config) -> list[str]:
+    """``controller.<field>=<value>`` of each dream-only field set away from its default, when candidates are
+    scored in the real game: this stage does not read them (a dream config run with ``--in real``, the
+    reference row, keeps its dream settings for the other stages, so they are named rather than refused)."""
+    if cfg.controller.train_in != "real":
+        return []
+    defaults = ControllerConfig()
+    return [
+        f"controller.{name}={getattr(cfg.controller, name)!r}"
+        for name in DREAM_ONLY_FIELDS
+        if getattr(cfg.controller, name) != getattr(defaults, name)
+    ]
+
+
+def check_controller_config(cfg: Config) -> None:
+    c = cfg.controller
+    if c.train_in not in ("dream", "real"):
+        raise ConfigError(f"controller.train_in must be 'dream' or 'real', got {c.train_in!r}")
+    for key, low in (
+        ("generations", 1),
+        ("population", 3),
+        ("rollouts", 1),
+        ("eval_episodes", 1),
+        ("eval_every", 0),
+        ("max_steps", 0),
+        ("dream_threads", 0),
+        ("dream_start_limit", 1),
+        ("hidden", 0),
+    ):
+        if getattr(c, key) < low:
+            raise ConfigError(f"controller.{key} must be at least {low}, got {getattr(c, key)}")
+    check_rollout_config(c)
+    check_dream_start(c.dream_start)
+    check_init(c, cfg.env.name)
+    if c.covariance not in COVARIANCES:
+        raise ConfigError(
+            f"controller.covariance must be one of {', '.join(COVARIANCES)}, got {c.covariance!r}"
+        )
+    if c.sigma <= 0 or c.temperature < 0:
+        raise ConfigError(
+            f"controller.sigma must be > 0 and controller.temperature >= 0, got {c.sigma}, {c.temperature}"
+        )
+
+
+class DreamFitness:
+    """Scores candidates in the batched dream of the memory."""
+
+    def __init__(self, cfg: Config, memory: MemoryModel, controller: Controller):
+        latents = run_paths(cfg).latents
+        starts = dream_starts(cfg, memory)
+        self.seed = cfg.seed
+        self.dream = BatchedDream(
+            memory,
+            controller,
+            starts.mu,
+            starts.logvar,
+            dream_horizon(cfg),
+            cfg.controller.temperature,
+            cfg.memory_train.use_mu,
+            cfg.controller.dream_threads,
+            initial_state=starts.state,
+            steps_left=steps_left(cfg, starts),
+        )
+        # how long the real episodes went on from where the dreams start (capped at the dream's horizon): from
+        # the first frame, the whole episode; from any frame, on average what is left of it. Flags dreams that
+        # end far too soon.
+        horizon = self.dream.horizon
+        lengths = [len(load_latents(path)["rewards"]) for path in list_npz(latents)]
+        if cfg.controller.dream_start == "any":
+            left = [np.minimum(np.arange(length, 0, -1), horizon).mean() for length in lengths]
+            self.real_length = float(np.mean(left))
+        else:
+            self.real_length = float(np.mean(np.minimum(lengths, horizon)))
+        self.warned = False
+
+    def _generator(self, purpose: int, generation: int) -> torch.Generator:
+        return torch.Generator(device=self.dream.device).manual_seed(
+            episode_seeds(self.seed, purpose, generation, 1)[0]
+        )
+
+    def population(self, candidates: np.ndarray, rollouts: int, generation: int) -> tuple[np.ndarray, float]:
+        """Each candidate's mean return over ``rollouts`` dreams, and the dreams' mean length."""
+        params = torch.as_tensor(candidates, dtype=torch.float32)
+        result = self.dream.rollout(params, rollouts, self._generator(TRAIN, generation))
+        mean_length = float(result.lengths.double().mean())
+        if mean_length < 0.25 * self.real_length and not self.warned:
+            self.warned = True
+            print(
+                f"train-controller: dreams last {mean_length:.0f} steps on average, the real episodes went "
+                f"on for {self.real_length:.0f} from the same frames: the memory's done head ends them "
+                "early, so the dream says little about the game (an undertrained memory is the usual cause: "
+                "memory_train.epochs)",
+                file=sys.stderr,
+            )
+        return result.fitness.double().numpy(), mean_length
+
+    def episodes(self, params: np.ndarray, count: int, generation: int) -> np.ndarray:
+        population = torch.as_tensor(params, dtype=torch.float32).unsqueeze(0)
+        return (
+            self.dream.rollout(population, count, self._generator(EVAL, generation))
+            .returns[0]
+            .double()
+            .numpy()
+        )
+
+    def close(self) -> None:
+        pass
+
+
+class RealFitness:
+    """Scores candidates in the real game with a pool of Ray rollout actors."""
+
+    def __init__(self, cfg: Config, memory: MemoryModel, controller: Controller):
+        self.seed, self.envs_per_worker = cfg.seed, cfg.controller.envs_per_worker
+        self.pool = run_pool(cfg, step_limit(cfg, cfg.controller.max_steps), memory)
+
+    def population(self, candidates: np.ndarray, rollouts: int, generation: int) -> tuple[np.ndarray, float]:
+        """Each candidate's mean return over ``rollouts`` real episodes, and the episodes' mean length."""
+        seeds = episode_seeds(self.seed, TRAIN, generation, rollouts)  # the same episodes for every candidate
+        played = self.play(candidates, seeds)
+        returns = np.array([[episode.ret for episode in row] for row in played])
+        return returns.mean(axis=1), float(np.mean([episode.steps for row in played for episode in row]))
+
+    def play(self, candidates: np.ndarray, seeds: list[int], desc: str | None = None) -> list[list[Episode]]:
+        """Every candidate of ``candidates [P, n]`` on every one of ``seeds``: [P][len(seeds)] episodes, the
+        (candidate, seed) episodes cut into lockstep batches of up to ``envs_per_worker`` episodes; ``desc``:
+        a progress bar's name."""
+        count = len(seeds)
+        owners = np.repeat(np.arange(len(candidates)), count)
+        all_seeds = list(seeds) * len(candidates)
+        parts = chunk_count(len(all_seeds), self.pool.size, self.envs_per_worker)
+        jobs = [
+            (np.asarray(candidates[owners[index]], np.float32), [all_seeds[i] for i in index])
+            for index in np.array_split(np.arange(len(all_seeds)), parts)
+        ]
+        sizes = [len(job[1]) for job in jobs] if desc else None
+        episodes = [episode for result in self.pool.map("evaluate", jobs, desc, sizes) for episode in result]
+        return [episodes[p * count : (p + 1) * count] for p in range(len(candidates))]
+
+    def episodes(self, params: np.ndarray, count: int, generation: int) -> np.ndarray:
+        seeds = episode_seeds(self.seed, EVAL, generation, count)
+        params = np.asarray(params, np.float32)
+        episodes = map_seeds(self.pool, "evaluate", params, seeds, self.envs_per_worker)
+        return np.array([episode.ret for episode in episodes])
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def _gap(rows: list[dict], kept_generation: int) -> dict:
+    """The dream-vs-real gap: the kept controller's dream and real scores (at the generation it was kept), and
+    those of every periodic evaluation that scored the champion in both."""
+    scored = [row for row in rows if "real_mean" in row]
+    kept = next((row for row in scored if row["generation"] == kept_generation), None)
+    if kept is None:
+        return {}
+    return {
+        "gap": {
+            "generation": kept["generation"],
+            "dream_mean": kept["eval_mean"],
+            "real_mean": kept["real_mean"],
+            "real_std": kept["real_std"],
+            "last": {key: scored[-1][key] for key in ("generation", "eval_mean", "real_mean")},
+            "evaluations": [
+                {key: row[key] for key in ("generation", "eval_mean", "real_mean")} for row in scored
+            ],
+        }
+    }
+
+
+def _score_start(
+    imitation: Imitation, fitness: DreamFitness | RealFitness, real: RealFitness | None, c: ControllerConfig
+) -> dict:
+    """The imitation CMA-ES starts from (``controller.init: imitate``): its fit, and its scores at generation
+    0 on the periodic evaluation's episodes (the dream's, and the real game's with ``eval_real_episodes``)."""
+    params = imitation.params.double().numpy()
+    dream = fitness.episodes(params, c.eval_episodes, 0)
+    scores = {**imitation.summary(), "eval_mean": float(dream.mean()), "eval_std": float(dream.std())}
+    if real is not None:
+        returns = real.episodes(params, c.eval_real_episodes, 0)
+        scores.update(real_mean=float(returns.mean()), real_std=float(returns.std()))
+    return scores
+
+
+def _plot(path, rows: list[dict], start: dict | None, train_in: str, imitate_weight: float = 0.0) -> None:
+    """The fitness curves; ``start``: the imitation's scores, drawn at generation 0; ``train_in``: where the
+    candidates were scored (``dream`` or ``real``); ``imitate_weight`` > 0: the fitness is the return less
+    that weight x the imitation loss, a scale of its own, so the best candidate's returns (dream and real)
+    get the right-hand axis."""
+    generations = [row["generation"] for row in rows]
+    series = {name: (generations, [row[name] for row in rows]) for name in ("best", "mean", "worst")}
+    returns = {}
+    evaluations = [{"generation": 0, **start}, *rows] if start else rows
+    scored = [row for row in evaluations if "eval_mean" in row]
+    if scored:
+        where = "dream" if train_in == "dream" else "real game"
+        returns[f"best candidate, {where} (more episodes)"] = (
+            [r["generation"] for r in scored],
+            [r["eval_mean"] for r in scored],
+        )
+    real = [row for row in evaluations if "real_mean" in row]
+    if real:  # the dream-vs-real gap: the same candidate in the real game
+        returns["best candidate, real game"] = (
+            [r["generation"] for r in real],
+            [r["real_mean"] for r in real],
+        )
+    ylabel, scales = "fitness (mean return)", {}
+    if imitate_weight > 0:
+        ylabel = f"fitness (mean return - {imitate_weight:g} x imitation loss)"
+        scales = {"right": returns, "right_label": "best candidate's mean return"}
+    else:
+        series.update(returns)
+    plot_curves(path, series, xlabel="generation", ylabel=ylabel, title="CMA-ES", integer_x=True, **scales)
+
+
+def run(cfg: Config, *, initial_mean: np.ndarray | None = None) -> dict:
+    """Evolve the controller where ``controller.train_in`` says; resumes from ``es_state.pt``.
+
+    ``initial_mean``: where CMA-ES starts (iterative training continues from the previous iteration's mean)
+    instead of the controller's initial parameters; one of the stage's inputs."""
+    from frmdn_worldmodels.train.es import (
+        CMAES,  # here: cma takes a second to import, which the config check must not pay
+    )
+
+    check_controller_config(cfg)
+    c = cfg.controller
+    if unused := unused_in_real(cfg):
+        note(f"train-controller: candidates are scored in the real game; unused here: {', '.join(unused)}")
+    memory = load_memory(cfg)
+    controller = controller_for(cfg.env, memory, c.hidden)
+    if initial_mean is not None and np.shape(initial_mean) != (controller.num_params,):
+        raise DataError(
+            f"the initial CMA-ES mean has shape {np.shape(initial_mean)}, "
+            f"the controller {controller.num_params} parameters"
+        )
+    # the stage's folder holds only work made from this memory, these latents and these settings
+    inputs = None
+    if initial_mean is not None:
+        inputs = {"initial_mean": hashlib.sha256(np.asarray(initial_mean, np.float64).tobytes()).hexdigest()}
+    stage = Stage(cfg, "train-controller", inputs=inputs)
+    if (finished := stage.open()) is not None:
+        return {**finished, "skipped": True}
+    out = stage.folder
+    state_path, best_path, metrics_path = out / "es_state.pt", out / "best.pt", out / "metrics.jsonl"
+    start_path, imitation = out / "start.json", None
+    start = controller.initial_params(torch.Generator().manual_seed(cfg.seed))  # seeded W1 (hidden > 0)
+    starts_from_imitation = c.init == "imitate" and initial_mean is None and not state_path.exists()
+    if starts_from_imitation or (c.init == "imitate" and c.imitate_weight > 0):
+        # the fit is deterministic: a resumed run penalises candidates against the same imitation
+        imitation = imitate_collected(cfg, memory, controller, start)
+    if state_path.exists():
+        state = load_checkpoint(state_path)
+        es, best = CMAES.from_state_dict(state["es"]), state["best"]
+        champions = state.get("champions", [])
+    else:
+        if initial_mean is not None:
+            x0 = np.asarray(initial_mean, np.float64)
+        elif imitation is not None:
+            x0 = imitation.params.double().numpy()
+        else:
+            x0 = start.double().numpy()
+        es = CMAES(x0, c.sigma, c.population, cfg.seed, diagonal=c.covariance == "diagonal")
+        best = {"score": -float("inf"), "std": 0.0, "generation": 0, "params": None}
+        champions = []
+
+    def imitation_penalty(population: np.ndarray) -> np.ndarray:
+        """[P] ``controller.imitate_weight`` times each candidate's imitation loss (zeros without)."""
+        if imitation is None or c.imitate_weight == 0:
+            return np.zeros(len(population))
+        with torch.no_grad():
+            params = torch.as_tensor(population, dtype=torch.float32)
+            losses = imitation_loss(controller, params, imitation.features, imitation.target)
+        return c.imitate_weight * losses.double().numpy()
+
+    # rows of generations after the checkpoint were written by a run killed before it saved the ES state
+    rows = [row for row in read_jsonl(metrics_path) if row["generation"] <= es.generation]
+    atomic_write_text(metrics_path, "".join(json.dumps(row) + "\n" for row in rows))
+    fitness = real = None
+    if es.generation < c.generations:
+        fitness = (DreamFitness if c.train_in == "dream" else RealFitness)(cfg, memory, controller)
+        if c.train_in == "dream" and c.eval_real_episodes:
+            real = RealFitness(cfg, memory, controller)  # the dream-vs-real gap, never used to rank
+        if starts_from_imitation and not start_path.exists():
+            write_json(start_path, _score_start(imitation, fitness, real, c))
+    started = time.perf_counter()
+    bar = progress(
+        total=c.generations, initial=es.generation, desc=f"train-controller ({c.train_in})", unit="gen"
+    )
+    try:
+        while es.generation < c.generations:
+            tick = time.perf_counter()
+            candidates = es.ask()
+            dream_returns, mean_length = fitness.population(candidates, c.rollouts, es.generation)
+            penalties = imitation_penalty(candidates)
+            scores = dream_returns - penalties
+            es.tell(candidates, scores)
+            generation = es.generation
+            row = {
+                "generation": generation,
+                "best": float(scores.max()),
+                "mean": float(scores.mean()),
+                "worst": float(scores.min()),
+                "sigma": es.sigma,
+                "mean_length": mean_length,
+            }
+            if c.imitate_weight:
+                row.update(return_mean=float(dream_returns.mean()), penalty_mean=float(penalties.mean()))
+            if (c.eval_every and generation % c.eval_every == 0) or generation == c.generations:
+                champion = candidates[int(np.argmax(scores))]
+                champions.append(
+                    {"generation": generation, "params": torch.as_tensor(champion, dtype=torch.float32)}
+                )
+                returns = fitness.episodes(champion, c.eval_episodes, generation)
+                row.update(eval_mean=float(returns.mean()), eval_std=float(returns.std()))
+                # what the champion is kept by: its dream score less its imitation penalty
+                row["eval_score"] = row["eval_mean"] - float(imitation_penalty(champion[None])[0])
+                if real is not None:
+                    real_returns = real.episodes(champion, c.eval_real_episodes, generation)
+                    row.update(real_mean=float(real_returns.mean()), real_std=float(real_returns.std()))
+                if row["eval_score"] > best["score"]:
+                    best = {
+                        "score": row["eval_score"],
+                        "std": row["eval_std"],
+                        "generation": generation,
+                        "params": torch.as_tensor(champion, dtype=torch.float32),
+                    }
+                    save_checkpoint(
+                        best_path,
+                        params=best["params"],
+                        controller=controller.to_dict(),
+                        fitness=best["score"],
+                        fitness_std=best["std"],
+                        generation=generation,
+                        episodes=c.eval_episodes,
+                        train_in=c.train_in,
+                        temperature=c.temperature,
+                    )
+            row["seconds"] = round(time.perf_counter() - tick, 3)
+            append_jsonl(metrics_path, row)
+            save_checkpoint(state_path, es=es.state_dict(), best=best, champions=champions)
+            stage.record_progress()
+            rows.append(row)
+            bar.update(1)
+            bar.set_postfix(best=f"{row['best']:.1f}", mean=f"{row['mean']:.1f}", sigma=f"{es.sigma:.3f}")
+    finally:
+        bar.close()
+        for scorer in (fitness, real):
+            if scorer is not None:
+                scorer.close()
+    start_scores = read_json(start_path) if start_path.exists() else None
+    _plot(out / "fitness.png", rows, start_scores, c.train_in, c.imitate_weight)
+    summary = {
+        "train_in": c.train_in,
+        "generations": es.generation,
+        "population": c.population,
+        "rollouts": c.rollouts,
+        "num_params": controller.num_params,
+        "temperature": c.temperature if c.train_in == "dream" else None,
+        "dream_start": c.dream_start if c.train_in == "dream" else None,
+        "dream_horizon": dream_horizon(cfg) if c.train_in == "dream" else None,
+        "best_score": best["score"],
+        "imitate_weight": c.imitate_weight if c.init == "imitate" else None,
+        "best_score_std": best["std"],
+        "best_generation": best["generation"],
+        "best_score_episodes": c.eval_episodes,
+        **_gap(rows, best["generation"]),
+        "last_mean_fitness": rows[-1]["mean"],
+        "last_mean_length": rows[-1].get("mean_length"),
+        "first_mean_fitness": rows[0]["mean"],
+        "sigma": es.sigma,
+        "seconds_this_session": round(time.perf_counter() - started, 2),
+        "seconds_per_generation": round(float(np.mean([row["seconds"] for row in rows])), 3),
+        "cma_stop": es.stop_reasons(),
+        "best": str(best_path),
+        "start": start_scores,
+    }
+    return stage.finish(summary)
+
+
+def load_best(cfg: Config) -> dict:
+    """``<run>/controller/best.pt``: params, controller shape and score (raises ``DataError`` when
+    missing)."""
+    path = run_paths(cfg).controller / "best.pt"
+    if not path.exists():
+        raise DataError(f"{path}: no trained controller; run `python run.py train-controller` first")
+    payload = load_checkpoint(path)
+    if "params" not in payload or "controller" not in payload:
+        raise DataError(f"{path}: not a controller checkpoint (needs params and controller)")
+    return payload

@@ -1,0 +1,420 @@
+r"""``python run.py train-memory``: fit the memory M (RMDN / FRMDN) to the encoded latent sequences.
+
+At step t the memory reads :math:`(z_t, a_t)` and is scored on :math:`z_{t+1}`, :math:`r_t` and
+:math:`\mathrm{done}_t`; the loss per step is
+
+.. math::
+    \frac{1}{d}\,\mathrm{NLL}(z_{t+1}) + w_r (\hat r_t - r_t)^2
+        + w_d\,\mathrm{BCE}_{p}(\hat d_t, \mathrm{done}_t),
+
+with the done loss's positive weight p = negatives / positives of the training split unless configured (the
+memory keeps p and the done horizon, so the dream can undo both: ``MemoryModel.done_probability``).
+Episodes (not windows) are split into train / val / test; z is a fresh posterior sample every epoch (or the
+VAE mean with ``memory_train.use_mu``); validation and test use one fixed sample (see
+``data.sequences``). With ``memory_train.carry_state`` an episode's windows are read in order, each from
+the LSTM state the previous one ended in (detached: truncated backpropagation through time), in training and
+in validation and test alike, so M is fitted and scored on LSTM states as old as the episodes, as the agent
+and the dream produce them. The model kept is the one with the best validation loss, the whole of it (the
+latent NLL, the reward and the done terms): the dream uses every head.
+
+A step whose loss or gradient is not finite, or that would leave a non-finite parameter or optimiser state,
+is skipped (the model is restored), counted and logged; no checkpoint is ever written with a non-finite value.
+
+Files in the output folder (``<run>/memory/``, or one per cell of ``--sweep table1``):
+- ``checkpoint.pt``: the resumable state (model, optimiser, epoch, step within it, best validation NLL,
+  patience counter, running sums), written atomically every epoch and every ``checkpoint_every`` steps. The
+  epoch's posterior sample and batch order are functions of (``memory_train.seed``, epoch), so a resumed run
+  replays them and goes on from the saved step: a killed run loses at most ``checkpoint_every`` steps.
+- ``memory.pt``: the model with the best validation loss (``MemoryModel.to_checkpoint()``, with its done
+  head's positive weight and horizon, + ``epoch``, ``val_loss``); the untrained model is scored first, so
+  this file exists after the first epoch starts.
+- ``metrics.jsonl`` (``train``, ``epoch`` and ``skipped`` rows), ``summary.json``, ``nll.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from frmdn_worldmodels.data.sequences import (
+    SPLITS,
+    SequenceSet,
+    epoch_rngs,
+    fixed_sample_rng,
+    load_sequences,
+    split_latent_files,
+)
+from frmdn_worldmodels.models.memory import MemoryModel, State
+from frmdn_worldmodels.runtime.config import Config, ConfigError
+from frmdn_worldmodels.runtime.io import (
+    DataError,
+    load_checkpoint,
+    save_checkpoint,
+)
+from frmdn_worldmodels.runtime.paths import run_paths
+from frmdn_worldmodels.runtime.plots import plot_curves
+from frmdn_worldmodels.runtime.records import Stage, file_digest
+from frmdn_worldmodels.train.loop import LoopSettings, TrainTask, finite_or_none
+from frmdn_worldmodels.train.loop import train as train_loop
+
+LOSS_PARTS = ("loss", "nll", "nll_per_dim", "reward_loss", "done_loss")
+
+
+def check_memory_train_config(cfg: Config) -> None:
+    tc = cfg.memory_train
+    for name in ("batch_size", "seq_len", "log_every", "done_horizon"):
+        if getattr(tc, name) < 1:
+            raise ConfigError(f"memory_train.{name} must be at least 1, got {getattr(tc, name)}")
+    for name in (
+        "epochs",
+        "patience",
+        "max_steps_per_epoch",
+        "checkpoint_every",
+        "grad_clip",
+        "done_pos_weight",
+        "reward_weight",
+        "done_weight",
+    ):
+        if getattr(tc, name) < 0:
+            raise ConfigError(f"memory_train.{name} must be >= 0, got {getattr(tc, name)}")
+    if tc.seed is not None and tc.seed < 0:
+        raise ConfigError(f"memory_train.seed must be >= 0 (or null: the run's seed), got {tc.seed}")
+    if not tc.lr > 0:
+        raise ConfigError(f"memory_train.lr must be positive, got {tc.lr}")
+    if tc.optimizer not in ("adam", "rmsprop"):
+        raise ConfigError(f"memory_train.optimizer must be 'adam' or 'rmsprop', got {tc.optimizer!r}")
+    for name in ("val_fraction", "test_fraction"):
+        if not 0 <= getattr(tc, name) < 1:
+            raise ConfigError(f"memory_train.{name} must be in [0, 1), got {getattr(tc, name)}")
+    if tc.val_fraction + tc.test_fraction >= 1:
+        raise ConfigError("memory_train.val_fraction + test_fraction must leave episodes for training")
+
+
+def make_optimizer(model: torch.nn.Module, name: str, lr: float) -> torch.optim.Optimizer:
+    if name == "rmsprop":
+        return torch.optim.RMSprop(model.parameters(), lr=lr)
+    return torch.optim.Adam(model.parameters(), lr=lr)
+
+
+def parameter_counts(model: MemoryModel) -> dict[str, int]:
+    """Trainable parameters in total and per part (the flow is 0 for the RMDN)."""
+    parts = {
+        "lstm": model.lstm,
+        "mixture_head": model.mixture_head,
+        "flow": model.flow,
+        "reward_head": model.reward_head,
+        "done_head": model.done_head,
+    }
+    counts = {
+        name: sum(p.numel() for p in part.parameters()) if part is not None else 0
+        for name, part in parts.items()
+    }
+    counts["flow"] += sum(p.numel() for p in model.member_flows.parameters())  # an ensemble's other flows
+    counts["total"] = sum(p.numel() for p in model.parameters())
+    return counts
+
+
+def done_weight_from_data(train: SequenceSet) -> tuple[float, int]:
+    """negatives / positives of the done targets of the training split (1 when there is no positive)."""
+    positives = int((train.dones & train.mask).sum())
+    negatives = train.steps - positives
+    return (negatives / positives if positives else 1.0), positives
+
+
+class StateCarry:
+    """Truncated backpropagation through time: the LSTM state each lane's last window ended in, detached,
+    which the lane's next window starts from (zeros where it starts an episode)."""
+
+    def __init__(self) -> None:
+        self.state: State | None = None
+
+    def start(self, reset: torch.Tensor) -> State | None:
+        """The state a batch starts from: the carried one, zeroed on the rows of ``reset [B]``."""
+        if self.state is None:
+            return None
+        keep = (~reset).to(self.state[0].dtype)[None, :, None]
+        return self.state[0] * keep, self.state[1] * keep
+
+    def end(self, state: State) -> None:
+        self.state = (state[0].detach(), state[1].detach())
+
+    def get(self) -> dict | None:
+        return None if self.state is None else {"h": self.state[0], "c": self.state[1]}
+
+    def set(self, saved: dict | None) -> None:
+        self.state = None if saved is None else (saved["h"], saved["c"])
+
+
+def batch_losses(
+    model: MemoryModel, batch: dict, cfg: Config, done_pos_weight: float, carry: StateCarry | None = None
+) -> tuple[dict[str, torch.Tensor], int]:
+    """The memory's losses on one batch of windows, and the number of real (unpadded) steps they average;
+    with ``carry``, read from the state it carries (and left with the state the batch ends in)."""
+    tc = cfg.memory_train
+    losses, state = model.sequence_loss_and_state(
+        batch["y"],
+        batch["cond"],
+        batch["rewards"],
+        batch["dones"],
+        batch["mask"],
+        done_pos_weight=done_pos_weight,
+        reward_weight=tc.reward_weight,
+        done_weight=tc.done_weight,
+        state=None if carry is None else carry.start(batch["reset"]),
+    )
+    if carry is not None:
+        carry.end(state)
+    return losses, int(batch["mask"].sum())
+
+
+def scoring_batches(
+    data: SequenceSet, z: np.ndarray, cfg: Config
+) -> tuple[StateCarry | None, Iterator[dict]]:
+    """Every window of ``data`` once, in batches of ``4 x batch_size`` (with ``carry_state``, lanes that read
+    each episode through from its start, and the carry they need)."""
+    size = 4 * cfg.memory_train.batch_size
+    if cfg.memory_train.carry_state:
+        return StateCarry(), data.lane_batches(z, data.lane_schedule(data.lanes(size)), device=cfg.device)
+    return None, data.batches(z, np.arange(len(data)), size, cfg.device)
+
+
+@torch.no_grad()
+def evaluate(
+    model: MemoryModel, data: SequenceSet, z: np.ndarray, cfg: Config, done_pos_weight: float
+) -> dict:
+    """Mean losses per real (unpadded) step over every window of ``data``, with latents ``z`` (with
+    ``carry_state``, each episode read through from its start)."""
+    was_training = model.training
+    model.eval()
+    totals = dict.fromkeys(LOSS_PARTS, 0.0)
+    steps = 0
+    carry, batches = scoring_batches(data, z, cfg)
+    for batch in batches:
+        losses, count = batch_losses(model, batch, cfg, done_pos_weight, carry)
+        for part in LOSS_PARTS:
+            totals[part] += losses[part].item() * count
+        steps += count
+    model.train(was_training)
+    return {part: value / max(steps, 1) for part, value in totals.items()}
+
+
+@torch.no_grad()
+def calibrate_done(model: MemoryModel, data: SequenceSet, z: np.ndarray, cfg: Config) -> dict:
+    r"""Set ``model.done_bias`` to the b for which the done head's mean chance over the real steps of
+    ``data`` (every member's, the positive weight w taken out) is the data's rate of done targets, with one
+    pseudo-count each way: :math:`\overline{\sigma(\ell - \log w + b)} = (n_+ + 1) / (n + 2)` (bisection; the
+    mean rises with b). Returns the rate, b and the head's mean chance before."""
+    model.eval()
+    carry, batches = scoring_batches(data, z, cfg)
+    logits = []
+    for batch in batches:
+        start = None if carry is None else carry.start(batch["reset"])
+        members, state = model.read_sequence(batch["y"], batch["cond"], start)
+        if carry is not None:
+            carry.end(state)
+        logits += [out.done_logit[batch["mask"]].double() for _, out in members]
+    shifted = torch.cat(logits) - math.log(model.done_pos_weight)
+    rate = (float((data.dones & data.mask).sum()) + 1) / (data.steps + 2)
+    low, high = -60.0, 60.0
+    for _ in range(80):
+        middle = (low + high) / 2
+        low, high = (middle, high) if float(torch.sigmoid(shifted + middle).mean()) < rate else (low, middle)
+    model.done_bias = (low + high) / 2
+    return {"rate": rate, "bias": model.done_bias, "mean_before": float(torch.sigmoid(shifted).mean())}
+
+
+def save_nll_plot(path: Path, rows: list[dict], title: str) -> None:
+    epochs = [row for row in rows if row["kind"] == "epoch"]
+    trained = [row for row in epochs if row.get("train_nll_per_dim") is not None]
+    series = {"train": ([r["epoch"] for r in trained], [r["train_nll_per_dim"] for r in trained])}
+    scored = [row for row in epochs if row.get("val_nll_per_dim") is not None]
+    if scored:
+        series["validation"] = ([r["epoch"] for r in scored], [r["val_nll_per_dim"] for r in scored])
+    plot_curves(path, series, xlabel="epoch", ylabel="NLL per latent dimension (nats)", title=title)
+
+
+def _split_names(split: dict[str, list[Path]]) -> dict[str, list[str]]:
+    return {name: [path.name for path in paths] for name, paths in split.items()}
+
+
+def run(cfg: Config, *, initial: Path | None = None, stop_after_steps: int | None = None) -> dict:
+    """``python run.py train-memory``: train the memory into ``<run>/memory/`` and return the summary.
+
+    ``initial``: a ``memory.pt`` whose weights training starts from (iterative training), instead of a fresh
+    initialisation; it is one of the stage's inputs."""
+    inputs = {"initial": file_digest(initial)} if initial is not None else None
+    stage = Stage(cfg, "train-memory", inputs=inputs)
+    return train_memory(cfg, stage, initial=initial, stop_after_steps=stop_after_steps)
+
+
+def train_memory(
+    cfg: Config,
+    stage: Stage,
+    *,
+    progress: bool = True,
+    initial: Path | None = None,
+    stop_after_steps: int | None = None,
+) -> dict:
+    """Train ``MemoryModel(Z, A, cfg.memory)`` on the run's latents into ``stage.folder`` (resumable; skipped
+    when finished); return the summary.
+
+    ``progress`` shows progress bars and redraws ``nll.png`` every epoch (the sweep's cells draw it once, at
+    the end). ``stop_after_steps``: see ``frmdn_worldmodels.train.loop.train``.
+    """
+    check_memory_train_config(cfg)
+    tc = cfg.memory_train
+    # fails on missing latents before any folder is made
+    split = split_latent_files(run_paths(cfg).latents, tc.val_fraction, tc.test_fraction, cfg.seed)
+    if (finished := stage.open()) is not None:
+        return finished  # already trained: the pipeline (and the sweep) rerun stages
+    out_dir = stage.folder
+    model_path = out_dir / "memory.pt"
+    data = {
+        name: load_sequences(paths, tc.seq_len, tc.done_horizon) for name, paths in split.items() if paths
+    }
+    train = data["train"]
+    latent_dim, action_dim = train.latent_dim, train.action_dim
+    for name, part in data.items():
+        if (part.latent_dim, part.action_dim) != (latent_dim, action_dim):
+            raise DataError(
+                f"{run_paths(cfg).latents}: {name} episodes have Z={part.latent_dim}, A={part.action_dim} "
+                f"but the training episodes Z={latent_dim}, A={action_dim}; rerun `python run.py encode`"
+            )
+    if tc.done_pos_weight > 0:
+        done_pos_weight, positives = tc.done_pos_weight, int((train.dones & train.mask).sum())
+    else:
+        done_pos_weight, positives = done_weight_from_data(train)
+    # one fixed posterior sample per held-out split, shared by every model of this run and seed
+    fixed_z = {
+        name: data[name].latents(tc.use_mu, fixed_sample_rng(cfg.seed, name))
+        for name in ("val", "test")
+        if name in data
+    }
+
+    model_seed = cfg.seed if tc.seed is None else tc.seed
+    torch.manual_seed(model_seed)
+    model = MemoryModel(latent_dim, action_dim, cfg.memory).to(cfg.device)
+    model.done_pos_weight, model.done_horizon = done_pos_weight, tc.done_horizon
+    if initial is not None:
+        start = MemoryModel.from_checkpoint(load_checkpoint(initial))
+        if start.to_checkpoint()["config"] != model.to_checkpoint()["config"]:
+            raise DataError(
+                f"{initial}: a memory of another shape than memory.* asks for: it cannot start this one"
+            )
+        model.load_state_dict(start.state_dict())
+    optimizer = make_optimizer(model, tc.optimizer, tc.lr)
+    names = _split_names(split)
+    title = f"{cfg.memory.kind.upper()} K={cfg.memory.components} d'={cfg.memory.rank} ({cfg.env.name})"
+
+    carry = StateCarry() if tc.carry_state else None
+    lanes = train.lanes(tc.batch_size)
+
+    def epoch_batches(epoch: int, start: int):
+        sample_rng, order_rng = epoch_rngs(model_seed, epoch)
+        z = train.latents(tc.use_mu, sample_rng)
+        if carry is not None:
+            return train.lane_batches(z, train.lane_schedule(lanes, order_rng), start, cfg.device)
+        order = order_rng.permutation(len(train))
+        return train.batches(z, order[start * tc.batch_size :], tc.batch_size, cfg.device)
+
+    def losses(model: MemoryModel, batch: dict) -> tuple[dict[str, torch.Tensor], int]:
+        return batch_losses(model, batch, cfg, done_pos_weight, carry)
+
+    def save_best(epoch: int, val_loss: float | None) -> None:
+        save_checkpoint(model_path, **model.to_checkpoint(), epoch=epoch, val_loss=val_loss)
+
+    task = TrainTask(
+        epoch_batches=epoch_batches,
+        batches_per_epoch=(
+            len(train.lane_schedule(lanes)) if carry is not None else train.num_batches(tc.batch_size)
+        ),
+        losses=losses,
+        validate=lambda model: (
+            evaluate(model, data["val"], fixed_z["val"], cfg, done_pos_weight) if "val" in data else None
+        ),
+        score="loss",
+        save_best=save_best,
+        after_epoch=(lambda rows: save_nll_plot(out_dir / "nll.png", rows, title)) if progress else None,
+        shown=("nll_per_dim",),
+        checkpoint_extra={"split": names, "done_pos_weight": done_pos_weight},
+        carried=None if carry is None else (carry.get, carry.set),
+    )
+    settings = LoopSettings.of(tc, tensorboard=cfg.tensorboard, progress=progress, name="memory")
+    result = train_loop(
+        model,
+        optimizer,
+        task,
+        settings,
+        out_dir,
+        stage.fingerprint,
+        stop_after_steps=stop_after_steps,
+        on_checkpoint=stage.record_progress,
+    )
+    state = result.state
+
+    best = load_checkpoint(model_path)
+    model = MemoryModel.from_checkpoint(best).to(cfg.device)
+    calibration = None
+    if model.done_head is not None:
+        # on the training split's fixed sample: the same z for a rerun, so memory.pt is rewritten the same
+        calibration = calibrate_done(
+            model, train, train.latents(tc.use_mu, fixed_sample_rng(cfg.seed, "train")), cfg
+        )
+        save_checkpoint(model_path, **{**best, **model.to_checkpoint()})
+    test = evaluate(model, data["test"], fixed_z["test"], cfg, done_pos_weight) if "test" in data else None
+    rows = result.rows
+    save_nll_plot(out_dir / "nll.png", rows, title)
+    epochs_done = state["epoch"]
+    summary = {
+        "kind": cfg.memory.kind,
+        "components": cfg.memory.components,
+        "rank": cfg.memory.rank,
+        "env": cfg.env.name,
+        "latent_dim": latent_dim,
+        "action_dim": action_dim,
+        "test_nll_per_step": finite_or_none(test["nll"]) if test else None,
+        "test_nll_per_dim": finite_or_none(test["nll_per_dim"]) if test else None,
+        # None, not the 0 the loss has, for a memory without the head
+        "test_reward_mse": (
+            finite_or_none(test["reward_loss"]) if test and cfg.memory.predict_reward else None
+        ),
+        "test_done_loss": finite_or_none(test["done_loss"]) if test and cfg.memory.predict_done else None,
+        "val_loss": finite_or_none(best["val_loss"]) if best["val_loss"] is not None else None,
+        "val_nll_per_dim": next(
+            (
+                row.get("val_nll_per_dim")
+                for row in rows
+                if row["kind"] == "epoch" and row["epoch"] == best["epoch"]
+            ),
+            None,
+        ),
+        "nll_units": "nats; per step = summed over the latent dimensions, per dim = divided by Z"
+        + ("; the mean of the ensemble's members' NLLs" if cfg.memory.ensemble > 1 else ""),
+        "best_epoch": best["epoch"],
+        "epochs_trained": epochs_done,
+        "stopped_early": result.stopped_early,
+        "steps": state["global_step"],
+        "skipped_steps": state["skipped_steps"],
+        "parameters": parameter_counts(model),
+        "done_pos_weight": done_pos_weight,
+        "done_positives_train": positives,
+        # the done head's mean chance on the training steps before and after its bias b, against the data's
+        "done_calibration": calibration,
+        "episodes": {name: len(split[name]) for name in SPLITS},
+        "transitions": {name: data[name].steps if name in data else 0 for name in SPLITS},
+        "windows": {name: len(data[name]) if name in data else 0 for name in SPLITS},
+        "use_mu": tc.use_mu,
+        "train_seconds": round(state["seconds"], 2),
+        "memory": str(model_path),
+        "nll_plot": str(out_dir / "nll.png"),
+        "seed": cfg.seed,
+        "model_seed": model_seed,
+        "memory_config": dataclasses.asdict(cfg.memory),
+        "split": names,
+    }
+    return stage.finish(summary)

@@ -1,0 +1,290 @@
+"""``python run.py train-vae``: fit the ConvVAE (V) to the frames of the collected episodes.
+
+Frames stream from the episode files through a shuffle buffer (``data.frames``), so memory does not
+grow with the data set. Episodes (not frames) are held out for validation, so the validation loss measures
+frames of unseen tracks.
+
+Files in ``<run>/vae/``:
+- ``checkpoint.pt``: the resumable training state (model, optimiser, epoch, step within the epoch, best
+  validation loss, torch CPU RNG state, running sums), written atomically at the end of every epoch and every
+  ``vae.checkpoint_every`` optimiser steps within one. A killed run restarts from it: the epoch's shuffled
+  stream is a function of (seed, epoch), so the rerun replays it and skips the batches already trained on,
+  and loses at most ``checkpoint_every`` steps of work.
+- ``vae.pt``: the model with the best validation loss so far (``state_dict`` + ``config``), read by
+  ``frmdn_worldmodels.models.vae.load_vae``; written only when that loss improves.
+- ``metrics.jsonl``: a ``train`` row every ``vae.log_every`` steps and an ``epoch`` row with validation
+  losses.
+- ``summary.json``, ``reconstructions.png`` (rows of validation frames over their reconstructions from the
+  posterior mean), ``loss.png``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from frmdn_worldmodels.data.episodes import list_npz, load_episode, split_by_episode
+from frmdn_worldmodels.data.frames import (
+    SPRITE_BITS,
+    SPRITE_WEIGHTS,
+    check_sprite_positions,
+    count_batches,
+    episode_length,
+    sequential_batches,
+    shuffled_batches,
+)
+from frmdn_worldmodels.models.vae import ConvVAE, frames_to_tensor, load_vae, tensor_to_frames, vae_loss
+from frmdn_worldmodels.runtime.config import Config, ConfigError, config_to_dict
+from frmdn_worldmodels.runtime.io import (
+    DataError,
+    save_checkpoint,
+)
+from frmdn_worldmodels.runtime.paths import run_paths
+from frmdn_worldmodels.runtime.plots import plot_curves, save_image_grid
+from frmdn_worldmodels.runtime.records import Stage, file_digest
+from frmdn_worldmodels.train.loop import LoopSettings, TrainTask
+from frmdn_worldmodels.train.loop import train as train_loop
+
+FRAME_SHAPE = (64, 64, 3)
+LOSS_PARTS = ("loss", "recon", "kl")
+
+
+def check_vae_config(cfg: Config) -> None:
+    vae = cfg.vae
+    positive = {
+        "latent_dim": vae.latent_dim,
+        "batch_size": vae.batch_size,
+        "shuffle_buffer": vae.shuffle_buffer,
+        "log_every": vae.log_every,
+        "encode_batch": vae.encode_batch,
+    }
+    for name, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"vae.{name} must be at least 1, got {value}")
+    for name in ("epochs", "checkpoint_every", "patience", "grad_clip"):
+        if getattr(vae, name) < 0:
+            raise ConfigError(f"vae.{name} must be >= 0, got {getattr(vae, name)}")
+    if not vae.lr > 0:
+        raise ConfigError(f"vae.lr must be positive, got {vae.lr}")
+    if vae.kl_tolerance < 0:
+        raise ConfigError(f"vae.kl_tolerance must be >= 0, got {vae.kl_tolerance}")
+    if not 0 <= vae.val_fraction < 1:
+        raise ConfigError(f"vae.val_fraction must be in [0, 1), got {vae.val_fraction}")
+    for key, field in SPRITE_WEIGHTS.items():
+        value = getattr(vae, field)
+        if not value >= 1:
+            raise ConfigError(f"vae.{field} must be at least 1 (1 = no weighting), got {value}")
+        if value != 1 and cfg.env.name != "mario":
+            raise ConfigError(
+                f"vae.{field}={value} weighs the patches around the {key}, whose positions only Super Mario "
+                f"Bros episodes record (env.name is {cfg.env.name!r})"
+            )
+
+
+def find_episodes(cfg: Config) -> list[Path]:
+    """The run's episode files, or a DataError telling the user to collect them."""
+    folder = run_paths(cfg).episodes
+    episodes = list_npz(folder)
+    if not episodes:
+        raise DataError(
+            f"no episodes in {folder}: run `python run.py collect` first "
+            f"(with the same --config and --set name=/runs_dir= as this command)"
+        )
+    return episodes
+
+
+def sprite_weights(cfg: Config) -> dict[str, float]:
+    """The weight of each sprite array's patches (``data.frames.SPRITE_BITS``) that is not 1."""
+    weights = {key: getattr(cfg.vae, field) for key, field in SPRITE_WEIGHTS.items()}
+    return {key: weight for key, weight in weights.items() if weight != 1}
+
+
+def loss_inputs(batch: np.ndarray, cfg: Config) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(frames ``[B, 3, H, W]``, pixel weights ``[B, 1, H, W]`` or None) of a loader batch: in each sprite's
+    patch (the batch's fourth channel, ``data.frames.sprite_masks``) the largest of the weights
+    ``sprite_weights`` of the sprites covering the pixel, 1 elsewhere."""
+    weights = sprite_weights(cfg)
+    if not weights:
+        return frames_to_tensor(batch, cfg.device), None
+    x = frames_to_tensor(batch[..., :3], cfg.device)
+    mask = torch.from_numpy(np.ascontiguousarray(batch[..., 3])).to(cfg.device)[:, None]
+    weight = torch.ones(mask.shape, device=cfg.device)
+    for key, value in weights.items():
+        covered = (mask & SPRITE_BITS[key]) != 0
+        weight = torch.where(covered, torch.clamp(weight, min=value), weight)
+    return x, weight
+
+
+@torch.no_grad()
+def evaluate(model: ConvVAE, paths: list[Path], cfg: Config) -> dict[str, float]:
+    """Per-frame mean of the training loss over ``paths``, with a fixed noise seed so epochs compare."""
+    model.eval()
+    generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+    sums, frames = np.zeros(len(LOSS_PARTS)), 0
+    for batch in sequential_batches(paths, cfg.vae.encode_batch, FRAME_SHAPE, tuple(sprite_weights(cfg))):
+        x, weight = loss_inputs(batch, cfg)
+        recon, mu, logvar = model(x, generator)
+        losses = vae_loss(recon, x, mu, logvar, cfg.vae.kl_tolerance, weight)
+        sums += [losses[part].item() * len(batch) for part in LOSS_PARTS]
+        frames += len(batch)
+    model.train()
+    return {part: float(value / max(frames, 1)) for part, value in zip(LOSS_PARTS, sums)}
+
+
+def pick_frames(paths: list[Path], count: int = 16, max_episodes: int = 4) -> np.ndarray:
+    """``count`` frames spread evenly over the first few of ``paths`` (for the reconstruction grid)."""
+    obs = np.concatenate([load_episode(path)["obs"] for path in paths[:max_episodes]])
+    return obs[np.linspace(0, len(obs) - 1, count).round().astype(int)]
+
+
+@torch.no_grad()
+def save_reconstructions(
+    path: Path, model: ConvVAE, frames: np.ndarray, device: str, per_row: int = 8
+) -> None:
+    """Rows of originals, each above its reconstruction decoded from the posterior mean."""
+    model.eval()
+    mu, _ = model.encode(frames_to_tensor(frames, device))
+    recon = tensor_to_frames(model.decode(mu))
+    model.train()
+    rows = []
+    for start in range(0, len(frames), per_row):
+        rows += [list(frames[start : start + per_row]), list(recon[start : start + per_row])]
+    save_image_grid(path, rows, scale=2)
+
+
+def save_loss_plot(path: Path, rows: list[dict]) -> None:
+    train = [row for row in rows if row["kind"] == "train"]
+    epochs = [row for row in rows if row["kind"] == "epoch"]
+    series = {"train loss": ([r["step"] for r in train], [r["loss"] for r in train])}
+    if epochs and epochs[0].get("val_loss") is not None:
+        series["validation loss"] = ([r["step"] for r in epochs], [r["val_loss"] for r in epochs])
+    plot_curves(
+        path,
+        series,
+        xlabel="optimiser step",
+        ylabel="loss per frame",
+        title="ConvVAE: summed L2 + KL (free bits)",
+        logy=True,
+    )
+
+
+def run(cfg: Config, *, initial: Path | None = None, stop_after_steps: int | None = None) -> dict:
+    """Train the VAE (resuming from ``vae/checkpoint.pt``); return the summary.
+
+    ``initial``: a ``vae.pt`` whose weights training starts from (iterative training), one of the stage's
+    inputs.
+
+    ``stop_after_steps``: see ``train.loop.train`` (a test hook that stops the run as a kill would).
+    """
+    check_vae_config(cfg)
+    vcfg = cfg.vae
+    episodes = find_episodes(cfg)
+    check_sprite_positions(episodes, tuple(sprite_weights(cfg)))
+    inputs = {"initial": file_digest(initial)} if initial is not None else None
+    stage = Stage(cfg, "train-vae", inputs=inputs)
+    if (finished := stage.open()) is not None:
+        return finished  # already trained: the pipeline reruns stages
+    out = stage.folder
+    model_path = out / "vae.pt"
+
+    val_paths, train_paths = split_by_episode(episodes, (vcfg.val_fraction,), cfg.seed)
+    if not train_paths:
+        raise ConfigError(
+            f"vae.val_fraction={vcfg.val_fraction} leaves no training episodes of {len(episodes)}"
+        )
+    train_frames = sum(episode_length(path) for path in train_paths)
+    val_frames = sum(episode_length(path) for path in val_paths)
+    shown_frames = pick_frames(val_paths or train_paths)
+
+    torch.manual_seed(cfg.seed)
+    model = ConvVAE(vcfg.latent_dim).to(cfg.device)
+    if initial is not None:
+        model.load_state_dict(load_vae(initial, cfg.device).state_dict())
+    optimizer = torch.optim.Adam(model.parameters(), lr=vcfg.lr)
+
+    def epoch_batches(epoch: int, start: int):
+        stream = shuffled_batches(
+            train_paths,
+            vcfg.batch_size,
+            vcfg.shuffle_buffer,
+            np.random.default_rng([cfg.seed, epoch]),
+            FRAME_SHAPE,
+            tuple(sprite_weights(cfg)),
+        )
+        # the epoch's stream is replayed up to where a checkpoint left it (frames are cheap to read)
+        return (loss_inputs(batch, cfg) for index, batch in enumerate(stream) if index >= start)
+
+    def losses(
+        model: ConvVAE, batch: tuple[torch.Tensor, torch.Tensor | None]
+    ) -> tuple[dict[str, torch.Tensor], int]:
+        x, weight = batch
+        recon, mu, logvar = model(x)
+        return vae_loss(recon, x, mu, logvar, vcfg.kl_tolerance, weight), len(x)
+
+    def save_best(epoch: int, val_loss: float | None) -> None:
+        save_checkpoint(
+            model_path,
+            state_dict=model.state_dict(),
+            config=config_to_dict(cfg),
+            epoch=epoch,
+            val_loss=val_loss,
+        )
+
+    def after_epoch(rows: list[dict]) -> None:
+        save_reconstructions(out / "reconstructions.png", model, shown_frames, cfg.device)
+        save_loss_plot(out / "loss.png", rows)
+
+    task = TrainTask(
+        epoch_batches=epoch_batches,
+        batches_per_epoch=count_batches(train_frames, vcfg.batch_size),
+        losses=losses,
+        validate=lambda model: evaluate(model, val_paths, cfg) if val_paths else None,
+        score="loss",
+        save_best=save_best,
+        after_epoch=after_epoch,
+        shown=LOSS_PARTS,
+    )
+    settings = LoopSettings.of(vcfg, tensorboard=cfg.tensorboard, name="vae")
+    result = train_loop(
+        model,
+        optimizer,
+        task,
+        settings,
+        out,
+        stage.fingerprint,
+        stop_after_steps=stop_after_steps,
+        on_checkpoint=stage.record_progress,
+    )
+    state, rows = result.state, result.rows
+
+    best = load_vae(model_path, cfg.device)
+    save_reconstructions(out / "reconstructions.png", best, shown_frames, cfg.device)
+    save_loss_plot(out / "loss.png", rows)
+    last_epoch = next((row for row in reversed(rows) if row["kind"] == "epoch"), {})
+    best_row = next(
+        (row for row in rows if row["kind"] == "epoch" and row["epoch"] == state["best_epoch"]), {}
+    )
+    seconds = state["seconds"]
+    summary = {
+        "epochs": state["epoch"],
+        "steps": state["global_step"],
+        "train_episodes": len(train_paths),
+        "val_episodes": len(val_paths),
+        "train_frames": train_frames,
+        "val_frames": val_frames,
+        "best_epoch": state["best_epoch"],
+        "val_loss": best_row.get("val_loss"),
+        "val_recon": best_row.get("val_recon"),
+        "val_kl": best_row.get("val_kl"),
+        "train_loss": last_epoch.get("train_loss"),
+        "skipped_steps": state["skipped_steps"],
+        "stopped_early": result.stopped_early,
+        "train_seconds": round(seconds, 2),
+        "train_frames_per_s": round(state["epoch"] * train_frames / seconds, 1) if seconds > 0 else None,
+        "vae": str(model_path),
+        "reconstructions": str(out / "reconstructions.png"),
+        "loss_plot": str(out / "loss.png"),
+    }
+    return stage.finish(summary)

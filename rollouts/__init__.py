@@ -1,1 +1,0 @@
-"""Environments, rollout collection and Ray workers (depends on worldmodel, never on agents)."""

@@ -1,2 +1,0 @@
-"""Models and math of the world model: the FRMDN memory, the VAE, their data and training (no envs, no
-Ray)."""
