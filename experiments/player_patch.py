@@ -36,11 +36,8 @@ from frmdn_worldmodels.runtime.config import Config, ConfigError, load_config  #
 from frmdn_worldmodels.runtime.io import DataError, write_json  # noqa: E402 (sys.path)
 from frmdn_worldmodels.runtime.paths import run_paths  # noqa: E402 (sys.path)
 from frmdn_worldmodels.runtime.plots import save_image_grid  # noqa: E402 (sys.path)
+from frmdn_worldmodels.runtime.seeds import seed_ints  # noqa: E402 (sys.path)
 from frmdn_worldmodels.stages.collect import collect_env_config, rollout_episode  # noqa: E402 (sys.path)
-
-PURPOSE = 7
-"""Seeds these episodes apart from collection's, training's and evaluation's."""
-
 
 SPRITES = ("player", "enemies")
 
@@ -53,7 +50,7 @@ def play(cfg: Config, episodes: int) -> tuple[np.ndarray, dict[str, np.ndarray]]
     collect = dataclasses.replace(cfg.collect, policy="ram_expert")
     frames, centres = [], {key: [] for key in SPRITES}
     for index in range(episodes):
-        env_seed, policy_seed = np.random.SeedSequence([cfg.seed, PURPOSE, index]).generate_state(2)
+        env_seed, policy_seed = seed_ints(cfg.seed, "player-patch", index, count=2)
         env = make_env(env_cfg)
         try:
             policy = make_exploration_policy(env_cfg, collect, np.random.default_rng(policy_seed), env)

@@ -31,8 +31,8 @@ from frmdn_worldmodels.dream.env import load_memory  # noqa: E402 (sys.path)
 from frmdn_worldmodels.runtime.config import ConfigError, load_config  # noqa: E402 (sys.path)
 from frmdn_worldmodels.runtime.io import DataError, write_json  # noqa: E402 (sys.path)
 from frmdn_worldmodels.runtime.paths import run_paths  # noqa: E402 (sys.path)
+from frmdn_worldmodels.runtime.seeds import seed_ints  # noqa: E402 (sys.path)
 from frmdn_worldmodels.stages.evaluate import episode_stats  # noqa: E402 (sys.path)
-from frmdn_worldmodels.stages.train_controller import TEST, episode_seeds  # noqa: E402 (sys.path)
 from frmdn_worldmodels.train.imitate import imitate_collected  # noqa: E402 (sys.path)
 
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     controller = controller_for(cfg.env, memory, cfg.controller.hidden)
     start = controller.initial_params(torch.Generator().manual_seed(cfg.seed))  # as train-controller starts
     imitation = imitate_collected(cfg, memory, controller, start)
-    seeds = episode_seeds(cfg.seed, TEST, 0, cfg.evaluate.episodes)  # the evaluate stage's seeds
+    seeds = seed_ints(cfg.seed, "test", 0, count=cfg.evaluate.episodes)  # the evaluate stage's seeds
     started = time.perf_counter()
     pool = run_pool(cfg, memory=memory)
     try:

@@ -17,25 +17,8 @@ from collections.abc import Callable
 
 from frmdn_worldmodels.runtime.config import Config, ConfigError, describe_fields, load_config
 from frmdn_worldmodels.runtime.io import DataError
+from frmdn_worldmodels.runtime.registry import COMMANDS, FINAL, PIPELINE
 
-# command -> "module:function"; each function takes the resolved Config and returns the stage's summary dict.
-# Imported lazily so that `python run.py collect` never pays for importing the benchmarks, and vice versa.
-COMMANDS: dict[str, str] = {
-    "collect": "frmdn_worldmodels.stages.collect:run",
-    "train-vae": "frmdn_worldmodels.stages.train_vae:run",
-    "encode": "frmdn_worldmodels.stages.encode:run",
-    "train-memory": "frmdn_worldmodels.stages.train_memory:run",
-    "train-controller": "frmdn_worldmodels.stages.train_controller:run",
-    "evaluate": "frmdn_worldmodels.stages.evaluate:run",
-    "dream": "frmdn_worldmodels.stages.evaluate:run_dream",
-    "iterate": "frmdn_worldmodels.stages.iterate:run",
-    "fidelity": "frmdn_worldmodels.stages.fidelity:run",
-    "benchmark speech": "frmdn_worldmodels.benchmarks.speech:run",
-    "benchmark image": "frmdn_worldmodels.benchmarks.image:run",
-}
-# `pipeline` runs these in order; every stage skips what is done, resumes what was interrupted and redoes what
-# is stale (made from other inputs: frmdn_worldmodels/runtime/records.py)
-PIPELINE_STAGES = ("collect", "train-vae", "encode", "train-memory", "train-controller", "evaluate", "dream")
 # section -> (check "module:function", the config attribute it takes; None = the whole config). Every command
 # runs the checks of every section it will use before any work, so a bad value costs seconds, not a collected
 # data set.
@@ -54,25 +37,12 @@ SECTION_CHECKS: dict[str, tuple[str, str | None]] = {
     "image": ("frmdn_worldmodels.benchmarks.image:check_image_config", None),
     "speech": ("frmdn_worldmodels.benchmarks.speech:check_speech_config", None),
 }
-COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
-    "collect": ("env", "collect"),
-    "train-vae": ("vae",),
-    "encode": ("vae",),
-    "train-memory": ("memory", "memory_train"),
-    "train-controller": ("env", "memory", "controller"),
-    "evaluate": ("env", "controller", "evaluate"),
-    "dream": ("env", "controller", "evaluate"),
-    "iterate": ("env", "collect", "vae", "memory", "memory_train", "controller", "iterate"),
-    "fidelity": ("env", "memory", "controller", "fidelity"),
-    "benchmark speech": ("speech",),
-    "benchmark image": ("image",),
-}
 
 
 def sections_of(command: str, sweep: bool = False) -> list[str]:
     """The config sections ``command`` reads (``run``: the top-level fields), each once."""
-    commands = (*PIPELINE_STAGES, "iterate") if command == "pipeline" else (command,)
-    sections = ["run", *(section for name in commands for section in COMMAND_SECTIONS[name])]
+    commands = PIPELINE if command == "pipeline" else (command,)
+    sections = ["run", *(section for name in commands for section in COMMANDS[name].sections)]
     if sweep:
         sections.append("sweep")
     return list(dict.fromkeys(sections))
@@ -102,13 +72,12 @@ def use_threads(count: int) -> None:
 
 def stage_config(config: Config, stage: str) -> Config:
     """The config ``stage`` runs with: with ``iterate.iterations`` > 0 the stages that score or show the final
-    controller (``stages.report.EVALUATION_STAGES``) read the last iteration's run, as the pipeline does."""
+    controller (``registry.FINAL``) read the last iteration's run, as the pipeline does."""
     from frmdn_worldmodels.runtime.io import DataError
     from frmdn_worldmodels.runtime.paths import run_paths
     from frmdn_worldmodels.stages.iterate import iteration_config
-    from frmdn_worldmodels.stages.report import EVALUATION_STAGES
 
-    if stage not in EVALUATION_STAGES or not config.iterate.iterations:
+    if stage not in FINAL or not config.iterate.iterations:
         return config
     final = iteration_config(config, config.iterate.iterations)
     controller = run_paths(final).controller / "best.pt"
@@ -125,22 +94,20 @@ def run_pipeline(config: Config, machine: dict | None = None) -> dict:
     """Every stage in order, then ``<run>/report.md`` with each stage's figures and pictures and ``machine``
     (``frmdn_worldmodels.runtime.machine.describe``), the machine this invocation runs on."""
     from frmdn_worldmodels.runtime.paths import run_paths
-    from frmdn_worldmodels.stages.report import EVALUATION_STAGES, work_seconds, write_report
+    from frmdn_worldmodels.stages.report import work_seconds, write_report
 
     # with iterative training, the iterations come after the first controller, and the final evaluation and
     # dream video are those of the last iteration's controller
-    stages = list(PIPELINE_STAGES)
-    if config.iterate.iterations:
-        stages.insert(stages.index("evaluate"), "iterate")
+    stages = [stage for stage in PIPELINE if stage != "iterate" or config.iterate.iterations]
     summaries, seconds, work, configs = {}, {}, {}, {}
     for stage in stages:
         print(f"[pipeline] {stage}", file=sys.stderr, flush=True)
         start = time.perf_counter()
         configs[stage] = stage_config(config, stage)
-        summaries[stage] = resolve(COMMANDS[stage])(configs[stage])
+        summaries[stage] = resolve(COMMANDS[stage].run)(configs[stage])
         seconds[stage] = round(time.perf_counter() - start, 1)
         work[stage] = round(work_seconds(configs[stage], stage, summaries[stage], seconds[stage]), 1)
-    folders = {stage: getattr(run_paths(configs[stage]), stage) for stage in EVALUATION_STAGES}
+    folders = {stage: getattr(run_paths(configs[stage]), COMMANDS[stage].folder) for stage in FINAL}
     report = write_report(config, summaries, seconds, folders, work, machine)
     return {
         "report": str(report),
@@ -175,26 +142,16 @@ def build_parser(fields: bool = True) -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
 
-    commands.add_parser("collect", parents=[common], help="collect real-game episodes in parallel on Ray")
-    commands.add_parser("train-vae", parents=[common], help="train the ConvVAE (V) on the collected frames")
-    commands.add_parser(
-        "encode", parents=[common], help="encode every episode to latents with the trained VAE"
-    )
-    memory = commands.add_parser("train-memory", parents=[common], help="train the FRMDN/RMDN memory (M)")
-    memory.add_argument(
+    parsers = {
+        name: commands.add_parser(name, parents=[common], help=command.help)
+        for name, command in COMMANDS.items()
+        if not name.startswith("benchmark ")
+    }
+    parsers["train-memory"].add_argument(
         "--sweep", choices=["table1"], help="train the paper's Table 1 grid instead of one model"
     )
-    controller = commands.add_parser(
-        "train-controller", parents=[common], help="evolve the controller (C) with CMA-ES"
-    )
-    controller.add_argument(
+    parsers["train-controller"].add_argument(
         "--in", dest="train_in", choices=["dream", "real"], help="where candidates are scored"
-    )
-    commands.add_parser(
-        "evaluate", parents=[common], help="score the controller in the real game, with videos"
-    )
-    commands.add_parser(
-        "dream", parents=[common], help="roll out the controller in the memory's dream, as a video"
     )
     benchmark = commands.add_parser(
         "benchmark", parents=[common], help="the paper's speech or image NLL benchmark"
@@ -202,16 +159,6 @@ def build_parser(fields: bool = True) -> argparse.ArgumentParser:
     benchmark.add_argument("kind", choices=["speech", "image"])
     benchmark.add_argument(
         "--data", help="folder holding the data set (speech: .wav files; image: MNIST/CIFAR-10)"
-    )
-    commands.add_parser(
-        "iterate",
-        parents=[common],
-        help="iterative training: collect with the best controller, train M further, continue CMA-ES",
-    )
-    commands.add_parser(
-        "fidelity",
-        parents=[common],
-        help="how well the dream ranks a set of controllers as the real game does (Spearman, figure)",
     )
     commands.add_parser("pipeline", parents=[common], help="every stage in order, skipping what is done")
     for name, command in commands.choices.items() if fields else ():
@@ -260,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             elif command == "pipeline":
                 summary = run_pipeline(config, machine)
             else:
-                summary = resolve(COMMANDS[command])(stage_config(config, command))
+                summary = resolve(COMMANDS[command].run)(stage_config(config, command))
         code = 0
     except (ConfigError, DataError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -25,14 +25,15 @@ from gymnasium.utils.env_checker import check_env
 from frmdn_worldmodels.data.episodes import save_latents
 from frmdn_worldmodels.dream.batched import BatchedDream
 from frmdn_worldmodels.dream.dynamics import DreamDynamics, DreamStarts
-from frmdn_worldmodels.dream.env import DREAM_ENV_ID, DreamEnv, game_action_space, steps_left, warm_starts
+from frmdn_worldmodels.dream.env import DREAM_ENV_ID, DreamEnv, steps_left, warm_starts
+from frmdn_worldmodels.games.envs import action_space
 from frmdn_worldmodels.models.controller import Controller
 from frmdn_worldmodels.models.memory import MemoryModel
 from frmdn_worldmodels.models.vae import ConvVAE
 from frmdn_worldmodels.runtime.config import EnvConfig, MemoryConfig, load_config
 
 Z, A, H = 6, 3, 12
-CAR_ACTIONS = game_action_space(EnvConfig(name="carracing"))
+CAR_ACTIONS = action_space(EnvConfig(name="carracing"))
 
 
 def tiny_memory(kind="frmdn", rank=2, cond=A, components=3, done_bias=None, seed=0, cls=MemoryModel, **extra):

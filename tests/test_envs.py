@@ -10,25 +10,23 @@ import numpy as np
 import pytest
 
 from frmdn_worldmodels.games import mario_expert
+from frmdn_worldmodels.games.carracing import (
+    FOLLOW_ROWS,
+    INDICATOR_ROWS,
+    BrownianCarPolicy,
+    TrackFollowerCarPolicy,
+    road_offset,
+)
 from frmdn_worldmodels.games.envs import (
-    CARRACING_INDICATOR_ROWS,
     action_dim,
     decode_action,
     encode_action,
     is_discrete,
     make_env,
-    mario_buttons,
     sprite_centres,
 )
-from frmdn_worldmodels.games.policies import (
-    FOLLOW_ROWS,
-    BrownianCarPolicy,
-    HeldDiscretePolicy,
-    TrackFollowerCarPolicy,
-    make_exploration_policy,
-    right_biased_probs,
-    road_offset,
-)
+from frmdn_worldmodels.games.mario import mario_buttons, right_biased_probs
+from frmdn_worldmodels.games.policies import HeldDiscretePolicy, make_exploration_policy
 from frmdn_worldmodels.runtime.config import CollectConfig, ConfigError, EnvConfig
 from frmdn_worldmodels.stages.collect import rollout_episode
 
@@ -81,7 +79,7 @@ def test_frame_is_the_native_frame_cropped_and_area_resized(env_cfg):
         raw = gymnasium.make("CarRacing-v3")
         native, _ = raw.reset(seed=5)
         if env_cfg.crop_indicators:
-            native = native[: 96 - CARRACING_INDICATOR_ROWS]
+            native = native[: 96 - INDICATOR_ROWS]
     else:
         import gym_super_mario_bros  # noqa: F401
 

@@ -66,7 +66,7 @@ def test_fidelity_ranks_every_controller_on_the_same_dreams_and_real_seeds(
     copy_tiny_run(tiny_run, tmp_path)
     cfg = load_config(None, [*TINY, f"runs_dir={tmp_path}", "controller.workers=2"])
     cli.check_config(cfg, "fidelity")
-    assert cli.resolve(cli.COMMANDS["fidelity"]) is fidelity.run
+    assert cli.resolve(cli.COMMANDS["fidelity"].run) is fidelity.run
     cfg = replace(cfg, fidelity=FidelityConfig(controllers=7, dreams=4, real_episodes=2))  # one of each scale
     summary = fidelity.run(cfg)
 

@@ -1,4 +1,5 @@
-"""The package's layers: each folder of ``frmdn_worldmodels`` imports only itself and the folders before it."""
+"""The package's layers: each folder of ``frmdn_worldmodels`` imports only itself and the folders before
+it."""
 
 import ast
 from pathlib import Path

@@ -80,7 +80,9 @@ def test_run_py_records_the_machine_of_an_interrupted_command(tmp_path, run_main
 
     original = cli.resolve
     monkeypatch.setattr(
-        cli, "resolve", lambda target: interrupted if target == cli.COMMANDS["encode"] else original(target)
+        cli,
+        "resolve",
+        lambda target: interrupted if target == cli.COMMANDS["encode"].run else original(target),
     )
     result = run_main("encode", "--set", f"runs_dir={tmp_path}", "--set", "threads=1")
     assert result.returncode == 130 and "rerun the same command" in result.stderr
@@ -91,7 +93,7 @@ def test_run_py_records_the_machine_of_an_interrupted_command(tmp_path, run_main
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(
-        cli, "resolve", lambda target: failing if target == cli.COMMANDS["encode"] else original(target)
+        cli, "resolve", lambda target: failing if target == cli.COMMANDS["encode"].run else original(target)
     )
     with pytest.raises(RuntimeError, match="a bug"):  # an unexpected error still reaches the user as is
         run_main("encode", "--set", f"runs_dir={tmp_path}", "--set", "threads=1")

@@ -25,17 +25,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from frmdn_worldmodels.games.envs import (
-    CARRACING_HIGH,
-    CARRACING_LOW,
-    action_dim,
-    is_discrete,
-    sprite_centres,
-)
+from frmdn_worldmodels.games.envs import action_dim, is_discrete, sprite_centres
 from frmdn_worldmodels.models.controller import Controller
 from frmdn_worldmodels.models.memory import MemoryModel
 from frmdn_worldmodels.models.vae import ConvVAE, frames_to_tensor, posterior_sample
 from frmdn_worldmodels.runtime.config import EnvConfig
+from frmdn_worldmodels.runtime.seeds import episode_rng
 
 
 def controller_for(env_cfg: EnvConfig, memory: MemoryModel, hidden: int) -> Controller:
@@ -169,15 +164,15 @@ class WorldModelAgent:
 
 class ActionNoise:
     """Exploration noise on the agent's actions, from one generator per episode seeded by the episode's seed:
-    Gaussian of std ``scale`` on a continuous action, clipped to CarRacing's box; for a discrete game, a
-    uniformly random action with probability ``scale``."""
+    Gaussian of std ``scale`` on a continuous action, clipped to the game's box ``space``; for a discrete
+    game, a uniformly random action with probability ``scale``."""
 
-    def __init__(self, controller: Controller, scale: float):
-        self.controller, self.scale = controller, scale
+    def __init__(self, controller: Controller, scale: float, space: gymnasium.spaces.Space):
+        self.controller, self.scale, self.space = controller, scale, space
         self.generators: list[np.random.Generator] = []
 
     def reset(self, seeds: Sequence[int | None]) -> None:
-        self.generators = [np.random.default_rng([7, int(seed or 0)]) for seed in seeds]
+        self.generators = [episode_rng("action-noise", seed or 0) for seed in seeds]
 
     def __call__(self, action: Tensor) -> Tensor:
         if self.controller.discrete:
@@ -190,7 +185,7 @@ class ActionNoise:
         noisy = action + self.scale * torch.as_tensor(noise, dtype=action.dtype, device=action.device)
         low, high = (
             torch.as_tensor(bound, dtype=action.dtype, device=action.device)
-            for bound in (CARRACING_LOW, CARRACING_HIGH)
+            for bound in (self.space.low, self.space.high)
         )
         return torch.maximum(torch.minimum(noisy, high), low)
 

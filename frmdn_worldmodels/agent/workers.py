@@ -16,12 +16,13 @@ import torch
 
 from frmdn_worldmodels.agent.play import ActionNoise, Episode, WorldModelAgent, controller_for, play_episodes
 from frmdn_worldmodels.data.episodes import episode_arrays
-from frmdn_worldmodels.games.envs import encode_action, make_env
+from frmdn_worldmodels.games.envs import action_space, encode_action, make_env
 from frmdn_worldmodels.models.memory import MemoryModel
 from frmdn_worldmodels.models.vae import ConvVAE
 from frmdn_worldmodels.runtime.config import Config, ConfigError, ControllerConfig, EnvConfig
 from frmdn_worldmodels.runtime.io import npz_bytes
 from frmdn_worldmodels.runtime.pool import ActorPool, PoolWorker, shared_pool
+from frmdn_worldmodels.runtime.seeds import episode_rng
 
 
 class RolloutWorker(PoolWorker):
@@ -92,11 +93,11 @@ class RolloutWorker(PoolWorker):
         out = []
         for _, chunk in self._lockstep(seeds):
             if noise == "params":  # one perturbed controller per episode, seeded by the episode
-                draws = [np.random.default_rng([8, seed]).standard_normal(len(params)) for seed in chunk]
+                draws = [episode_rng("param-noise", seed).standard_normal(len(params)) for seed in chunk]
                 self.agent.set_params(params + scale * np.stack(draws).astype(np.float32))
             else:
                 self.agent.set_params(params)
-                self.agent.noise = ActionNoise(self.controller, scale)
+                self.agent.noise = ActionNoise(self.controller, scale, action_space(self.env_cfg))
             try:
                 episodes = play_episodes(self.envs, self.agent, chunk, self.max_steps, record=True)
             finally:

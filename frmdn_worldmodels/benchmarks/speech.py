@@ -53,6 +53,7 @@ from frmdn_worldmodels.runtime.config import Config, ConfigError, SpeechConfig
 from frmdn_worldmodels.runtime.io import DataError, atomic_write_text, write_json
 from frmdn_worldmodels.runtime.paths import prepare_stage, run_paths
 from frmdn_worldmodels.runtime.progress import note, progress
+from frmdn_worldmodels.runtime.seeds import seeded_rng
 from frmdn_worldmodels.train.loop import LoopSettings
 
 # The paper's Table 2 as printed: test NLL per sequence (nats, normalised units) on Blizzard, TIMIT, Accent.
@@ -267,7 +268,7 @@ def _run(cfg: Config) -> dict:
     lengths = [len(s) for s in train]
 
     def epoch_batches(epoch: int):
-        generator = np.random.default_rng([cfg.seed, epoch])
+        generator = seeded_rng(cfg.seed, None, epoch)
         for index in length_batches(lengths, config.batch_size, generator):
             yield pad_batch([train[i] for i in index], device)
 

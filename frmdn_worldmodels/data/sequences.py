@@ -29,6 +29,7 @@ import torch
 from frmdn_worldmodels.data.episodes import list_npz, load_latents, split_by_episode
 from frmdn_worldmodels.models.vae import posterior_sample
 from frmdn_worldmodels.runtime.io import DataError
+from frmdn_worldmodels.runtime.seeds import seeded_rng
 
 SPLITS = ("train", "val", "test")
 
@@ -232,10 +233,10 @@ def split_latent_files(
 
 def fixed_sample_rng(seed: int, split: str) -> np.random.Generator:
     """The generator of the one posterior sample used to score ``split`` (same for every model of a run)."""
-    return np.random.default_rng([seed, 1_000_003, SPLITS.index(split)])
+    return seeded_rng(seed, "memory-score", SPLITS.index(split))
 
 
 def epoch_rngs(seed: int, epoch: int) -> tuple[np.random.Generator, np.random.Generator]:
     """Generators of epoch ``epoch``'s posterior sample and batch order: a resumed epoch replays them
     exactly."""
-    return np.random.default_rng([seed, epoch, 0]), np.random.default_rng([seed, epoch, 1])
+    return seeded_rng(seed, None, epoch, 0), seeded_rng(seed, None, epoch, 1)

@@ -42,23 +42,16 @@ from gymnasium import spaces
 
 from frmdn_worldmodels.data.episodes import list_npz, load_latents
 from frmdn_worldmodels.dream.dynamics import DreamBatch, DreamDriver, DreamDynamics, DreamStarts, LSTMState
-from frmdn_worldmodels.games.envs import CARRACING_HIGH, CARRACING_LOW, action_dim, is_discrete
+from frmdn_worldmodels.games.envs import action_space
 from frmdn_worldmodels.models.memory import MemoryModel
 from frmdn_worldmodels.models.vae import ConvVAE, load_vae, posterior_sample, tensor_to_frames
-from frmdn_worldmodels.runtime.config import Config, ConfigError, EnvConfig, step_limit
+from frmdn_worldmodels.runtime.config import Config, ConfigError, step_limit
 from frmdn_worldmodels.runtime.io import DataError, load_checkpoint
 from frmdn_worldmodels.runtime.paths import run_paths
 
 DREAM_ENV_ID = "WorldModelDream-v0"
 DREAM_STARTS = ("first", "any")
 """Values of ``controller.dream_start``."""
-
-
-def game_action_space(env_cfg: EnvConfig) -> spaces.Space:
-    """The real game's action space without building the game: CarRacing's box or Mario's discrete set."""
-    if is_discrete(env_cfg):
-        return spaces.Discrete(action_dim(env_cfg))
-    return spaces.Box(CARRACING_LOW, CARRACING_HIGH, dtype=np.float32)
 
 
 def first_latents(latents_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -285,7 +278,7 @@ def make_dream_env(
         initial_logvar=starts.logvar,
         initial_state=starts.state,
         steps_left=steps_left(cfg, starts),
-        action_space=game_action_space(cfg.env),
+        action_space=action_space(cfg.env),
         horizon=dream_horizon(cfg),
         temperature=cfg.controller.temperature if temperature is None else temperature,
         use_mu=cfg.memory_train.use_mu,

@@ -31,7 +31,8 @@ class ConfigError(ValueError):
 @dataclass
 class EnvConfig:
     name: str = "carracing"
-    """Which game: ``carracing`` (CarRacing-v3, 3-d continuous action) or ``mario`` (SuperMarioBros)."""
+    """Which game: ``carracing`` (CarRacing-v3, 3-d continuous action), ``mario`` (SuperMarioBros), or your
+    own ``games.game.Game`` as ``"package.module:ATTRIBUTE"``."""
     mario_level: str = "1-1"
     """Mario world-stage, e.g. ``1-1`` for SuperMarioBros-1-1-v0."""
     mario_actions: str = "simple"

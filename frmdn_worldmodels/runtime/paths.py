@@ -40,6 +40,11 @@ class RunPaths:
         return self.root / "controller"
 
     @property
+    def iterate(self) -> Path:
+        """Iterative training: a run per iteration (``it01/``, ...) and the rounds' summary."""
+        return self.root / "iterate"
+
+    @property
     def evaluate(self) -> Path:
         return self.root / "evaluate"
 

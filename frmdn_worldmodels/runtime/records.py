@@ -26,7 +26,6 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,93 +33,9 @@ from frmdn_worldmodels.runtime.config import Config, ConfigError, config_to_dict
 from frmdn_worldmodels.runtime.io import DataError, read_json, write_json
 from frmdn_worldmodels.runtime.paths import prepare_stage, run_paths
 from frmdn_worldmodels.runtime.progress import note
+from frmdn_worldmodels.runtime.registry import COMMANDS, RECORDED, StageSpec
 
 MADE_FROM = "made_from.json"
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """What one stage's output depends on."""
-
-    folder: str
-    """Its folder: an attribute of ``frmdn_worldmodels.runtime.paths.RunPaths``."""
-    settings: tuple[str, ...]
-    """Config fields or sections (dotted) its output depends on."""
-    upstream: tuple[str, ...] = ()
-    """Stages whose output it reads."""
-    outputs: tuple[str, ...] = ()
-    """Files of its folder that identify its output (a ``*`` pattern: by names and sizes; else by content)."""
-    neutral: tuple[str, ...] = ()
-    """Fields inside ``settings`` that change no result."""
-    extendable: tuple[str, ...] = ()
-    """Fields inside ``settings`` whose larger value continues the finished stage."""
-
-
-STAGES: dict[str, StageSpec] = {
-    "collect": StageSpec(
-        "episodes",
-        ("seed", "env", "collect"),
-        outputs=("ep_*.npz",),
-        neutral=("collect.workers", "collect.retries", "collect.episode_timeout"),
-        extendable=("collect.episodes",),
-    ),
-    "train-vae": StageSpec(
-        "vae",
-        ("seed", "vae"),
-        upstream=("collect",),
-        outputs=("vae.pt",),
-        neutral=("vae.checkpoint_every", "vae.log_every", "vae.encode_batch"),
-        extendable=("vae.epochs",),
-    ),
-    "encode": StageSpec("latents", (), upstream=("collect", "train-vae"), outputs=("ep_*.npz",)),
-    "train-memory": StageSpec(
-        "memory",
-        ("seed", "memory", "memory_train"),
-        upstream=("encode",),
-        outputs=("memory.pt",),
-        neutral=(
-            "memory_train.checkpoint_every",
-            "memory_train.log_every",
-            "memory_train.sweep_kinds",
-            "memory_train.sweep_components",
-            "memory_train.sweep_ranks",
-            "memory_train.sweep_seeds",
-            "memory_train.sweep_extra",
-        ),
-        extendable=("memory_train.epochs",),
-    ),
-    "train-controller": StageSpec(
-        "controller",
-        ("seed", "env", "controller", "memory_train.use_mu"),
-        upstream=("encode", "train-vae", "train-memory"),
-        outputs=("best.pt",),
-        neutral=(
-            "controller.workers",
-            "controller.retries",
-            "controller.envs_per_worker",
-            "controller.job_timeout",
-        ),
-        extendable=("controller.generations",),
-    ),
-    "evaluate": StageSpec(
-        "evaluate",
-        ("seed", "env", "evaluate", "memory_train.use_mu"),
-        upstream=("train-vae", "train-memory", "train-controller"),
-    ),
-    # not a pipeline stage (``run.py fidelity``)
-    "fidelity": StageSpec(
-        "fidelity",
-        ("seed", "env", "controller", "memory_train.use_mu", "fidelity"),
-        upstream=("encode", "train-vae", "train-memory", "train-controller"),
-        neutral=(
-            "controller.workers",
-            "controller.retries",
-            "controller.envs_per_worker",
-            "controller.job_timeout",
-            "controller.generations",
-        ),
-    ),
-}
 
 
 def _flat(values: Any, prefix: str) -> dict[str, Any]:
@@ -159,8 +74,8 @@ def file_digest(path: Path) -> str:
 def output_digest(cfg: Config, name: str) -> str | None:
     """A digest of stage ``name``'s output as it is on disk now (None when it has made nothing yet): its own
     fingerprint and its output files (patterns by names and sizes, single files by content)."""
-    spec = STAGES[name]
-    folder = getattr(run_paths(cfg), spec.folder)
+    spec = RECORDED[name]
+    folder = getattr(run_paths(cfg), COMMANDS[name].folder)
     record = _read_record(folder)
     if record is None:
         return None
@@ -220,8 +135,8 @@ class Stage:
         """``folder``: where this stage's output goes, when not the run's own (a cell of the Table 1
         sweep); ``inputs``: what else the output is made from (the weights a training starts from, ...), as
         plain data."""
-        self.cfg, self.name, self.spec = cfg, name, STAGES[name]
-        self.folder = folder if folder is not None else getattr(run_paths(cfg), self.spec.folder)
+        self.cfg, self.name, self.spec = cfg, name, RECORDED[name]
+        self.folder = folder if folder is not None else getattr(run_paths(cfg), COMMANDS[name].folder)
         settings, self.extent = stage_settings(cfg, self.spec)
         upstream = {stage: output_digest(cfg, stage) for stage in self.spec.upstream}
         self.fingerprint = {"settings": settings, "inputs": {**upstream, **(inputs or {})}}
@@ -238,7 +153,7 @@ class Stage:
         before = record.get("fingerprint") or {}
         reasons = _differences(before.get("settings") or {}, self.fingerprint["settings"])
         reasons += [
-            f"the output of {source} changed since" if source in STAGES else f"its input {source} changed"
+            f"the output of {source} changed since" if source in RECORDED else f"its input {source} changed"
             for source, digest in self.fingerprint["inputs"].items()
             if (before.get("inputs") or {}).get(source) != digest
         ]

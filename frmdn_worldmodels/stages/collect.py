@@ -59,6 +59,7 @@ from frmdn_worldmodels.runtime.pool import ActorPool, PoolWorker, WorkerInfo
 from frmdn_worldmodels.runtime.progress import note
 from frmdn_worldmodels.runtime.progress import progress as progress_bar
 from frmdn_worldmodels.runtime.records import Stage
+from frmdn_worldmodels.runtime.seeds import seed_sequence
 
 EpisodeFn = Callable[[gymnasium.Env, EnvConfig, Policy, int], dict[str, np.ndarray]]
 """(env, env_cfg, policy, env_seed) -> episode arrays; ``rollout_episode`` unless a test injects another."""
@@ -71,7 +72,7 @@ def episode_name(index: int) -> str:
 def episode_seeds(base_seed: int, index: int) -> tuple[int, np.random.Generator]:
     """(env seed, policy generator) of episode ``index``: independent streams of
     SeedSequence([base_seed, index])."""
-    env_seq, policy_seq = np.random.SeedSequence([base_seed, index]).spawn(2)
+    env_seq, policy_seq = seed_sequence(base_seed, None, index).spawn(2)
     return int(env_seq.generate_state(1)[0]), np.random.default_rng(policy_seq)
 
 

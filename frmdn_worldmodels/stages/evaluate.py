@@ -28,7 +28,8 @@ from frmdn_worldmodels.runtime.io import DataError, atomic_write_bytes, write_js
 from frmdn_worldmodels.runtime.paths import prepare_stage, run_paths
 from frmdn_worldmodels.runtime.plots import save_image_grid
 from frmdn_worldmodels.runtime.records import Stage
-from frmdn_worldmodels.stages.train_controller import TEST, episode_seeds, load_best
+from frmdn_worldmodels.runtime.seeds import seed_ints
+from frmdn_worldmodels.stages.train_controller import load_best
 
 
 def write_gif(path: str | Path, frames: Sequence[np.ndarray], fps: float = 25.0, scale: int = 1) -> None:
@@ -96,7 +97,7 @@ def run(cfg: Config) -> dict:
     out = stage.folder
     memory = load_memory(cfg, "cpu")
     _controller(controller_for(cfg.env, memory, cfg.controller.hidden), best, best_path)  # as the workers do
-    seeds = episode_seeds(cfg.seed, TEST, 0, cfg.evaluate.episodes)
+    seeds = seed_ints(cfg.seed, "test", 0, count=cfg.evaluate.episodes)
     params = best["params"].numpy().astype(np.float32)
     started = time.perf_counter()
     pool = run_pool(cfg, memory=memory)

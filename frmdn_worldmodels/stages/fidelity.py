@@ -54,6 +54,7 @@ from frmdn_worldmodels.runtime.io import load_checkpoint, write_json
 from frmdn_worldmodels.runtime.paths import run_paths
 from frmdn_worldmodels.runtime.plots import plot_scatter
 from frmdn_worldmodels.runtime.records import Stage
+from frmdn_worldmodels.runtime.seeds import seed_ints
 from frmdn_worldmodels.stages.evaluate import _controller, _stats
 from frmdn_worldmodels.stages.train_controller import DreamFitness, RealFitness, load_best
 from frmdn_worldmodels.train.imitate import imitate_collected
@@ -69,9 +70,6 @@ def check_fidelity_config(cfg: Config) -> None:
     check_rollout_config(cfg.controller)  # the real episodes run on the rollout pool
 
 
-FIDELITY = 5
-"""Seed purpose of this measurement (``stages.train_controller``: 0 train, 1 eval, 2 test; ``stages.iterate``:
-3 its real scores, 4 its collection)."""
 REAL, DREAM, SET = 0, 1, 2
 """What each of the measurement's seeds draws: the real episodes, the dreams, the perturbed and random
 controllers."""
@@ -84,8 +82,7 @@ RANDOM_SCALES = (0.1, 1.0)
 def fidelity_seeds(cfg: Config, settings: FidelityConfig, use: int, count: int) -> list[int]:
     """``count`` seeds for one ``use`` (``REAL``, ``DREAM``, ``SET``), from the run's and the measurement's
     seeds."""
-    sequence = np.random.SeedSequence([cfg.seed, FIDELITY, settings.seed, use])
-    return [int(s) for s in sequence.generate_state(count)]
+    return seed_ints(cfg.seed, "fidelity", settings.seed, use, count=count)
 
 
 @dataclass(frozen=True)

@@ -36,11 +36,10 @@ from frmdn_worldmodels.runtime.paths import run_paths
 from frmdn_worldmodels.runtime.plots import plot_curves
 from frmdn_worldmodels.runtime.progress import note
 from frmdn_worldmodels.runtime.records import Stage, file_digest, recorded_seconds
+from frmdn_worldmodels.runtime.seeds import seed_ints
 
 NOISE_KINDS = ("action", "params")
 """Values of ``iterate.noise``."""
-EVAL_PURPOSE = 3
-"""Seed purpose of the iterations' real-game scores (``stages.train_controller``: 0 train, 1 eval, 2 test)."""
 
 
 def check_iterate_config(cfg: Config) -> None:
@@ -71,7 +70,7 @@ def iteration_config(cfg: Config, iteration: int) -> Config:
     budgets of one iteration (``iterate.memory_epochs``, ``iterate.generations``)."""
     if iteration == 0:
         return cfg
-    root = Path(cfg.runs_dir).resolve() / cfg.name / "iterate"
+    root = run_paths(cfg).iterate.resolve()
     return dataclasses.replace(
         cfg,
         runs_dir=str(root),
@@ -138,7 +137,7 @@ def collect_iteration(cfg: Config, previous: Config, current: Config, iteration:
     best = load_best(previous)
     params = best["params"].numpy().astype(np.float32)
     names = [f"it{iteration:02d}_ep_{index:05d}.npz" for index in range(it.episodes)]
-    seeds = [int(s) for s in np.random.SeedSequence([cfg.seed, 4, iteration]).generate_state(it.episodes)]
+    seeds = seed_ints(cfg.seed, "iterate-collect", iteration, count=it.episodes)
     # each chunk of episodes is saved as it finishes, with its scores in PLAYED, so a kill loses only the
     # chunks still playing; an episode file without its scores (a kill between the two writes) is played again
     played_path = folder / PLAYED
@@ -242,11 +241,9 @@ def run(cfg: Config) -> dict:
             f"{base.controller / 'best.pt'}: no controller to iterate from; run `python run.py "
             "pipeline` (or collect .. train-controller) first"
         )
-    out = base.root / "iterate"
+    out = base.iterate
     out.mkdir(parents=True, exist_ok=True)
-    eval_seeds = [
-        int(s) for s in np.random.SeedSequence([cfg.seed, EVAL_PURPOSE]).generate_state(it.eval_episodes)
-    ]
+    eval_seeds = seed_ints(cfg.seed, "iterate-eval", count=it.eval_episodes)
     rows = []
     for iteration in range(it.iterations + 1):
         current = iteration_config(cfg, iteration)

@@ -11,27 +11,12 @@ from frmdn_worldmodels.runtime.config import Config
 from frmdn_worldmodels.runtime.io import atomic_write_text
 from frmdn_worldmodels.runtime.machine import summary_line
 from frmdn_worldmodels.runtime.paths import run_paths
-from frmdn_worldmodels.runtime.records import STAGES, recorded_seconds
+from frmdn_worldmodels.runtime.records import recorded_seconds
+from frmdn_worldmodels.runtime.registry import COMMANDS, FINAL, RECORDED
 
-# Which folder holds each stage's outputs (pictures and videos are picked up from there).
-STAGE_FOLDERS = {
-    "collect": "episodes",
-    "train-vae": "vae",
-    "encode": "latents",
-    "train-memory": "memory",
-    "train-controller": "controller",
-    "evaluate": "evaluate",
-    "dream": "dream",
-    "iterate": "iterate",
-    "fidelity": "fidelity",
-}
 MEDIA_SUFFIXES = (".png", ".gif", ".mp4")
 SKIPPED_KEYS = {"settings", "memory_config"}
 """Copies of the config inside summaries: the report links the resolved config once instead."""
-
-
-EVALUATION_STAGES = ("evaluate", "dream")
-"""The stages that score or show the final controller: outside a config's training-time budget."""
 
 
 def work_seconds(config: Config, stage: str, summary: dict | None, fallback: float) -> float:
@@ -41,8 +26,8 @@ def work_seconds(config: Config, stage: str, summary: dict | None, fallback: flo
     if stage == "iterate":
         rows = (summary or {}).get("rows") or []
         return float(sum(row.get("seconds", 0.0) for row in rows)) if rows else fallback
-    if stage in STAGES:
-        recorded = recorded_seconds(getattr(run_paths(config), STAGES[stage].folder))
+    if stage in RECORDED:
+        recorded = recorded_seconds(getattr(run_paths(config), COMMANDS[stage].folder))
         if recorded is not None:
             return recorded
     return fallback
@@ -178,10 +163,10 @@ def write_report(
     work = work or seconds
     if "fidelity" not in summaries and (fidelity := fidelity_summary(config)) is not None:
         summaries = {**summaries, "fidelity": fidelity}  # listed after the stages, never timed with them
-    training = sum(secs for stage, secs in work.items() if stage not in EVALUATION_STAGES)
+    training = sum(secs for stage, secs in work.items() if stage not in FINAL)
 
     def share(stage: str) -> str:
-        return "" if stage in EVALUATION_STAGES or not training else f"{work[stage] / training:.0%}"
+        return "" if stage in FINAL or not training else f"{work[stage] / training:.0%}"
 
     root = run_paths(config).root
     title = (
@@ -199,7 +184,7 @@ def write_report(
         title,
         "",
         f"Time of this invocation: {sum(seconds.values()):.0f} s. Training (every stage's work but "
-        f"{' and '.join(EVALUATION_STAGES)}, over all invocations): {training:.0f} s = "
+        f"{' and '.join(FINAL)}, over all invocations): {training:.0f} s = "
         f"{training / 60:.1f} min. Resolved config: [config.yaml](config.yaml).",
         "",
         *([line, ""] if (line := summary_line(root, machine)) else []),
@@ -232,7 +217,7 @@ def write_report(
                 "| " + " | ".join(_format(row.get(c)) for c in columns) + " |" for row in summary["rows"]
             ]
             lines.append("")
-        folder = (folders or {}).get(stage, root / STAGE_FOLDERS.get(stage, stage))
+        folder = (folders or {}).get(stage, root / COMMANDS[stage].folder)
         media = sorted(p for p in folder.glob("*") if p.suffix in MEDIA_SUFFIXES) if folder.is_dir() else []
         for path in media:
             relative = os.path.relpath(path, root).replace(os.sep, "/")

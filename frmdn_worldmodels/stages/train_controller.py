@@ -55,16 +55,8 @@ from frmdn_worldmodels.runtime.paths import run_paths
 from frmdn_worldmodels.runtime.plots import plot_curves
 from frmdn_worldmodels.runtime.progress import note, progress
 from frmdn_worldmodels.runtime.records import Stage
+from frmdn_worldmodels.runtime.seeds import seed_ints
 from frmdn_worldmodels.train.imitate import Imitation, check_init, imitate_collected, imitation_loss
-
-TRAIN, EVAL, TEST = 0, 1, 2
-"""Purposes of episode seeds, so training, periodic evaluation and the evaluate stage never share episodes."""
-
-
-def episode_seeds(seed: int, purpose: int, generation: int, count: int) -> list[int]:
-    """``count`` env seeds (or dream seeds) for one purpose and generation, from the run's seed."""
-    return [int(s) for s in np.random.SeedSequence([seed, purpose, generation]).generate_state(count)]
-
 
 COVARIANCES = ("full", "diagonal")
 """``controller.covariance``: CMA-ES's full covariance matrix, or sep-CMA-ES's diagonal (``train/es.py``)."""
@@ -147,15 +139,15 @@ class DreamFitness:
             self.real_length = float(np.mean(np.minimum(lengths, horizon)))
         self.warned = False
 
-    def _generator(self, purpose: int, generation: int) -> torch.Generator:
+    def _generator(self, purpose: str, generation: int) -> torch.Generator:
         return torch.Generator(device=self.dream.device).manual_seed(
-            episode_seeds(self.seed, purpose, generation, 1)[0]
+            seed_ints(self.seed, purpose, generation, count=1)[0]
         )
 
     def population(self, candidates: np.ndarray, rollouts: int, generation: int) -> tuple[np.ndarray, float]:
         """Each candidate's mean return over ``rollouts`` dreams, and the dreams' mean length."""
         params = torch.as_tensor(candidates, dtype=torch.float32)
-        result = self.dream.rollout(params, rollouts, self._generator(TRAIN, generation))
+        result = self.dream.rollout(params, rollouts, self._generator("train", generation))
         mean_length = float(result.lengths.double().mean())
         if mean_length < 0.25 * self.real_length and not self.warned:
             self.warned = True
@@ -171,7 +163,7 @@ class DreamFitness:
     def episodes(self, params: np.ndarray, count: int, generation: int) -> np.ndarray:
         population = torch.as_tensor(params, dtype=torch.float32).unsqueeze(0)
         return (
-            self.dream.rollout(population, count, self._generator(EVAL, generation))
+            self.dream.rollout(population, count, self._generator("eval", generation))
             .returns[0]
             .double()
             .numpy()
@@ -190,7 +182,9 @@ class RealFitness:
 
     def population(self, candidates: np.ndarray, rollouts: int, generation: int) -> tuple[np.ndarray, float]:
         """Each candidate's mean return over ``rollouts`` real episodes, and the episodes' mean length."""
-        seeds = episode_seeds(self.seed, TRAIN, generation, rollouts)  # the same episodes for every candidate
+        seeds = seed_ints(
+            self.seed, "train", generation, count=rollouts
+        )  # the same episodes for every candidate
         played = self.play(candidates, seeds)
         returns = np.array([[episode.ret for episode in row] for row in played])
         return returns.mean(axis=1), float(np.mean([episode.steps for row in played for episode in row]))
@@ -212,7 +206,7 @@ class RealFitness:
         return [episodes[p * count : (p + 1) * count] for p in range(len(candidates))]
 
     def episodes(self, params: np.ndarray, count: int, generation: int) -> np.ndarray:
-        seeds = episode_seeds(self.seed, EVAL, generation, count)
+        seeds = seed_ints(self.seed, "eval", generation, count=count)
         params = np.asarray(params, np.float32)
         episodes = map_seeds(self.pool, "evaluate", params, seeds, self.envs_per_worker)
         return np.array([episode.ret for episode in episodes])

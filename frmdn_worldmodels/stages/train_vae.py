@@ -44,6 +44,7 @@ from frmdn_worldmodels.runtime.io import (
 from frmdn_worldmodels.runtime.paths import run_paths
 from frmdn_worldmodels.runtime.plots import plot_curves, save_image_grid
 from frmdn_worldmodels.runtime.records import Stage, file_digest
+from frmdn_worldmodels.runtime.seeds import seeded_rng
 from frmdn_worldmodels.train.loop import LoopSettings, TrainTask
 from frmdn_worldmodels.train.loop import train as train_loop
 
@@ -209,7 +210,7 @@ def run(cfg: Config, *, initial: Path | None = None, stop_after_steps: int | Non
             train_paths,
             vcfg.batch_size,
             vcfg.shuffle_buffer,
-            np.random.default_rng([cfg.seed, epoch]),
+            seeded_rng(cfg.seed, None, epoch),
             FRAME_SHAPE,
             tuple(sprite_weights(cfg)),
         )

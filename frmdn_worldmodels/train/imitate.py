@@ -35,7 +35,7 @@ from torch import Tensor
 
 from frmdn_worldmodels.data.episodes import list_npz, load_episode, load_latents
 from frmdn_worldmodels.dream.env import memory_inputs
-from frmdn_worldmodels.games.policies import follower_action
+from frmdn_worldmodels.games.carracing import follower_action
 from frmdn_worldmodels.models.controller import Controller
 from frmdn_worldmodels.models.memory import MemoryModel
 from frmdn_worldmodels.runtime.config import Config, ConfigError, ControllerConfig
