@@ -252,3 +252,28 @@ def test_every_field_has_a_doc_line_and_each_command_help_lists_the_fields_it_re
     assert "  seed = 0\n" in shown and "controller." not in shown  # what it reads, nothing else
     assert "  speech.memory.components = 20" in run_main("benchmark", "--help").stdout
     assert set(cli.sections_of("pipeline")) >= {"collect", "vae", "memory", "controller", "iterate"}
+
+
+def _choice_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, tuple]]:
+    """Every field of the config whose type lists the values it takes, with those values."""
+    import dataclasses
+    import typing
+
+    found = []
+    for name, hint in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            found += _choice_fields(hint, f"{prefix}{name}.")
+        elif typing.get_origin(hint) is typing.Literal:
+            found.append((f"{prefix}{name}", typing.get_args(hint)))
+    return found
+
+
+@pytest.mark.parametrize("key, choices", _choice_fields(), ids=lambda value: str(value))
+def test_a_field_with_choices_takes_each_and_refuses_any_other_naming_them(key, choices):
+    for choice in choices:
+        config = load_config(overrides=[f"{key}={choice}"])
+        for part in key.split("."):
+            config = getattr(config, part)
+        assert config == choice
+    with pytest.raises(ConfigError, match=f"{key} must be one of {', '.join(choices)}, got 'nonsense'"):
+        load_config(overrides=[f"{key}=nonsense"])

@@ -196,9 +196,11 @@ def test_train_controller_dreams_from_any_frame_and_refuses_unknown_starts(tmp_p
         hidden.abs().sum(1).gt(0).sum() >= 3 and cell.abs().sum(1).gt(0).sum() >= 3
     )  # not only first frames
     assert train_controller.run(cfg)["generations"] == 2
-    bad = tiny_run(tmp_path / "bad", extra=["controller.dream_start=middle"])
+    with pytest.raises(ConfigError, match="controller.dream_start must be one of first, any, got 'middle'"):
+        tiny_run(tmp_path / "bad", extra=["controller.dream_start=middle"])  # refused as it is read
+    bad = dataclasses.replace(cfg, controller=dataclasses.replace(cfg.controller, dream_start="middle"))
     with pytest.raises(ConfigError, match="controller.dream_start"):
-        train_controller.run(bad)
+        train_controller.run(bad)  # and a config built in code, by the stage
 
 
 def test_train_controller_trains_a_controller_with_a_hidden_layer(tmp_path):

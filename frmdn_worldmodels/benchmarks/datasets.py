@@ -15,6 +15,7 @@ import io
 import math
 import pickle
 import re
+import typing
 import wave
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from frmdn_worldmodels.runtime.config import ConfigError
+from frmdn_worldmodels.runtime.config import ConfigError, ImageDataset
 from frmdn_worldmodels.runtime.io import DataError
 
 # ----------------------------------------------------------------------------------------------------- images
@@ -217,7 +218,7 @@ def _take(pair: tuple[np.ndarray, np.ndarray], index) -> tuple[np.ndarray, np.nd
     return pair[0][index], pair[1][index]
 
 
-IMAGE_DATASETS = ("auto", "digits", "mnist", "cifar10")
+IMAGE_DATASETS = typing.get_args(ImageDataset)
 """The values of ``image.dataset``."""
 _DATASET_NAMES = {"mnist": "MNIST", "cifar10": "CIFAR-10"}
 _MNIST_PREFIXES = tuple(

@@ -32,6 +32,7 @@ it dreams the same dream). ``reset(options={"start_index": s})`` starts at frame
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import ClassVar
 
@@ -45,12 +46,12 @@ from frmdn_worldmodels.dream.dynamics import DreamBatch, DreamDriver, DreamDynam
 from frmdn_worldmodels.games.envs import action_space
 from frmdn_worldmodels.models.memory import MemoryModel
 from frmdn_worldmodels.models.vae import ConvVAE, load_vae, posterior_sample, tensor_to_frames
-from frmdn_worldmodels.runtime.config import Config, ConfigError, step_limit
+from frmdn_worldmodels.runtime.config import Config, ConfigError, DreamStart, step_limit
 from frmdn_worldmodels.runtime.io import DataError, load_checkpoint
 from frmdn_worldmodels.runtime.paths import run_paths
 
 DREAM_ENV_ID = "WorldModelDream-v0"
-DREAM_STARTS = ("first", "any")
+DREAM_STARTS = typing.get_args(DreamStart)
 """Values of ``controller.dream_start``."""
 
 

@@ -22,6 +22,7 @@ Exploration policies (``collect.policy``):
 from __future__ import annotations
 
 import re
+import typing
 
 import gymnasium
 import numpy as np
@@ -37,9 +38,9 @@ from frmdn_worldmodels.games.mario_expert import (
     screen_centre,
 )
 from frmdn_worldmodels.games.policies import HeldDiscretePolicy
-from frmdn_worldmodels.runtime.config import CollectConfig, ConfigError, EnvConfig
+from frmdn_worldmodels.runtime.config import CollectConfig, ConfigError, EnvConfig, MarioActions
 
-ACTION_SETS = ("right_only", "simple", "complex")
+ACTION_SETS = typing.get_args(MarioActions)
 
 
 def check(env_cfg: EnvConfig) -> None:

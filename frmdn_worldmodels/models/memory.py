@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +42,7 @@ from torch import Tensor, nn
 
 from frmdn_worldmodels.models.flows import CouplingFlow
 from frmdn_worldmodels.models.mixture import gmm_log_prob, gmm_sample
-from frmdn_worldmodels.runtime.config import ConfigError, MemoryConfig
+from frmdn_worldmodels.runtime.config import ConfigError, DiagActivation, MemoryConfig, MemoryKind
 
 State = tuple[Tensor, Tensor]
 
@@ -71,8 +72,8 @@ class MemoryOutput:
     """Which member of the ensemble made these (its flow scores and samples them)."""
 
 
-MEMORY_KINDS = ("rmdn", "frmdn")
-DIAG_ACTIVATIONS = ("softplus", "exp")
+MEMORY_KINDS = typing.get_args(MemoryKind)
+DIAG_ACTIVATIONS = typing.get_args(DiagActivation)
 
 
 def check_memory_config(config: MemoryConfig, section: str = "memory") -> None:

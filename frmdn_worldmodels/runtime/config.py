@@ -16,12 +16,28 @@ import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # the clone's configs/, linked
 DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
+
+
+# The values a string field accepts: the loader refuses any other, naming the field (``_coerce``), and
+# ``run.py <command> --help`` lists them.
+MarioActions = Literal["right_only", "simple", "complex"]
+MemoryKind = Literal["rmdn", "frmdn"]
+DiagActivation = Literal["softplus", "exp"]
+Covariance = Literal["full", "diagonal"]
+ControllerInit = Literal["zeros", "imitate"]
+ImitateActions = Literal["recorded", "follower"]
+DreamStart = Literal["first", "any"]
+IterateNoise = Literal["action", "params"]
+ImageDataset = Literal["auto", "digits", "mnist", "cifar10"]
+Optimizer = Literal["adam", "rmsprop"]
+TrainIn = Literal["dream", "real"]
+StalePolicy = Literal["redo", "refuse"]
 
 
 class ConfigError(ValueError):
@@ -35,7 +51,7 @@ class EnvConfig:
     own ``games.game.Game`` as ``"package.module:ATTRIBUTE"``."""
     mario_level: str = "1-1"
     """Mario world-stage, e.g. ``1-1`` for SuperMarioBros-1-1-v0."""
-    mario_actions: str = "simple"
+    mario_actions: MarioActions = "simple"
     """Mario action set: ``right_only``, ``simple`` (SIMPLE_MOVEMENT) or ``complex``."""
     frame_size: int = 64
     """Side of the square RGB frame fed to the VAE (resized with opencv); the ConvVAE takes 64 only."""
@@ -116,7 +132,7 @@ class VAEConfig:
 
 @dataclass
 class MemoryConfig:
-    kind: str = "frmdn"
+    kind: MemoryKind = "frmdn"
     """``rmdn`` (no flow, the baseline) or ``frmdn`` (coupling flow on the target)."""
     hidden: int = 256
     """LSTM hidden size."""
@@ -130,7 +146,7 @@ class MemoryConfig:
     """Hidden width of each coupling block's s and t networks."""
     flow_context: bool = False
     """Condition the flow on the LSTM state (the paper's Fig. 6 extension)."""
-    diag_activation: str = "softplus"
+    diag_activation: DiagActivation = "softplus"
     """Positivity map for the diagonal precision D_k: ``softplus`` or ``exp``."""
     diag_floor: float = 1e-4
     """Lower bound added to every diagonal precision element."""
@@ -162,7 +178,7 @@ class MemoryTrainConfig:
     """Length of the chunks episodes are cut into."""
     lr: float = 1e-3
     """Learning rate."""
-    optimizer: str = "adam"
+    optimizer: Optimizer = "adam"
     """``adam`` or ``rmsprop``."""
     grad_clip: float = 1.0
     """Max gradient norm (0 = no clipping)."""
@@ -214,7 +230,7 @@ class MemoryTrainConfig:
 
 @dataclass
 class ControllerConfig:
-    train_in: str = "dream"
+    train_in: TrainIn = "dream"
     """Where CMA-ES evaluates candidates: ``dream`` or ``real``."""
     generations: int = 10
     """CMA-ES generations."""
@@ -224,10 +240,10 @@ class ControllerConfig:
     """Rollouts per candidate; fitness is their mean return."""
     sigma: float = 0.1
     """Initial CMA-ES step size."""
-    covariance: str = "full"
+    covariance: Covariance = "full"
     """CMA-ES's covariance: ``full`` (an n x n matrix: its update and checkpoint grow as n^2) or ``diagonal``
     (sep-CMA-ES: n entries, for a controller with a hidden layer, whose n runs to thousands)."""
-    init: str = "zeros"
+    init: ControllerInit = "zeros"
     """Where CMA-ES starts: ``zeros`` (World Models: the controller's initial parameters) or ``imitate`` (the
     controller fitted to the recorded actions of the best collected episodes, ``train/imitate.py``)."""
     imitate_top: float = 0.25
@@ -236,7 +252,7 @@ class ControllerConfig:
     """``init: imitate``: each candidate's fitness (and the score the best is kept by) is its mean dream
     return minus this weight times its imitation loss on the imitated frames (return per unit of action MSE,
     or per nat for Mario); 0 = the dream return alone."""
-    imitate_actions: str = "recorded"
+    imitate_actions: ImitateActions = "recorded"
     """``init: imitate``: what the imitation is fitted to on the imitated frames: ``recorded`` (the actions
     played) or ``follower`` (CarRacing: the track follower's own action on each recorded frame, the
     exploration noise left out, as in DART)."""
@@ -266,7 +282,7 @@ class ControllerConfig:
     dream_threads: int = 1
     """Torch threads of the batched dream (0 = torch's default); results depend on it, so it is fixed per
     run."""
-    dream_start: str = "first"
+    dream_start: DreamStart = "first"
     """Where dreams begin: ``first`` frames of the collected episodes with h = 0 (World Models), or ``any``
     frame, with the memory's state after reading the real episode up to it (dreams then cover the whole
     explored game)."""
@@ -285,7 +301,7 @@ class IterateConfig:
     ``pipeline`` runs them when > 0): collect with the best controller, train M further, continue CMA-ES."""
     episodes: int = 16
     """Real episodes each iteration collects with the current best controller (plus exploration noise)."""
-    noise: str = "action"
+    noise: IterateNoise = "action"
     """Exploration noise while collecting: ``action`` (CarRacing: Gaussian noise of std ``noise_scale`` on
     each action, clipped to the box; Mario: a uniformly random action with probability ``noise_scale``) or
     ``params`` (one Gaussian perturbation of std ``noise_scale`` of the controller's parameters per
@@ -395,7 +411,7 @@ class SpeechConfig:
 
 @dataclass
 class ImageConfig:
-    dataset: str = "auto"
+    dataset: ImageDataset = "auto"
     """``digits`` (scikit-learn 8x8, shipped: takes no ``data``), ``mnist`` (IDX files), ``cifar10`` (python
     batches), or ``auto``: the digits without ``data``, else MNIST or CIFAR-10 as the folder's files say."""
     data: str | None = None
@@ -457,7 +473,7 @@ class Config:
     threads: int = 0
     """Torch CPU threads of the command's own process (0 = torch's default, one per core). 1 keeps the VAE and
     memory stages' speed on a machine other processes keep busy, where two threads ran 10-30x slower here."""
-    stale: str = "redo"
+    stale: StalePolicy = "redo"
     """What a stage does when its folder was made from other inputs (settings or upstream outputs): ``redo``
     it, or ``refuse`` with the list of what changed (``--refuse-stale``)."""
     tensorboard: bool = False
@@ -483,7 +499,7 @@ class Config:
 
 VAE_FRAME_SIZE = 64
 """The side of the square frames the ConvVAE (``frmdn_worldmodels.models.vae``) reads."""
-STALE_POLICIES = ("redo", "refuse")
+STALE_POLICIES = typing.get_args(StalePolicy)
 """Values of ``Config.stale``."""
 DEVICE_KINDS = ("cpu", "cuda", "mps")
 
@@ -591,6 +607,11 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             except ConfigError as error:
                 errors.append(str(error))
         raise ConfigError(errors[0] if errors else f"{source}: {key}: bad value {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{source}: {key} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {key} must be a mapping of fields, got {value!r}")
@@ -734,14 +755,18 @@ def describe_fields(sections: Sequence[str]) -> list[str]:
 
 
 def _describe(value: Any, nested: bool, prefix: str) -> list[str]:
-    docs, lines = field_docs(type(value)), []
+    docs, hints, lines = field_docs(type(value)), typing.get_type_hints(type(value)), []
     for item in dataclasses.fields(value):
         default, name = getattr(value, item.name), f"{prefix}.{item.name}" if nested else item.name
         if dataclasses.is_dataclass(default):
             if nested:  # the top level's sections are listed by the commands that read them
                 lines += _describe(default, True, name)
             continue
-        lines.append(f"  {name} = {default!r}")
+        hint = hints[item.name]
+        listed = (
+            f"  (one of: {', '.join(typing.get_args(hint))})" if typing.get_origin(hint) is Literal else ""
+        )
+        lines.append(f"  {name} = {default!r}{listed}")
         lines += textwrap.wrap(
             docs.get(item.name, ""), 104, initial_indent="      ", subsequent_indent="      "
         )

@@ -25,12 +25,13 @@ import dataclasses
 import hashlib
 import os
 import time
+import typing
 from pathlib import Path
 
 import numpy as np
 
 from frmdn_worldmodels.data.episodes import list_npz
-from frmdn_worldmodels.runtime.config import Config, ConfigError
+from frmdn_worldmodels.runtime.config import Config, ConfigError, IterateNoise
 from frmdn_worldmodels.runtime.io import DataError, atomic_write_bytes, load_checkpoint, read_json, write_json
 from frmdn_worldmodels.runtime.paths import run_paths
 from frmdn_worldmodels.runtime.plots import plot_curves
@@ -38,7 +39,7 @@ from frmdn_worldmodels.runtime.progress import note
 from frmdn_worldmodels.runtime.records import Stage, file_digest, recorded_seconds
 from frmdn_worldmodels.runtime.seeds import seed_ints
 
-NOISE_KINDS = ("action", "params")
+NOISE_KINDS = typing.get_args(IterateNoise)
 """Values of ``iterate.noise``."""
 
 

@@ -23,6 +23,7 @@ import hashlib
 import json
 import sys
 import time
+import typing
 
 import numpy as np
 import torch
@@ -40,7 +41,14 @@ from frmdn_worldmodels.dream.env import (
 )
 from frmdn_worldmodels.models.controller import Controller
 from frmdn_worldmodels.models.memory import MemoryModel
-from frmdn_worldmodels.runtime.config import Config, ConfigError, ControllerConfig, step_limit
+from frmdn_worldmodels.runtime.config import (
+    Config,
+    ConfigError,
+    ControllerConfig,
+    Covariance,
+    TrainIn,
+    step_limit,
+)
 from frmdn_worldmodels.runtime.io import (
     DataError,
     append_jsonl,
@@ -58,7 +66,7 @@ from frmdn_worldmodels.runtime.records import Stage
 from frmdn_worldmodels.runtime.seeds import seed_ints
 from frmdn_worldmodels.train.imitate import Imitation, check_init, imitate_collected, imitation_loss
 
-COVARIANCES = ("full", "diagonal")
+COVARIANCES = typing.get_args(Covariance)
 """``controller.covariance``: CMA-ES's full covariance matrix, or sep-CMA-ES's diagonal (``train/es.py``)."""
 DREAM_ONLY_FIELDS = ("temperature", "dream_start", "dream_start_limit", "dream_threads", "eval_real_episodes")
 """Controller fields read only when candidates are scored in the dream (``train_in: dream``)."""
@@ -80,7 +88,7 @@ def unused_in_real(cfg: Config) -> list[str]:
 
 def check_controller_config(cfg: Config) -> None:
     c = cfg.controller
-    if c.train_in not in ("dream", "real"):
+    if c.train_in not in typing.get_args(TrainIn):
         raise ConfigError(f"controller.train_in must be 'dream' or 'real', got {c.train_in!r}")
     for key, low in (
         ("generations", 1),

@@ -26,6 +26,7 @@ term, for a search): the dream is trusted only near the play M was trained on.
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,13 +39,19 @@ from frmdn_worldmodels.dream.env import memory_inputs
 from frmdn_worldmodels.games.carracing import follower_action
 from frmdn_worldmodels.models.controller import Controller
 from frmdn_worldmodels.models.memory import MemoryModel
-from frmdn_worldmodels.runtime.config import Config, ConfigError, ControllerConfig
+from frmdn_worldmodels.runtime.config import (
+    Config,
+    ConfigError,
+    ControllerConfig,
+    ControllerInit,
+    ImitateActions,
+)
 from frmdn_worldmodels.runtime.io import DataError
 from frmdn_worldmodels.runtime.paths import run_paths
 
-INITS = ("zeros", "imitate")
+INITS = typing.get_args(ControllerInit)
 """``controller.init``: the controller's initial parameters, or the imitation of the best collected play."""
-IMITATE_ACTIONS = ("recorded", "follower")
+IMITATE_ACTIONS = typing.get_args(ImitateActions)
 """``controller.imitate_actions``: the actions played, or the track follower's own action on each frame."""
 
 
