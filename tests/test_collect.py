@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -272,3 +273,31 @@ def test_command_line_refuses_a_bad_value(tmp_path, run_main):
     assert result.returncode == 2
     assert "env.name" in result.stderr and "pong" in result.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_ctrl_c_stops_collection_within_seconds_and_the_same_command_resumes(tmp_path):
+    """SIGINT (Ctrl-C) while episodes are being played on Ray: exit code 130 and a line saying how to resume,
+    within seconds; rerun, the same command keeps what was saved and collects the rest."""
+    args = ["--set", "collect.episodes=40", "--set", "collect.max_steps=24", "--set", f"runs_dir={tmp_path}"]
+    folder = tmp_path / "tiny" / "episodes"
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), "collect", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a terminal's foreground job
+    )
+    deadline = time.monotonic() + 240
+    while not list_npz(folder) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "rerun the same command" in stderr and "Traceback" not in stderr
+    assert time.monotonic() - sent < 20
+    kept = {path.name for path in list_npz(folder)}
+    assert 0 < len(kept) < 40
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert kept < {path.name for path in list_npz(folder)} and len(list_npz(folder)) == 40
