@@ -17,6 +17,8 @@ $(VENV)/.installed: pyproject.toml
 run: $(VENV)/.installed
 	$(PY) run.py pipeline
 
+# tests/unit: no Ray and no subprocess; tests/integration: the commands, Ray's pools and clusters
 test: $(VENV)/.installed
 	$(PY) -m ruff check .
-	$(PY) -m pytest
+	$(PY) -m pytest tests/unit
+	$(PY) -m pytest tests/integration

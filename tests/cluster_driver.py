@@ -1,6 +1,6 @@
-"""The driver of tests/test_cluster.py, run in a process of its own (``python tests/cluster_driver.py OUT``,
-with the project on PYTHONPATH and RAY_TMPDIR a private folder) so that its two-node Ray cluster never meets
-the test session's local Ray, nor other processes' ``ray.init()``.
+"""The driver of tests/integration/test_cluster.py, run in a process of its own (``python
+tests/cluster_driver.py OUT``, with the project on PYTHONPATH and RAY_TMPDIR a private folder) so that its
+two-node Ray cluster never meets the test session's local Ray, nor other processes' ``ray.init()``.
 
 It starts a ``ray.cluster_utils.Cluster`` (head: 1 CPU, plus a second node of 1 CPU, as two machines would
 be), then:
@@ -13,7 +13,8 @@ be), then:
    mid-job and then the second node removed mid-job, and a last time on the head node alone.
 
 Every attempted episode is logged to ``OUT/attempts.jsonl`` by the workers themselves (node, pid, time), and
-the measurements go to ``OUT/report.json``; tests/test_cluster.py asserts on them and on the files.
+the measurements go to ``OUT/report.json``; tests/integration/test_cluster.py asserts on them and on the
+files.
 """
 
 from __future__ import annotations

@@ -76,10 +76,10 @@ def run_main(capsys) -> Callable[..., subprocess.CompletedProcess]:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> tuple[Path, dict, str]:
-    """The tiny pipeline (``tests.test_pipeline.TINY``) run once for the session: (its runs_dir, the summary
-    it printed, its stderr). Tests never change it: they start from a copy (``copy_tiny_run``), which the
-    stages take as done, since a stage's record holds settings and file digests, not paths."""
-    from tests.test_pipeline import TINY, run_pipeline
+    """The tiny pipeline (``tests.unit.test_pipeline.TINY``) run once for the session: (its runs_dir,
+    the summary it printed, its stderr). Tests never change it: they start from a copy (``copy_tiny_run``),
+    which the stages take as done, since a stage's record holds settings and file digests, not paths."""
+    from tests.unit.test_pipeline import TINY, run_pipeline
 
     runs = tmp_path_factory.mktemp("tiny-run")
     summary, log = run_pipeline(runs, TINY)

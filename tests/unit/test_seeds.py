@@ -15,7 +15,7 @@ from frmdn_worldmodels.runtime.seeds import (
     seeded_rng,
 )
 
-PACKAGE = Path(__file__).resolve().parent.parent / "frmdn_worldmodels"
+PACKAGE = Path(__file__).resolve().parents[2] / "frmdn_worldmodels"
 
 
 def test_every_purpose_has_its_own_number():

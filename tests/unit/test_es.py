@@ -1,6 +1,6 @@
 """CMA-ES: it improves fitness on cheap tasks, its state is plain data, and a killed run resumes exactly as if
 it had never stopped. (The rollout actors' pool, which replaces a crashing actor and evaluates its candidate
-again, is tested in tests/test_pool.py.)"""
+again, is tested in tests/integration/test_pool.py.)"""
 
 import dataclasses
 import itertools
@@ -315,7 +315,7 @@ def test_train_controller_killed_with_sigkill_resumes_from_its_checkpoint(tmp_pa
     import time
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     overrides = [
         "memory.hidden=8",
         "memory.components=2",

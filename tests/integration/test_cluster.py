@@ -1,11 +1,4 @@
-"""Collection and real-game rollouts on a real two-node Ray cluster (``ray.cluster_utils.Cluster``: head 1
-CPU + one more node of 1 CPU): workers on both nodes, episodes on the driver's disk, a worker process killed
-mid-job is replaced and its job rerun, a removed node loses only its jobs, which are rerun at once, far
-inside the timeouts (120 s).
-
-The cluster runs in a process of its own (tests/cluster_driver.py), so it never meets the session's local Ray
-(``ray_session``); it reports what happened in ``report.json`` and the workers log every attempt.
-"""
+"""The tests of ``tests/unit/test_cluster.py``'s subject that start Ray or a subprocess."""
 
 import json
 import os
@@ -16,15 +9,13 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pytest
-from cluster_driver import EPISODES, TIMEOUT, collect_config, read_attempts
 
 from frmdn_worldmodels.data.episodes import list_npz, load_episode
 from frmdn_worldmodels.games.envs import make_env
 from frmdn_worldmodels.games.policies import make_exploration_policy
 from frmdn_worldmodels.stages.collect import collect_env_config, episode_name, episode_seeds, rollout_episode
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.cluster_driver import EPISODES, TIMEOUT, collect_config, read_attempts
+from tests.unit.test_cluster import ROOT, pytest
 
 
 @pytest.fixture(scope="module")
@@ -119,20 +110,3 @@ def test_real_game_generation_on_two_nodes_survives_a_killed_actor_and_a_lost_no
     # the next generation runs on the head node alone, with the lost actor's replacement never scheduled
     assert len(rollouts["alone"]) == 2 and rollouts["alone_seconds"] < TIMEOUT / 2
     assert rollouts["started_nodes"].count(second) == 1
-
-
-def test_a_cluster_address_where_nothing_listens_is_named_within_seconds():
-    """``ray.address=127.0.0.1:1``: refused with the address and what to do, exit code 2, no hang (Ray's own
-    connect would wait minutes without a word)."""
-    import time
-
-    from frmdn_worldmodels.runtime.cluster import REACH_SECONDS, check_reachable
-    from frmdn_worldmodels.runtime.config import ConfigError
-
-    started = time.perf_counter()
-    with pytest.raises(ConfigError, match=r"ray.address=127.0.0.1:1: no Ray cluster answers there"):
-        check_reachable("127.0.0.1:1")
-    with pytest.raises(ConfigError, match="host:port"):
-        check_reachable("nowhere")
-    check_reachable("auto")  # Ray's own lookup
-    assert time.perf_counter() - started < 2 * REACH_SECONDS

@@ -3,9 +3,6 @@ line."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +20,11 @@ from frmdn_worldmodels.data.sequences import (
 )
 from frmdn_worldmodels.models.memory import MemoryModel
 from frmdn_worldmodels.runtime.config import ConfigError, MemoryConfig
-from frmdn_worldmodels.runtime.io import DataError, load_checkpoint, read_json, read_jsonl
+from frmdn_worldmodels.runtime.io import DataError, load_checkpoint, read_jsonl
 from frmdn_worldmodels.stages.train_memory import run
 from frmdn_worldmodels.train.loop import TrainingStopped
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -255,33 +252,6 @@ def test_use_mu_trains_on_the_posterior_mean(tiny_memory_run):
             torch.from_numpy(test.mu), torch.from_numpy(test.actions), mask=torch.from_numpy(test.mask)
         )
     assert summary["use_mu"] and summary["test_nll_per_step"] == pytest.approx(losses["nll"].item(), rel=1e-5)
-
-
-def test_command_line_smoke(tiny_memory_run, run_main):
-    cfg = tiny_memory_run("cli")
-    args = [
-        sys.executable,
-        str(ROOT / "run.py"),
-        "train-memory",
-        "--set",
-        f"runs_dir={cfg.runs_dir}",
-        "--set",
-        "memory.hidden=8",
-        "--set",
-        "memory_train.epochs=1",
-        "--set",
-        "memory_train.seq_len=8",
-    ]
-    result = subprocess.run(
-        [*args, "--set", "name=cli"], check=False, capture_output=True, text=True, cwd=ROOT, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
-    summary = json.loads(result.stdout)
-    assert np.isfinite(summary["test_nll_per_dim"])
-    assert read_json(Path(cfg.runs_dir) / "cli" / "memory" / "summary.json") == summary
-
-    missing = run_main(*args[2:], "--set", "name=nothing")
-    assert missing.returncode == 2 and "run.py encode" in missing.stderr
 
 
 def geometric_episodes(count: int, hazard: float, cap: int, seed: int = 0) -> list[dict[str, np.ndarray]]:

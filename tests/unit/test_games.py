@@ -11,7 +11,6 @@ from frmdn_worldmodels.games.envs import action_dim, decode_action, encode_actio
 from frmdn_worldmodels.games.game import GAMES, game_of
 from frmdn_worldmodels.games.policies import make_exploration_policy
 from frmdn_worldmodels.runtime.config import CollectConfig, ConfigError, EnvConfig
-from tests.test_pipeline import TINY, check_outputs, run_pipeline
 
 TOY = "tests.toy_game:DOTS"
 NAMES = ["carracing", "mario", "doom_takecover", TOY]
@@ -50,14 +49,6 @@ def test_an_unknown_game_is_refused_naming_the_field():
     with pytest.raises(ConfigError, match="is a int, not a games.game.Game"):
         game_of(EnvConfig(name="tests.toy_game:SIZE"))
     assert "pong" not in GAMES
-
-
-def test_a_game_named_in_the_config_runs_collect_to_evaluate(tmp_path):
-    """The toy game through the command line (its Ray workers import it by its name): collect, V, M, C in
-    the dream, evaluate and the dream video."""
-    summary, _ = run_pipeline(tmp_path, [*TINY, f"env.name={TOY}", "controller.dream_start=first"])
-    check_outputs(tmp_path / "tiny", episodes=3)
-    assert summary["report"]
 
 
 def test_doom_pays_one_a_tic_until_the_player_dies_or_the_cap():

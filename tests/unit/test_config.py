@@ -1,7 +1,5 @@
 """The config system: YAML into typed dataclasses, --set overrides, unknown keys refused by name."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ from frmdn_worldmodels.runtime.config import (
     save_config,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_embedded_default_loads_and_differs_from_dataclass_defaults():
@@ -193,20 +191,6 @@ def test_saved_config_round_trips(tmp_path):
     again = load_config(tmp_path / "config.yaml")
     assert config_to_dict(again) == config_to_dict(config)
     assert config_from_dict(config_to_dict(config)) == config
-
-
-def test_cli_refuses_unknown_key_with_exit_code_2(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "run.py", "collect", "--set", "collect.episodez=3", "--set", f"runs_dir={tmp_path}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 2
-    assert "episodez" in result.stderr
-    assert not any(tmp_path.iterdir()), "a refused config must not start any work"
 
 
 def test_threads_setting_is_applied_to_torch_and_validated(tmp_path, run_main):

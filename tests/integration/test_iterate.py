@@ -1,4 +1,4 @@
-"""Iterative training (``run.py iterate``, and ``pipeline`` with ``iterate.iterations`` > 0) on a tiny run."""
+"""The tests of ``tests/unit/test_iterate.py``'s subject that start Ray or a subprocess."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +15,6 @@ import torch
 from frmdn_worldmodels.data.episodes import list_npz
 from frmdn_worldmodels.data.sequences import fixed_sample_rng, load_sequences, split_latent_files
 from frmdn_worldmodels.models.memory import MemoryModel
-from frmdn_worldmodels.runtime.config import load_config
 from frmdn_worldmodels.runtime.io import load_checkpoint, read_json, read_jsonl
 from frmdn_worldmodels.runtime.paths import run_paths
 from frmdn_worldmodels.runtime.records import file_digest
@@ -24,20 +22,12 @@ from frmdn_worldmodels.stages.iterate import iteration_config
 from frmdn_worldmodels.stages.train_memory import evaluate
 from frmdn_worldmodels.train.es import CMAES
 from tests.conftest import copy_tiny_run
-from tests.test_pipeline import REPO, TINY, run_pipeline
-
-ITERATE = [
-    "iterate.iterations=2",
-    "iterate.episodes=2",
-    "iterate.memory_epochs=1",
-    "iterate.generations=2",
-    "iterate.eval_episodes=2",
-    "iterate.noise_scale=0.2",
-]
+from tests.unit.test_iterate import ITERATE, config
+from tests.unit.test_pipeline import REPO, TINY, run_pipeline
 
 
-def config(tmp_path: Path, *extra: str):
-    return load_config(None, [f"runs_dir={tmp_path}", *TINY, *ITERATE, *extra])
+class Killed(BaseException):
+    """What a kill leaves: the driver stops between two chunks of episodes."""
 
 
 def test_two_iterations_end_to_end_resume_after_a_kill(tmp_path, tiny_run):
@@ -136,28 +126,6 @@ def test_two_iterations_end_to_end_resume_after_a_kill(tmp_path, tiny_run):
         assert row["seconds"] > 0
     # iteration 1's episodes were kept: its collection did not change
     assert {p.name: p.stat().st_mtime_ns for p in list_npz(run_paths(first).episodes)} == episodes_before
-
-
-def test_evaluate_and_dream_read_the_last_iterations_controller(tmp_path, capsys):
-    from frmdn_worldmodels import cli
-
-    overrides = [f"runs_dir={tmp_path}", "iterate.iterations=2"]
-    config = load_config(None, overrides)
-    assert cli.stage_config(config, "train-controller") is config
-    # before the iterations, the command names what to run instead of scoring the wrong controller
-    assert cli.main(["evaluate", *(f"--set={item}" for item in overrides)]) == 2
-    assert "iterate.iterations=0" in capsys.readouterr().err
-    final = iteration_config(config, 2)
-    (run_paths(final).controller).mkdir(parents=True)
-    (run_paths(final).controller / "best.pt").write_bytes(b"")
-    for stage in ("evaluate", "dream"):
-        assert run_paths(cli.stage_config(config, stage)).root == run_paths(final).root
-    no_iterations = load_config(None, [f"runs_dir={tmp_path}"])
-    assert cli.stage_config(no_iterations, "evaluate") is no_iterations
-
-
-class Killed(BaseException):
-    """What a kill leaves: the driver stops between two chunks of episodes."""
 
 
 def test_an_iterations_collection_keeps_the_episodes_saved_before_a_kill(

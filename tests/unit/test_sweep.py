@@ -174,15 +174,3 @@ def test_a_partly_done_sweep_trains_only_the_missing_runs_and_says_what_is_left(
     summary = run_table1(cfg, map_fn=lambda fn, items: sent.extend(items) or sequential(fn, items))
     assert [cell.name for _, cell in sent] == ["frmdn_K1_r1_s0"] and summary["runs_trained"] == 1
     assert "3 of 4 runs of the grid done; left: FRMDN (d'=1) 1 run" in capsys.readouterr().err
-
-
-def test_runs_go_as_ray_tasks(tiny_memory_run, ray_session):
-    from frmdn_worldmodels.runtime.cluster import ray_map
-
-    cfg = tiny_memory_run(
-        "ray", *GRID[2:], "memory_train.sweep_components=[2]", "memory_train.sweep_ranks=[1]"
-    )
-    summary = run_table1(cfg, map_fn=ray_map(cfg.ray))
-    assert summary["runs_trained"] == 2
-    assert all(value is not None for value in summary["test_nll_per_dim"].values())
-    assert (table1_dir(cfg) / "frmdn_K2_r1_s0" / "memory.pt").exists()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "frmdn_worldmodels"
+PACKAGE = Path(__file__).resolve().parents[2] / "frmdn_worldmodels"
 LAYERS = ("runtime", "models", "data", "games", "dream", "agent", "train", "stages", "benchmarks", "cli")
 
 

@@ -230,7 +230,7 @@ def _check_guarded(folder, checkpoint_names):
 
 def test_the_vae_trains_through_the_guard(tmp_path, monkeypatch):
     from frmdn_worldmodels.runtime.paths import run_paths
-    from tests.test_vae import tiny_config, write_episodes
+    from tests.unit.test_vae import tiny_config, write_episodes
 
     cfg = tiny_config(tmp_path, "v", "vae.epochs=1")
     write_episodes(run_paths(cfg).episodes)

@@ -8,21 +8,20 @@ import numpy as np
 import pytest
 import torch
 from gymnasium import spaces
-from tracing import TracedMemory
 
 from frmdn_worldmodels.agent.play import Episode, WorldModelAgent, controller_for, play_episode, play_episodes
-from frmdn_worldmodels.agent.workers import RolloutWorker, rollout_pool
+from frmdn_worldmodels.agent.workers import RolloutWorker
 from frmdn_worldmodels.data.episodes import save_latents
 from frmdn_worldmodels.games.envs import action_dim
 from frmdn_worldmodels.models.controller import Controller
 from frmdn_worldmodels.models.memory import MemoryModel
 from frmdn_worldmodels.models.vae import ConvVAE, frames_to_tensor
 from frmdn_worldmodels.runtime.config import EnvConfig, MemoryConfig, load_config
-from frmdn_worldmodels.runtime.io import read_json, save_checkpoint
+from frmdn_worldmodels.runtime.io import save_checkpoint
 from frmdn_worldmodels.runtime.paths import run_paths
-from frmdn_worldmodels.runtime.pool import sharing_pools
 from frmdn_worldmodels.stages import evaluate
 from frmdn_worldmodels.stages.collect import rollout_episode
+from tests.tracing import TracedMemory
 
 Z, H = 8, 12
 
@@ -190,46 +189,11 @@ def test_rollout_worker_plays_carracing_with_the_models_it_holds():
     worker.close()
 
 
-def test_rollout_pools_share_actors_only_for_the_same_models_and_settings(ray_session):
-    """Inside ``sharing_pools``, a rollout pool asked for again with a copy of the same weights and settings
-    is the kept one (``max_steps`` None is the env's own limit); another weight, a shorter limit or another
-    setting gets new actors."""
-    import copy
-
-    env_cfg = EnvConfig(name="carracing", max_steps=6)
-    vae, memory = models()
-    controller = load_config(None, ["controller.workers=1"]).controller
-
-    def pool(memory_payload, max_steps=None, settings=controller):
-        return rollout_pool(env_cfg, vae.state_dict(), memory_payload, False, max_steps, settings)
-
-    payload = memory.to_checkpoint()
-    with sharing_pools():
-        first = pool(payload)
-        first.close()
-        again = pool(copy.deepcopy(payload), max_steps=6)
-        assert again is first
-        again.close()
-        with torch.no_grad():
-            next(memory.parameters())[0].add_(1e-3)
-        other = pool(memory.to_checkpoint())
-        assert other is not first
-        other.close()
-        shorter = pool(memory.to_checkpoint(), max_steps=5)
-        assert shorter is not other
-        shorter.close()
-        more_envs = pool(
-            memory.to_checkpoint(), 5, load_config(None, ["controller.envs_per_worker=3"]).controller
-        )
-        assert more_envs is not shorter
-        more_envs.close()
-
-
 # ---- the commands on a tiny run ----------------------------------------------------------------------------
 
 
 @pytest.fixture
-def tiny_run(tmp_path):
+def agent_run(tmp_path):
     cfg = load_config(
         None,
         [
@@ -272,24 +236,8 @@ def tiny_run(tmp_path):
     return cfg
 
 
-def test_evaluate_scores_real_episodes_against_random_actions_with_videos(ray_session, tiny_run):
-    summary = evaluate.run(tiny_run)
-    out = run_paths(tiny_run).evaluate
-    assert summary["episodes"] == 3 and len(summary["returns"]) == 3 and summary["steps"] == [6, 6, 6]
-    assert summary["mean"] == pytest.approx(np.mean(summary["returns"]), abs=1e-3)
-    assert summary["std"] == pytest.approx(np.std(summary["returns"]), abs=1e-3)
-    assert len(summary["random_policy"]["returns"]) == 3
-    assert summary["controller"]["generation"] == 3
-    for name in ("best", "worst"):
-        video = iio.imread(out / f"{name}.gif")
-        assert video.shape == (7, 64, 64, 3)  # the first frame and one per step
-    assert summary["best_video"]["return"] >= summary["worst_video"]["return"]
-    assert read_json(out / "summary.json")["seeds"] == summary["seeds"]
-    assert evaluate.run(tiny_run)["skipped"] is True
-
-
-def test_dream_command_renders_a_dream_of_the_controller(tiny_run):
-    summary = evaluate.run_dream(tiny_run)
+def test_dream_command_renders_a_dream_of_the_controller(agent_run):
+    summary = evaluate.run_dream(agent_run)
     video = iio.imread(summary["video"])
     assert video.shape == (summary["steps"] + 1, 64, 64, 3)
     assert 1 <= summary["steps"] <= 6 and summary["ended"] in ("done", "horizon")
@@ -312,59 +260,24 @@ def test_the_dream_sheet_spreads_its_frames_over_the_whole_dream():
     assert [int(tile[0, 0, 0]) for row in dream_sheet(frames[:3]) for tile in row] == [0, 1, 2]
 
 
-def test_dream_and_evaluate_rebuild_a_hidden_layer_controller_and_refuse_another_shape(tiny_run):
+def test_dream_and_evaluate_rebuild_a_hidden_layer_controller_and_refuse_another_shape(agent_run):
     from dataclasses import replace
 
     from frmdn_worldmodels.runtime.io import DataError, load_checkpoint
 
-    hidden_cfg = replace(tiny_run, controller=replace(tiny_run.controller, hidden=4))
+    hidden_cfg = replace(agent_run, controller=replace(agent_run.controller, hidden=4))
     for command in (evaluate.run, evaluate.run_dream):  # best.pt holds a linear controller
         with pytest.raises(DataError, match="train the controller again"):
             command(hidden_cfg)
-    path = run_paths(tiny_run).controller / "best.pt"
+    path = run_paths(agent_run).controller / "best.pt"
     best = load_checkpoint(path)
-    controller = controller_for(tiny_run.env, models()[1], 4)
+    controller = controller_for(agent_run.env, models()[1], 4)
     params = controller.initial_params(torch.Generator().manual_seed(3), scale=1.0)
     save_checkpoint(path, **{**best, "params": params, "controller": controller.to_dict()})
     summary = evaluate.run_dream(hidden_cfg)
     assert 1 <= summary["steps"] <= 6 and iio.imread(summary["video"]).shape[0] == summary["steps"] + 1
     with pytest.raises(DataError, match="hidden=4"):  # a linear config, a hidden-layer best.pt
-        evaluate.run_dream(tiny_run)
-
-
-def test_train_controller_in_the_real_game_on_ray(ray_session, tiny_run, capsys):
-    import shutil
-    from dataclasses import replace
-
-    from frmdn_worldmodels.runtime.io import load_checkpoint, read_jsonl
-    from frmdn_worldmodels.stages import train_controller
-
-    # the fixture's hand-made best.pt is no stage's output: the stage never overwrites what it did not make
-    shutil.rmtree(run_paths(tiny_run).controller)
-    cfg = replace(
-        tiny_run,
-        controller=replace(
-            tiny_run.controller,
-            train_in="real",
-            generations=2,
-            population=3,
-            rollouts=1,
-            eval_every=2,
-            eval_episodes=1,
-            hidden=4,  # the Ray actors build Ha's controller with a hidden layer too
-        ),
-    )
-    summary = train_controller.run(cfg)
-    # the tiny config's dream settings are named as unused, not silently dropped
-    err = capsys.readouterr().err
-    assert "unused here: controller.dream_start='any'" in err and "eval_real_episodes=8" in err
-    out = run_paths(cfg).controller
-    rows = read_jsonl(out / "metrics.jsonl")
-    assert summary["train_in"] == "real" and [row["generation"] for row in rows] == [1, 2]
-    assert all(row["worst"] - 1e-9 <= row["mean"] <= row["best"] + 1e-9 for row in rows)
-    best = load_checkpoint(out / "best.pt")
-    assert best["train_in"] == "real" and best["generation"] == 2 and best["fitness"] == rows[1]["eval_mean"]
-    assert best["controller"]["hidden"] == 4 and summary["num_params"] == (Z + H + 1) * 4 + 5 * 3
+        evaluate.run_dream(agent_run)
 
 
 def test_dream_only_fields_are_named_only_when_candidates_are_scored_in_the_real_game():

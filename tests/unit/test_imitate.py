@@ -97,7 +97,7 @@ def test_the_features_are_z_and_the_h_the_agent_reads_before_each_action(use_mu)
 
 
 def test_train_controller_starts_from_the_imitation_of_the_best_episodes(tmp_path):
-    from tests.test_es import _memory_and_controller, tiny_run
+    from tests.unit.test_es import _memory_and_controller, tiny_run
 
     extra = ["controller.init=imitate", "controller.imitate_top=0.34", "controller.sigma=0.05"]
     cfg = tiny_run(tmp_path, generations=2, extra=extra)
@@ -140,8 +140,8 @@ def test_train_controller_starts_from_the_imitation_of_the_best_episodes(tmp_pat
 
 
 def test_the_follower_labels_are_the_followers_own_action_on_each_recorded_frame(tmp_path):
-    from tests.test_envs import grass_with_road
-    from tests.test_es import _memory_and_controller, tiny_run
+    from tests.unit.test_envs import grass_with_road
+    from tests.unit.test_es import _memory_and_controller, tiny_run
 
     extra = ["controller.init=imitate", "controller.imitate_actions=follower", "controller.imitate_top=1.0"]
     cfg = tiny_run(tmp_path, extra=extra)
@@ -205,14 +205,14 @@ def test_a_populations_imitation_loss_is_each_candidates_own(controller):
 
 
 def _imitation_run(tmp_path, weight: float, generations: int = 4):
-    from tests.test_es import tiny_run
+    from tests.unit.test_es import tiny_run
 
     extra = ["controller.init=imitate", "controller.eval_every=1", f"controller.imitate_weight={weight}"]
     return tiny_run(tmp_path, generations=generations, extra=extra)
 
 
 def test_the_imitation_weight_ranks_and_keeps_by_the_dream_return_less_the_penalty(tmp_path):
-    from tests.test_es import _memory_and_controller
+    from tests.unit.test_es import _memory_and_controller
 
     weight = 50.0
     cfg = _imitation_run(tmp_path / "weighted", weight)
@@ -241,7 +241,7 @@ def test_the_imitation_weight_ranks_and_keeps_by_the_dream_return_less_the_penal
 
 
 def test_a_weighted_run_resumes_after_a_kill_as_if_uninterrupted(tmp_path, monkeypatch):
-    from tests.test_es import kill_in_generation_3, rows_without_time
+    from tests.unit.test_es import kill_in_generation_3, rows_without_time
 
     reference = _imitation_run(tmp_path / "a", 5.0)
     train_controller.run(reference)

@@ -1,5 +1,4 @@
-"""Episode collection on Ray: valid files for both games, resume, corrupt files, failing workers, bad
-config."""
+"""The tests of ``tests/unit/test_collect.py``'s subject that start Ray or a subprocess."""
 
 from __future__ import annotations
 
@@ -11,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import gymnasium
 import numpy as np
 import pytest
 import ray
@@ -19,7 +17,6 @@ import ray
 from frmdn_worldmodels.data.episodes import list_npz, load_episode, save_episode
 from frmdn_worldmodels.games.envs import make_env
 from frmdn_worldmodels.games.policies import make_exploration_policy
-from frmdn_worldmodels.runtime.config import ConfigError, load_config
 from frmdn_worldmodels.runtime.io import DataError, read_json
 from frmdn_worldmodels.runtime.paths import run_paths
 from frmdn_worldmodels.stages.collect import (
@@ -30,24 +27,9 @@ from frmdn_worldmodels.stages.collect import (
     rollout_episode,
     run,
 )
+from tests.unit.test_collect import ROOT, BrokenEnv, make_cfg
 
-ROOT = Path(__file__).resolve().parent.parent
-
-# The workers cannot import this test file, so the functions they run travel by value.
-ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-def make_cfg(tmp_path: Path, *overrides: str):
-    return load_config(
-        None,
-        [
-            f"runs_dir={tmp_path}",
-            "collect.episodes=3",
-            "collect.max_steps=12",
-            "collect.workers=2",
-            *overrides,
-        ],
-    )
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # its functions run in Ray's workers
 
 
 def reference_episode(cfg, index: int) -> dict[str, np.ndarray]:
@@ -57,6 +39,42 @@ def reference_episode(cfg, index: int) -> dict[str, np.ndarray]:
     env = make_env(env_cfg)
     policy = make_exploration_policy(env_cfg, cfg.collect, policy_rng, env)
     return rollout_episode(env, env_cfg, policy, env_seed)
+
+
+def flaky_episode(env, env_cfg, policy, seed, log_dir: str, plan: dict[int, str]):
+    """``rollout_episode``, except for the seeds in ``plan``: ``broken`` (the env always raises),
+    ``raise_once`` (raises on the first attempt), ``crash_once`` (the worker process dies on the first
+    attempt) or ``hang_once`` (the first attempt never returns).
+    """
+    mode = plan.get(seed)
+    if mode is None:
+        return rollout_episode(env, env_cfg, policy, seed)
+    log = Path(log_dir) / f"{seed}.attempts"
+    with open(log, "a") as handle:
+        handle.write("attempt\n")
+    attempt = len(log.read_text().splitlines())
+    if mode == "broken":
+        return rollout_episode(BrokenEnv(env), env_cfg, policy, seed)
+    if mode == "raise_once" and attempt == 1:
+        raise OSError("injected transient failure")
+    if mode == "crash_once" and attempt == 1:
+        os._exit(1)
+    if mode == "hang_once" and attempt == 1:
+        time.sleep(3600)
+    return rollout_episode(env, env_cfg, policy, seed)
+
+
+def run_cli(*args: str, ray_address: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_ADDRESS": ray_address} if ray_address else None
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), "collect", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env=env,
+    )
 
 
 @pytest.mark.parametrize(
@@ -125,43 +143,6 @@ def test_resume_after_a_partial_run_gives_exactly_n_valid_files(ray_session, tmp
     assert again["skipped"] == 4 and again["written"] == 0 and again["workers"] == 0
 
 
-class BrokenEnv(gymnasium.Wrapper):
-    """An env that raises three steps into the episode."""
-
-    def __init__(self, env):
-        super().__init__(env)
-        self.steps = 0
-
-    def step(self, action):
-        self.steps += 1
-        if self.steps > 3:
-            raise RuntimeError("injected env failure")
-        return self.env.step(action)
-
-
-def flaky_episode(env, env_cfg, policy, seed, log_dir: str, plan: dict[int, str]):
-    """``rollout_episode``, except for the seeds in ``plan``: ``broken`` (the env always raises),
-    ``raise_once`` (raises on the first attempt), ``crash_once`` (the worker process dies on the first
-    attempt) or ``hang_once`` (the first attempt never returns).
-    """
-    mode = plan.get(seed)
-    if mode is None:
-        return rollout_episode(env, env_cfg, policy, seed)
-    log = Path(log_dir) / f"{seed}.attempts"
-    with open(log, "a") as handle:
-        handle.write("attempt\n")
-    attempt = len(log.read_text().splitlines())
-    if mode == "broken":
-        return rollout_episode(BrokenEnv(env), env_cfg, policy, seed)
-    if mode == "raise_once" and attempt == 1:
-        raise OSError("injected transient failure")
-    if mode == "crash_once" and attempt == 1:
-        os._exit(1)
-    if mode == "hang_once" and attempt == 1:
-        time.sleep(3600)
-    return rollout_episode(env, env_cfg, policy, seed)
-
-
 def test_failing_env_or_dying_worker_loses_no_other_episode(ray_session, tmp_path):
     cfg = make_cfg(
         tmp_path,
@@ -197,59 +178,6 @@ def test_failing_env_or_dying_worker_loses_no_other_episode(ray_session, tmp_pat
         np.testing.assert_array_equal(episode["obs"], reference_episode(cfg, index)["obs"])
 
 
-@pytest.mark.parametrize(
-    ("override", "field"),
-    [
-        ("env.name=pong", "env.name"),
-        ("collect.episodes=-1", "collect.episodes"),
-        ("collect.retries=-2", "collect.retries"),
-        ("collect.max_steps=-1", "collect.max_steps"),  # 0 is valid: the game's horizon
-        ("collect.episode_timeout=-1", "collect.episode_timeout"),
-        ("collect.policy=brownian", "collect.policy"),
-    ],
-)
-def test_bad_config_is_refused_before_any_work(tmp_path, override, field):
-    cfg = make_cfg(tmp_path, override, *(["env.name=mario"] if "policy" in override else []))
-    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        run(cfg)
-    assert not any(tmp_path.iterdir())  # nothing written, not even the run folder
-
-
-def test_unwritable_folder_is_refused_with_the_field(tmp_path):
-    blocker = tmp_path / "not_a_folder"
-    blocker.write_text("a file where the runs folder should be")
-    with pytest.raises(ConfigError, match="runs_dir"):
-        run(make_cfg(blocker))
-
-
-def test_episodes_of_another_game_are_not_mixed_in(tmp_path):
-    cfg = make_cfg(tmp_path)
-    folder = run_paths(cfg).episodes
-    steps = 4
-    save_episode(
-        folder / "ep_00000.npz",
-        np.zeros((steps + 1, 64, 64, 3), np.uint8),
-        np.eye(7, dtype=np.float32)[np.zeros(steps, int)],
-        np.zeros(steps),
-        np.zeros(steps, bool),
-    )
-    with pytest.raises(DataError, match="ep_00000.npz"):
-        collect_episodes(cfg, folder, progress=False)
-
-
-def run_cli(*args: str, ray_address: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_ADDRESS": ray_address} if ray_address else None
-    return subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), "collect", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        env=env,
-    )
-
-
 def test_command_line_collects_valid_files(ray_session, tmp_path):
     # The command joins the test session's Ray through RAY_ADDRESS, as it would join a cluster.
     result = run_cli(
@@ -266,13 +194,6 @@ def test_command_line_collects_valid_files(ray_session, tmp_path):
     assert [p.name for p in files] == ["ep_00000.npz", "ep_00001.npz"]
     for path in files:
         assert len(load_episode(path)["rewards"]) == 10
-
-
-def test_command_line_refuses_a_bad_value(tmp_path, run_main):
-    result = run_main("collect", "--set", "env.name=pong", "--set", f"runs_dir={tmp_path}")
-    assert result.returncode == 2
-    assert "env.name" in result.stderr and "pong" in result.stderr
-    assert not any(tmp_path.iterdir())
 
 
 def test_ctrl_c_stops_collection_within_seconds_and_the_same_command_resumes(tmp_path):

@@ -1,9 +1,5 @@
-"""The Ray actor pool of collection and real-game rollouts (``runtime.pool``): results in job order, a dead
-actor replaced and its job rerun on a live actor at once (never waiting on a replacement Ray cannot schedule),
-a hung job killed after its timeout and rerun, bounded retries, and a clear end when no actor is left or
-actors keep dying. (The two-node cluster version is tests/test_cluster.py.)"""
+"""The tests of ``tests/unit/test_pool.py``'s subject that start Ray or a subprocess."""
 
-import os
 import sys
 import time
 
@@ -11,43 +7,16 @@ import numpy as np
 import pytest
 import ray
 
-from frmdn_worldmodels.runtime.pool import ActorPool, PoolWorker, shared_pool, sharing_pools
+from frmdn_worldmodels.runtime.pool import ActorPool, shared_pool, sharing_pools
+from tests.unit.test_pool import ToyWorker, alive, toy_jobs
 
-ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-class ToyWorker(PoolWorker):
-    """Scores a candidate as sum(params) + seed. ``plan`` maps a candidate's first parameter to what its job
-    does instead: ``crash_once`` / ``crash`` (the whole process dies, the first time or every time) or
-    ``hang_once`` (the first attempt never returns)."""
-
-    def __init__(self, marker_dir: str, plan: dict[int, str] | None = None, fail_init: bool = False):
-        if fail_init:
-            raise RuntimeError("injected start-up failure")
-        self.marker_dir, self.plan = marker_dir, plan or {}
-
-    def evaluate(self, params, seeds):
-        key = int(params[0])
-        mode = self.plan.get(key)
-        marker = os.path.join(self.marker_dir, f"attempt_{key}")
-        first = not os.path.exists(marker)
-        with open(marker, "a") as handle:
-            handle.write(f"{os.getpid()}\n")
-        if mode == "crash" or (mode == "crash_once" and first):
-            os._exit(1)
-        if mode == "hang_once" and first:
-            time.sleep(3600)
-        return [float(np.sum(params)) + seed for seed in seeds]
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # its functions run in Ray's workers
 
 
 def attempts(folder, key: int) -> list[int]:
     """The pids of the processes that attempted candidate ``key``'s job, in order."""
     path = folder / f"attempt_{key}"
     return [int(line) for line in path.read_text().split()] if path.exists() else []
-
-
-def toy_jobs(count: int, seeds=(10, 20)) -> list[tuple]:
-    return [(np.full(4, float(i)), list(seeds)) for i in range(count)]
 
 
 def expected(count: int, seeds=(10, 20)) -> list[list[float]]:
@@ -80,6 +49,18 @@ def first_live_then_unschedulable(folder, live: int, **kwargs):
         return actor_class.options(**options).remote(str(folder), **kwargs)
 
     return make
+
+
+def dead(handles, within: float = 30.0) -> list[bool]:
+    """Whether each actor stops answering within ``within`` seconds: ``ray.kill`` returns before the actor
+    is gone, so a ping sent right after it may still be answered."""
+    deadline = time.monotonic() + within
+    states = []
+    for handle in handles:
+        while (answered := alive([handle])[0]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        states.append(not answered)
+    return states
 
 
 def test_a_crashing_rollout_actor_is_replaced_and_its_candidate_reevaluated(ray_session, tmp_path):
@@ -217,30 +198,6 @@ def test_a_result_the_check_rejects_is_retried_and_the_actor_kept(ray_session, t
     assert len({pid for _, _, pid in seen}) == 1 and pool.replaced == 0
 
 
-def alive(handles) -> list[bool]:
-    """Whether each actor still answers."""
-    states = []
-    for handle in handles:
-        try:
-            ray.get(handle.ping.remote(), timeout=60)
-            states.append(True)
-        except ray.exceptions.RayActorError:
-            states.append(False)
-    return states
-
-
-def dead(handles, within: float = 30.0) -> list[bool]:
-    """Whether each actor stops answering within ``within`` seconds: ``ray.kill`` returns before the actor
-    is gone, so a ping sent right after it may still be answered."""
-    deadline = time.monotonic() + within
-    states = []
-    for handle in handles:
-        while (answered := alive([handle])[0]) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        states.append(not answered)
-    return states
-
-
 def test_sharing_pools_hands_a_closed_pool_to_the_next_user_of_its_key(ray_session, tmp_path):
     """Inside ``sharing_pools``: a pool its user closed is the next user's of the same key, with the same
     actors (none started again); a pool still in use is not shared; a pool of another key, or any new pool,
@@ -292,20 +249,3 @@ def test_sharing_pools_hands_a_closed_pool_to_the_next_user_of_its_key(ray_sessi
     fresh = shared_pool("c", make)
     fresh.close()
     assert fresh is not outside
-
-
-@pytest.mark.parametrize(
-    "override",
-    [
-        "controller.job_timeout=-1",
-        "controller.retries=-1",
-        "controller.workers=-1",
-        "controller.envs_per_worker=0",
-    ],
-)
-def test_bad_rollout_pool_settings_are_refused_with_the_field(override):
-    from frmdn_worldmodels.agent.workers import check_rollout_config
-    from frmdn_worldmodels.runtime.config import ConfigError, load_config
-
-    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
-        check_rollout_config(load_config(None, [override]).controller)
