@@ -13,9 +13,10 @@ import importlib
 import json
 import sys
 import time
+import typing
 from collections.abc import Callable
 
-from frmdn_worldmodels.runtime.config import Config, ConfigError, describe_fields, load_config
+from frmdn_worldmodels.runtime.config import Config, ConfigError, TrainIn, describe_fields, load_config
 from frmdn_worldmodels.runtime.io import DataError
 from frmdn_worldmodels.runtime.registry import COMMANDS, FINAL, PIPELINE
 
@@ -73,7 +74,6 @@ def use_threads(count: int) -> None:
 def stage_config(config: Config, stage: str) -> Config:
     """The config ``stage`` runs with: with ``iterate.iterations`` > 0 the stages that score or show the final
     controller (``registry.FINAL``) read the last iteration's run, as the pipeline does."""
-    from frmdn_worldmodels.runtime.io import DataError
     from frmdn_worldmodels.runtime.paths import run_paths
     from frmdn_worldmodels.stages.iterate import iteration_config
 
@@ -107,7 +107,7 @@ def run_pipeline(config: Config, machine: dict | None = None) -> dict:
         summaries[stage] = resolve(COMMANDS[stage].run)(configs[stage])
         seconds[stage] = round(time.perf_counter() - start, 1)
         work[stage] = round(work_seconds(configs[stage], stage, summaries[stage], seconds[stage]), 1)
-    folders = {stage: getattr(run_paths(configs[stage]), COMMANDS[stage].folder) for stage in FINAL}
+    folders = {stage: run_paths(configs[stage]).of(stage) for stage in FINAL}
     report = write_report(config, summaries, seconds, folders, work, machine)
     return {
         "report": str(report),
@@ -151,7 +151,7 @@ def build_parser(fields: bool = True) -> argparse.ArgumentParser:
         "--sweep", choices=["table1"], help="train the paper's Table 1 grid instead of one model"
     )
     parsers["train-controller"].add_argument(
-        "--in", dest="train_in", choices=["dream", "real"], help="where candidates are scored"
+        "--in", dest="train_in", choices=typing.get_args(TrainIn), help="where candidates are scored"
     )
     benchmark = commands.add_parser(
         "benchmark", parents=[common], help="the paper's speech or image NLL benchmark"

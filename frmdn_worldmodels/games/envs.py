@@ -45,36 +45,36 @@ def is_discrete(env_cfg: EnvConfig) -> bool:
     return isinstance(action_space(env_cfg), spaces.Discrete)
 
 
+def _width(space: spaces.Box | spaces.Discrete) -> int:
+    return int(space.n) if isinstance(space, spaces.Discrete) else int(np.prod(space.shape))
+
+
 def action_dim(env_cfg: EnvConfig) -> int:
     """Width A of the stored/encoded action vector: the box's size, or the number of discrete actions."""
-    space = action_space(env_cfg)
-    return int(space.n) if isinstance(space, spaces.Discrete) else int(np.prod(space.shape))
+    return _width(action_space(env_cfg))
 
 
 def encode_action(env_cfg: EnvConfig, action) -> np.ndarray:
     """The env action as the float32 [A] vector stored in episodes and read by the memory: a box action
     itself, a discrete action's one-hot vector."""
-    if is_discrete(env_cfg):
-        vector = np.zeros(action_dim(env_cfg), dtype=np.float32)
+    space = action_space(env_cfg)  # once: this runs at every step of a collected episode
+    if isinstance(space, spaces.Discrete):
+        vector = np.zeros(_width(space), dtype=np.float32)
         vector[int(action)] = 1.0
         return vector
     vector = np.asarray(action, dtype=np.float32).reshape(-1)
-    if vector.shape != (action_dim(env_cfg),):
-        raise ValueError(
-            f"a {env_cfg.name} action has {action_dim(env_cfg)} numbers, got shape {vector.shape}"
-        )
+    if vector.shape != (_width(space),):
+        raise ValueError(f"a {env_cfg.name} action has {_width(space)} numbers, got shape {vector.shape}")
     return vector
 
 
 def decode_action(env_cfg: EnvConfig, vector) -> np.ndarray | int:
     """The inverse of ``encode_action`` for any float [A] vector: argmax for a discrete game, clipped to the
     box for a continuous one."""
-    vector = np.asarray(vector, dtype=np.float32).reshape(-1)
-    if vector.shape != (action_dim(env_cfg),):
-        raise ValueError(
-            f"expected an action vector of {action_dim(env_cfg)} numbers, got shape {vector.shape}"
-        )
     space = action_space(env_cfg)
+    vector = np.asarray(vector, dtype=np.float32).reshape(-1)
+    if vector.shape != (_width(space),):
+        raise ValueError(f"expected an action vector of {_width(space)} numbers, got shape {vector.shape}")
     if isinstance(space, spaces.Discrete):
         return int(np.argmax(vector))
     return np.clip(vector, space.low.reshape(-1), space.high.reshape(-1)).astype(np.float32)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from frmdn_worldmodels.runtime.config import Config, save_config
+from frmdn_worldmodels.runtime.registry import COMMANDS
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,10 @@ class RunPaths:
     @property
     def benchmarks(self) -> Path:
         return self.root / "benchmarks"
+
+    def of(self, command: str) -> Path:
+        """The folder of a registered command (``runtime.registry``)."""
+        return self.root / COMMANDS[command].folder
 
 
 def run_paths(config: Config) -> RunPaths:

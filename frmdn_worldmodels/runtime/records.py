@@ -33,7 +33,7 @@ from frmdn_worldmodels.runtime.config import Config, ConfigError, config_to_dict
 from frmdn_worldmodels.runtime.io import DataError, read_json, write_json
 from frmdn_worldmodels.runtime.paths import prepare_stage, run_paths
 from frmdn_worldmodels.runtime.progress import note
-from frmdn_worldmodels.runtime.registry import COMMANDS, RECORDED, StageSpec
+from frmdn_worldmodels.runtime.registry import RECORDED, StageSpec
 
 MADE_FROM = "made_from.json"
 
@@ -75,7 +75,7 @@ def output_digest(cfg: Config, name: str) -> str | None:
     """A digest of stage ``name``'s output as it is on disk now (None when it has made nothing yet): its own
     fingerprint and its output files (patterns by names and sizes, single files by content)."""
     spec = RECORDED[name]
-    folder = getattr(run_paths(cfg), COMMANDS[name].folder)
+    folder = run_paths(cfg).of(name)
     record = _read_record(folder)
     if record is None:
         return None
@@ -136,7 +136,7 @@ class Stage:
         sweep); ``inputs``: what else the output is made from (the weights a training starts from, ...), as
         plain data."""
         self.cfg, self.name, self.spec = cfg, name, RECORDED[name]
-        self.folder = folder if folder is not None else getattr(run_paths(cfg), COMMANDS[name].folder)
+        self.folder = folder if folder is not None else run_paths(cfg).of(name)
         settings, self.extent = stage_settings(cfg, self.spec)
         upstream = {stage: output_digest(cfg, stage) for stage in self.spec.upstream}
         self.fingerprint = {"settings": settings, "inputs": {**upstream, **(inputs or {})}}

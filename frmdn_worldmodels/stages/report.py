@@ -12,7 +12,7 @@ from frmdn_worldmodels.runtime.io import atomic_write_text
 from frmdn_worldmodels.runtime.machine import summary_line
 from frmdn_worldmodels.runtime.paths import run_paths
 from frmdn_worldmodels.runtime.records import recorded_seconds
-from frmdn_worldmodels.runtime.registry import COMMANDS, FINAL, RECORDED
+from frmdn_worldmodels.runtime.registry import FINAL, RECORDED
 
 MEDIA_SUFFIXES = (".png", ".gif", ".mp4")
 SKIPPED_KEYS = {"settings", "memory_config"}
@@ -27,7 +27,7 @@ def work_seconds(config: Config, stage: str, summary: dict | None, fallback: flo
         rows = (summary or {}).get("rows") or []
         return float(sum(row.get("seconds", 0.0) for row in rows)) if rows else fallback
     if stage in RECORDED:
-        recorded = recorded_seconds(getattr(run_paths(config), COMMANDS[stage].folder))
+        recorded = recorded_seconds(run_paths(config).of(stage))
         if recorded is not None:
             return recorded
     return fallback
@@ -217,7 +217,7 @@ def write_report(
                 "| " + " | ".join(_format(row.get(c)) for c in columns) + " |" for row in summary["rows"]
             ]
             lines.append("")
-        folder = (folders or {}).get(stage, root / COMMANDS[stage].folder)
+        folder = (folders or {}).get(stage, run_paths(config).of(stage))
         media = sorted(p for p in folder.glob("*") if p.suffix in MEDIA_SUFFIXES) if folder.is_dir() else []
         for path in media:
             relative = os.path.relpath(path, root).replace(os.sep, "/")
