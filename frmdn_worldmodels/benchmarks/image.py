@@ -44,20 +44,17 @@ from frmdn_worldmodels.benchmarks.common import (
     format_number,
     markdown_table,
     model_label,
-    model_variants,
-    plot_curves,
     store_result,
     torch_threads,
-    train_or_resume,
     write_csv,
 )
 from frmdn_worldmodels.benchmarks.datasets import IMAGE_DATASETS, ImageSplits, load_image_splits
+from frmdn_worldmodels.benchmarks.runner import ModelRun, Task, train_grid
 from frmdn_worldmodels.models.memory import MemoryModel
-from frmdn_worldmodels.runtime.config import Config, ConfigError
+from frmdn_worldmodels.runtime.config import Config, ConfigError, ImageConfig
 from frmdn_worldmodels.runtime.io import DataError, atomic_write_bytes, atomic_write_text, write_json
 from frmdn_worldmodels.runtime.paths import prepare_stage, run_paths
 from frmdn_worldmodels.runtime.progress import note
-from frmdn_worldmodels.train.loop import LoopSettings
 
 # The paper's Table 3 as printed: (row, MNIST, CIFAR-10) test NLL in nats in logit space. The first six rows
 # are MAF's conditional-density table (Papamakarios et al., 2017) with the sign flipped.
@@ -328,6 +325,119 @@ def run(cfg: Config) -> dict:
         return _run(cfg)
 
 
+def _subsets(
+    config: ImageConfig, splits: ImageSplits, lam: float, device
+) -> tuple[np.ndarray, np.ndarray, dict[str, EvalSet]]:
+    """The training images and labels (the first ``max_train``; 0 = all), and the validation and test sets
+    (the first ``max_test``), each dequantised once with its own fixed noise."""
+    train_images, train_labels = splits.images["train"], splits.labels["train"]
+    if config.max_train:
+        train_images, train_labels = train_images[: config.max_train], train_labels[: config.max_train]
+    evals = {}
+    for split, offset in (("val", 1), ("test", 2)):
+        images, labels = splits.images[split], splits.labels[split]
+        if config.max_test:
+            images, labels = images[: config.max_test], labels[: config.max_test]
+        evals[split] = _eval_set(images, labels, splits.levels, lam, EVAL_NOISE_SEED + offset, device)
+    return train_images, train_labels, evals
+
+
+def _gaussian_row(
+    cfg: Config, splits: ImageSplits, train_rows: Tensor, train_labels: np.ndarray, evals: dict, lam: float
+) -> dict:
+    """The result row of the class-conditional Gaussians, fitted on the training set dequantised once."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    x = dequantize(train_rows, splits.levels, generator)
+    gaussians = ClassGaussians.fit(logit_transform(x, lam)[0], torch.from_numpy(train_labels), splits.classes)
+    test = evals["test"]
+    return {
+        "model": "Gaussian",
+        "tag": "gaussian",
+        "kind": "gaussian",
+        "rank": None,
+        **_scores(gaussians.log_likelihoods(test.rows.cpu()), test, splits.levels),
+        "val_nll": marginal_nll(gaussians.log_likelihoods(evals["val"].rows.cpu())).mean().item(),
+    }
+
+
+def image_task(
+    cfg: Config,
+    splits: ImageSplits,
+    train_rows: Tensor,
+    train_labels: np.ndarray,
+    evals: dict[str, EvalSet],
+    lam: float,
+    flip: bool,
+    device,
+) -> Task:
+    r"""The image data set's part of the run: training rows dequantised afresh every epoch (and flipped, with
+    ``flip``), the loss :math:`-\log p(x \mid c)` given the true label, the same on the validation set, and
+    the test scores of :func:`_scores` (the label marginalised)."""
+    config, test = cfg.image, evals["test"]
+    height, channels = test.rows.shape[1], 3 if splits.images["train"].ndim == 4 else 1
+    label_tensor = torch.from_numpy(train_labels)
+
+    def epoch_batches(epoch: int):
+        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        order = torch.randperm(len(train_rows), generator=generator)
+        for index in order.split(config.batch_size):
+            pixels = train_rows[index]
+            if flip:  # flip each chosen image left-right, keeping the channels of a pixel together
+                chosen = torch.rand(len(index), generator=generator) < 0.5
+                flipped = pixels.view(len(index), height, -1, channels).flip(2).reshape(pixels.shape)
+                pixels = torch.where(chosen[:, None, None], flipped, pixels)
+            y, _ = logit_transform(dequantize(pixels, splits.levels, generator), lam)
+            yield y.float().to(device), label_tensor[index].to(device)
+
+    def batch_loss(model: MemoryModel, batch) -> tuple[Tensor, int]:
+        y, labels = batch
+        return -conditional_log_likelihood(model, y, labels, splits.classes).mean(), len(y)
+
+    def validate(model: MemoryModel) -> float:
+        val, size = evals["val"], eval_batch_size(model, evals["val"].rows)
+        chunks = zip(val.rows.split(size), val.labels.split(size), strict=True)
+        return (
+            torch.cat([-conditional_log_likelihood(model, r, c, splits.classes) for r, c in chunks])
+            .mean()
+            .item()
+        )
+
+    def test_metrics(model: MemoryModel) -> dict:
+        with torch.no_grad():
+            log_lik = label_log_likelihoods(model, test.rows, splits.classes)
+        return _scores(log_lik, test, splits.levels)
+
+    return Task(
+        build=lambda memory: MemoryModel(test.rows.shape[2], splits.classes, memory).to(device),
+        epoch_batches=epoch_batches,
+        batches_per_epoch=-(-len(train_rows) // config.batch_size),
+        batch_loss=batch_loss,
+        validate=validate,
+        test_metrics=test_metrics,
+        label=lambda memory: model_label(memory.kind, memory.rank),
+        val_key="val_nll",
+        curve_label="validation NLL given the label (nats, logit space)",
+    )
+
+
+def _write_samples(
+    cfg: Config, out_dir: Path, runs: list[ModelRun], splits: ImageSplits, lam: float, device
+) -> dict:
+    """A PNG of class-conditioned samples of each kind's model with the best validation NLL (the first one
+    on a tie)."""
+    best: dict[str, ModelRun] = {}
+    for run in runs:
+        if run.kind not in best or run.trained.best_val < best[run.kind].trained.best_val:
+            best[run.kind] = run
+    samples = {}
+    for kind, run in best.items():
+        grid = _sample_grid(run.model, splits, lam, cfg.image.samples_per_class, cfg.seed, device)
+        path = out_dir / f"samples_{kind}.png"
+        _save_grid(path, grid, splits.levels)
+        samples[kind] = {"model": run.tag, "png": str(path)}
+    return samples
+
+
 def _run(cfg: Config) -> dict:
     config = cfg.image
     check_image_config(cfg)
@@ -338,17 +448,8 @@ def _run(cfg: Config) -> dict:
     lam = config.logit_lambda if config.logit_lambda is not None else default_lambda(splits.name)
     device = torch.device(cfg.device)
     out_dir = prepare_stage(cfg, run_paths(cfg).benchmarks / "image")
-    models_dir = out_dir / "models"
-
-    train_images, train_labels = splits.images["train"], splits.labels["train"]
-    if config.max_train:
-        train_images, train_labels = train_images[: config.max_train], train_labels[: config.max_train]
-    evals = {}
-    for split, offset in (("val", 1), ("test", 2)):
-        images, labels = splits.images[split], splits.labels[split]
-        if config.max_test:
-            images, labels = images[: config.max_test], labels[: config.max_test]
-        evals[split] = _eval_set(images, labels, splits.levels, lam, EVAL_NOISE_SEED + offset, device)
+    train_images, train_labels, evals = _subsets(config, splits, lam, device)
+    train_rows = torch.from_numpy(image_rows(train_images))
     test = evals["test"]
     height, width = test.rows.shape[1:]
     dims = height * width
@@ -367,120 +468,28 @@ def _run(cfg: Config) -> dict:
         f"{len(test.rows)} test images, {height} rows of {width} values, {splits.levels} levels, "
         f"lambda={lam:g}"
     )
-
-    rows_out: list[dict] = []
+    rows: list[dict] = []
     if config.single_gaussian:
         fingerprint = {**data_fingerprint, "model": "gaussian"}
-        result = cached_result(models_dir / "gaussian.json", fingerprint)
+        result = cached_result(out_dir / "models" / "gaussian.json", fingerprint)
         if result is None:
-            generator = torch.Generator().manual_seed(cfg.seed)
-            x = dequantize(torch.from_numpy(image_rows(train_images)), splits.levels, generator)
-            gaussians = ClassGaussians.fit(
-                logit_transform(x, lam)[0], torch.from_numpy(train_labels), splits.classes
-            )
-            result = {
-                "model": "Gaussian",
-                "tag": "gaussian",
-                "kind": "gaussian",
-                "rank": None,
-                **_scores(gaussians.log_likelihoods(test.rows.cpu()), test, splits.levels),
-                "val_nll": marginal_nll(gaussians.log_likelihoods(evals["val"].rows.cpu())).mean().item(),
-            }
-            store_result(models_dir / "gaussian.json", fingerprint, result)
-        rows_out.append(result)
-
-    train_rows = torch.from_numpy(image_rows(train_images))
-    train_label_tensor = torch.from_numpy(train_labels)
+            result = _gaussian_row(cfg, splits, train_rows, train_labels, evals, lam)
+            store_result(out_dir / "models" / "gaussian.json", fingerprint, result)
+        rows.append(result)
     flip = config.flip and splits.name == "cifar10"
-    channels = 3 if train_images.ndim == 4 else 1
-
-    def epoch_batches(epoch: int):
-        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        order = torch.randperm(len(train_rows), generator=generator)
-        for index in order.split(config.batch_size):
-            pixels = train_rows[index]
-            if flip:  # flip each chosen image left-right, keeping the channels of a pixel together
-                chosen = torch.rand(len(index), generator=generator) < 0.5
-                flipped = pixels.view(len(index), height, -1, channels).flip(2).reshape(pixels.shape)
-                pixels = torch.where(chosen[:, None, None], flipped, pixels)
-            y, _ = logit_transform(dequantize(pixels, splits.levels, generator), lam)
-            yield y.float().to(device), train_label_tensor[index].to(device)
-
-    def batch_loss(model: MemoryModel, batch) -> tuple[Tensor, int]:
-        y, labels = batch
-        return -conditional_log_likelihood(model, y, labels, splits.classes).mean(), len(y)
-
-    def validate(model: MemoryModel) -> float:
-        val, size = evals["val"], eval_batch_size(model, evals["val"].rows)
-        chunks = zip(val.rows.split(size), val.labels.split(size), strict=True)
-        return (
-            torch.cat([-conditional_log_likelihood(model, r, c, splits.classes) for r, c in chunks])
-            .mean()
-            .item()
-        )
-
-    settings = LoopSettings.of(config, tensorboard=cfg.tensorboard)  # epochs, patience, grad_clip
-    histories, best_by_kind, models = {}, {}, {}
-    for tag, kind, rank, memory_config, fingerprint in model_variants(config, data_fingerprint, flip=flip):
-        torch.manual_seed(cfg.seed)
-        model = MemoryModel(width, splits.classes, memory_config).to(device)
-        trained = train_or_resume(
-            model,
-            tag,
-            models_dir / tag,
-            settings,
-            config.lr,
-            fingerprint,
-            epoch_batches,
-            -(-len(train_rows) // config.batch_size),
-            batch_loss,
-            validate,
-        )
-        histories[tag] = trained.history
-        result_key = {**fingerprint, "epochs_trained": len(trained.history), "best_epoch": trained.best_epoch}
-        result = cached_result(models_dir / f"{tag}.json", result_key)
-        if result is None:
-            model.eval()
-            with torch.no_grad():
-                log_lik = label_log_likelihoods(model, test.rows, splits.classes)
-            result = {
-                "model": model_label(kind, rank),
-                "tag": tag,
-                "kind": kind,
-                "rank": rank,
-                **_scores(log_lik, test, splits.levels),
-                "val_nll": trained.best_val,
-                "best_epoch": trained.best_epoch,
-                "epochs_run": len(trained.history),
-                "train_seconds": round(sum(row["seconds"] for row in trained.history), 1),
-                "parameters": sum(p.numel() for p in model.parameters()),
-            }
-            store_result(models_dir / f"{tag}.json", result_key, result)
-        rows_out.append(result)
-        models[tag] = model
-        if kind not in best_by_kind or trained.best_val < best_by_kind[kind][1]:
-            best_by_kind[kind] = (tag, trained.best_val)
-
-    samples = {}
-    for kind, (tag, _) in best_by_kind.items():
-        grid = _sample_grid(models[tag], splits, lam, config.samples_per_class, cfg.seed, device)
-        path = out_dir / f"samples_{kind}.png"
-        _save_grid(path, grid, splits.levels)
-        samples[kind] = {"model": tag, "png": str(path)}
-    if histories:
-        plot_curves(
-            out_dir / "nll_curves.png", histories, "validation NLL given the label (nats, logit space)"
-        )
-
+    task = image_task(cfg, splits, train_rows, train_labels, evals, lam, flip, device)
+    runs = train_grid(cfg, config, out_dir, data_fingerprint, task, flip=flip)
+    rows += [run.result for run in runs]
+    samples = _write_samples(cfg, out_dir, runs, splits, lam, device)
     mean_log_jacobian = test.log_jacobian.mean().item()
     warnings = [
         f"{row['model']}: {row['bits_per_dim']:.3f} bits/dim < 0 is impossible for a normalised density"
-        for row in rows_out
+        for row in rows
         if row["bits_per_dim"] < 0
     ]
     for warning in warnings:
         note("warning: " + warning)
-    _write_tables(out_dir, splits, rows_out, dims, lam, mean_log_jacobian)
+    _write_tables(out_dir, splits, rows, dims, lam, mean_log_jacobian)
     summary = {
         "dataset": splits.name,
         "levels": splits.levels,
@@ -489,7 +498,7 @@ def _run(cfg: Config) -> dict:
         "test_images": len(test.rows),
         "train_images": len(train_images),
         "mean_log_jacobian": mean_log_jacobian,
-        "results": rows_out,
+        "results": rows,
         "samples": samples,
         "warnings": warnings,
         "results_md": str(out_dir / "results.md"),
@@ -504,26 +513,28 @@ def _paper_bits(text: str, dims: int, levels: int, mean_log_jacobian: float) -> 
     return bits_per_dim(float(text.split("±")[0]) - mean_log_jacobian, dims, levels)
 
 
-def _write_tables(
-    out_dir: Path, splits: ImageSplits, rows: list[dict], dims: int, lam: float, mean_log_jacobian: float
-) -> None:
+DATASET_NAMES = {"digits": "8x8 digits", "mnist": "MNIST", "cifar10": "CIFAR-10"}
+CSV_HEADERS = [
+    "source",
+    "model",
+    "dataset",
+    "nll_logit_nats",
+    "nll_2se",
+    "nll_pixel_nats",
+    "bits_per_dim",
+    "accuracy",
+]
+
+
+def _table_rows(
+    splits: ImageSplits, rows: list[dict], dims: int, mean_log_jacobian: float
+) -> tuple[list[list[str]], list[list]]:
+    """The Markdown rows (the paper's models, then ours that it lacks) and the CSV rows of our results."""
     ours = {row["model"]: row for row in rows}
-    name = {"digits": "8x8 digits", "mnist": "MNIST", "cifar10": "CIFAR-10"}[splits.name]
     paper_column = PAPER_COLUMN.get(splits.name)
-    headers = [
-        "Model",
-        f"ours: {name} NLL (nats, logit space)",
-        "ours: bits/dim",
-        "ours: classification acc.",
-        "paper: MNIST",
-        "paper: CIFAR10",
-    ]
-    if paper_column:
-        headers.append(f"paper's {name} NLL as bits/dim on our test set")
-    table, csv_rows = [], []
     paper_names = [row[0] for row in PAPER_TABLE3]
-    names = paper_names + [row["model"] for row in rows if row["model"] not in paper_names]
-    for model_name in names:
+    table, csv_rows = [], []
+    for model_name in paper_names + [row["model"] for row in rows if row["model"] not in paper_names]:
         paper = next((row for row in PAPER_TABLE3 if row[0] == model_name), None)
         mine = ours.get(model_name)
         line = [
@@ -542,37 +553,39 @@ def _write_tables(
             )
         table.append(line)
         if mine:
-            csv_rows.append(
-                [
-                    "ours",
-                    model_name,
-                    splits.name,
-                    mine["nll"],
-                    mine["nll_2se"],
-                    mine["nll_pixel"],
-                    mine["bits_per_dim"],
-                    mine["accuracy"],
-                ]
-            )
+            fields = ("nll", "nll_2se", "nll_pixel", "bits_per_dim", "accuracy")
+            csv_rows.append(["ours", model_name, splits.name, *(mine[field] for field in fields)])
+    return table, csv_rows
+
+
+def _paper_csv_rows() -> list[list]:
+    """The paper's Table 3 as CSV rows: (value, 2 standard errors or empty) per data set."""
+    csv_rows = []
     for paper in PAPER_TABLE3:
         for column, dataset in ((1, "mnist"), (2, "cifar10")):
             value = float(paper[column].split("±")[0])
             error = float(paper[column].split("±")[1]) if "±" in paper[column] else ""
             csv_rows.append(["paper", paper[0], dataset, value, error, "", "", ""])
-    write_csv(
-        out_dir / "results.csv",
-        [
-            "source",
-            "model",
-            "dataset",
-            "nll_logit_nats",
-            "nll_2se",
-            "nll_pixel_nats",
-            "bits_per_dim",
-            "accuracy",
-        ],
-        csv_rows,
-    )
+    return csv_rows
+
+
+def _write_tables(
+    out_dir: Path, splits: ImageSplits, rows: list[dict], dims: int, lam: float, mean_log_jacobian: float
+) -> None:
+    name = DATASET_NAMES[splits.name]
+    paper_column = PAPER_COLUMN.get(splits.name)
+    headers = [
+        "Model",
+        f"ours: {name} NLL (nats, logit space)",
+        "ours: bits/dim",
+        "ours: classification acc.",
+        "paper: MNIST",
+        "paper: CIFAR10",
+    ]
+    if paper_column:
+        headers.append(f"paper's {name} NLL as bits/dim on our test set")
+    table, csv_rows = _table_rows(splits, rows, dims, mean_log_jacobian)
+    write_csv(out_dir / "results.csv", CSV_HEADERS, csv_rows + _paper_csv_rows())
     text = [
         f"# Image NLL benchmark (paper Table 3) on {name}\n",
         f"Test NLL, -log (1/C) sum_c p(x|c) with a uniform label prior, in nats in logit space "

@@ -29,15 +29,10 @@ import torch
 from torch import Tensor
 
 from frmdn_worldmodels.benchmarks.common import (
-    cached_result,
     check_model_grid,
     format_number,
     markdown_table,
-    model_variants,
-    plot_curves,
-    store_result,
     torch_threads,
-    train_or_resume,
     write_csv,
 )
 from frmdn_worldmodels.benchmarks.datasets import (
@@ -47,6 +42,7 @@ from frmdn_worldmodels.benchmarks.datasets import (
     resample,
     timit_split,
 )
+from frmdn_worldmodels.benchmarks.runner import Task, train_grid
 from frmdn_worldmodels.data.episodes import split_by_episode
 from frmdn_worldmodels.models.memory import MemoryModel
 from frmdn_worldmodels.runtime.config import Config, ConfigError, SpeechConfig
@@ -54,7 +50,6 @@ from frmdn_worldmodels.runtime.io import DataError, atomic_write_text, write_jso
 from frmdn_worldmodels.runtime.paths import prepare_stage, run_paths
 from frmdn_worldmodels.runtime.progress import note, progress
 from frmdn_worldmodels.runtime.seeds import seeded_rng
-from frmdn_worldmodels.train.loop import LoopSettings
 
 # The paper's Table 2 as printed: test NLL per sequence (nats, normalised units) on Blizzard, TIMIT, Accent.
 PAPER_TABLE2: list[tuple[str, str, str, str]] = [
@@ -226,28 +221,18 @@ def run(cfg: Config) -> dict:
         return _run(cfg)
 
 
-def _run(cfg: Config) -> dict:
+def _eval_subset(sequences: list[np.ndarray], limit: int, seed: int) -> list[np.ndarray]:
+    """At most ``limit`` of the sequences (a seeded random subset, in their order; 0 = all)."""
+    if limit and len(sequences) > limit:
+        chosen = np.random.default_rng(seed + 1).choice(len(sequences), limit, replace=False)
+        sequences = [sequences[i] for i in np.sort(chosen)]
+    return sequences
+
+
+def _data_fingerprint(cfg: Config, corpus: SpeechSplits) -> dict:
+    """What the data of every model depends on: the folder, the split, framing, subsets and normalisation."""
     config = cfg.speech
-    check_speech_config(cfg)
-    corpus = load_speech_corpus(config, cfg.seed)
-    for message in corpus.notes:
-        note("note: " + message)
-    device = torch.device(cfg.device)
-    out_dir = prepare_stage(cfg, run_paths(cfg).benchmarks / "speech")
-    models_dir = out_dir / "models"
-    train = corpus.sequences["train"]
-    evals = {}
-    for split in ("val", "test"):
-        sequences = corpus.sequences[split]
-        if config.max_eval_sequences and len(sequences) > config.max_eval_sequences:
-            chosen = np.random.default_rng(cfg.seed + 1).choice(
-                len(sequences), config.max_eval_sequences, replace=False
-            )
-            sequences = [sequences[i] for i in np.sort(chosen)]
-        evals[split] = sequences
-    test = evals["test"]
-    test_samples = sum(s.size for s in test)
-    data_fingerprint = {
+    return {
         "data": config.data,
         "layout": corpus.layout,
         "files": corpus.files,
@@ -260,12 +245,16 @@ def _run(cfg: Config) -> dict:
         "mean": corpus.mean,
         "std": corpus.std,
     }
-    note(
-        f"speech benchmark on {corpus.name} ({corpus.layout} split): {len(train)} train / "
-        f"{len(evals['val'])} val / {len(test)} test sequences of {config.frame}-sample frames; "
-        f"mean {corpus.mean:.4g}, std {corpus.std:.4g}"
-    )
+
+
+def speech_task(cfg: Config, train: list[np.ndarray], evals: dict[str, list[np.ndarray]], device) -> Task:
+    r"""The speech data set's part of the run: batches of similar lengths, the NLL of a sequence
+    :math:`-\sum_t \log p(x_t \mid x_{<t})` averaged over the validation set, and on the test set per
+    sequence (± 2 standard errors) and per sample (the total over the test set / its samples)."""
+    config = cfg.speech
     lengths = [len(s) for s in train]
+    test = evals["test"]
+    test_samples = sum(s.size for s in test)
 
     def epoch_batches(epoch: int):
         generator = seeded_rng(cfg.seed, None, epoch)
@@ -279,48 +268,50 @@ def _run(cfg: Config) -> dict:
     def validate(model: MemoryModel) -> float:
         return float(sequence_nll(model, evals["val"], config.batch_size, device).mean())
 
-    settings = LoopSettings.of(config, tensorboard=cfg.tensorboard)  # epochs, patience, grad_clip
-    rows, histories = [], {}
-    for tag, kind, rank, memory_config, fingerprint in model_variants(config, data_fingerprint):
-        torch.manual_seed(cfg.seed)
-        model = MemoryModel(config.frame, 0, memory_config).to(device)
-        trained = train_or_resume(
-            model,
-            tag,
-            models_dir / tag,
-            settings,
-            config.lr,
-            fingerprint,
-            epoch_batches,
-            sum(1 for _ in length_batches(lengths, config.batch_size, np.random.default_rng(0))),
-            batch_loss,
-            validate,
-        )
-        histories[tag] = trained.history
-        result_key = {**fingerprint, "epochs_trained": len(trained.history), "best_epoch": trained.best_epoch}
-        result = cached_result(models_dir / f"{tag}.json", result_key)
-        if result is None:
-            model.eval()
-            nll = sequence_nll(model, test, config.batch_size, device)
-            result = {
-                "model": speech_label(kind, memory_config.components, rank),
-                "tag": tag,
-                "kind": kind,
-                "rank": rank,
-                "nll_per_sequence": float(nll.mean()),
-                "nll_per_sequence_2se": float(2 * nll.std(ddof=1) / math.sqrt(len(nll)))
-                if len(nll) > 1
-                else None,
-                "nll_per_sample": float(nll.sum() / test_samples),
-                "val_nll_per_sequence": trained.best_val,
-                "best_epoch": trained.best_epoch,
-                "epochs_run": len(trained.history),
-                "train_seconds": round(sum(row["seconds"] for row in trained.history), 1),
-                "parameters": sum(p.numel() for p in model.parameters()),
-            }
-            store_result(models_dir / f"{tag}.json", result_key, result)
-        rows.append(result)
-    plot_curves(out_dir / "nll_curves.png", histories, "validation NLL per sequence (nats, normalised units)")
+    def test_metrics(model: MemoryModel) -> dict:
+        nll = sequence_nll(model, test, config.batch_size, device)
+        two_se = float(2 * nll.std(ddof=1) / math.sqrt(len(nll))) if len(nll) > 1 else None
+        return {
+            "nll_per_sequence": float(nll.mean()),
+            "nll_per_sequence_2se": two_se,
+            "nll_per_sample": float(nll.sum() / test_samples),
+        }
+
+    return Task(
+        build=lambda memory: MemoryModel(config.frame, 0, memory).to(device),
+        epoch_batches=epoch_batches,
+        batches_per_epoch=len(length_batches(lengths, config.batch_size, np.random.default_rng(0))),
+        batch_loss=batch_loss,
+        validate=validate,
+        test_metrics=test_metrics,
+        label=lambda memory: speech_label(memory.kind, memory.components, memory.rank),
+        val_key="val_nll_per_sequence",
+        curve_label="validation NLL per sequence (nats, normalised units)",
+    )
+
+
+def _run(cfg: Config) -> dict:
+    config = cfg.speech
+    check_speech_config(cfg)
+    corpus = load_speech_corpus(config, cfg.seed)
+    for message in corpus.notes:
+        note("note: " + message)
+    device = torch.device(cfg.device)
+    out_dir = prepare_stage(cfg, run_paths(cfg).benchmarks / "speech")
+    train = corpus.sequences["train"]
+    evals = {
+        split: _eval_subset(corpus.sequences[split], config.max_eval_sequences, cfg.seed)
+        for split in ("val", "test")
+    }
+    test = evals["test"]
+    test_samples = sum(s.size for s in test)
+    note(
+        f"speech benchmark on {corpus.name} ({corpus.layout} split): {len(train)} train / "
+        f"{len(evals['val'])} val / {len(test)} test sequences of {config.frame}-sample frames; "
+        f"mean {corpus.mean:.4g}, std {corpus.std:.4g}"
+    )
+    task = speech_task(cfg, train, evals, device)
+    rows = [run.result for run in train_grid(cfg, config, out_dir, _data_fingerprint(cfg, corpus), task)]
     _write_tables(out_dir, corpus, rows, len(test), test_samples)
     summary = {
         "corpus": corpus.name,

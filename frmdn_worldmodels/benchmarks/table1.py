@@ -341,25 +341,20 @@ def cost(cfg: Config, results: Results) -> dict:
     }
 
 
-def format_markdown(cfg: Config, results: Results, floor: dict) -> tuple[str, dict]:
-    """The tables as Markdown, and the counts of the difference tables."""
-    tc = cfg.memory_train
-    seeds = tc.sweep_seeds
-    base = cfg.seed if tc.seed is None else tc.seed
-    first = next(iter(results.values()))
-    lines = [
-        (
-            f"Test NLL per latent dimension (nats; lower is better) of the memory on `{cfg.name}` "
-            f"({cfg.env.name} latents, Z={first.get('latent_dim')}), mean ± std over {seeds} training "
-            f"seed{'s' * (seeds > 1)} "
-            f"(memory_train.seed {base}..{base + seeds - 1}; the split and the test sample are the same for "
-            "all): the layout of the paper's Table 1. Best mean of each column in bold."
-        ),
-        "",
-        *value_table(cfg, results, grid_rows(cfg), bold=True),
-    ]
-    summary: dict = {}
+def _counts_sentence(subject: str, counts: dict[str, int]) -> str:
+    """``<subject> in L of N cells, lower by more than 2 std in A, higher by more than 2 std in B.``"""
+    return (
+        f"{subject} in {counts['lower']} of {counts['cells']} cells, lower by more than {SIGNIFICANT:g} "
+        f"std in {counts['clearly_lower']}, higher by more than {SIGNIFICANT:g} std in "
+        f"{counts['clearly_higher']}."
+    )
+
+
+def difference_sections(cfg: Config, results: Results, summary: dict) -> list[str]:
+    """FRMDN minus RMDN at each d', and each d' minus the diagonal model, when the grid has them; their counts
+    go to ``summary``."""
     kinds, ranks = _kinds(cfg), _ranks(cfg)
+    lines = []
     if {"rmdn", "frmdn"} <= set(kinds):
         pairs = [("diagonal" if r == 0 else f"d'={r}", Row("frmdn", r), Row("rmdn", r)) for r in ranks]
         table, counts = difference_table(cfg, results, pairs)
@@ -371,11 +366,7 @@ def format_markdown(cfg: Config, results: Results, floor: dict) -> tuple[str, di
             "",
             *table,
             "",
-            (
-                f"FRMDN has the lower mean test NLL in {counts['lower']} of {counts['cells']} cells, lower "
-                f"by more than {SIGNIFICANT:g} std in {counts['clearly_lower']}, higher by more than "
-                f"{SIGNIFICANT:g} std in {counts['clearly_higher']}."
-            ),
+            _counts_sentence("FRMDN has the lower mean test NLL", counts),
         ]
     if 0 in ranks and len(ranks) > 1:
         pairs = [
@@ -392,49 +383,55 @@ def format_markdown(cfg: Config, results: Results, floor: dict) -> tuple[str, di
             "",
             *table,
             "",
-            (
-                f"A low-rank model has the lower mean in {counts['lower']} of {counts['cells']} cells, "
-                f"lower by more than {SIGNIFICANT:g} std in {counts['clearly_lower']}, higher by more than "
-                f"{SIGNIFICANT:g} std in {counts['clearly_higher']}."
-            ),
+            _counts_sentence("A low-rank model has the lower mean", counts),
         ]
+    return lines
+
+
+def extra_sections(cfg: Config, results: Results) -> list[str]:
+    """The extra rows at the d' of the grid's best FRMDN cell beside the grid's rows of that d', and FRMDN
+    minus RMDN without and with the reward and done heads, when they were trained."""
     best = best_cell(cfg, results)
     extras = extra_rows(cfg, best[1]) if best else []
-    if extras and any(cell.row in extras for cell in results):
-        without = [Row(kind, best[1]) for kind in kinds if any(row.kind == kind for row in extras)]
+    if not (extras and any(cell.row in extras for cell in results)):
+        return []
+    without = [Row(kind, best[1]) for kind in _kinds(cfg) if any(row.kind == kind for row in extras)]
+    lines = [
+        "",
+        f"Extra rows at d'={best[1]}, the d' of the grid's best FRMDN cell (K={best[0]}):",
+        "",
+        *value_table(cfg, results, [*without, *extras], bold=False),
+    ]
+    if Row("rmdn", best[1], "heads") in extras and Row("frmdn", best[1], "heads") in extras:
+        table, _ = difference_table(
+            cfg,
+            results,
+            [
+                ("without heads", Row("frmdn", best[1]), Row("rmdn", best[1])),
+                ("with the heads", Row("frmdn", best[1], "heads"), Row("rmdn", best[1], "heads")),
+            ],
+        )
         lines += [
             "",
-            f"Extra rows at d'={best[1]}, the d' of the grid's best FRMDN cell (K={best[0]}):",
+            f"FRMDN minus RMDN at d'={best[1]}, without and with the reward and done heads:",
             "",
-            *value_table(cfg, results, [*without, *extras], bold=False),
+            *table,
         ]
-        if Row("rmdn", best[1], "heads") in extras and Row("frmdn", best[1], "heads") in extras:
-            table, counts = difference_table(
-                cfg,
-                results,
-                [
-                    ("without heads", Row("frmdn", best[1]), Row("rmdn", best[1])),
-                    ("with the heads", Row("frmdn", best[1], "heads"), Row("rmdn", best[1], "heads")),
-                ],
-            )
-            lines += [
-                "",
-                f"FRMDN minus RMDN at d'={best[1]}, without and with the reward and done heads:",
-                "",
-                *table,
-            ]
+    return lines
+
+
+def closing_notes(cfg: Config, results: Results, floor: dict, still_improving: int) -> list[str]:
+    """The paragraphs under the tables: the data and training, the posterior's floor, the cost."""
+    tc = cfg.memory_train
+    first = next(iter(results.values()))
     spent = cost(cfg, results)
     medians = ", ".join(f"{KIND_NAMES[k]} {v:.0f} s" for k, v in spent["median_run_seconds"].items())
-    still_improving = sum(
-        s["best_epoch"] == s["epochs_trained"] and not s["stopped_early"] for s in results.values()
-    )
-    summary["still_improving"] = still_improving
     z = (
         "= the VAE mean"
         if first["use_mu"]
         else "sampled from the VAE posterior (one fixed sample for val/test)"
     )
-    lines += [
+    return [
         "",
         (
             f"Data: {first['episodes']['train']}/{first['episodes']['val']}/{first['episodes']['test']} "
@@ -463,6 +460,33 @@ def format_markdown(cfg: Config, results: Results, floor: dict) -> tuple[str, di
             f"{spent['wall_hours']:.2f} h of wall time over {spent['invocations']} invocation(s)."
         ),
     ]
+
+
+def format_markdown(cfg: Config, results: Results, floor: dict) -> tuple[str, dict]:
+    """The tables as Markdown, and the counts of the difference tables."""
+    tc = cfg.memory_train
+    seeds = tc.sweep_seeds
+    base = cfg.seed if tc.seed is None else tc.seed
+    first = next(iter(results.values()))
+    lines = [
+        (
+            f"Test NLL per latent dimension (nats; lower is better) of the memory on `{cfg.name}` "
+            f"({cfg.env.name} latents, Z={first.get('latent_dim')}), mean ± std over {seeds} training "
+            f"seed{'s' * (seeds > 1)} "
+            f"(memory_train.seed {base}..{base + seeds - 1}; the split and the test sample are the same for "
+            "all): the layout of the paper's Table 1. Best mean of each column in bold."
+        ),
+        "",
+        *value_table(cfg, results, grid_rows(cfg), bold=True),
+    ]
+    summary: dict = {}
+    lines += difference_sections(cfg, results, summary)
+    lines += extra_sections(cfg, results)
+    still_improving = sum(
+        s["best_epoch"] == s["epochs_trained"] and not s["stopped_early"] for s in results.values()
+    )
+    summary["still_improving"] = still_improving
+    lines += closing_notes(cfg, results, floor, still_improving)
     return "\n".join(lines) + "\n", summary
 
 

@@ -16,6 +16,19 @@ class Interrupt(Exception):
     pass
 
 
+def record_models(monkeypatch, module) -> list[MemoryModel]:
+    """Every ``MemoryModel`` that ``module`` builds from now on, in order."""
+    built = []
+
+    class Recording(MemoryModel):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(module, "MemoryModel", Recording)
+    return built
+
+
 def fresh_model() -> MemoryModel:
     torch.manual_seed(0)
     return MemoryModel(4, 0, benchmark_memory_config("frmdn", 8, 2, 1, 1, 8))

@@ -29,6 +29,7 @@ from frmdn_worldmodels.benchmarks.image import (
 from frmdn_worldmodels.models.memory import MemoryModel
 from frmdn_worldmodels.runtime.config import load_config
 from frmdn_worldmodels.runtime.io import DataError, read_jsonl
+from tests.unit.test_bench_common import record_models
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -333,15 +334,9 @@ def test_cli_refuses_bad_memory_settings_before_any_work(tmp_path, run_main):
 
 def test_memory_settings_reach_the_models_and_their_fingerprints(tmp_path, monkeypatch):
     import frmdn_worldmodels.benchmarks.image
+    import frmdn_worldmodels.benchmarks.runner
 
-    built = []
-
-    class Recording(MemoryModel):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            built.append(self)
-
-    monkeypatch.setattr(frmdn_worldmodels.benchmarks.image, "MemoryModel", Recording)
+    built = record_models(monkeypatch, frmdn_worldmodels.benchmarks.image)
     resumed = []
 
     def recording_train(*args, **kwargs):
@@ -349,7 +344,7 @@ def test_memory_settings_reach_the_models_and_their_fingerprints(tmp_path, monke
         resumed.append(result.resumed)
         return result
 
-    monkeypatch.setattr(frmdn_worldmodels.benchmarks.image, "train_or_resume", recording_train)
+    monkeypatch.setattr(frmdn_worldmodels.benchmarks.runner, "train_or_resume", recording_train)
     overrides = (
         "image.ranks=[1]",
         "image.kinds=[frmdn]",

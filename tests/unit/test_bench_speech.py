@@ -22,6 +22,7 @@ from frmdn_worldmodels.benchmarks.speech import (
 from frmdn_worldmodels.models.memory import MemoryModel
 from frmdn_worldmodels.runtime.config import load_config
 from frmdn_worldmodels.runtime.io import DataError
+from tests.unit.test_bench_common import record_models
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -167,14 +168,7 @@ def test_cli_refuses_a_missing_folder_and_bad_memory_settings_before_any_work(tm
 def test_memory_settings_reach_the_speech_models(tmp_path, monkeypatch):
     import frmdn_worldmodels.benchmarks.speech
 
-    built = []
-
-    class Recording(MemoryModel):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            built.append(self)
-
-    monkeypatch.setattr(frmdn_worldmodels.benchmarks.speech, "MemoryModel", Recording)
+    built = record_models(monkeypatch, frmdn_worldmodels.benchmarks.speech)
     write_wavs(tmp_path / "wavs", 20, np.random.default_rng(4), seconds=(0.1, 0.2))
     summary = run(
         speech_config(
