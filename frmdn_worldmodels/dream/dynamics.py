@@ -21,6 +21,9 @@ calls ``DreamDynamics.step``. Per step, with :math:`h_t` the LSTM output *before
    real game had left from there (``steps_left``).
 
 That is the law of ``MemoryModel.step`` followed by ``MemoryModel.sample`` (the tests pin the two together).
+The memory lays out its own weights for this step (``MemoryModel.fused_step``, a ``models.memory.FusedStep``)
+and turns a chosen component's raw outputs into its mean, D and U (``MemoryModel.component_parameters``): the
+dream knows nothing of the memory's head rows.
 
 A dream starts (``DreamDynamics.start``) at a real frame: an index :math:`s` uniform over the N start frames,
 :math:`z_0 = \mu_s + \exp(\log\sigma^2_s / 2)\,\epsilon` (:math:`\mu_s` with ``use_mu``, as the memory was
@@ -53,7 +56,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from frmdn_worldmodels.models.memory import MemoryModel
@@ -79,12 +81,12 @@ class DreamStarts:
 
 
 def start_state_tensors(
-    initial_state: LSTMState | None, count: int, memory: MemoryModel, dtype: torch.dtype
+    initial_state: LSTMState | None, count: int, hidden: int, device: torch.device, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor] | None:
-    """Validate the (h, c) of ``count`` start frames and put them on the memory's device (None stays None)."""
+    """Validate the (h, c) ``[count, hidden]`` of ``count`` start frames and put them on ``device`` (None
+    stays None)."""
     if initial_state is None:
         return None
-    device, hidden = memory.mixture_head.weight.device, memory.config.hidden
     parts = tuple(torch.as_tensor(np.asarray(part), dtype=dtype, device=device) for part in initial_state)
     if len(parts) != 2 or any(part.shape != (count, hidden) for part in parts):
         raise ValueError(
@@ -200,18 +202,15 @@ class DreamDynamics:
         means); ``initial_state``: the memory's (h, c) ``[N, H]`` at each start frame; None = zeros;
         ``steps_left [N]``: the steps the real game had left from each start frame (a dream from there lasts
         at most that many); None = the horizon for every frame."""
-        if memory.reward_head is None or memory.done_head is None:
-            raise ValueError(
-                "the dream needs a memory with reward and done heads (memory.predict_reward/predict_done)"
-            )
         if horizon < 1 or temperature < 0:
             raise ValueError(
                 f"the dream needs horizon >= 1 and temperature >= 0, got {horizon}, {temperature}"
             )
         self.memory = memory.eval()
         self.horizon, self.temperature, self.use_mu = horizon, temperature, use_mu
-        weight = memory.mixture_head.weight
-        self.device, self.dtype = weight.device, weight.dtype
+        self.weights = memory.fused_step()
+        """The memory's weights laid out for ``step`` (``MemoryModel.fused_step``)."""
+        self.device, self.dtype = self.weights.gate_weight.device, self.weights.gate_weight.dtype
         self.initial_mu = torch.as_tensor(initial_mu, dtype=self.dtype, device=self.device)
         if self.initial_mu.dim() != 2 or self.initial_mu.shape[1] != memory.target_dim:
             raise ValueError(
@@ -223,69 +222,14 @@ class DreamDynamics:
             if initial_logvar is None
             else torch.as_tensor(initial_logvar, dtype=self.dtype, device=self.device)
         )
-        self.initial_state = start_state_tensors(initial_state, len(self.initial_mu), memory, self.dtype)
+        self.initial_state = start_state_tensors(
+            initial_state, len(self.initial_mu), memory.config.hidden, self.device, self.dtype
+        )
         count = len(self.initial_mu)
         left = np.full(count, horizon) if steps_left is None else np.asarray(steps_left).reshape(-1)
         if left.shape != (count,) or (left < 1).any():
             raise ValueError(f"steps_left must be [{count}] counts >= 1, got {left.tolist()[:8]}...")
         self.limits = torch.as_tensor(np.minimum(left, horizon), dtype=torch.long, device=self.device)
-        self._fuse_weights()
-
-    @torch.no_grad()
-    def _fuse_weights(self) -> None:
-        """Rearrange the memory's weights for the fast step (copies: the memory itself is untouched); with an
-        ensemble, member m's small-head columns are ``[m (K + 2), (m + 1) (K + 2))`` and its component heads
-        ``[m K, (m + 1) K)``."""
-        memory, z_dim = self.memory, self.memory.target_dim
-        k, d, r, n = memory.config.components, memory.target_dim, memory.config.rank, memory.ensemble
-        width = k + 2 * k * d + k * d * r  # one member's rows of the mixture head
-        lstm = memory.lstm
-        # the step's input row is laid out [z, h, a], so the controller reads its first Z + H columns in place
-        fused = torch.cat(
-            [lstm.weight_ih_l0[:, :z_dim], lstm.weight_hh_l0, lstm.weight_ih_l0[:, z_dim:]], dim=1
-        )
-        self.gate_weight = fused.T.contiguous()
-        self.gate_bias = (lstm.bias_ih_l0 + lstm.bias_hh_l0).clone()
-        head_w, head_b = memory.mixture_head.weight, memory.mixture_head.bias
-        hidden = memory.config.hidden
-        reward, done = memory.reward_head, memory.done_head
-        # logits, and the parts of reward and done that read h (of every member), from one small matmul
-        logit_rows = torch.cat([torch.arange(m * width, m * width + k) for m in range(n)])
-        scalar_h = [reward.weight[:, None, :hidden], done.weight[:, None, :hidden]]
-        self.small_weight = (
-            torch.cat([head_w[logit_rows].reshape(n, k, -1), *scalar_h], 1)
-            .reshape(n * (k + 2), -1)
-            .T.contiguous()
-        )
-        self.small_bias = torch.cat(
-            [head_b[logit_rows].reshape(n, k), reward.bias[:, None], done.bias[:, None]], 1
-        ).reshape(-1)
-        # [Z, N 2]: the parts of member m's reward and done that read z_{t+1}, columns 2m and 2m + 1
-        self.outcome_weight = (
-            torch.stack([reward.weight[:, hidden:], done.weight[:, hidden:]], 1)
-            .reshape(2 * n, -1)
-            .T.contiguous()
-            if memory.config.heads_read_z
-            else None
-        )
-        # rows of member m's component j: its mean, its raw diagonal and its raw low-rank factor
-        rows = [
-            m * width
-            + torch.cat(
-                [
-                    torch.arange(k + j * d, k + (j + 1) * d),
-                    torch.arange(k + k * d + j * d, k + k * d + (j + 1) * d),
-                    torch.arange(k + 2 * k * d + j * d * r, k + 2 * k * d + (j + 1) * d * r),
-                ]
-            )
-            for m in range(n)
-            for j in range(k)
-        ]
-        self.component_weight = torch.stack(
-            [head_w[index].T for index in rows]
-        ).contiguous()  # [N K, H, 2d + dr]
-        self.component_bias = torch.stack([head_b[index] for index in rows])  # [N K, 2d + dr]
-        self.flows = [memory.member_flow(m) for m in range(n)]
 
     def start(
         self,
@@ -336,7 +280,8 @@ class DreamDynamics:
         gates, hidden, cell = batch.gates, batch.new_hidden, batch.cell
         input_gate, forget_gate, cell_input, output_gate = batch.gate_parts
         # 1. the LSTM reads (z_t, a_t) from (h_t, c_t), in place in the batch's buffers
-        torch.addmm(self.gate_bias, batch.inputs, self.gate_weight, out=gates)
+        weights = self.weights
+        torch.addmm(weights.gate_bias, batch.inputs, weights.gate_weight, out=gates)
         gates[:, : 2 * hidden.shape[1]].sigmoid_()
         cell_input.tanh_()
         output_gate.sigmoid_()
@@ -346,13 +291,13 @@ class DreamDynamics:
         features = hidden
         if batch.head_mask is not None:
             features = torch.mul(hidden, batch.head_mask, out=batch.features)
-        small = torch.addmm(self.small_bias, features, self.small_weight)
+        small = torch.addmm(weights.small_head_bias, features, weights.small_head_weight)
         if batch.member is not None:  # each dream's own member's columns
             small = small.view(batch.size, -1, k + 2)[torch.arange(batch.size), batch.member]
         batch.z[:] = self.sample_next(features, small[:, :k], generator, batch.member)
         outcome = small[:, k:]
-        if self.outcome_weight is not None:  # the heads' parts that read the drawn z_{t+1}
-            latent = batch.z @ self.outcome_weight
+        if weights.outcome_weight is not None:  # the heads' parts that read the drawn z_{t+1}
+            latent = batch.z @ weights.outcome_weight
             if batch.member is not None:
                 latent = latent.view(batch.size, -1, 2)[torch.arange(batch.size), batch.member]
             outcome = outcome + latent
@@ -369,37 +314,24 @@ class DreamDynamics:
         batch.steps += 1
         return reward, done
 
-    def _diag(self, raw: Tensor) -> Tensor:
-        """The memory's positivity map for D_k (``MemoryModel._heads``)."""
-        config = self.memory.config
-        diag = F.softplus(raw) if config.diag_activation == "softplus" else raw.clamp(max=30.0).exp()
-        diag = diag + config.diag_floor
-        return diag.clamp(*config.diag_clamp) if config.diag_clamp is not None else diag
-
     def chosen_component(self, hidden: Tensor, component: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """(mu, diag, u) of each dream's chosen component: ``[B, d]``, ``[B, d]``, ``[B, d, r]`` or None.
         With an ensemble, ``component`` is ``m K + k`` for member m's component k."""
-        d, r = self.memory.target_dim, self.memory.config.rank
+        weight, bias = self.weights.component_weight, self.weights.component_bias
         # group the dreams by component: one gather, one matmul per component on a contiguous slice, one
         # scatter
         order = torch.argsort(component)
-        counts = torch.bincount(component, minlength=len(self.component_bias)).tolist()
+        counts = torch.bincount(component, minlength=len(bias)).tolist()
         grouped = hidden.index_select(0, order)
-        raw_grouped = hidden.new_empty(hidden.shape[0], self.component_bias.shape[1])
+        raw_grouped = hidden.new_empty(hidden.shape[0], bias.shape[1])
         start = 0
         for j, count in enumerate(counts):
             if count:
-                torch.addmm(
-                    self.component_bias[j],
-                    grouped[start : start + count],
-                    self.component_weight[j],
-                    out=raw_grouped[start : start + count],
-                )
+                rows = slice(start, start + count)
+                torch.addmm(bias[j], grouped[rows], weight[j], out=raw_grouped[rows])
                 start += count
         raw = torch.empty_like(raw_grouped).index_copy_(0, order, raw_grouped)
-        mu, raw_diag, raw_u = raw.split([d, d, d * r], dim=1)
-        # the layout of MemoryModel._heads: U_k^T row by row (a test pins the two together)
-        return mu, self._diag(raw_diag), raw_u.reshape(-1, r, d).transpose(1, 2) if r > 0 else None
+        return self.memory.component_parameters(raw)  # a test pins them to MemoryModel._heads
 
     def sample_next(
         self,
@@ -427,17 +359,18 @@ class DreamDynamics:
             temperature=self.temperature,
             generator=generator,
         )
+        flows = self.weights.flows
         context = hidden if self.memory.config.flow_context else None
-        if self.memory.flow is None:
+        if flows[0] is None:
             return z
         if member is None:
-            return self.flows[0].inverse(z, context)
+            return flows[0].inverse(z, context)
         # group the dreams by member, as the components above
         order = torch.argsort(member)
         grouped = z.index_select(0, order)
         context = None if context is None else context.index_select(0, order)
         start = 0
-        for flow, count in zip(self.flows, torch.bincount(member, minlength=len(self.flows)).tolist()):
+        for flow, count in zip(flows, torch.bincount(member, minlength=len(flows)).tolist()):
             if count:
                 rows = slice(start, start + count)
                 grouped[rows] = flow.inverse(grouped[rows], None if context is None else context[rows])

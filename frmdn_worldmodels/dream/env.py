@@ -101,8 +101,8 @@ def warm_starts(
         frames.append(np.sort(rng.choice(steps, size=min(share, steps), replace=False)))
     device, dtype = memory.mixture_head.weight.device, memory.mixture_head.weight.dtype
     # the episodes read side by side, each as far as its last start frame (zeros pad the shorter ones)
-    length = max(int(wanted[-1]) for wanted in frames)
-    inputs = np.zeros((len(episodes), max(length, 1), memory.target_dim + memory.cond_dim), np.float32)
+    length, z_dim = max(int(wanted[-1]) for wanted in frames), memory.target_dim
+    inputs = np.zeros((len(episodes), max(length, 1), z_dim + memory.cond_dim), np.float32)
     for row, (data, wanted) in enumerate(zip(episodes, frames)):
         steps = int(wanted[-1])
         inputs[row, :steps] = memory_inputs(data, steps, use_mu, rng)
@@ -119,7 +119,7 @@ def warm_starts(
             hidden[here] = state[0][0, rows].float().cpu().numpy()
             cell[here] = state[1][0, rows].float().cpu().numpy()
         if t < length:
-            _, state = memory.lstm(inputs[:, t : t + 1], state)
+            _, state = memory.recur(inputs[:, t : t + 1, :z_dim], inputs[:, t : t + 1, z_dim:], state)
     mu = np.concatenate([data["mu"][wanted] for data, wanted in zip(episodes, frames)])
     logvar = np.concatenate([data["logvar"][wanted] for data, wanted in zip(episodes, frames)])
     return DreamStarts(mu, logvar, (hidden, cell), times)

@@ -72,6 +72,40 @@ class MemoryOutput:
     """Which member of the ensemble made these (its flow scores and samples them)."""
 
 
+@dataclass(frozen=True)
+class FusedStep:
+    r"""The memory's weights laid out for the dream's fast step (``MemoryModel.fused_step``; copies, the
+    memory is untouched). N members of K components, target dim d, rank r, hidden H, cond dim c. The step:
+
+    1. gates :math:`= [z_t, h_t, a_t]` ``@ gate_weight + gate_bias`` (the LSTM's i, f, g, o) give
+       :math:`h_{t+1}`;
+    2. :math:`h_{t+1}` ``@ small_head_weight + small_head_bias``: member m's K logits, then the parts of its
+       reward and done logit that read h, at columns ``[m (K + 2), (m + 1) (K + 2))``;
+    3. component j = m K + k only for the dreams that chose it: :math:`h_{t+1}` ``@ component_weight[j] +
+       component_bias[j]``, which ``MemoryModel.component_parameters`` turns into its (mean, D, U);
+    4. with ``heads_read_z``: :math:`z_{t+1}` ``@ outcome_weight`` adds the parts of member m's reward and
+       done that read the drawn latent (columns 2m and 2m + 1).
+    """
+
+    gate_weight: Tensor
+    """[d + H + c, 4H] the LSTM's input and recurrent weights, rows in the order of the row [z, h, a]."""
+    gate_bias: Tensor
+    """[4H] the LSTM's two biases summed."""
+    small_head_weight: Tensor
+    """[H, N (K + 2)] per member: its mixture logits and its reward and done heads' weights on h."""
+    small_head_bias: Tensor
+    """[N (K + 2)] their biases."""
+    outcome_weight: Tensor | None
+    """[d, 2N] the reward and done heads' weights on the next latent (None unless ``heads_read_z``)."""
+    component_weight: Tensor
+    """[N K, H, 2d + d r] per (member, component): the mixture head's weights of its mean, raw diagonal and
+    raw low-rank factor."""
+    component_bias: Tensor
+    """[N K, 2d + d r] their biases."""
+    flows: tuple[CouplingFlow | None, ...]
+    """[N] each member's flow (the model's own modules, not copies; None for the rmdn)."""
+
+
 MEMORY_KINDS = typing.get_args(MemoryKind)
 DIAG_ACTIVATIONS = typing.get_args(DiagActivation)
 
@@ -227,13 +261,7 @@ class MemoryModel(nn.Module):
         k, d, r = self.config.components, self.target_dim, self.config.rank
         batch = hidden.shape[:-1]
         logit_pi, mu, raw_diag, raw_u = raw.split(self._sizes, dim=-1)
-        if self.config.diag_activation == "softplus":
-            diag = F.softplus(raw_diag)
-        else:
-            diag = raw_diag.clamp(max=30.0).exp()
-        diag = diag + self.config.diag_floor
-        if self.config.diag_clamp is not None:
-            diag = diag.clamp(*self.config.diag_clamp)
+        diag = self.positive_diagonal(raw_diag)
         reward, done = (
             self._scalar_head(head, hidden, member) for head in (self.reward_head, self.done_head)
         )
@@ -254,6 +282,14 @@ class MemoryModel(nn.Module):
             out.reward, out.done_logit = self.outcome(out, next_y)
         return out
 
+    def positive_diagonal(self, raw: Tensor) -> Tensor:
+        r"""The precision's diagonal :math:`D_k` from the head's raw outputs, elementwise: softplus (or exp,
+        its input capped at 30), plus ``diag_floor``, then clamped to ``diag_clamp`` if set."""
+        config = self.config
+        diag = F.softplus(raw) if config.diag_activation == "softplus" else raw.clamp(max=30.0).exp()
+        diag = diag + config.diag_floor
+        return diag.clamp(*config.diag_clamp) if config.diag_clamp is not None else diag
+
     def _lstm_input(self, y: Tensor, cond: Tensor | None) -> Tensor:
         if y.shape[-1] != self.target_dim:
             raise ValueError(f"memory expects targets [..., {self.target_dim}], got {tuple(y.shape)}")
@@ -273,15 +309,21 @@ class MemoryModel(nn.Module):
     ) -> tuple[MemoryOutput, State]:
         """Read ``inputs`` [B, T, d] (and ``cond`` [B, T, c]); output t is the distribution of y_{t+1} (member
         ``member``'s, with an ensemble)."""
-        hidden, state = self.lstm(self._lstm_input(inputs, cond), state)
+        hidden, state = self.recur(inputs, cond, state)
         return self._heads(hidden, member), state
+
+    def recur(self, y: Tensor, cond: Tensor | None, state: State | None = None) -> tuple[Tensor, State]:
+        """The LSTM alone (no heads) reading ``y`` [B, T, d] and ``cond`` [B, T, c] (None without
+        conditioning) from ``state`` (h, c), ``[1, B, H]`` each (None = zeros): its outputs h_1..h_T
+        ``[B, T, H]`` (what the heads read, before dropout) and the state after the last step."""
+        return self.lstm(self._lstm_input(y, cond), state)
 
     def step(
         self, y: Tensor, cond: Tensor | None, state: State | None, member: int = 0
     ) -> tuple[MemoryOutput, State]:
         """One recurrent step: ``y`` [B, d], ``cond`` [B, c]; returns outputs of batch shape [B] (member
         ``member``'s) and the new state."""
-        hidden, state = self.lstm(self._lstm_input(y, cond).unsqueeze(1), state)
+        hidden, state = self.recur(y.unsqueeze(1), None if cond is None else cond.unsqueeze(1), state)
         return self._heads(hidden.squeeze(1), member), state
 
     def _context(self, out: MemoryOutput) -> Tensor | None:
@@ -317,7 +359,7 @@ class MemoryModel(nn.Module):
         """``member_sequence_log_probs`` and the LSTM state after the last step."""
         if y.dim() != 3 or y.shape[1] < 2:
             raise ValueError(f"sequence_log_prob expects y [B, T+1, d] with T >= 1, got {tuple(y.shape)}")
-        hidden, state = self.lstm(self._lstm_input(y[:, :-1], cond), state)
+        hidden, state = self.recur(y[:, :-1], cond, state)
         return [(self.log_prob(y[:, 1:], out), out) for out in self._all_heads(hidden, y[:, 1:])], state
 
     def sequence_log_prob(self, y: Tensor, cond: Tensor | None = None) -> tuple[Tensor, MemoryOutput]:
@@ -460,3 +502,73 @@ class MemoryModel(nn.Module):
             state |= flow.state_dict(prefix="flow.")
         single.load_state_dict(state)
         return single
+
+    @torch.no_grad()
+    def fused_step(self) -> FusedStep:
+        """This memory's weights laid out for the dream's fast step (``FusedStep``: the step, the shapes)."""
+        if self.reward_head is None or self.done_head is None:
+            raise ValueError(
+                "the dream needs a memory with reward and done heads (memory.predict_reward/predict_done)"
+            )
+        k, n, width, hidden = self.config.components, self.ensemble, self._width, self.config.hidden
+        lstm, z_dim = self.lstm, self.target_dim
+        # the step's input row is laid out [z, h, a], so the controller reads its first Z + H columns in place
+        fused = torch.cat(
+            [lstm.weight_ih_l0[:, :z_dim], lstm.weight_hh_l0, lstm.weight_ih_l0[:, z_dim:]], dim=1
+        )
+        head_w, head_b = self.mixture_head.weight, self.mixture_head.bias
+        reward, done = self.reward_head, self.done_head
+        # logits, and the parts of reward and done that read h (of every member), from one small matmul
+        logit_rows = torch.cat([torch.arange(m * width, m * width + k) for m in range(n)])
+        scalar_h = [reward.weight[:, None, :hidden], done.weight[:, None, :hidden]]
+        small_weight = (
+            torch.cat([head_w[logit_rows].reshape(n, k, -1), *scalar_h], 1)
+            .reshape(n * (k + 2), -1)
+            .T.contiguous()
+        )
+        small_bias = torch.cat(
+            [head_b[logit_rows].reshape(n, k), reward.bias[:, None], done.bias[:, None]], 1
+        ).reshape(-1)
+        outcome_weight = (
+            torch.stack([reward.weight[:, hidden:], done.weight[:, hidden:]], 1)
+            .reshape(2 * n, -1)
+            .T.contiguous()
+            if self.config.heads_read_z
+            else None
+        )
+        rows = [self._component_rows(m, j) for m in range(n) for j in range(k)]
+        return FusedStep(
+            gate_weight=fused.T.contiguous(),
+            gate_bias=(lstm.bias_ih_l0 + lstm.bias_hh_l0).clone(),
+            small_head_weight=small_weight,
+            small_head_bias=small_bias,
+            outcome_weight=outcome_weight,
+            component_weight=torch.stack([head_w[index].T for index in rows]).contiguous(),
+            component_bias=torch.stack([head_b[index] for index in rows]),
+            flows=tuple(self.member_flow(m) for m in range(n)),
+        )
+
+    def _component_rows(self, member: int, component: int) -> Tensor:
+        """The mixture head's rows of member ``member``'s component ``component``: its mean, its raw diagonal
+        and its raw low-rank factor (``2d + d r`` rows)."""
+        k, d, r, j = self.config.components, self.target_dim, self.config.rank, component
+        return member * self._width + torch.cat(
+            [
+                torch.arange(k + j * d, k + (j + 1) * d),
+                torch.arange(k + k * d + j * d, k + k * d + (j + 1) * d),
+                torch.arange(k + 2 * k * d + j * d * r, k + 2 * k * d + (j + 1) * d * r),
+            ]
+        )
+
+    def component_parameters(self, raw: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """One component's mean ``[B, d]``, diagonal D ``[B, d]`` and factor U ``[B, d, r]`` (None when rank
+        0) from its raw outputs ``[B, 2d + d r]`` (``FusedStep.component_weight``), as ``_heads`` makes
+        them."""
+        d, r = self.target_dim, self.config.rank
+        mu, raw_diag, raw_u = raw.split([d, d, d * r], dim=1)
+        # U_k^T is emitted row by row (the layout of _output)
+        return (
+            mu,
+            self.positive_diagonal(raw_diag),
+            raw_u.reshape(-1, r, d).transpose(1, 2) if r > 0 else None,
+        )

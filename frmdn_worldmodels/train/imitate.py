@@ -115,8 +115,9 @@ def controller_features(
     """[T, Z + H] the inputs C would have read at each of the episode's T actions."""
     steps = len(data["actions"])
     inputs = torch.as_tensor(memory_inputs(data, steps, use_mu, rng)).unsqueeze(0)
-    param = memory.mixture_head.weight
-    output, _ = memory.lstm(inputs.to(param.device, param.dtype))
+    param, z_dim = memory.mixture_head.weight, memory.target_dim
+    on_device = inputs.to(param.device, param.dtype)
+    output, _ = memory.recur(on_device[..., :z_dim], on_device[..., z_dim:])
     hidden = torch.cat([torch.zeros_like(output[:, :1]), output[:, :-1]], dim=1)[0].float().cpu()
     return torch.cat([inputs[0, :, : memory.target_dim], hidden], dim=1)
 

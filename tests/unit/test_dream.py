@@ -312,6 +312,48 @@ def test_chosen_component_head_equals_the_memory_heads():
     torch.testing.assert_close(u, out.u[rows, component])
 
 
+class ReversedActionMemory(MemoryModel):
+    """A new memory, unknown to dream/: its LSTM reads -a_t, its D_k is 0.5 + raw^2; it lays out its own fused
+    step (the LSTM's action weights negated) and its own component parameters."""
+
+    def recur(self, y, cond, state=None):
+        return super().recur(y, -cond, state)
+
+    def positive_diagonal(self, raw):
+        return 0.5 + raw.square()
+
+    def fused_step(self):
+        weights = super().fused_step()
+        weights.gate_weight[self.target_dim + self.config.hidden :].neg_()
+        return weights
+
+
+def test_a_new_memory_brings_its_own_dream():
+    """The dream takes its step from the memory (``fused_step``, ``component_parameters``): a subclass with
+    another recurrence and another D_k dreams its own law, with no change to dream/."""
+    memory = tiny_memory(rank=2, cls=ReversedActionMemory)
+    with torch.no_grad():  # some dreams end early, others run to the horizon (done reads h_{t+1} alone)
+        memory.done_head.weight.zero_()
+        memory.done_head.weight[:, :H].copy_(torch.linspace(-1.0, 1.0, H))
+        memory.done_head.bias.fill_(-0.75)
+    ctrl = controller()
+    params = torch.randn(4, ctrl.num_params, generator=torch.Generator().manual_seed(5))
+    mu, _ = starts()
+    dream = BatchedDream(memory, ctrl, mu, None, horizon=12, temperature=0.0, use_mu=True)
+    result = dream.rollout(params, 3, torch.Generator().manual_seed(2))
+    first = dream.dynamics.start(3, torch.Generator().manual_seed(2))
+    returns, lengths = reference_returns(memory, ctrl, params, first.z, 12)  # MemoryModel.step and .sample
+    assert torch.equal(result.lengths, lengths) and lengths.min() < 12
+    torch.testing.assert_close(result.returns, returns, atol=1e-4, rtol=1e-4)
+    # the chosen component's D_k is the new memory's, not the softplus of MemoryModel
+    hidden, component = torch.randn(50, H), torch.randint(3, (50,))
+    _, diag, _ = dream.dynamics.chosen_component(hidden, component)
+    with torch.no_grad():
+        expected = memory._heads(hidden).diag[torch.arange(50), component]
+    torch.testing.assert_close(diag, expected)
+    assert diag.min() >= 0.5
+
+
 @pytest.mark.parametrize("temperature", [0.5, 1.6])
 def test_batched_sampler_draws_from_the_memory_distribution(temperature):
     """Component from softmax(logits / tau), covariance x tau, then the flow: same law as
