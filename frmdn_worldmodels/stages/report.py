@@ -147,6 +147,52 @@ def _format(value: object) -> str:
     return str(value).replace("|", "\\|")
 
 
+def _title(config: Config, summaries: dict[str, dict]) -> str:
+    """The report's heading: the run, its game, memory and where its controller was trained."""
+    title = (
+        f"# Run `{config.name}`: {config.env.name}, memory {config.memory.kind} "
+        f"(K={config.memory.components}, d'={config.memory.rank}), "
+        f"controller trained in the {config.controller.train_in}"
+    )
+    controller = summaries.get("train-controller") or {}
+    if controller.get("dream_horizon"):
+        starts = "any frame" if controller.get("dream_start") == "any" else "the first frames"
+        title += (
+            f" (dreams of up to {controller['dream_horizon']} steps from {starts} of the collected episodes)"
+        )
+    return title
+
+
+def _stage_section(stage: str, summary: dict | None, folder: Path, root: Path) -> list[str]:
+    """A stage's section: its summary's figures, ``iterate``'s table of iterations, and links to the
+    pictures and videos in ``folder`` (relative to the run's ``root``)."""
+    lines = [f"## {stage}", ""]
+    rows = _scalars(summary or {})
+    if rows:
+        lines += ["| figure | value |", "|---|---|", *[f"| {k} | {_format(v)} |" for k, v in rows], ""]
+    if stage == "iterate" and summary.get("rows"):
+        columns = (
+            "iteration",
+            "episodes_total",
+            "real_mean",
+            "real_std",
+            "dream_best",
+            "random_mean",
+            "seconds",
+        )
+        lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(_format(row.get(c)) for c in columns) + " |" for row in summary["rows"]]
+        lines.append("")
+    media = sorted(p for p in folder.glob("*") if p.suffix in MEDIA_SUFFIXES) if folder.is_dir() else []
+    for path in media:
+        relative = os.path.relpath(path, root).replace(os.sep, "/")
+        lines += [
+            f"![{path.stem}]({relative})" if path.suffix != ".mp4" else f"[{path.name}]({relative})",
+            "",
+        ]
+    return lines
+
+
 def write_report(
     config: Config,
     summaries: dict[str, dict],
@@ -169,19 +215,8 @@ def write_report(
         return "" if stage in FINAL or not training else f"{work[stage] / training:.0%}"
 
     root = run_paths(config).root
-    title = (
-        f"# Run `{config.name}`: {config.env.name}, memory {config.memory.kind} "
-        f"(K={config.memory.components}, d'={config.memory.rank}), "
-        f"controller trained in the {config.controller.train_in}"
-    )
-    controller = summaries.get("train-controller") or {}
-    if controller.get("dream_horizon"):
-        starts = "any frame" if controller.get("dream_start") == "any" else "the first frames"
-        title += (
-            f" (dreams of up to {controller['dream_horizon']} steps from {starts} of the collected episodes)"
-        )
     lines = [
-        title,
+        _title(config, summaries),
         "",
         f"Time of this invocation: {sum(seconds.values()):.0f} s. Training (every stage's work but "
         f"{' and '.join(FINAL)}, over all invocations): {training:.0f} s = "
@@ -198,33 +233,8 @@ def write_report(
         "",
     ]
     for stage, summary in summaries.items():
-        lines += [f"## {stage}", ""]
-        rows = _scalars(summary or {})
-        if rows:
-            lines += ["| figure | value |", "|---|---|", *[f"| {k} | {_format(v)} |" for k, v in rows], ""]
-        if stage == "iterate" and summary.get("rows"):
-            columns = (
-                "iteration",
-                "episodes_total",
-                "real_mean",
-                "real_std",
-                "dream_best",
-                "random_mean",
-                "seconds",
-            )
-            lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-            lines += [
-                "| " + " | ".join(_format(row.get(c)) for c in columns) + " |" for row in summary["rows"]
-            ]
-            lines.append("")
         folder = (folders or {}).get(stage, run_paths(config).of(stage))
-        media = sorted(p for p in folder.glob("*") if p.suffix in MEDIA_SUFFIXES) if folder.is_dir() else []
-        for path in media:
-            relative = os.path.relpath(path, root).replace(os.sep, "/")
-            lines += [
-                f"![{path.stem}]({relative})" if path.suffix != ".mp4" else f"[{path.name}]({relative})",
-                "",
-            ]
+        lines += _stage_section(stage, summary, folder, root)
     report = root / "report.md"
     atomic_write_text(report, "\n".join(lines) + "\n")
     return report

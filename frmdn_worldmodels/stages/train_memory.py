@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -252,6 +253,154 @@ def run(cfg: Config, *, initial: Path | None = None, stop_after_steps: int | Non
     return train_memory(cfg, stage, initial=initial, stop_after_steps=stop_after_steps)
 
 
+@dataclass
+class MemoryData:
+    """The run's encoded episodes as the memory is trained and scored on them."""
+
+    split: dict[str, list[Path]]
+    """The latent files of each split (``SPLITS``), split by episode."""
+    sets: dict[str, SequenceSet]
+    """The windows of each split that has episodes."""
+    fixed_z: dict[str, np.ndarray]
+    """One fixed posterior sample per held-out split (``val``, ``test``), shared by every model of the run and
+    seed."""
+    done_pos_weight: float
+    """The done loss's positive weight p (``memory_train.done_pos_weight``, or ``done_weight_from_data``)."""
+    positives: int
+    """Done targets of the training split."""
+
+
+def load_memory_data(cfg: Config, split: dict[str, list[Path]]) -> MemoryData:
+    """Read the windows of ``split``'s episodes (a DataError if their Z or A differ from the training
+    split's) and draw the held-out splits' fixed samples."""
+    tc = cfg.memory_train
+    sets = {
+        name: load_sequences(paths, tc.seq_len, tc.done_horizon) for name, paths in split.items() if paths
+    }
+    train = sets["train"]
+    for name, part in sets.items():
+        if (part.latent_dim, part.action_dim) != (train.latent_dim, train.action_dim):
+            raise DataError(
+                f"{run_paths(cfg).latents}: {name} episodes have Z={part.latent_dim}, A={part.action_dim} "
+                f"but the training episodes Z={train.latent_dim}, A={train.action_dim}; "
+                "rerun `python run.py encode`"
+            )
+    if tc.done_pos_weight > 0:
+        done_pos_weight, positives = tc.done_pos_weight, int((train.dones & train.mask).sum())
+    else:
+        done_pos_weight, positives = done_weight_from_data(train)
+    fixed_z = {
+        name: sets[name].latents(tc.use_mu, fixed_sample_rng(cfg.seed, name))
+        for name in ("val", "test")
+        if name in sets
+    }
+    return MemoryData(split, sets, fixed_z, done_pos_weight, positives)
+
+
+def new_memory(cfg: Config, data: MemoryData, model_seed: int, initial: Path | None) -> MemoryModel:
+    """``MemoryModel(Z, A, cfg.memory)`` seeded with ``model_seed``, with the data's done weight and horizon,
+    starting from the weights of ``initial`` if given (of the same shape)."""
+    train = data.sets["train"]
+    torch.manual_seed(model_seed)
+    model = MemoryModel(train.latent_dim, train.action_dim, cfg.memory).to(cfg.device)
+    model.done_pos_weight, model.done_horizon = data.done_pos_weight, cfg.memory_train.done_horizon
+    if initial is not None:
+        start = MemoryModel.from_checkpoint(load_checkpoint(initial))
+        if start.to_checkpoint()["config"] != model.to_checkpoint()["config"]:
+            raise DataError(
+                f"{initial}: a memory of another shape than memory.* asks for: it cannot start this one"
+            )
+        model.load_state_dict(start.state_dict())
+    return model
+
+
+def memory_task(
+    cfg: Config, model: MemoryModel, data: MemoryData, model_seed: int, out_dir: Path, progress: bool
+) -> TrainTask:
+    """The memory's batches, losses, validation and best model (``memory.pt``) for ``train.loop.train``:
+    epoch e's posterior sample and batch order are functions of (``model_seed``, e); with ``carry_state`` the
+    lanes read each episode's windows in order, from the LSTM state the previous one ended in."""
+    tc, train = cfg.memory_train, data.sets["train"]
+    carry = StateCarry() if tc.carry_state else None
+    lanes = train.lanes(tc.batch_size)
+
+    def epoch_batches(epoch: int, start: int):
+        sample_rng, order_rng = epoch_rngs(model_seed, epoch)
+        z = train.latents(tc.use_mu, sample_rng)
+        if carry is not None:
+            return train.lane_batches(z, train.lane_schedule(lanes, order_rng), start, cfg.device)
+        order = order_rng.permutation(len(train))
+        return train.batches(z, order[start * tc.batch_size :], tc.batch_size, cfg.device)
+
+    def save_best(epoch: int, val_loss: float | None) -> None:
+        save_checkpoint(out_dir / "memory.pt", **model.to_checkpoint(), epoch=epoch, val_loss=val_loss)
+
+    def validate(model: MemoryModel) -> dict | None:
+        if "val" not in data.sets:
+            return None
+        return evaluate(model, data.sets["val"], data.fixed_z["val"], cfg, data.done_pos_weight)
+
+    title = _plot_title(cfg)
+    return TrainTask(
+        epoch_batches=epoch_batches,
+        batches_per_epoch=(
+            len(train.lane_schedule(lanes)) if carry is not None else train.num_batches(tc.batch_size)
+        ),
+        losses=lambda model, batch: batch_losses(model, batch, cfg, data.done_pos_weight, carry),
+        validate=validate,
+        score="loss",
+        save_best=save_best,
+        after_epoch=(lambda rows: save_nll_plot(out_dir / "nll.png", rows, title)) if progress else None,
+        shown=("nll_per_dim",),
+        checkpoint_extra={"split": _split_names(data.split), "done_pos_weight": data.done_pos_weight},
+        carried=None if carry is None else (carry.get, carry.set),
+    )
+
+
+def _plot_title(cfg: Config) -> str:
+    return f"{cfg.memory.kind.upper()} K={cfg.memory.components} d'={cfg.memory.rank} ({cfg.env.name})"
+
+
+def calibrated_best(
+    cfg: Config, model_path: Path, train: SequenceSet
+) -> tuple[MemoryModel, dict, dict | None]:
+    """The best memory of ``model_path`` (and its checkpoint) with its done head calibrated
+    (``calibrate_done``) on the training split's fixed sample, rewritten there; and the calibration."""
+    best = load_checkpoint(model_path)
+    model = MemoryModel.from_checkpoint(best).to(cfg.device)
+    if model.done_head is None:
+        return model, best, None
+    # on the training split's fixed sample: the same z for a rerun, so memory.pt is rewritten the same
+    train_z = train.latents(cfg.memory_train.use_mu, fixed_sample_rng(cfg.seed, "train"))
+    calibration = calibrate_done(model, train, train_z, cfg)
+    save_checkpoint(model_path, **{**best, **model.to_checkpoint()})
+    return model, best, calibration
+
+
+def _test_figures(cfg: Config, test: dict | None) -> dict:
+    """The test split's losses in the summary (None without test episodes, or for a head the memory has
+    not)."""
+    return {
+        "test_nll_per_step": finite_or_none(test["nll"]) if test else None,
+        "test_nll_per_dim": finite_or_none(test["nll_per_dim"]) if test else None,
+        # None, not the 0 the loss has, for a memory without the head
+        "test_reward_mse": (
+            finite_or_none(test["reward_loss"]) if test and cfg.memory.predict_reward else None
+        ),
+        "test_done_loss": finite_or_none(test["done_loss"]) if test and cfg.memory.predict_done else None,
+    }
+
+
+def _data_figures(data: MemoryData) -> dict:
+    """Episodes, transitions and windows of each split, in the summary."""
+    sets = data.sets
+    return {
+        "episodes": {name: len(data.split[name]) for name in SPLITS},
+        "transitions": {name: sets[name].steps if name in sets else 0 for name in SPLITS},
+        "windows": {name: len(sets[name]) if name in sets else 0 for name in SPLITS},
+    }
+
+
 def train_memory(
     cfg: Config,
     stage: Stage,
@@ -273,77 +422,11 @@ def train_memory(
     if (finished := stage.open()) is not None:
         return finished  # already trained: the pipeline (and the sweep) rerun stages
     out_dir = stage.folder
-    model_path = out_dir / "memory.pt"
-    data = {
-        name: load_sequences(paths, tc.seq_len, tc.done_horizon) for name, paths in split.items() if paths
-    }
-    train = data["train"]
-    latent_dim, action_dim = train.latent_dim, train.action_dim
-    for name, part in data.items():
-        if (part.latent_dim, part.action_dim) != (latent_dim, action_dim):
-            raise DataError(
-                f"{run_paths(cfg).latents}: {name} episodes have Z={part.latent_dim}, A={part.action_dim} "
-                f"but the training episodes Z={latent_dim}, A={action_dim}; rerun `python run.py encode`"
-            )
-    if tc.done_pos_weight > 0:
-        done_pos_weight, positives = tc.done_pos_weight, int((train.dones & train.mask).sum())
-    else:
-        done_pos_weight, positives = done_weight_from_data(train)
-    # one fixed posterior sample per held-out split, shared by every model of this run and seed
-    fixed_z = {
-        name: data[name].latents(tc.use_mu, fixed_sample_rng(cfg.seed, name))
-        for name in ("val", "test")
-        if name in data
-    }
-
+    data = load_memory_data(cfg, split)
     model_seed = cfg.seed if tc.seed is None else tc.seed
-    torch.manual_seed(model_seed)
-    model = MemoryModel(latent_dim, action_dim, cfg.memory).to(cfg.device)
-    model.done_pos_weight, model.done_horizon = done_pos_weight, tc.done_horizon
-    if initial is not None:
-        start = MemoryModel.from_checkpoint(load_checkpoint(initial))
-        if start.to_checkpoint()["config"] != model.to_checkpoint()["config"]:
-            raise DataError(
-                f"{initial}: a memory of another shape than memory.* asks for: it cannot start this one"
-            )
-        model.load_state_dict(start.state_dict())
+    model = new_memory(cfg, data, model_seed, initial)
     optimizer = make_optimizer(model, tc.optimizer, tc.lr)
-    names = _split_names(split)
-    title = f"{cfg.memory.kind.upper()} K={cfg.memory.components} d'={cfg.memory.rank} ({cfg.env.name})"
-
-    carry = StateCarry() if tc.carry_state else None
-    lanes = train.lanes(tc.batch_size)
-
-    def epoch_batches(epoch: int, start: int):
-        sample_rng, order_rng = epoch_rngs(model_seed, epoch)
-        z = train.latents(tc.use_mu, sample_rng)
-        if carry is not None:
-            return train.lane_batches(z, train.lane_schedule(lanes, order_rng), start, cfg.device)
-        order = order_rng.permutation(len(train))
-        return train.batches(z, order[start * tc.batch_size :], tc.batch_size, cfg.device)
-
-    def losses(model: MemoryModel, batch: dict) -> tuple[dict[str, torch.Tensor], int]:
-        return batch_losses(model, batch, cfg, done_pos_weight, carry)
-
-    def save_best(epoch: int, val_loss: float | None) -> None:
-        save_checkpoint(model_path, **model.to_checkpoint(), epoch=epoch, val_loss=val_loss)
-
-    task = TrainTask(
-        epoch_batches=epoch_batches,
-        batches_per_epoch=(
-            len(train.lane_schedule(lanes)) if carry is not None else train.num_batches(tc.batch_size)
-        ),
-        losses=losses,
-        validate=lambda model: (
-            evaluate(model, data["val"], fixed_z["val"], cfg, done_pos_weight) if "val" in data else None
-        ),
-        score="loss",
-        save_best=save_best,
-        after_epoch=(lambda rows: save_nll_plot(out_dir / "nll.png", rows, title)) if progress else None,
-        shown=("nll_per_dim",),
-        checkpoint_extra={"split": names, "done_pos_weight": done_pos_weight},
-        carried=None if carry is None else (carry.get, carry.set),
-    )
+    task = memory_task(cfg, model, data, model_seed, out_dir, progress)
     settings = LoopSettings.of(tc, tensorboard=cfg.tensorboard, progress=progress, name="memory")
     result = train_loop(
         model,
@@ -355,66 +438,43 @@ def train_memory(
         stop_after_steps=stop_after_steps,
         on_checkpoint=stage.record_progress,
     )
-    state = result.state
 
-    best = load_checkpoint(model_path)
-    model = MemoryModel.from_checkpoint(best).to(cfg.device)
-    calibration = None
-    if model.done_head is not None:
-        # on the training split's fixed sample: the same z for a rerun, so memory.pt is rewritten the same
-        calibration = calibrate_done(
-            model, train, train.latents(tc.use_mu, fixed_sample_rng(cfg.seed, "train")), cfg
-        )
-        save_checkpoint(model_path, **{**best, **model.to_checkpoint()})
-    test = evaluate(model, data["test"], fixed_z["test"], cfg, done_pos_weight) if "test" in data else None
-    rows = result.rows
-    save_nll_plot(out_dir / "nll.png", rows, title)
-    epochs_done = state["epoch"]
+    model, best, calibration = calibrated_best(cfg, out_dir / "memory.pt", data.sets["train"])
+    test = None
+    if "test" in data.sets:
+        test = evaluate(model, data.sets["test"], data.fixed_z["test"], cfg, data.done_pos_weight)
+    save_nll_plot(out_dir / "nll.png", result.rows, _plot_title(cfg))
+    train = data.sets["train"]
     summary = {
         "kind": cfg.memory.kind,
         "components": cfg.memory.components,
         "rank": cfg.memory.rank,
         "env": cfg.env.name,
-        "latent_dim": latent_dim,
-        "action_dim": action_dim,
-        "test_nll_per_step": finite_or_none(test["nll"]) if test else None,
-        "test_nll_per_dim": finite_or_none(test["nll_per_dim"]) if test else None,
-        # None, not the 0 the loss has, for a memory without the head
-        "test_reward_mse": (
-            finite_or_none(test["reward_loss"]) if test and cfg.memory.predict_reward else None
-        ),
-        "test_done_loss": finite_or_none(test["done_loss"]) if test and cfg.memory.predict_done else None,
+        "latent_dim": train.latent_dim,
+        "action_dim": train.action_dim,
+        **_test_figures(cfg, test),
         "val_loss": finite_or_none(best["val_loss"]) if best["val_loss"] is not None else None,
-        "val_nll_per_dim": next(
-            (
-                row.get("val_nll_per_dim")
-                for row in rows
-                if row["kind"] == "epoch" and row["epoch"] == best["epoch"]
-            ),
-            None,
-        ),
+        "val_nll_per_dim": result.epoch_row(best["epoch"]).get("val_nll_per_dim"),
         "nll_units": "nats; per step = summed over the latent dimensions, per dim = divided by Z"
         + ("; the mean of the ensemble's members' NLLs" if cfg.memory.ensemble > 1 else ""),
         "best_epoch": best["epoch"],
-        "epochs_trained": epochs_done,
+        "epochs_trained": result.state["epoch"],
         "stopped_early": result.stopped_early,
-        "steps": state["global_step"],
-        "skipped_steps": state["skipped_steps"],
+        "steps": result.state["global_step"],
+        "skipped_steps": result.state["skipped_steps"],
         "parameters": parameter_counts(model),
-        "done_pos_weight": done_pos_weight,
-        "done_positives_train": positives,
+        "done_pos_weight": data.done_pos_weight,
+        "done_positives_train": data.positives,
         # the done head's mean chance on the training steps before and after its bias b, against the data's
         "done_calibration": calibration,
-        "episodes": {name: len(split[name]) for name in SPLITS},
-        "transitions": {name: data[name].steps if name in data else 0 for name in SPLITS},
-        "windows": {name: len(data[name]) if name in data else 0 for name in SPLITS},
+        **_data_figures(data),
         "use_mu": tc.use_mu,
-        "train_seconds": round(state["seconds"], 2),
-        "memory": str(model_path),
+        "train_seconds": round(result.state["seconds"], 2),
+        "memory": str(out_dir / "memory.pt"),
         "nll_plot": str(out_dir / "nll.png"),
         "seed": cfg.seed,
         "model_seed": model_seed,
         "memory_config": dataclasses.asdict(cfg.memory),
-        "split": names,
+        "split": _split_names(split),
     }
     return stage.finish(summary)

@@ -20,6 +20,7 @@ Files in ``<run>/vae/``:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -171,43 +172,43 @@ def save_loss_plot(path: Path, rows: list[dict]) -> None:
     )
 
 
-def run(cfg: Config, *, initial: Path | None = None, stop_after_steps: int | None = None) -> dict:
-    """Train the VAE (resuming from ``vae/checkpoint.pt``); return the summary.
+@dataclass
+class VaeData:
+    """The run's episodes split for the VAE."""
 
-    ``initial``: a ``vae.pt`` whose weights training starts from (iterative training), one of the stage's
-    inputs.
+    train_paths: list[Path]
+    val_paths: list[Path]
+    """Held-out episodes (``vae.val_fraction``), so validation scores frames of unseen tracks."""
+    train_frames: int
+    val_frames: int
+    shown_frames: np.ndarray
+    """The frames of ``reconstructions.png`` (``pick_frames``, from the validation episodes if any)."""
 
-    ``stop_after_steps``: see ``train.loop.train`` (a test hook that stops the run as a kill would).
-    """
-    check_vae_config(cfg)
-    vcfg = cfg.vae
-    episodes = find_episodes(cfg)
-    check_sprite_positions(episodes, tuple(sprite_weights(cfg)))
-    inputs = {"initial": file_digest(initial)} if initial is not None else None
-    stage = Stage(cfg, "train-vae", inputs=inputs)
-    if (finished := stage.open()) is not None:
-        return finished  # already trained: the pipeline reruns stages
-    out = stage.folder
-    model_path = out / "vae.pt"
 
-    val_paths, train_paths = split_by_episode(episodes, (vcfg.val_fraction,), cfg.seed)
+def split_episodes(cfg: Config, episodes: list[Path]) -> VaeData:
+    """Hold out ``vae.val_fraction`` of ``episodes`` (a ConfigError if none is left for training)."""
+    val_paths, train_paths = split_by_episode(episodes, (cfg.vae.val_fraction,), cfg.seed)
     if not train_paths:
         raise ConfigError(
-            f"vae.val_fraction={vcfg.val_fraction} leaves no training episodes of {len(episodes)}"
+            f"vae.val_fraction={cfg.vae.val_fraction} leaves no training episodes of {len(episodes)}"
         )
-    train_frames = sum(episode_length(path) for path in train_paths)
-    val_frames = sum(episode_length(path) for path in val_paths)
-    shown_frames = pick_frames(val_paths or train_paths)
+    return VaeData(
+        train_paths,
+        val_paths,
+        sum(episode_length(path) for path in train_paths),
+        sum(episode_length(path) for path in val_paths),
+        pick_frames(val_paths or train_paths),
+    )
 
-    torch.manual_seed(cfg.seed)
-    model = ConvVAE(vcfg.latent_dim).to(cfg.device)
-    if initial is not None:
-        model.load_state_dict(load_vae(initial, cfg.device).state_dict())
-    optimizer = torch.optim.Adam(model.parameters(), lr=vcfg.lr)
+
+def vae_task(cfg: Config, model: ConvVAE, data: VaeData, out: Path) -> TrainTask:
+    """The VAE's batches, losses, validation, best model (``vae.pt``) and pictures for ``train.loop.train``:
+    epoch e's shuffled stream is a function of (seed, e)."""
+    vcfg = cfg.vae
 
     def epoch_batches(epoch: int, start: int):
         stream = shuffled_batches(
-            train_paths,
+            data.train_paths,
             vcfg.batch_size,
             vcfg.shuffle_buffer,
             seeded_rng(cfg.seed, None, epoch),
@@ -226,7 +227,7 @@ def run(cfg: Config, *, initial: Path | None = None, stop_after_steps: int | Non
 
     def save_best(epoch: int, val_loss: float | None) -> None:
         save_checkpoint(
-            model_path,
+            out / "vae.pt",
             state_dict=model.state_dict(),
             config=config_to_dict(cfg),
             epoch=epoch,
@@ -234,20 +235,47 @@ def run(cfg: Config, *, initial: Path | None = None, stop_after_steps: int | Non
         )
 
     def after_epoch(rows: list[dict]) -> None:
-        save_reconstructions(out / "reconstructions.png", model, shown_frames, cfg.device)
+        save_reconstructions(out / "reconstructions.png", model, data.shown_frames, cfg.device)
         save_loss_plot(out / "loss.png", rows)
 
-    task = TrainTask(
+    return TrainTask(
         epoch_batches=epoch_batches,
-        batches_per_epoch=count_batches(train_frames, vcfg.batch_size),
+        batches_per_epoch=count_batches(data.train_frames, vcfg.batch_size),
         losses=losses,
-        validate=lambda model: evaluate(model, val_paths, cfg) if val_paths else None,
+        validate=lambda model: evaluate(model, data.val_paths, cfg) if data.val_paths else None,
         score="loss",
         save_best=save_best,
         after_epoch=after_epoch,
         shown=LOSS_PARTS,
     )
-    settings = LoopSettings.of(vcfg, tensorboard=cfg.tensorboard, name="vae")
+
+
+def run(cfg: Config, *, initial: Path | None = None, stop_after_steps: int | None = None) -> dict:
+    """Train the VAE (resuming from ``vae/checkpoint.pt``); return the summary.
+
+    ``initial``: a ``vae.pt`` whose weights training starts from (iterative training), one of the stage's
+    inputs.
+
+    ``stop_after_steps``: see ``train.loop.train`` (a test hook that stops the run as a kill would).
+    """
+    check_vae_config(cfg)
+    episodes = find_episodes(cfg)
+    check_sprite_positions(episodes, tuple(sprite_weights(cfg)))
+    inputs = {"initial": file_digest(initial)} if initial is not None else None
+    stage = Stage(cfg, "train-vae", inputs=inputs)
+    if (finished := stage.open()) is not None:
+        return finished  # already trained: the pipeline reruns stages
+    out = stage.folder
+    model_path = out / "vae.pt"
+    data = split_episodes(cfg, episodes)
+
+    torch.manual_seed(cfg.seed)
+    model = ConvVAE(cfg.vae.latent_dim).to(cfg.device)
+    if initial is not None:
+        model.load_state_dict(load_vae(initial, cfg.device).state_dict())
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.vae.lr)
+    task = vae_task(cfg, model, data, out)
+    settings = LoopSettings.of(cfg.vae, tensorboard=cfg.tensorboard, name="vae")
     result = train_loop(
         model,
         optimizer,
@@ -261,20 +289,18 @@ def run(cfg: Config, *, initial: Path | None = None, stop_after_steps: int | Non
     state, rows = result.state, result.rows
 
     best = load_vae(model_path, cfg.device)
-    save_reconstructions(out / "reconstructions.png", best, shown_frames, cfg.device)
+    save_reconstructions(out / "reconstructions.png", best, data.shown_frames, cfg.device)
     save_loss_plot(out / "loss.png", rows)
     last_epoch = next((row for row in reversed(rows) if row["kind"] == "epoch"), {})
-    best_row = next(
-        (row for row in rows if row["kind"] == "epoch" and row["epoch"] == state["best_epoch"]), {}
-    )
+    best_row = result.epoch_row(state["best_epoch"])
     seconds = state["seconds"]
     summary = {
         "epochs": state["epoch"],
         "steps": state["global_step"],
-        "train_episodes": len(train_paths),
-        "val_episodes": len(val_paths),
-        "train_frames": train_frames,
-        "val_frames": val_frames,
+        "train_episodes": len(data.train_paths),
+        "val_episodes": len(data.val_paths),
+        "train_frames": data.train_frames,
+        "val_frames": data.val_frames,
         "best_epoch": state["best_epoch"],
         "val_loss": best_row.get("val_loss"),
         "val_recon": best_row.get("val_recon"),
@@ -283,7 +309,7 @@ def run(cfg: Config, *, initial: Path | None = None, stop_after_steps: int | Non
         "skipped_steps": state["skipped_steps"],
         "stopped_early": result.stopped_early,
         "train_seconds": round(seconds, 2),
-        "train_frames_per_s": round(state["epoch"] * train_frames / seconds, 1) if seconds > 0 else None,
+        "train_frames_per_s": round(state["epoch"] * data.train_frames / seconds, 1) if seconds > 0 else None,
         "vae": str(model_path),
         "reconstructions": str(out / "reconstructions.png"),
         "loss_plot": str(out / "loss.png"),

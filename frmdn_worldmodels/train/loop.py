@@ -115,7 +115,13 @@ class LoopResult:
     rows: list[dict]
     """Every metrics row of the run."""
     resumed: bool
+    """Whether the run went on from a checkpoint."""
     stopped_early: bool
+    """Whether ``patience`` ended it before ``epochs``."""
+
+    def epoch_row(self, epoch: int) -> dict:
+        """The ``epoch`` row of ``epoch`` (``{}`` if there is none)."""
+        return next((row for row in self.rows if row["kind"] == "epoch" and row["epoch"] == epoch), {})
 
 
 def all_finite(tensors: Iterable[Any]) -> bool:
@@ -229,6 +235,215 @@ def _fresh_state() -> dict:
     }
 
 
+def _resumed_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    task: TrainTask,
+    settings: LoopSettings,
+    checkpoint_path: Path,
+    fingerprint: dict,
+) -> dict | None:
+    """Load ``checkpoint_path`` into the model, the optimiser, torch's RNG and the task's carried state, and
+    return the loop's counters, if it was made with ``fingerprint``; None (a fresh start) otherwise."""
+    if not checkpoint_path.exists():
+        return None
+    saved = load_checkpoint(checkpoint_path)
+    if saved.get("fingerprint") != fingerprint:
+        if settings.progress:
+            note(f"{checkpoint_path}: made with other settings; training {settings.name} from the start")
+        return None
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    torch.set_rng_state(saved["rng"])
+    if task.carried is not None:
+        task.carried[1](saved.get("carried"))
+    return saved["state"]
+
+
+def _drop_rows_after(metrics_path: Path, state: dict) -> None:
+    """Keep the metrics rows up to the checkpoint's ``state``: the rerun logs the later ones again."""
+    rows = [
+        row
+        for row in read_jsonl(metrics_path)
+        if row["step"] <= state["global_step"] and (row["kind"] != "epoch" or row["epoch"] <= state["epoch"])
+    ]
+    atomic_write_text(metrics_path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+@dataclass
+class _Training:
+    """What one call of ``train`` works with, shared by its steps."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    task: TrainTask
+    settings: LoopSettings
+    state: dict
+    """The loop's counters (``_fresh_state``), saved with every checkpoint."""
+    metrics: _Metrics
+    checkpoint_path: Path
+    fingerprint: dict
+    """Stored with every checkpoint: only a checkpoint of the same fingerprint is resumed."""
+    on_checkpoint: Callable[[], None] | None
+    snapshot: _Snapshot
+    """Undoes a step that leaves a non-finite state."""
+
+
+def _out_of_patience(state: dict, settings: LoopSettings) -> bool:
+    """Whether ``patience`` epochs went by without a better validation score (early stopping)."""
+    return bool(settings.patience and state["bad_epochs"] >= settings.patience)
+
+
+def _save_state(run: _Training) -> None:
+    """Write ``checkpoint.pt``, unless the state is not finite (then a ``skipped`` row says so)."""
+    model, optimizer, state = run.model, run.optimizer, run.state
+    if not (all_finite(model.state_dict().values()) and all_finite(_optimizer_tensors(optimizer))):
+        run.metrics.write(
+            {
+                "kind": "skipped",
+                "step": state["global_step"],
+                "epoch": state["epoch"],
+                "reason": "checkpoint not written: non-finite state",
+            }
+        )
+        return
+    carried = run.task.carried
+    save_checkpoint(
+        run.checkpoint_path,
+        model=model.state_dict(),
+        optimizer=optimizer.state_dict(),
+        rng=torch.get_rng_state(),
+        state=state,
+        fingerprint=run.fingerprint,
+        **run.task.checkpoint_extra,
+        **({"carried": carried[0]()} if carried is not None else {}),
+    )
+    if run.on_checkpoint is not None:
+        run.on_checkpoint()
+
+
+def _validate(model: nn.Module, task: TrainTask) -> dict[str, float] | None:
+    """``task.validate`` in eval mode without gradients, the model's mode restored after."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        values = task.validate(model)
+    model.train(was_training)
+    return values
+
+
+def _keep_if_best(run: _Training, epoch: int, val: dict[str, float] | None, score: float) -> bool:
+    """Hand the model to ``save_best`` if ``score`` beats the best so far (always without validation data:
+    the latest model is the one kept), else count a bad epoch; return whether it did."""
+    state = run.state
+    improved = val is None or (math.isfinite(score) and score < state["best_val"])
+    if improved:
+        state["best_val"], state["best_epoch"], state["bad_epochs"] = score, epoch, 0
+        run.task.save_best(epoch, finite_or_none(score) if val is not None else None)
+    elif epoch > 0:
+        state["bad_epochs"] += 1
+    return improved
+
+
+def _close_epoch(run: _Training, epoch: int, train_means: dict[str, float | None]) -> None:
+    """Score the model after ``epoch`` epochs, keep it if it is the best, log the epoch row and line."""
+    state, task, settings = run.state, run.task, run.settings
+    val = _validate(run.model, task)
+    score = val[task.score] if val is not None else -math.inf
+    improved = _keep_if_best(run, epoch, val, score)
+    run.metrics.write(
+        {
+            "kind": "epoch",
+            "step": state["global_step"],
+            "epoch": epoch,
+            **{f"train_{part}": finite_or_none(value) for part, value in train_means.items()},
+            **{f"val_{part}": finite_or_none(value) for part, value in (val or {}).items()},
+            "best": improved,
+            "skipped_steps": state["skipped_steps"],
+            "seconds": round(state["seconds"], 3),
+        }
+    )
+    if settings.progress and epoch > 0:
+        train_score = train_means.get(task.score)
+        note(
+            f"{settings.name} epoch {epoch}/{settings.epochs}: train {task.score} "
+            f"{train_score if train_score is not None else math.nan:.4f}"
+            + (f", validation {score:.4f}" if val is not None else "")
+            + (f", {state['skipped_steps']} skipped steps" if state["skipped_steps"] else "")
+        )
+
+
+def _step(run: _Training, batch: Any, per_epoch: int) -> dict[str, float]:
+    """One optimiser step on ``batch`` (or one skipped by ``guarded_step``), counted, summed into the epoch's
+    means and logged; returns the loss parts' values."""
+    state, epoch = run.state, run.state["epoch"]
+    losses, items = run.task.losses(run.model, batch)
+    skipped = guarded_step(run.model, run.optimizer, losses, run.settings.grad_clip, run.snapshot)
+    values = {part: value.item() for part, value in losses.items()}
+    state["step_in_epoch"] += 1
+    state["global_step"] += 1
+    step = state["global_step"]
+    if skipped:
+        state["skipped_steps"] += 1
+        run.metrics.write(
+            {
+                "kind": "skipped",
+                "step": step,
+                "epoch": epoch,
+                "reason": skipped,
+                "loss": finite_or_none(values["loss"]),
+            }
+        )
+        return values
+    for part, value in values.items():
+        state["epoch_sums"][part] = state["epoch_sums"].get(part, 0.0) + value * items
+    state["epoch_items"] += items
+    if step % run.settings.log_every == 0:
+        run.metrics.write(
+            {"kind": "train", "step": step, "epoch": epoch + state["step_in_epoch"] / per_epoch, **values}
+        )
+    return values
+
+
+def _train_epoch(run: _Training, per_epoch: int, stop_after_steps: int | None) -> dict[str, float | None]:
+    """Train epoch ``state["epoch"]`` from its step ``step_in_epoch`` on (a checkpoint every
+    ``checkpoint_every`` steps) and move the counters to the next epoch; return the epoch's mean of each loss
+    part over its steps not skipped (None without any)."""
+    state, settings = run.state, run.settings
+    epoch = state["epoch"]
+    bar = progress(
+        total=per_epoch,
+        initial=state["step_in_epoch"],
+        unit="batch",
+        desc=f"{settings.name} epoch {epoch + 1}/{settings.epochs}",
+        disable=not settings.progress,
+    )
+    started = time.perf_counter()
+    for batch in run.task.epoch_batches(epoch, state["step_in_epoch"]):
+        if state["step_in_epoch"] >= per_epoch:
+            break
+        values = _step(run, batch, per_epoch)
+        step = state["global_step"]
+        bar.update()
+        bar.set_postfix(
+            {part: f"{values[part]:.4g}" for part in run.task.shown if part in values}, refresh=False
+        )
+        if settings.checkpoint_every and step % settings.checkpoint_every == 0:
+            state["seconds"] += time.perf_counter() - started
+            started = time.perf_counter()
+            _save_state(run)
+        if stop_after_steps is not None and step >= stop_after_steps:
+            bar.close()
+            raise TrainingStopped(f"stopped after {step} steps (test hook)")
+    bar.close()
+    state["seconds"] += time.perf_counter() - started
+    items = state["epoch_items"]
+    train_means = {part: (total / items if items else None) for part, total in state["epoch_sums"].items()}
+    state["epoch"], state["step_in_epoch"] = epoch + 1, 0
+    state["epoch_sums"], state["epoch_items"] = {}, 0
+    return train_means
+
+
 def train(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -249,182 +464,45 @@ def train(
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path, metrics_path = out_dir / "checkpoint.pt", out_dir / "metrics.jsonl"
-    state, resumed = _fresh_state(), False
-    if checkpoint_path.exists():
-        saved = load_checkpoint(checkpoint_path)
-        if saved.get("fingerprint") == fingerprint:
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            torch.set_rng_state(saved["rng"])
-            state, resumed = saved["state"], True
-            if task.carried is not None:
-                task.carried[1](saved.get("carried"))
-        elif settings.progress:
-            note(f"{checkpoint_path}: made with other settings; training {settings.name} from the start")
+    state = _resumed_state(model, optimizer, task, settings, checkpoint_path, fingerprint)
+    resumed = state is not None
     if resumed:
-        # rows logged after the checkpoint would be logged again by the rerun
-        rows = [
-            row
-            for row in read_jsonl(metrics_path)
-            if row["step"] <= state["global_step"]
-            and (row["kind"] != "epoch" or row["epoch"] <= state["epoch"])
-        ]
-        atomic_write_text(metrics_path, "".join(json.dumps(row) + "\n" for row in rows))
+        _drop_rows_after(metrics_path, state)
         if settings.progress:
             note(f"resuming {settings.name} at epoch {state['epoch'] + 1}, step {state['step_in_epoch']}")
     else:
+        state = _fresh_state()
         metrics_path.unlink(missing_ok=True)  # a fresh start: old metrics describe another run
-    metrics = _Metrics(
-        metrics_path,
-        out_dir / "tensorboard" if settings.tensorboard else None,
-        state["global_step"] if resumed else 0,
+    tensorboard_dir = out_dir / "tensorboard" if settings.tensorboard else None
+    metrics = _Metrics(metrics_path, tensorboard_dir, state["global_step"] if resumed else 0)
+    run = _Training(
+        model,
+        optimizer,
+        task,
+        settings,
+        state,
+        metrics,
+        checkpoint_path,
+        fingerprint,
+        on_checkpoint,
+        _Snapshot(model, optimizer),
     )
-    snapshot = _Snapshot(model, optimizer)
-
-    def save_state() -> None:
-        if not (all_finite(model.state_dict().values()) and all_finite(_optimizer_tensors(optimizer))):
-            metrics.write(
-                {
-                    "kind": "skipped",
-                    "step": state["global_step"],
-                    "epoch": state["epoch"],
-                    "reason": "checkpoint not written: non-finite state",
-                }
-            )
-            return
-        save_checkpoint(
-            checkpoint_path,
-            model=model.state_dict(),
-            optimizer=optimizer.state_dict(),
-            rng=torch.get_rng_state(),
-            state=state,
-            fingerprint=fingerprint,
-            **task.checkpoint_extra,
-            **({"carried": task.carried[0]()} if task.carried is not None else {}),
-        )
-        if on_checkpoint is not None:
-            on_checkpoint()
-
-    def validate() -> dict[str, float] | None:
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            values = task.validate(model)
-        model.train(was_training)
-        return values
-
-    def close_epoch(epoch: int, train_means: dict[str, float | None]) -> None:
-        """Score the model after ``epoch`` epochs, keep it if it is the best, log the epoch row."""
-        val = validate()
-        score = val[task.score] if val is not None else -math.inf
-        # without validation data the latest model is the one kept
-        improved = val is None or (math.isfinite(score) and score < state["best_val"])
-        if improved:
-            state["best_val"], state["best_epoch"], state["bad_epochs"] = score, epoch, 0
-            task.save_best(epoch, finite_or_none(score) if val is not None else None)
-        elif epoch > 0:
-            state["bad_epochs"] += 1
-        metrics.write(
-            {
-                "kind": "epoch",
-                "step": state["global_step"],
-                "epoch": epoch,
-                **{f"train_{part}": finite_or_none(value) for part, value in train_means.items()},
-                **{f"val_{part}": finite_or_none(value) for part, value in (val or {}).items()},
-                "best": improved,
-                "skipped_steps": state["skipped_steps"],
-                "seconds": round(state["seconds"], 3),
-            }
-        )
-        if settings.progress and epoch > 0:
-            train_score = train_means.get(task.score)
-            note(
-                f"{settings.name} epoch {epoch}/{settings.epochs}: train {task.score} "
-                f"{train_score if train_score is not None else math.nan:.4f}"
-                + (f", validation {score:.4f}" if val is not None else "")
-                + (f", {state['skipped_steps']} skipped steps" if state["skipped_steps"] else "")
-            )
-
     try:
         if not resumed:
             # the curve starts at epoch 0, and a best model exists (finite) even if every later step diverges
-            close_epoch(0, {})
-            save_state()
+            _close_epoch(run, 0, {})
+            _save_state(run)
         per_epoch = task.batches_per_epoch
         if settings.max_steps_per_epoch:
             per_epoch = min(per_epoch, settings.max_steps_per_epoch)
         model.train()
-        while state["epoch"] < settings.epochs and not (
-            settings.patience and state["bad_epochs"] >= settings.patience
-        ):
-            epoch = state["epoch"]
-            bar = progress(
-                total=per_epoch,
-                initial=state["step_in_epoch"],
-                unit="batch",
-                desc=f"{settings.name} epoch {epoch + 1}/{settings.epochs}",
-                disable=not settings.progress,
-            )
-            started = time.perf_counter()
-            for batch in task.epoch_batches(epoch, state["step_in_epoch"]):
-                if state["step_in_epoch"] >= per_epoch:
-                    break
-                losses, items = task.losses(model, batch)
-                skipped = guarded_step(model, optimizer, losses, settings.grad_clip, snapshot)
-                values = {part: value.item() for part, value in losses.items()}
-                state["step_in_epoch"] += 1
-                state["global_step"] += 1
-                step = state["global_step"]
-                if skipped:
-                    state["skipped_steps"] += 1
-                    metrics.write(
-                        {
-                            "kind": "skipped",
-                            "step": step,
-                            "epoch": epoch,
-                            "reason": skipped,
-                            "loss": finite_or_none(values["loss"]),
-                        }
-                    )
-                else:
-                    for part, value in values.items():
-                        state["epoch_sums"][part] = state["epoch_sums"].get(part, 0.0) + value * items
-                    state["epoch_items"] += items
-                    if step % settings.log_every == 0:
-                        metrics.write(
-                            {
-                                "kind": "train",
-                                "step": step,
-                                "epoch": epoch + state["step_in_epoch"] / per_epoch,
-                                **values,
-                            }
-                        )
-                bar.update()
-                bar.set_postfix(
-                    {part: f"{values[part]:.4g}" for part in task.shown if part in values}, refresh=False
-                )
-                if settings.checkpoint_every and step % settings.checkpoint_every == 0:
-                    state["seconds"] += time.perf_counter() - started
-                    started = time.perf_counter()
-                    save_state()
-                if stop_after_steps is not None and step >= stop_after_steps:
-                    bar.close()
-                    raise TrainingStopped(f"stopped after {step} steps (test hook)")
-            bar.close()
-            state["seconds"] += time.perf_counter() - started
-            items = state["epoch_items"]
-            train_means = {
-                part: (total / items if items else None) for part, total in state["epoch_sums"].items()
-            }
-            state["epoch"], state["step_in_epoch"] = epoch + 1, 0
-            state["epoch_sums"], state["epoch_items"] = {}, 0
-            close_epoch(epoch + 1, train_means)
-            save_state()
+        while state["epoch"] < settings.epochs and not _out_of_patience(state, settings):
+            train_means = _train_epoch(run, per_epoch, stop_after_steps)
+            _close_epoch(run, state["epoch"], train_means)
+            _save_state(run)
             if task.after_epoch is not None:
                 task.after_epoch(read_jsonl(metrics_path))
     finally:
         metrics.close()
-    stopped_early = bool(
-        settings.patience and state["bad_epochs"] >= settings.patience and state["epoch"] < settings.epochs
-    )
+    stopped_early = _out_of_patience(state, settings) and state["epoch"] < settings.epochs
     return LoopResult(state, read_jsonl(metrics_path), resumed, stopped_early)
