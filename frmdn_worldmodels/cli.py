@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from frmdn_worldmodels.runtime.config import Config, ConfigError, TrainIn, describe_fields, load_config
 from frmdn_worldmodels.runtime.io import DataError
+from frmdn_worldmodels.runtime.pool import PoolKeeper
 from frmdn_worldmodels.runtime.registry import COMMANDS, FINAL, PIPELINE
 
 # section -> (check "module:function", the config attribute it takes; None = the whole config). Every command
@@ -75,6 +76,7 @@ def stage_config(config: Config, stage: str) -> Config:
     """The config ``stage`` runs with: with ``iterate.iterations`` > 0 the stages that score or show the final
     controller (``registry.FINAL``) read the last iteration's run, as the pipeline does."""
     from frmdn_worldmodels.runtime.paths import run_paths
+    from frmdn_worldmodels.runtime.progress import note
     from frmdn_worldmodels.stages.iterate import iteration_config
 
     if stage not in FINAL or not config.iterate.iterations:
@@ -87,12 +89,23 @@ def stage_config(config: Config, stage: str) -> Config:
             "controller yet; run `python run.py pipeline` (or `run.py iterate` after train-controller) "
             f"first, or `--set iterate.iterations=0` to {stage} the first controller"
         )
+    iterations = config.iterate.iterations
+    note(f"{stage}: the last iteration's controller (iterate.iterations = {iterations}): {controller}")
     return final
 
 
-def run_pipeline(config: Config, machine: dict | None = None) -> dict:
+def run_stage(name: str, config: Config, keeper: PoolKeeper) -> dict:
+    """Run the registered command ``name``; a stage that plays on Ray is handed the command's ``keeper``."""
+    command = COMMANDS[name]
+    if command.plays:
+        return resolve(command.run)(config, keeper=keeper)
+    return resolve(command.run)(config)
+
+
+def run_pipeline(config: Config, keeper: PoolKeeper, machine: dict | None = None) -> dict:
     """Every stage in order, then ``<run>/report.md`` with each stage's figures and pictures and ``machine``
-    (``frmdn_worldmodels.runtime.machine.describe``), the machine this invocation runs on."""
+    (``frmdn_worldmodels.runtime.machine.describe``), the machine this invocation runs on; the stages share
+    ``keeper``'s rollout actors."""
     from frmdn_worldmodels.runtime.paths import run_paths
     from frmdn_worldmodels.stages.report import work_seconds, write_report
 
@@ -104,7 +117,7 @@ def run_pipeline(config: Config, machine: dict | None = None) -> dict:
         print(f"[pipeline] {stage}", file=sys.stderr, flush=True)
         start = time.perf_counter()
         configs[stage] = stage_config(config, stage)
-        summaries[stage] = resolve(COMMANDS[stage].run)(configs[stage])
+        summaries[stage] = run_stage(stage, configs[stage], keeper)
         seconds[stage] = round(time.perf_counter() - start, 1)
         work[stage] = round(work_seconds(configs[stage], stage, summaries[stage], seconds[stage]), 1)
     folders = {stage: run_paths(configs[stage]).of(stage) for stage in FINAL}
@@ -194,20 +207,18 @@ def main(argv: list[str] | None = None) -> int:
         from frmdn_worldmodels.runtime.machine import describe
 
         machine = describe()  # after the checks: a bad setting is refused without it
-        from frmdn_worldmodels.runtime.pool import sharing_pools
-
         # stages in a row that play with the same models (the controller's real evaluations, the iterations'
         # scores and collections, the final evaluation) reuse the rollout actors instead of starting new ones
-        with sharing_pools():
+        with PoolKeeper() as keeper:
             if command == "train-memory" and args.sweep:
                 from frmdn_worldmodels.benchmarks.table1 import run_table1
                 from frmdn_worldmodels.runtime.cluster import ray_map
 
                 summary = run_table1(config, map_fn=ray_map(config.ray))
             elif command == "pipeline":
-                summary = run_pipeline(config, machine)
+                summary = run_pipeline(config, keeper, machine)
             else:
-                summary = resolve(COMMANDS[command].run)(stage_config(config, command))
+                summary = run_stage(command, stage_config(config, command), keeper)
         code = 0
     except (ConfigError, DataError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

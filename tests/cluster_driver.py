@@ -198,7 +198,7 @@ def rollout_phase(cluster, head: str, out: Path) -> dict:
     save_checkpoint(run_paths(cfg).vae / "vae.pt", state_dict=ConvVAE(z_dim).state_dict())
     controller = controller_for(cfg.env, memory, cfg.controller.hidden)
     candidates = np.random.default_rng(0).normal(size=(4, controller.num_params))
-    fitness = RealFitness(cfg, memory, controller)
+    fitness = RealFitness(cfg, memory)
     pool = fitness.pool
     report: dict = {}
     try:

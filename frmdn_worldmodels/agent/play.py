@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from frmdn_worldmodels.games.envs import action_dim, is_discrete, sprite_centres
+from frmdn_worldmodels.games.envs import action_dim, action_space, is_discrete, sprite_centres
 from frmdn_worldmodels.models.controller import Controller
 from frmdn_worldmodels.models.memory import MemoryModel
 from frmdn_worldmodels.models.vae import ConvVAE, frames_to_tensor, posterior_sample
@@ -283,3 +283,54 @@ def play_episode(
 ) -> Episode:
     """``play_episodes`` for one env and one seed."""
     return play_episodes([env], agent, [seed], max_steps, record)[0]
+
+
+class AgentPolicy:
+    """A ``WorldModelAgent`` as a one-env policy of the collector (``games.game.Policy``): one episode."""
+
+    def __init__(self, agent: WorldModelAgent, seed: int):
+        self.agent, self.seed = agent, seed
+
+    def reset(self) -> None:
+        self.agent.reset(self.seed)
+
+    def act(self, obs: np.ndarray) -> int | np.ndarray:
+        return self.agent.act(obs)
+
+
+@dataclass
+class ControllerPlayer:
+    """Iterative training's player (``stages.collect.Player``): the controller ``params`` acting through V
+    and M, with exploration noise (``noise``: ``action`` perturbs each action by ``ActionNoise`` of
+    ``scale``; ``params`` plays each episode with params + scale x N(0, I)), each episode's noise seeded by
+    its env seed. The models are sent as state dicts and built once per worker, on its first episode."""
+
+    env_cfg: EnvConfig
+    vae_state: dict
+    memory_payload: dict
+    params: np.ndarray
+    use_mu: bool
+    hidden: int
+    noise: str
+    scale: float
+    _agent: WorldModelAgent | None = field(default=None, repr=False)
+
+    def agent(self) -> WorldModelAgent:
+        if self._agent is None:
+            vae = ConvVAE(self.vae_state["fc_mu.weight"].shape[0])
+            vae.load_state_dict(self.vae_state)
+            memory = MemoryModel.from_checkpoint(self.memory_payload)
+            controller = controller_for(self.env_cfg, memory, self.hidden)
+            self._agent = WorldModelAgent(vae, memory, controller, self.params, self.use_mu)
+        return self._agent
+
+    def policy(self, env: gymnasium.Env, rng: np.random.Generator, env_seed: int) -> AgentPolicy:
+        agent = self.agent()
+        params = np.asarray(self.params, dtype=np.float32)
+        if self.noise == "params":
+            draw = episode_rng("param-noise", env_seed).standard_normal(len(params))
+            agent.set_params(params + self.scale * draw.astype(np.float32))
+        else:
+            agent.set_params(params)
+            agent.noise = ActionNoise(agent.controller, self.scale, action_space(self.env_cfg))
+        return AgentPolicy(agent, env_seed)

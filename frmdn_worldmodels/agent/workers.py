@@ -14,15 +14,12 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from frmdn_worldmodels.agent.play import ActionNoise, Episode, WorldModelAgent, controller_for, play_episodes
-from frmdn_worldmodels.data.episodes import episode_arrays
-from frmdn_worldmodels.games.envs import action_space, encode_action, make_env
+from frmdn_worldmodels.agent.play import Episode, WorldModelAgent, controller_for, play_episodes
+from frmdn_worldmodels.games.envs import make_env
 from frmdn_worldmodels.models.memory import MemoryModel
 from frmdn_worldmodels.models.vae import ConvVAE
 from frmdn_worldmodels.runtime.config import Config, ConfigError, ControllerConfig, EnvConfig
-from frmdn_worldmodels.runtime.io import npz_bytes
-from frmdn_worldmodels.runtime.pool import ActorPool, PoolWorker, shared_pool
-from frmdn_worldmodels.runtime.seeds import episode_rng
+from frmdn_worldmodels.runtime.pool import ActorPool, PoolKeeper, PoolWorker
 
 
 class RolloutWorker(PoolWorker):
@@ -85,43 +82,6 @@ class RolloutWorker(PoolWorker):
                 self.envs.append(make_env(self.env_cfg))
             yield start, chunk
 
-    def collect(self, params: np.ndarray, seeds: Sequence[int], noise: str, scale: float) -> list[dict]:
-        """Episodes for M's data, one per seed, played by the controller ``params [n]`` with exploration noise
-        (``noise``: ``action`` or ``params``, see ``IterateConfig``): per episode ``{"seed", "data"`` (the npz
-        bytes of the episode file), ``"return", "steps", "max_x"}``."""
-        params = np.asarray(params, dtype=np.float32)
-        out = []
-        for _, chunk in self._lockstep(seeds):
-            if noise == "params":  # one perturbed controller per episode, seeded by the episode
-                draws = [episode_rng("param-noise", seed).standard_normal(len(params)) for seed in chunk]
-                self.agent.set_params(params + scale * np.stack(draws).astype(np.float32))
-            else:
-                self.agent.set_params(params)
-                self.agent.noise = ActionNoise(self.controller, scale, action_space(self.env_cfg))
-            try:
-                episodes = play_episodes(self.envs, self.agent, chunk, self.max_steps, record=True)
-            finally:
-                self.agent.noise = None
-            for episode in episodes:
-                arrays = episode_arrays(
-                    f"episode of seed {episode.seed}",
-                    np.stack(episode.frames),
-                    np.stack([encode_action(self.env_cfg, a) for a in episode.actions]),
-                    episode.rewards,
-                    episode.terminals,
-                    None if episode.sprites[0] is None else np.stack(episode.sprites),
-                )
-                out.append(
-                    {
-                        "seed": episode.seed,
-                        "data": npz_bytes(**arrays),
-                        "return": episode.ret,
-                        "steps": episode.steps,
-                        "max_x": episode.max_x,
-                    }
-                )
-        return out
-
     def close(self) -> None:
         for env in self.envs:
             env.close()
@@ -141,10 +101,11 @@ def rollout_pool(
     use_mu: bool,
     max_steps: int | None,
     controller: ControllerConfig,
+    keeper: PoolKeeper | None = None,
 ) -> ActorPool:
     """A pool of ``RolloutWorker`` actors (``controller.workers``: 0 = one per CPU Ray sees), the models put
-    once; inside ``runtime.pool.sharing_pools()`` the actors of the last such pool when it holds the same
-    models and settings (``max_steps`` None: the env's own time limit).
+    once; with a ``keeper``, the actors of the pool it keeps when that holds the same models and settings
+    (``max_steps`` None: the env's own time limit).
 
     A job that fails (its actor died, raised, or ran longer than ``controller.job_timeout``) is run again on
     another actor, at most ``controller.retries`` times; then ``map`` raises ``RuntimeError``.
@@ -179,7 +140,7 @@ def rollout_pool(
 
     settings = (controller.envs_per_worker, controller.hidden, controller.retries, controller.job_timeout)
     key = ("rollout", repr(env_cfg), _digest(vae_state), _digest(memory_payload), use_mu, max_steps, size)
-    return shared_pool((*key, *settings), make)
+    return make() if keeper is None else keeper.get((*key, *settings), make)
 
 
 def _digest(payload: object) -> str:
@@ -205,9 +166,14 @@ def _digest(payload: object) -> str:
     return digest.hexdigest()
 
 
-def run_pool(cfg: Config, max_steps: int | None = None, memory: MemoryModel | None = None) -> ActorPool:
+def run_pool(
+    cfg: Config,
+    max_steps: int | None = None,
+    memory: MemoryModel | None = None,
+    keeper: PoolKeeper | None = None,
+) -> ActorPool:
     """A pool of rollout actors holding the V of the run ``cfg`` (its ``vae/vae.pt``) and ``memory``, by
-    default the run's own (``memory/memory.pt``)."""
+    default the run's own (``memory/memory.pt``); ``keeper``: as in ``rollout_pool``."""
     from frmdn_worldmodels.dream.env import load_memory
     from frmdn_worldmodels.models.vae import load_vae
     from frmdn_worldmodels.runtime.cluster import init_ray
@@ -216,9 +182,9 @@ def run_pool(cfg: Config, max_steps: int | None = None, memory: MemoryModel | No
     init_ray(cfg.ray)
     vae = load_vae(run_paths(cfg).vae / "vae.pt", "cpu")
     memory = memory if memory is not None else load_memory(cfg, "cpu")
-    return rollout_pool(
-        cfg.env, vae.state_dict(), memory.to_checkpoint(), cfg.memory_train.use_mu, max_steps, cfg.controller
-    )
+    payload = memory.to_checkpoint()
+    use_mu = cfg.memory_train.use_mu
+    return rollout_pool(cfg.env, vae.state_dict(), payload, use_mu, max_steps, cfg.controller, keeper)
 
 
 def seed_chunks(pool: ActorPool, seeds: Sequence[int], envs_per_worker: int) -> list[list[int]]:

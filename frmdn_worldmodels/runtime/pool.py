@@ -18,10 +18,11 @@ The contract, for every caller:
   seconds with no actor ready (the cluster lost the nodes the actors need), fail every job not done, with
   the reason.
 
-- Inside ``sharing_pools()`` (a command's whole run), a pool made by ``shared_pool(key, make)`` outlives its
-  user's ``close``: the next stage that asks for the same ``key`` (the same models and settings) gets its
-  actors, which are up, instead of starting new ones (each imports torch and builds the models: seconds). At
-  most one pool is kept, and any new pool closes it first: its idle actors hold CPUs the new ones need.
+- A ``PoolKeeper``, made by a command and handed to each of its stages, keeps the last pool a stage got from
+  it (``keeper.get(key, make)``) up after that stage's ``close``: the next stage that asks for the same
+  ``key`` (the same models and settings) gets its actors, which are up, instead of starting new ones (each
+  imports torch and builds the models: seconds). It keeps at most one pool, and closes it before it makes
+  another: its idle actors hold CPUs the new ones need.
 """
 
 from __future__ import annotations
@@ -30,8 +31,7 @@ import os
 import re
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Hashable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,7 +119,10 @@ class ActorPool:
         self.gave_up: str | None = None
         """Set when actors kept dying: the pool then fails every job at once."""
         self._deaths_in_a_row = 0
-        _Kept.release()  # before this pool's actors ask for CPUs
+        self.keeper: PoolKeeper | None = None
+        """The keeper that lends this pool out (its ``close`` then hands it back), None for a plain pool."""
+        self.lent = False
+        """A kept pool's user has it (``PoolKeeper.get``) and has not closed it yet."""
         self._slots = [self._start() for _ in range(size)]
 
     def _start(self) -> _Slot:
@@ -172,127 +175,7 @@ class ActorPool:
         (default: a note), ``on_failure`` of each job that will not run again. If a callback raises, the
         actors still busy are replaced, so the pool stays usable.
         """
-        import ray
-
-        queue = deque(range(len(jobs)))
-        attempts = [0] * len(jobs)
-        on_retry = on_retry or (
-            lambda index, count, error: note(
-                f"{self.label} {index}: attempt {count} failed, retrying: {error}"
-            )
-        )
-
-        def failed(index: int, error: str) -> None:
-            attempts[index] += 1
-            if attempts[index] <= self.retries and self.gave_up is None:
-                queue.appendleft(index)  # first in line: a lost job is rerun as soon as an actor is ready
-                self.retried += 1
-                on_retry(index, attempts[index], error)
-            else:
-                on_failure(index, attempts[index], error)
-
-        def fail_waiting(reason: str) -> None:
-            if queue:  # said once here: the callers may list the jobs without repeating it
-                note(f"{len(queue)} {self.label}(s) left fail: {reason}")
-            while queue:
-                index = queue.popleft()
-                on_failure(index, attempts[index], reason if attempts[index] else f"not attempted: {reason}")
-
-        def dispatch() -> None:
-            for slot in self._slots:
-                if not queue:
-                    return
-                if slot.info is not None and slot.job is None:
-                    slot.job = queue.popleft()
-                    slot.ref, slot.sent = (
-                        getattr(slot.handle, method).remote(*jobs[slot.job]),
-                        time.perf_counter(),
-                    )
-
-        stalled_since: float | None = None
-        stall_noted = False
-        try:
-            while True:
-                if self.gave_up is not None:
-                    fail_waiting(self.gave_up)
-                dispatch()
-                busy = [slot for slot in self._slots if slot.job is not None]
-                if not queue and not busy:
-                    return
-                now = time.perf_counter()
-                deadlines = [slot.sent + self.timeout for slot in busy] if self.timeout else []
-                if queue and not busy:  # jobs wait and no actor is ready: only starting ones are left
-                    if stalled_since is None:
-                        stalled_since, stall_noted = now, False
-                    if self.start_timeout:
-                        deadlines.append(stalled_since + self.start_timeout)
-                    if not stall_noted:
-                        deadlines.append(stalled_since + STALL_NOTE)
-                else:
-                    stalled_since = None
-                by_ref = {slot.ref: slot for slot in self._slots if slot.ref is not None}
-                wait = max(0.0, min(deadlines) - now) if deadlines else None
-                ready, _ = ray.wait(list(by_ref), num_returns=1, timeout=wait)
-                if not ready:
-                    now = time.perf_counter()
-                    for slot in busy:
-                        if self.timeout and now >= slot.sent + self.timeout:
-                            index = slot.job
-                            self._replace(slot)  # it may hang forever: killed, not waited for
-                            failed(index, f"timed out after {self.timeout:g} s ({self.timeout_name})")
-                    if (
-                        stalled_since is not None
-                        and self.start_timeout
-                        and now >= stalled_since + self.start_timeout
-                    ):
-                        fail_waiting(
-                            f"no worker became ready within {self.start_timeout:g} s ({self.timeout_name}); "
-                            f"{self._cluster()}"
-                        )
-                    elif stalled_since is not None and not stall_noted and now >= stalled_since + STALL_NOTE:
-                        stall_noted = True  # say once why nothing moves (with no limit it may wait for good)
-                        limit = (
-                            f"{self.start_timeout:g} s ({self.timeout_name})"
-                            if self.start_timeout
-                            else "no limit"
-                        )
-                        note(
-                            f"{len(queue)} {self.label}(s) waiting, no worker ready for {STALL_NOTE:g} s: "
-                            f"waiting for Ray to start one ({limit}); {self._cluster()}"
-                        )
-                    continue
-                slot = by_ref[ready[0]]
-                index, slot.job, ref, slot.ref = slot.job, None, slot.ref, None
-                try:
-                    result = ray.get(ref)
-                except ray.exceptions.RayActorError as error:  # process crash, OOM kill, lost node
-                    self._died(slot, error)
-                    if index is not None:
-                        failed(index, f"worker died: {_short(error)}")
-                    continue
-                except ray.exceptions.RayError as error:  # the method raised, or its result was lost
-                    self._replace(slot)  # its state is unknown after an error
-                    if index is not None:
-                        failed(index, _short(error))
-                    continue
-                if index is None:  # a ping: the actor is ready for jobs
-                    slot.info = WorkerInfo(
-                        result["node_id"], result["pid"], time.perf_counter() - slot.created
-                    )
-                    self.started.append(slot.info)
-                    continue
-                error = check(result) if check is not None else None
-                if error is not None:
-                    failed(index, error)
-                    continue
-                self._deaths_in_a_row = 0
-                self.jobs_per_node[slot.info.node_id] += 1
-                dispatch()
-                on_result(index, result, slot.info)
-        except BaseException:
-            for slot in [slot for slot in self._slots if slot.job is not None]:
-                self._replace(slot)
-            raise
+        _Run(self, method, jobs, on_result, on_failure, on_retry, check).loop()
 
     def map(
         self,
@@ -331,10 +214,9 @@ class ActorPool:
         return results
 
     def close(self) -> None:
-        """Kill every actor, busy, idle or still starting; a pool ``sharing_pools`` keeps stays up for the
-        next user of its key."""
-        if _Kept.pool is self:
-            _Kept.in_use = False
+        """Kill every actor, busy, idle or still starting; a kept pool goes back to its keeper instead."""
+        if self.keeper is not None:
+            self.lent = False
             return
         import ray
 
@@ -343,46 +225,193 @@ class ActorPool:
         self._slots = []
 
 
-class _Kept:
-    """The one pool ``sharing_pools`` keeps (class attributes: one per process, as Ray's connection is)."""
+class _Run:
+    """One ``ActorPool.run``: its queue of jobs, their attempts, and the loop that hands them to actors."""
 
-    active = False
-    key: Hashable = None
-    pool: ActorPool | None = None
-    in_use = False
+    def __init__(
+        self,
+        pool: ActorPool,
+        method: str,
+        jobs: Sequence[tuple],
+        on_result: OnResult,
+        on_failure: OnAttempt,
+        on_retry: OnAttempt | None,
+        check: Callable[[Any], str | None] | None,
+    ):
+        self.pool, self.method, self.jobs = pool, method, jobs
+        self.on_result, self.on_failure, self.check = on_result, on_failure, check
+        self.on_retry = on_retry or (
+            lambda index, count, error: note(
+                f"{pool.label} {index}: attempt {count} failed, retrying: {error}"
+            )
+        )
+        self.queue = deque(range(len(jobs)))
+        self.attempts = [0] * len(jobs)
+        self.stalled_since: float | None = None
+        """Since when jobs wait with no ready actor (None: not stalled)."""
+        self.stall_noted = False
 
-    @classmethod
-    def release(cls) -> None:
-        """Close the kept pool if nobody uses it (a pool in use stays with its user, who closes it)."""
-        if cls.pool is not None and not cls.in_use:
-            pool, cls.pool, cls.key = cls.pool, None, None
+    def failed(self, index: int, error: str) -> None:
+        """An attempt of job ``index`` failed: first in line again (a lost job is rerun as soon as an actor is
+        ready) while it has retries left, else the caller is told."""
+        self.attempts[index] += 1
+        if self.attempts[index] <= self.pool.retries and self.pool.gave_up is None:
+            self.queue.appendleft(index)
+            self.pool.retried += 1
+            self.on_retry(index, self.attempts[index], error)
+        else:
+            self.on_failure(index, self.attempts[index], error)
+
+    def fail_waiting(self, reason: str) -> None:
+        """Every job still queued fails, for ``reason`` (said once here: the callers may list the jobs)."""
+        if self.queue:
+            note(f"{len(self.queue)} {self.pool.label}(s) left fail: {reason}")
+        while self.queue:
+            index = self.queue.popleft()
+            attempts = self.attempts[index]
+            self.on_failure(index, attempts, reason if attempts else f"not attempted: {reason}")
+
+    def dispatch(self) -> None:
+        """The next queued jobs to the ready, idle actors."""
+        for slot in self.pool._slots:
+            if not self.queue:
+                return
+            if slot.info is not None and slot.job is None:
+                slot.job = self.queue.popleft()
+                slot.ref = getattr(slot.handle, self.method).remote(*self.jobs[slot.job])
+                slot.sent = time.perf_counter()
+
+    def wait_seconds(self, busy: list[_Slot]) -> float | None:
+        """How long to wait for the next result: until the first job's timeout, the start timeout or the stall
+        note (None: for good)."""
+        pool, now = self.pool, time.perf_counter()
+        deadlines = [slot.sent + pool.timeout for slot in busy] if pool.timeout else []
+        if self.queue and not busy:  # jobs wait and no actor is ready: only starting ones are left
+            if self.stalled_since is None:
+                self.stalled_since, self.stall_noted = now, False
+            if pool.start_timeout:
+                deadlines.append(self.stalled_since + pool.start_timeout)
+            if not self.stall_noted:
+                deadlines.append(self.stalled_since + STALL_NOTE)
+        else:
+            self.stalled_since = None
+        return max(0.0, min(deadlines) - now) if deadlines else None
+
+    def nothing_came(self, busy: list[_Slot]) -> None:
+        """The wait ran out: kill the actors whose job timed out (they may hang forever); fail the waiting
+        jobs after the start timeout; say once why nothing moves."""
+        pool, now = self.pool, time.perf_counter()
+        for slot in busy:
+            if pool.timeout and now >= slot.sent + pool.timeout:
+                index = slot.job
+                pool._replace(slot)
+                self.failed(index, f"timed out after {pool.timeout:g} s ({pool.timeout_name})")
+        if self.stalled_since is None:
+            return
+        if pool.start_timeout and now >= self.stalled_since + pool.start_timeout:
+            limit = f"{pool.start_timeout:g} s ({pool.timeout_name})"
+            self.fail_waiting(f"no worker became ready within {limit}; {pool._cluster()}")
+        elif not self.stall_noted and now >= self.stalled_since + STALL_NOTE:
+            self.stall_noted = True  # with no limit it may wait for good
+            limit = f"{pool.start_timeout:g} s ({pool.timeout_name})" if pool.start_timeout else "no limit"
+            note(
+                f"{len(self.queue)} {pool.label}(s) waiting, no worker ready for {STALL_NOTE:g} s: "
+                f"waiting for Ray to start one ({limit}); {pool._cluster()}"
+            )
+
+    def came(self, slot: _Slot) -> None:
+        """``slot``'s call answered: a ping (the actor is ready), a result, or a failure."""
+        import ray
+
+        pool = self.pool
+        index, slot.job, ref, slot.ref = slot.job, None, slot.ref, None
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayActorError as error:  # process crash, OOM kill, lost node
+            pool._died(slot, error)
+            if index is not None:
+                self.failed(index, f"worker died: {_short(error)}")
+            return
+        except ray.exceptions.RayError as error:  # the method raised, or its result was lost
+            pool._replace(slot)  # its state is unknown after an error
+            if index is not None:
+                self.failed(index, _short(error))
+            return
+        if index is None:  # a ping: the actor is ready for jobs
+            slot.info = WorkerInfo(result["node_id"], result["pid"], time.perf_counter() - slot.created)
+            pool.started.append(slot.info)
+            return
+        error = self.check(result) if self.check is not None else None
+        if error is not None:
+            self.failed(index, error)
+            return
+        pool._deaths_in_a_row = 0
+        pool.jobs_per_node[slot.info.node_id] += 1
+        self.dispatch()
+        self.on_result(index, result, slot.info)
+
+    def loop(self) -> None:
+        """Until every job succeeded or failed for good; if a callback raises, the busy actors are
+        replaced."""
+        import ray
+
+        pool = self.pool
+        try:
+            while True:
+                if pool.gave_up is not None:
+                    self.fail_waiting(pool.gave_up)
+                self.dispatch()
+                busy = [slot for slot in pool._slots if slot.job is not None]
+                if not self.queue and not busy:
+                    return
+                wait = self.wait_seconds(busy)
+                by_ref = {slot.ref: slot for slot in pool._slots if slot.ref is not None}
+                ready, _ = ray.wait(list(by_ref), num_returns=1, timeout=wait)
+                if ready:
+                    self.came(by_ref[ready[0]])
+                else:
+                    self.nothing_came(busy)
+        except BaseException:
+            for slot in [slot for slot in pool._slots if slot.job is not None]:
+                pool._replace(slot)
+            raise
+
+
+class PoolKeeper:
+    """Keeps one pool up between the stages of a command (see the module's contract); a context manager that
+    kills what it kept at the end."""
+
+    def __init__(self) -> None:
+        self.key: Hashable = None
+        self.pool: ActorPool | None = None
+
+    def get(self, key: Hashable, make: Callable[[], ActorPool], keep: bool = True) -> ActorPool:
+        """The kept pool if it was made for ``key`` and its last user closed it; else ``make()``, kept (when
+        ``keep`` and nothing else is kept) for the next user of ``key``."""
+        kept = self.pool
+        if kept is not None and self.key == key and not kept.lent:
+            kept.lent = True
+            return kept
+        self.release()  # before the new pool's actors ask for CPUs
+        pool = make()
+        if keep and self.pool is None:
+            self.key, self.pool, pool.keeper, pool.lent = key, pool, self, True
+        return pool
+
+    def release(self) -> None:
+        """Kill the kept pool if nobody has it (a pool in use stays with its user, who closes it)."""
+        pool = self.pool
+        if pool is not None and not pool.lent:
+            self.key, self.pool, pool.keeper = None, None, None
             pool.close()
 
+    def __enter__(self) -> PoolKeeper:
+        return self
 
-@contextmanager
-def sharing_pools() -> Iterator[None]:
-    """Keep a ``shared_pool`` up between its users until the block ends (see the module's contract)."""
-    if _Kept.active:  # nested: the outer block keeps and closes
-        yield
-        return
-    _Kept.active = True
-    try:
-        yield
-    finally:
-        _Kept.active, _Kept.in_use = False, False
-        _Kept.release()
-
-
-def shared_pool(key: Hashable, make: Callable[[], ActorPool]) -> ActorPool:
-    """The kept pool if it was made for ``key`` and its last user closed it; else ``make()``, kept for the
-    next user inside ``sharing_pools()`` (outside, a plain pool that ``close`` kills)."""
-    if _Kept.pool is not None and _Kept.key == key and not _Kept.in_use:
-        _Kept.in_use = True
-        return _Kept.pool
-    pool = make()  # closes an idle kept pool of another key first
-    if _Kept.active and _Kept.pool is None:
-        _Kept.key, _Kept.pool, _Kept.in_use = key, pool, True
-    return pool
+    def __exit__(self, *_: object) -> None:
+        if self.pool is not None:
+            self.pool.lent = False
+        self.release()
 
 
 def _short(error: BaseException) -> str:

@@ -43,6 +43,9 @@ class Command:
     """What its output depends on; None: it keeps no ``made_from.json``."""
     pipeline: bool = False
     """A stage of ``run.py pipeline`` (in this registry's order)."""
+    plays: bool = False
+    """Plays real episodes on Ray's rollout actors: its run takes the command's ``runtime.pool.PoolKeeper``
+    (``keeper=``), so the stages of one command reuse the actors instead of starting new ones."""
     final: bool = False
     """Scores or shows the final controller: after iterative training it reads the last iteration, and its
     time is outside a config's training budget."""
@@ -133,6 +136,7 @@ COMMANDS: dict[str, Command] = {
                 extendable=("controller.generations",),
             ),
             pipeline=True,
+            plays=True,
         ),
         Command(
             "iterate",
@@ -141,6 +145,7 @@ COMMANDS: dict[str, Command] = {
             ("env", "collect", "vae", "memory", "memory_train", "controller", "iterate"),
             "iterate",
             pipeline=True,
+            plays=True,
         ),
         Command(
             "evaluate",
@@ -153,6 +158,7 @@ COMMANDS: dict[str, Command] = {
                 upstream=("train-vae", "train-memory", "train-controller"),
             ),
             pipeline=True,
+            plays=True,
             final=True,
         ),
         Command(

@@ -35,7 +35,9 @@ import dataclasses
 import tempfile
 import time
 import traceback
+import typing
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import gymnasium
@@ -55,7 +57,7 @@ from frmdn_worldmodels.runtime.config import (
 )
 from frmdn_worldmodels.runtime.io import DataError, atomic_write_bytes, npz_bytes, write_json
 from frmdn_worldmodels.runtime.paths import run_paths
-from frmdn_worldmodels.runtime.pool import ActorPool, PoolWorker, WorkerInfo
+from frmdn_worldmodels.runtime.pool import ActorPool, PoolKeeper, PoolWorker, WorkerInfo
 from frmdn_worldmodels.runtime.progress import note
 from frmdn_worldmodels.runtime.progress import progress as progress_bar
 from frmdn_worldmodels.runtime.records import Stage
@@ -69,11 +71,49 @@ def episode_name(index: int) -> str:
     return f"ep_{index:05d}.npz"
 
 
-def episode_seeds(base_seed: int, index: int) -> tuple[int, np.random.Generator]:
+def episode_seeds(
+    base_seed: int, index: int, purpose: str | None = None, keys: tuple[int, ...] = ()
+) -> tuple[int, np.random.Generator]:
     """(env seed, policy generator) of episode ``index``: independent streams of
-    SeedSequence([base_seed, index])."""
-    env_seq, policy_seq = seed_sequence(base_seed, None, index).spawn(2)
+    ``seed_sequence(base_seed, purpose, *keys, index)`` (the collect stage's: SeedSequence([base_seed,
+    index]))."""
+    env_seq, policy_seq = seed_sequence(base_seed, purpose, *keys, index).spawn(2)
     return int(env_seq.generate_state(1)[0]), np.random.default_rng(policy_seq)
+
+
+class Player(typing.Protocol):
+    """Who plays a collection's episodes: a picklable object sent to every worker, asked for each episode's
+    policy there."""
+
+    def policy(self, env: gymnasium.Env, rng: np.random.Generator, env_seed: int) -> Policy:
+        """The policy of the episode played from ``env.reset(seed=env_seed)``, drawing from ``rng``."""
+        ...
+
+
+@dataclass(frozen=True)
+class Explorer:
+    """The collect section's exploration policy (``collect.policy``): the collect stage's player."""
+
+    env_cfg: EnvConfig
+    collect_cfg: CollectConfig
+
+    def policy(self, env: gymnasium.Env, rng: np.random.Generator, env_seed: int) -> Policy:
+        return make_exploration_policy(self.env_cfg, self.collect_cfg, rng, env)
+
+
+@dataclass(frozen=True)
+class EpisodeSet:
+    """The episodes one collection makes: files ``<prefix>ep_<i>.npz`` for i < ``count``, episode i seeded by
+    ``episode_seeds(seed, i, purpose, keys)`` and played by ``player``."""
+
+    count: int
+    player: Player
+    prefix: str = ""
+    purpose: str | None = None
+    keys: tuple[int, ...] = ()
+
+    def name(self, index: int) -> str:
+        return f"{self.prefix}{episode_name(index)}"
 
 
 def collect_env_config(cfg: Config) -> EnvConfig:
@@ -130,27 +170,29 @@ class EpisodeWorker(PoolWorker):
     """
 
     def __init__(
-        self, env_cfg: EnvConfig, collect_cfg: CollectConfig, episode_fn: EpisodeFn = rollout_episode
+        self,
+        env_cfg: EnvConfig,
+        episodes: EpisodeSet,
+        episode_fn: EpisodeFn = rollout_episode,
     ):
         import cv2
 
         # One worker holds one CPU: OpenCV's resize threads would only compete with the other workers.
         cv2.setNumThreads(1)
-        self.env_cfg = env_cfg
-        self.collect_cfg = collect_cfg
-        self.episode_fn = episode_fn
+        self.env_cfg, self.episodes, self.episode_fn = env_cfg, episodes, episode_fn
         self.env: gymnasium.Env | None = None
 
     def collect(self, index: int, base_seed: int) -> dict:
         """Episode ``index``: ``{"index", "data" (npz bytes), "frames", "process_cpu_seconds"}`` or
         ``{"index", "error"}``."""
+        episodes = self.episodes
         try:
             if self.env is None:
                 self.env = make_env(self.env_cfg)
-            env_seed, policy_rng = episode_seeds(base_seed, index)
-            policy = make_exploration_policy(self.env_cfg, self.collect_cfg, policy_rng, self.env)
+            env_seed, policy_rng = episode_seeds(base_seed, index, episodes.purpose, episodes.keys)
+            policy = episodes.player.policy(self.env, policy_rng, env_seed)
             arrays = self.episode_fn(self.env, self.env_cfg, policy, env_seed)
-            validate_episode(episode_name(index), arrays)
+            validate_episode(episodes.name(index), arrays)
             data = npz_bytes(**arrays)
         except Exception as error:  # noqa: BLE001  (any env error is reported per episode, never fatal)
             self.close()
@@ -191,15 +233,20 @@ def _check_writable(folder: Path) -> None:
         ) from None
 
 
-def _plan(folder: Path, cfg: Config) -> tuple[list[int], list[int], dict[str, str]]:
-    """(indices to collect, indices already complete, {unreadable file: why}) for episodes 0..N-1.
+def collect_episode_set(cfg: Config) -> EpisodeSet:
+    """The collect stage's episodes: ``collect.episodes`` of the exploration policy."""
+    return EpisodeSet(cfg.collect.episodes, Explorer(collect_env_config(cfg), cfg.collect))
+
+
+def _plan(folder: Path, cfg: Config, episodes: EpisodeSet) -> tuple[list[int], list[int], dict[str, str]]:
+    """(indices to collect, indices already complete, {unreadable file: why}) of ``episodes``.
 
     A readable episode of another game or frame size is refused rather than overwritten or mixed in.
     """
     frame_size, width = cfg.env.frame_size, action_dim(cfg.env)
     todo, done, replaced = [], [], {}
-    for index in range(cfg.collect.episodes):
-        path = folder / episode_name(index)
+    for index in range(episodes.count):
+        path = folder / episodes.name(index)
         if not path.exists():
             todo.append(index)
             continue
@@ -223,8 +270,71 @@ def _plan(folder: Path, cfg: Config) -> tuple[list[int], list[int], dict[str, st
 def _remove_stale_temporaries(folder: Path) -> None:
     """Temporary files that a killed run left behind (``frmdn_worldmodels.runtime.io`` names them
     ``.<name>.<random>.tmp``)."""
-    for path in folder.glob(".ep_*.npz.*.tmp"):
+    for path in folder.glob(".*ep_*.npz.*.tmp"):
         path.unlink(missing_ok=True)
+
+
+class _Tally:
+    """What a collection writes and counts as its episodes come back from the pool (its callbacks)."""
+
+    def __init__(self, folder: Path, episodes: EpisodeSet, todo: list[int], bar, on_written):
+        self.folder, self.episodes, self.todo, self.bar, self.on_written = (
+            folder,
+            episodes,
+            todo,
+            bar,
+            on_written,
+        )
+        self.written = 0
+        self.failed: dict[str, str] = {}
+        self.frames = 0
+        self.worker_cpu: dict[tuple[str, int], float] = {}
+        """(node, pid) -> its process's CPU seconds at its latest episode."""
+        self.started = time.perf_counter()
+
+    def name(self, job: int) -> str:
+        return self.episodes.name(self.todo[job])
+
+    def write(self, job: int, result: dict, worker: WorkerInfo) -> None:
+        atomic_write_bytes(self.folder / self.name(job), result["data"])
+        self.worker_cpu[worker.node_id, worker.pid] = result["process_cpu_seconds"]
+        self.written += 1
+        self.frames += result["frames"]
+        self.bar.update(1)
+        self.bar.set_postfix({"frames/s": f"{self.frames / (time.perf_counter() - self.started):.0f}"})
+        if self.on_written is not None:
+            self.on_written()
+
+    def retry(self, job: int, attempts: int, error: str) -> None:
+        note(f"collect: {self.name(job)} attempt {attempts} failed, retrying: {error}")
+
+    def fail(self, job: int, attempts: int, error: str) -> None:
+        self.failed[self.name(job)] = error
+        if attempts:  # the pool says once why the jobs never attempted fail
+            note(f"collect: {self.name(job)} failed after {attempts} attempts: {error}")
+
+
+def _worker_pool(cfg: Config, episodes: EpisodeSet, episode_fn: EpisodeFn, jobs: int) -> ActorPool:
+    """One ``EpisodeWorker`` actor per worker (``collect.workers``: 0 = one per CPU Ray sees, at most one per
+    job)."""
+    import ray
+
+    init_ray(cfg.ray)
+    cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    workers = min(cfg.collect.workers or max(int(cpus), 1), jobs)
+    # Several workers per CPU would never be scheduled with num_cpus=1 each; share the CPUs instead.
+    worker_class = ray.remote(num_cpus=min(1.0, cpus / workers), max_restarts=0)(EpisodeWorker)
+    env_cfg = collect_env_config(cfg)
+    c = cfg.collect
+    return ActorPool(
+        lambda: worker_class.remote(env_cfg, episodes, episode_fn),
+        workers,
+        c.retries,
+        c.episode_timeout,
+        c.episode_timeout,
+        "collect.episode_timeout",
+        "episode",
+    )
 
 
 def collect_episodes(
@@ -233,112 +343,61 @@ def collect_episodes(
     episode_fn: EpisodeFn = rollout_episode,
     progress: bool = True,
     on_written: Callable[[], None] | None = None,
+    episodes: EpisodeSet | None = None,
+    keeper: PoolKeeper | None = None,
 ) -> dict:
-    """Make ``folder`` hold valid episodes 0..``collect.episodes``-1, collecting the missing ones on Ray.
+    """Make ``folder`` hold valid ``episodes`` (default: the collect stage's), collecting the missing ones on
+    Ray.
 
     ``episode_fn`` (a picklable top-level function) replaces ``rollout_episode`` in the workers, e.g. a test
     that makes one episode's env fail; ``on_written`` is called after each episode file is written (the
-    stage records its work time there). Returns the summary dict (see the module docstring).
+    stage records its work time there); ``keeper``: the command's ``PoolKeeper``, whose idle actors give
+    their CPUs up first. Returns the summary dict (see the module docstring).
     """
-    import ray
-
     check_collect_config(cfg)
+    episodes = episodes or collect_episode_set(cfg)
     folder = Path(folder)
     _check_writable(folder)
     _remove_stale_temporaries(folder)
     start = time.perf_counter()
-    todo, done, replaced = _plan(folder, cfg)
+    todo, done, replaced = _plan(folder, cfg, episodes)
     for name, reason in replaced.items():
         note(f"collect: {name} is unreadable, collecting it again ({reason})")
-    summary = {
-        "env": cfg.env.name,
-        "episodes": cfg.collect.episodes,
-        "written": 0,
-        "skipped": len(done),
-        "replaced": replaced,
-        "failed": {},
-        "frames": 0,
-        "frames_per_second": 0.0,
-        "seconds": 0.0,
-        "workers": 0,
-        "worker_nodes": 0,
-        "worker_start_seconds": 0.0,
-        "worker_cpu_seconds": 0.0,
-        "folder": str(folder),
-    }
+    summary = {"env": cfg.env.name, "episodes": episodes.count, "written": 0, "skipped": len(done)}
+    summary.update(replaced=replaced, failed={}, frames=0, frames_per_second=0.0, seconds=0.0, workers=0)
+    summary.update(worker_nodes=0, worker_start_seconds=0.0, worker_cpu_seconds=0.0, folder=str(folder))
     if not todo:
         summary["seconds"] = round(time.perf_counter() - start, 3)
         return summary
-
-    init_ray(cfg.ray)
-    cpus = float(ray.cluster_resources().get("CPU", 1.0))
-    workers = min(cfg.collect.workers or max(int(cpus), 1), len(todo))
-    # Several workers per CPU would never be scheduled with num_cpus=1 each; share the CPUs instead.
-    worker_class = ray.remote(num_cpus=min(1.0, cpus / workers), max_restarts=0)(EpisodeWorker)
-    env_cfg = collect_env_config(cfg)
-    worker_cpu: dict[
-        tuple[str, int], float
-    ] = {}  # (node, pid) -> its process's CPU seconds at its latest episode
-    frames = 0
+    if keeper is not None:
+        keeper.release()
+    pool = _worker_pool(cfg, episodes, episode_fn, len(todo))
     bar = progress_bar(
-        total=cfg.collect.episodes,
+        total=episodes.count,
         initial=len(done),
         unit="ep",
         desc=f"collect {cfg.env.name}",
         disable=not progress,
     )
-    collect_start = time.perf_counter()
-
-    def written(job: int, result: dict, worker: WorkerInfo) -> None:
-        nonlocal frames
-        atomic_write_bytes(folder / episode_name(todo[job]), result["data"])
-        worker_cpu[worker.node_id, worker.pid] = result["process_cpu_seconds"]
-        summary["written"] += 1
-        frames += result["frames"]
-        bar.update(1)
-        bar.set_postfix({"frames/s": f"{frames / (time.perf_counter() - collect_start):.0f}"})
-        if on_written is not None:
-            on_written()
-
-    def retrying(job: int, attempts: int, error: str) -> None:
-        note(f"collect: {episode_name(todo[job])} attempt {attempts} failed, retrying: {error}")
-
-    def failed(job: int, attempts: int, error: str) -> None:
-        summary["failed"][episode_name(todo[job])] = error
-        if attempts:  # the pool says once why the jobs never attempted fail
-            note(f"collect: {episode_name(todo[job])} failed after {attempts} attempts: {error}")
-
-    pool = ActorPool(
-        lambda: worker_class.remote(env_cfg, cfg.collect, episode_fn),
-        workers,
-        cfg.collect.retries,
-        cfg.collect.episode_timeout,
-        cfg.collect.episode_timeout,
-        "collect.episode_timeout",
-        "episode",
-    )
+    tally = _Tally(folder, episodes, todo, bar, on_written)
     try:
+        jobs = [(index, cfg.seed) for index in todo]
         pool.run(
-            "collect",
-            [(index, cfg.seed) for index in todo],
-            written,
-            failed,
-            retrying,
-            check=lambda result: result.get("error"),
+            "collect", jobs, tally.write, tally.fail, tally.retry, check=lambda result: result.get("error")
         )
     finally:
         bar.close()
         pool.close()
-    elapsed = time.perf_counter() - start
     summary.update(
-        failed=dict(sorted(summary["failed"].items())),
-        frames=frames,
-        seconds=round(elapsed, 3),
-        frames_per_second=round(frames / max(time.perf_counter() - collect_start, 1e-9), 1),
-        workers=workers,
+        written=tally.written,
+        failed=dict(sorted(tally.failed.items())),
+        frames=tally.frames,
+        seconds=round(time.perf_counter() - start, 3),
+        frames_per_second=round(tally.frames / max(time.perf_counter() - tally.started, 1e-9), 1),
+        workers=pool.size,
         worker_nodes=len({worker.node_id for worker in pool.started}),
         worker_start_seconds=round(max((worker.start_seconds for worker in pool.started), default=0.0), 3),
-        worker_cpu_seconds=round(sum(worker_cpu.values()), 3),
+        worker_cpu_seconds=round(sum(tally.worker_cpu.values()), 3),
     )
     return summary
 

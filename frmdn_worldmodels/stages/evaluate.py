@@ -27,6 +27,7 @@ from frmdn_worldmodels.runtime.config import Config, ConfigError
 from frmdn_worldmodels.runtime.io import DataError, atomic_write_bytes, write_json
 from frmdn_worldmodels.runtime.paths import prepare_stage, run_paths
 from frmdn_worldmodels.runtime.plots import save_image_grid
+from frmdn_worldmodels.runtime.pool import PoolKeeper
 from frmdn_worldmodels.runtime.records import Stage
 from frmdn_worldmodels.runtime.seeds import seed_ints
 from frmdn_worldmodels.stages.train_controller import load_best
@@ -85,8 +86,9 @@ def check_evaluate_config(cfg: Config) -> None:
     check_rollout_config(cfg.controller)  # the real episodes run on the rollout pool
 
 
-def run(cfg: Config) -> dict:
-    """Score the trained controller in the real game (and random actions on the same seeds)."""
+def run(cfg: Config, keeper: PoolKeeper | None = None) -> dict:
+    """Score the trained controller in the real game (and random actions on the same seeds); ``keeper``: the
+    command's ``PoolKeeper``, whose rollout actors it reuses when they hold the same models."""
     check_evaluate_config(cfg)
     paths = run_paths(cfg)
     best_path = paths.controller / "best.pt"
@@ -100,7 +102,7 @@ def run(cfg: Config) -> dict:
     seeds = seed_ints(cfg.seed, "test", 0, count=cfg.evaluate.episodes)
     params = best["params"].numpy().astype(np.float32)
     started = time.perf_counter()
-    pool = run_pool(cfg, memory=memory)
+    pool = run_pool(cfg, memory=memory, keeper=keeper)
     # the controller's and the random policy's episodes in one map, so they share the actors
     chunks = seed_chunks(pool, seeds, cfg.controller.envs_per_worker)
     jobs = [(params, chunk, cfg.evaluate.video) for chunk in chunks]

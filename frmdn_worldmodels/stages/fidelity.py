@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from frmdn_worldmodels.agent.play import controller_for
+from frmdn_worldmodels.agent.play import Episode, controller_for
 from frmdn_worldmodels.agent.workers import check_rollout_config
 from frmdn_worldmodels.dream.batched import DreamRollouts
 from frmdn_worldmodels.dream.env import load_memory
@@ -204,6 +204,30 @@ def dream_set(
     return dream.dream.rollout(params, cfg.fidelity.dreams, generator), seed
 
 
+def score_rows(members: list[Member], dreamt: DreamRollouts, played: list[list[Episode]]) -> list[dict]:
+    """Per controller of the set: its name and kind, the scores of its returns (``_scores``) in the dream
+    with the dreams' mean length, and in the real game with the episodes' mean steps and seeds."""
+    rows = []
+    for index, member in enumerate(members):
+        episodes = played[index]
+        rows.append(
+            {
+                "name": member.name,
+                "kind": member.kind,
+                "dream": {
+                    **_scores(dreamt.returns[index].double().cpu().numpy()),
+                    "mean_length": float(dreamt.lengths[index].double().mean()),
+                },
+                "real": {
+                    **_scores(np.array([episode.ret for episode in episodes])),
+                    "mean_steps": float(np.mean([episode.steps for episode in episodes])),
+                    "seeds": [episode.seed for episode in episodes],
+                },
+            }
+        )
+    return rows
+
+
 def finished(cfg: Config) -> dict | None:
     """The summary of the run's measurement if it is finished and made from the run's memory and controller
     as they are now, with the config's settings; no side effects (the report's)."""
@@ -225,30 +249,13 @@ def run(cfg: Config) -> dict:
     params = np.stack([member.params for member in members])
     dreamt, dream_seed = dream_set(cfg, memory, controller, members)
     real_seeds = fidelity_seeds(cfg, settings, REAL, settings.real_episodes)
-    real = RealFitness(cfg, memory, controller)
+    real = RealFitness(cfg, memory)
     try:
         played = real.play(params, real_seeds, "[fidelity] real game")
     finally:
         real.close()
 
-    rows = []
-    for index, member in enumerate(members):
-        episodes = played[index]
-        rows.append(
-            {
-                "name": member.name,
-                "kind": member.kind,
-                "dream": {
-                    **_scores(dreamt.returns[index].double().cpu().numpy()),
-                    "mean_length": float(dreamt.lengths[index].double().mean()),
-                },
-                "real": {
-                    **_scores(np.array([episode.ret for episode in episodes])),
-                    "mean_steps": float(np.mean([episode.steps for episode in episodes])),
-                    "seeds": [episode.seed for episode in episodes],
-                },
-            }
-        )
+    rows = score_rows(members, dreamt, played)
     dream_means = np.array([row["dream"]["mean"] for row in rows])
     real_means = np.array([row["real"]["mean"] for row in rows])
     rho, r = spearman(dream_means, real_means), pearson(dream_means, real_means)

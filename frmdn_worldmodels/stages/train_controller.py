@@ -24,6 +24,9 @@ import json
 import sys
 import time
 import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -61,10 +64,14 @@ from frmdn_worldmodels.runtime.io import (
 )
 from frmdn_worldmodels.runtime.paths import run_paths
 from frmdn_worldmodels.runtime.plots import plot_curves
+from frmdn_worldmodels.runtime.pool import PoolKeeper
 from frmdn_worldmodels.runtime.progress import note, progress
 from frmdn_worldmodels.runtime.records import Stage
 from frmdn_worldmodels.runtime.seeds import seed_ints
 from frmdn_worldmodels.train.imitate import Imitation, check_init, imitate_collected, imitation_loss
+
+if typing.TYPE_CHECKING:  # cma takes a second to import, which the config check must not pay
+    from frmdn_worldmodels.train.es import CMAES
 
 COVARIANCES = typing.get_args(Covariance)
 """``controller.covariance``: CMA-ES's full covariance matrix, or sep-CMA-ES's diagonal (``train/es.py``)."""
@@ -184,9 +191,10 @@ class DreamFitness:
 class RealFitness:
     """Scores candidates in the real game with a pool of Ray rollout actors."""
 
-    def __init__(self, cfg: Config, memory: MemoryModel, controller: Controller):
+    def __init__(self, cfg: Config, memory: MemoryModel, keeper: PoolKeeper | None = None):
+        """``keeper``: the command's ``PoolKeeper`` (the actors stay up for its next stage)."""
         self.seed, self.envs_per_worker = cfg.seed, cfg.controller.envs_per_worker
-        self.pool = run_pool(cfg, step_limit(cfg, cfg.controller.max_steps), memory)
+        self.pool = run_pool(cfg, step_limit(cfg, cfg.controller.max_steps), memory, keeper)
 
     def population(self, candidates: np.ndarray, rollouts: int, generation: int) -> tuple[np.ndarray, float]:
         """Each candidate's mean return over ``rollouts`` real episodes, and the episodes' mean length."""
@@ -289,151 +297,125 @@ def _plot(path, rows: list[dict], start: dict | None, train_in: str, imitate_wei
     plot_curves(path, series, xlabel="generation", ylabel=ylabel, title="CMA-ES", integer_x=True, **scales)
 
 
-def run(cfg: Config, *, initial_mean: np.ndarray | None = None) -> dict:
-    """Evolve the controller where ``controller.train_in`` says; resumes from ``es_state.pt``.
+@dataclass
+class Search:
+    """CMA-ES between generations: what ``es_state.pt`` holds."""
 
-    ``initial_mean``: where CMA-ES starts (iterative training continues from the previous iteration's mean)
-    instead of the controller's initial parameters; one of the stage's inputs."""
-    from frmdn_worldmodels.train.es import (
-        CMAES,  # here: cma takes a second to import, which the config check must not pay
-    )
+    es: CMAES
+    best: dict
+    """The best periodically evaluated candidate so far: ``score``, ``std``, ``generation``, ``params``."""
+    champions: list[dict]
+    """Every periodic evaluation's champion: ``generation``, ``params`` (``run.py fidelity`` scores them)."""
 
-    check_controller_config(cfg)
-    c = cfg.controller
-    if unused := unused_in_real(cfg):
-        note(f"train-controller: candidates are scored in the real game; unused here: {', '.join(unused)}")
-    memory = load_memory(cfg)
-    controller = controller_for(cfg.env, memory, c.hidden)
-    if initial_mean is not None and np.shape(initial_mean) != (controller.num_params,):
-        raise DataError(
-            f"the initial CMA-ES mean has shape {np.shape(initial_mean)}, "
-            f"the controller {controller.num_params} parameters"
-        )
-    # the stage's folder holds only work made from this memory, these latents and these settings
-    inputs = None
-    if initial_mean is not None:
-        inputs = {"initial_mean": hashlib.sha256(np.asarray(initial_mean, np.float64).tobytes()).hexdigest()}
-    stage = Stage(cfg, "train-controller", inputs=inputs)
-    if (finished := stage.open()) is not None:
-        return {**finished, "skipped": True}
-    out = stage.folder
-    state_path, best_path, metrics_path = out / "es_state.pt", out / "best.pt", out / "metrics.jsonl"
-    start_path, imitation = out / "start.json", None
-    start = controller.initial_params(torch.Generator().manual_seed(cfg.seed))  # seeded W1 (hidden > 0)
-    starts_from_imitation = c.init == "imitate" and initial_mean is None and not state_path.exists()
-    if starts_from_imitation or (c.init == "imitate" and c.imitate_weight > 0):
-        # the fit is deterministic: a resumed run penalises candidates against the same imitation
-        imitation = imitate_collected(cfg, memory, controller, start)
+    def save(self, path: Path) -> None:
+        save_checkpoint(path, es=self.es.state_dict(), best=self.best, champions=self.champions)
+
+
+def _resume_or_start(cfg: Config, state_path: Path, x0: Callable[[], np.ndarray]) -> Search:
+    """The search ``es_state.pt`` saved, or a new one from ``x0()`` (called only then)."""
+    from frmdn_worldmodels.train.es import CMAES
+
     if state_path.exists():
         state = load_checkpoint(state_path)
-        es, best = CMAES.from_state_dict(state["es"]), state["best"]
-        champions = state.get("champions", [])
-    else:
-        if initial_mean is not None:
-            x0 = np.asarray(initial_mean, np.float64)
-        elif imitation is not None:
-            x0 = imitation.params.double().numpy()
-        else:
-            x0 = start.double().numpy()
-        es = CMAES(x0, c.sigma, c.population, cfg.seed, diagonal=c.covariance == "diagonal")
-        best = {"score": -float("inf"), "std": 0.0, "generation": 0, "params": None}
-        champions = []
+        return Search(CMAES.from_state_dict(state["es"]), state["best"], state.get("champions", []))
+    c = cfg.controller
+    es = CMAES(x0(), c.sigma, c.population, cfg.seed, diagonal=c.covariance == "diagonal")
+    return Search(es, {"score": -float("inf"), "std": 0.0, "generation": 0, "params": None}, [])
 
-    def imitation_penalty(population: np.ndarray) -> np.ndarray:
-        """[P] ``controller.imitate_weight`` times each candidate's imitation loss (zeros without)."""
-        if imitation is None or c.imitate_weight == 0:
+
+class Penalty:
+    """``controller.imitate_weight`` times a candidate's imitation loss (zeros without an imitation)."""
+
+    def __init__(self, imitation: Imitation | None, controller: Controller, weight: float):
+        self.imitation, self.controller, self.weight = imitation, controller, weight
+
+    def __call__(self, population: np.ndarray) -> np.ndarray:
+        """[P] the penalties of ``population [P, n]``."""
+        if self.imitation is None or self.weight == 0:
             return np.zeros(len(population))
         with torch.no_grad():
             params = torch.as_tensor(population, dtype=torch.float32)
-            losses = imitation_loss(controller, params, imitation.features, imitation.target)
-        return c.imitate_weight * losses.double().numpy()
+            losses = imitation_loss(self.controller, params, self.imitation.features, self.imitation.target)
+        return self.weight * losses.double().numpy()
 
-    # rows of generations after the checkpoint were written by a run killed before it saved the ES state
-    rows = [row for row in read_jsonl(metrics_path) if row["generation"] <= es.generation]
-    atomic_write_text(metrics_path, "".join(json.dumps(row) + "\n" for row in rows))
-    fitness = real = None
-    if es.generation < c.generations:
-        fitness = (DreamFitness if c.train_in == "dream" else RealFitness)(cfg, memory, controller)
-        if c.train_in == "dream" and c.eval_real_episodes:
-            real = RealFitness(cfg, memory, controller)  # the dream-vs-real gap, never used to rank
-        if starts_from_imitation and not start_path.exists():
-            write_json(start_path, _score_start(imitation, fitness, real, c))
-    started = time.perf_counter()
-    bar = progress(
-        total=c.generations, initial=es.generation, desc=f"train-controller ({c.train_in})", unit="gen"
+
+def _generation(
+    cfg: Config,
+    search: Search,
+    fitness: DreamFitness | RealFitness,
+    real: RealFitness | None,
+    penalty: Penalty,
+    controller: Controller,
+    best_path: Path,
+) -> dict:
+    """One generation: ask, score, tell; every ``controller.eval_every`` generations (and at the last) the
+    champion scored on fresh episodes, and kept in ``best.pt`` when it beats the best so far. Returns the
+    metrics row."""
+    c, es = cfg.controller, search.es
+    candidates = es.ask()
+    dream_returns, mean_length = fitness.population(candidates, c.rollouts, es.generation)
+    penalties = penalty(candidates)
+    scores = dream_returns - penalties
+    es.tell(candidates, scores)
+    generation = es.generation
+    row = {
+        "generation": generation,
+        "best": float(scores.max()),
+        "mean": float(scores.mean()),
+        "worst": float(scores.min()),
+        "sigma": es.sigma,
+        "mean_length": mean_length,
+    }
+    if c.imitate_weight:
+        row.update(return_mean=float(dream_returns.mean()), penalty_mean=float(penalties.mean()))
+    if not ((c.eval_every and generation % c.eval_every == 0) or generation == c.generations):
+        return row
+    champion = candidates[int(np.argmax(scores))]
+    search.champions.append(
+        {"generation": generation, "params": torch.as_tensor(champion, dtype=torch.float32)}
     )
-    try:
-        while es.generation < c.generations:
-            tick = time.perf_counter()
-            candidates = es.ask()
-            dream_returns, mean_length = fitness.population(candidates, c.rollouts, es.generation)
-            penalties = imitation_penalty(candidates)
-            scores = dream_returns - penalties
-            es.tell(candidates, scores)
-            generation = es.generation
-            row = {
-                "generation": generation,
-                "best": float(scores.max()),
-                "mean": float(scores.mean()),
-                "worst": float(scores.min()),
-                "sigma": es.sigma,
-                "mean_length": mean_length,
-            }
-            if c.imitate_weight:
-                row.update(return_mean=float(dream_returns.mean()), penalty_mean=float(penalties.mean()))
-            if (c.eval_every and generation % c.eval_every == 0) or generation == c.generations:
-                champion = candidates[int(np.argmax(scores))]
-                champions.append(
-                    {"generation": generation, "params": torch.as_tensor(champion, dtype=torch.float32)}
-                )
-                returns = fitness.episodes(champion, c.eval_episodes, generation)
-                row.update(eval_mean=float(returns.mean()), eval_std=float(returns.std()))
-                # what the champion is kept by: its dream score less its imitation penalty
-                row["eval_score"] = row["eval_mean"] - float(imitation_penalty(champion[None])[0])
-                if real is not None:
-                    real_returns = real.episodes(champion, c.eval_real_episodes, generation)
-                    row.update(real_mean=float(real_returns.mean()), real_std=float(real_returns.std()))
-                if row["eval_score"] > best["score"]:
-                    best = {
-                        "score": row["eval_score"],
-                        "std": row["eval_std"],
-                        "generation": generation,
-                        "params": torch.as_tensor(champion, dtype=torch.float32),
-                    }
-                    save_checkpoint(
-                        best_path,
-                        params=best["params"],
-                        controller=controller.to_dict(),
-                        fitness=best["score"],
-                        fitness_std=best["std"],
-                        generation=generation,
-                        episodes=c.eval_episodes,
-                        train_in=c.train_in,
-                        temperature=c.temperature,
-                    )
-            row["seconds"] = round(time.perf_counter() - tick, 3)
-            append_jsonl(metrics_path, row)
-            save_checkpoint(state_path, es=es.state_dict(), best=best, champions=champions)
-            stage.record_progress()
-            rows.append(row)
-            bar.update(1)
-            bar.set_postfix(best=f"{row['best']:.1f}", mean=f"{row['mean']:.1f}", sigma=f"{es.sigma:.3f}")
-    finally:
-        bar.close()
-        for scorer in (fitness, real):
-            if scorer is not None:
-                scorer.close()
-    start_scores = read_json(start_path) if start_path.exists() else None
-    _plot(out / "fitness.png", rows, start_scores, c.train_in, c.imitate_weight)
-    summary = {
+    returns = fitness.episodes(champion, c.eval_episodes, generation)
+    row.update(eval_mean=float(returns.mean()), eval_std=float(returns.std()))
+    # what the champion is kept by: its dream score less its imitation penalty
+    row["eval_score"] = row["eval_mean"] - float(penalty(champion[None])[0])
+    if real is not None:
+        real_returns = real.episodes(champion, c.eval_real_episodes, generation)
+        row.update(real_mean=float(real_returns.mean()), real_std=float(real_returns.std()))
+    if row["eval_score"] > search.best["score"]:
+        params = torch.as_tensor(champion, dtype=torch.float32)
+        search.best = {
+            "score": row["eval_score"],
+            "std": row["eval_std"],
+            "generation": generation,
+            "params": params,
+        }
+        save_checkpoint(
+            best_path,
+            params=params,
+            controller=controller.to_dict(),
+            fitness=row["eval_score"],
+            fitness_std=row["eval_std"],
+            generation=generation,
+            episodes=c.eval_episodes,
+            train_in=c.train_in,
+            temperature=c.temperature,
+        )
+    return row
+
+
+def _summary(cfg: Config, search: Search, rows: list[dict], controller: Controller, extra: dict) -> dict:
+    """The stage's summary (``extra``: its files, timing and start scores)."""
+    c, es, best = cfg.controller, search.es, search.best
+    in_dream = c.train_in == "dream"
+    return {
         "train_in": c.train_in,
         "generations": es.generation,
         "population": c.population,
         "rollouts": c.rollouts,
         "num_params": controller.num_params,
-        "temperature": c.temperature if c.train_in == "dream" else None,
-        "dream_start": c.dream_start if c.train_in == "dream" else None,
-        "dream_horizon": dream_horizon(cfg) if c.train_in == "dream" else None,
+        "temperature": c.temperature if in_dream else None,
+        "dream_start": c.dream_start if in_dream else None,
+        "dream_horizon": dream_horizon(cfg) if in_dream else None,
         "best_score": best["score"],
         "imitate_weight": c.imitate_weight if c.init == "imitate" else None,
         "best_score_std": best["std"],
@@ -444,13 +426,94 @@ def run(cfg: Config, *, initial_mean: np.ndarray | None = None) -> dict:
         "last_mean_length": rows[-1].get("mean_length"),
         "first_mean_fitness": rows[0]["mean"],
         "sigma": es.sigma,
-        "seconds_this_session": round(time.perf_counter() - started, 2),
+        **extra,
         "seconds_per_generation": round(float(np.mean([row["seconds"] for row in rows])), 3),
         "cma_stop": es.stop_reasons(),
-        "best": str(best_path),
-        "start": start_scores,
     }
-    return stage.finish(summary)
+
+
+def _check_start(cfg: Config, controller: Controller, initial_mean: np.ndarray | None) -> dict | None:
+    """The stage's extra inputs: the digest of ``initial_mean`` (refused unless it fits ``controller``)."""
+    if initial_mean is None:
+        return None
+    if np.shape(initial_mean) != (controller.num_params,):
+        raise DataError(
+            f"the initial CMA-ES mean has shape {np.shape(initial_mean)}, "
+            f"the controller {controller.num_params} parameters"
+        )
+    return {"initial_mean": hashlib.sha256(np.asarray(initial_mean, np.float64).tobytes()).hexdigest()}
+
+
+def run(cfg: Config, *, initial_mean: np.ndarray | None = None, keeper: PoolKeeper | None = None) -> dict:
+    """Evolve the controller where ``controller.train_in`` says; resumes from ``es_state.pt``.
+
+    ``initial_mean``: where CMA-ES starts (iterative training continues from the previous iteration's mean)
+    instead of the controller's initial parameters; one of the stage's inputs. ``keeper``: the command's
+    ``PoolKeeper``, for the real-game rollout actors."""
+    check_controller_config(cfg)
+    c = cfg.controller
+    if unused := unused_in_real(cfg):
+        note(f"train-controller: candidates are scored in the real game; unused here: {', '.join(unused)}")
+    memory = load_memory(cfg)
+    controller = controller_for(cfg.env, memory, c.hidden)
+    # the stage's folder holds only work made from this memory, these latents and these settings
+    stage = Stage(cfg, "train-controller", inputs=_check_start(cfg, controller, initial_mean))
+    if (finished := stage.open()) is not None:
+        return {**finished, "skipped": True}
+    out = stage.folder
+    state_path, best_path, metrics_path = out / "es_state.pt", out / "best.pt", out / "metrics.jsonl"
+    start_path, imitation = out / "start.json", None
+    start = controller.initial_params(torch.Generator().manual_seed(cfg.seed))  # seeded W1 (hidden > 0)
+    starts_from_imitation = c.init == "imitate" and initial_mean is None and not state_path.exists()
+    if starts_from_imitation or (c.init == "imitate" and c.imitate_weight > 0):
+        # the fit is deterministic: a resumed run penalises candidates against the same imitation
+        imitation = imitate_collected(cfg, memory, controller, start)
+
+    def x0() -> np.ndarray:
+        if initial_mean is not None:
+            return np.asarray(initial_mean, np.float64)
+        return (imitation.params if imitation is not None else start).double().numpy()
+
+    search = _resume_or_start(cfg, state_path, x0)
+    penalty = Penalty(imitation, controller, c.imitate_weight)
+    # rows of generations after the checkpoint were written by a run killed before it saved the ES state
+    rows = [row for row in read_jsonl(metrics_path) if row["generation"] <= search.es.generation]
+    atomic_write_text(metrics_path, "".join(json.dumps(row) + "\n" for row in rows))
+    fitness = real = None
+    if search.es.generation < c.generations:
+        in_dream = c.train_in == "dream"
+        fitness = DreamFitness(cfg, memory, controller) if in_dream else RealFitness(cfg, memory, keeper)
+        if in_dream and c.eval_real_episodes:
+            real = RealFitness(cfg, memory, keeper)  # the dream-vs-real gap, never used to rank
+        if starts_from_imitation and not start_path.exists():
+            write_json(start_path, _score_start(imitation, fitness, real, c))
+    started = time.perf_counter()
+    bar = progress(
+        total=c.generations, initial=search.es.generation, desc=f"train-controller ({c.train_in})", unit="gen"
+    )
+    try:
+        while search.es.generation < c.generations:
+            tick = time.perf_counter()
+            row = _generation(cfg, search, fitness, real, penalty, controller, best_path)
+            row["seconds"] = round(time.perf_counter() - tick, 3)
+            append_jsonl(metrics_path, row)
+            search.save(state_path)
+            stage.record_progress()
+            rows.append(row)
+            bar.update(1)
+            bar.set_postfix(
+                best=f"{row['best']:.1f}", mean=f"{row['mean']:.1f}", sigma=f"{search.es.sigma:.3f}"
+            )
+    finally:
+        bar.close()
+        for scorer in (fitness, real):
+            if scorer is not None:
+                scorer.close()
+    start_scores = read_json(start_path) if start_path.exists() else None
+    _plot(out / "fitness.png", rows, start_scores, c.train_in, c.imitate_weight)
+    seconds = round(time.perf_counter() - started, 2)
+    extra = {"seconds_this_session": seconds, "best": str(best_path), "start": start_scores}
+    return stage.finish(_summary(cfg, search, rows, controller, extra))
 
 
 def load_best(cfg: Config) -> dict:

@@ -9,13 +9,13 @@ from frmdn_worldmodels.agent.workers import rollout_pool
 from frmdn_worldmodels.runtime.config import EnvConfig, load_config
 from frmdn_worldmodels.runtime.io import read_json
 from frmdn_worldmodels.runtime.paths import run_paths
-from frmdn_worldmodels.runtime.pool import sharing_pools
+from frmdn_worldmodels.runtime.pool import PoolKeeper
 from frmdn_worldmodels.stages import evaluate
 from tests.unit.test_agent import H, Z, models
 
 
 def test_rollout_pools_share_actors_only_for_the_same_models_and_settings(ray_session):
-    """Inside ``sharing_pools``, a rollout pool asked for again with a copy of the same weights and settings
+    """With a ``PoolKeeper``, a rollout pool asked for again with a copy of the same weights and settings
     is the kept one (``max_steps`` None is the env's own limit); another weight, a shorter limit or another
     setting gets new actors."""
     import copy
@@ -25,10 +25,10 @@ def test_rollout_pools_share_actors_only_for_the_same_models_and_settings(ray_se
     controller = load_config(None, ["controller.workers=1"]).controller
 
     def pool(memory_payload, max_steps=None, settings=controller):
-        return rollout_pool(env_cfg, vae.state_dict(), memory_payload, False, max_steps, settings)
+        return rollout_pool(env_cfg, vae.state_dict(), memory_payload, False, max_steps, settings, keeper)
 
     payload = memory.to_checkpoint()
-    with sharing_pools():
+    with PoolKeeper() as keeper:
         first = pool(payload)
         first.close()
         again = pool(copy.deepcopy(payload), max_steps=6)

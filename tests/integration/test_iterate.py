@@ -30,6 +30,7 @@ class Killed(BaseException):
     """What a kill leaves: the driver stops between two chunks of episodes."""
 
 
+@pytest.mark.slow  # three pipelines of two iterations: over a minute idle (make test-slow)
 def test_two_iterations_end_to_end_resume_after_a_kill(tmp_path, tiny_run):
     """The pipeline killed in iteration 1's memory training, then run again: the rerun keeps iteration 0's
     score and iteration 1's episodes and finishes both iterations. (One test: each run of the iterations
@@ -131,46 +132,43 @@ def test_two_iterations_end_to_end_resume_after_a_kill(tmp_path, tiny_run):
 def test_an_iterations_collection_keeps_the_episodes_saved_before_a_kill(
     tmp_path, monkeypatch, ray_session, tiny_run
 ):
-    from frmdn_worldmodels.agent import workers
+    """The iteration collects with the collect stage's collector: an episode written before a kill is kept,
+    the rerun plays only the others, and each new episode is seeded by ``iterate-collect``."""
+    from frmdn_worldmodels.runtime.records import Stage
     from frmdn_worldmodels.stages import iterate
+    from frmdn_worldmodels.stages.collect import episode_seeds
 
     copy_tiny_run(tiny_run, tmp_path)  # the controller the iteration plays
-    cfg = config(tmp_path, "iterate.episodes=4", "controller.envs_per_worker=1")
+    cfg = config(tmp_path, "iterate.episodes=4")
     previous, current = iteration_config(cfg, 0), iteration_config(cfg, 1)
     folder = run_paths(current).episodes
-    map_seeds = workers.map_seeds
-    asked: list[list[int]] = []
+    record_progress = Stage.record_progress
+    written: list[int] = []
 
-    def first_chunk_then_killed(*args, on_chunk, **kwargs):
-        asked.append(list(args[3]))
+    def first_episode_then_killed(stage):
+        record_progress(stage)
+        raise Killed
 
-        def save_then_die(positions, results):
-            on_chunk(positions, results)
-            raise Killed
-
-        return map_seeds(*args, on_chunk=save_then_die, **kwargs)
-
-    monkeypatch.setattr(workers, "map_seeds", first_chunk_then_killed)
+    monkeypatch.setattr(Stage, "record_progress", first_episode_then_killed)
     with pytest.raises(Killed):
         iterate.collect_iteration(cfg, previous, current, 1)
     saved = {p.name: p.stat().st_mtime_ns for p in list_npz(folder) if p.name.startswith("it01_")}
-    assert len(saved) == 1, "one chunk of one episode was saved before the kill"
-    played = read_json(folder / iterate.PLAYED)
-    assert set(played) == set(saved)
-    saved_seeds = {info["seed"] for info in played.values()}
+    assert len(saved) == 1, "the first episode written was saved before the kill"
     record = read_json(folder / "made_from.json")
     assert record["finished"] is False and record["seconds"] > 0, "the saved episode's time is kept"
 
-    def recorded(*args, **kwargs):
-        asked.append(list(args[3]))
-        return map_seeds(*args, **kwargs)
+    def counted(stage):
+        written.append(1)
+        record_progress(stage)
 
-    monkeypatch.setattr(workers, "map_seeds", recorded)
+    monkeypatch.setattr(Stage, "record_progress", counted)
     summary = iterate.collect_iteration(cfg, previous, current, 1)
-    # the chunk that finished first (either worker's) was saved: only the other three seeds are played again
-    assert sorted(asked[1]) == sorted(set(asked[0]) - saved_seeds), "only the unsaved episodes are played"
+    assert len(written) == 3, "only the unsaved episodes are played"
     new = {name: info for name, info in summary["episodes"].items() if name.startswith("it01_")}
     assert sorted(new) == [f"it01_ep_{i:05d}.npz" for i in range(4)]
-    assert sorted(info["seed"] for info in new.values()) == sorted(asked[0])
+    seeds = [episode_seeds(cfg.seed, i, "iterate-collect", (1,))[0] for i in range(4)]
+    assert [new[f"it01_ep_{i:05d}.npz"]["seed"] for i in range(4)] == seeds
+    assert all(info["iteration"] == 1 and info["steps"] > 0 for info in new.values())
     for name, mtime in saved.items():
         assert (folder / name).stat().st_mtime_ns == mtime, f"{name} was played again"
+    assert summary["episodes_total"] == 4 + len(list_npz(run_paths(previous).episodes))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import ray
 
-from frmdn_worldmodels.runtime.pool import ActorPool, shared_pool, sharing_pools
+from frmdn_worldmodels.runtime.pool import ActorPool, PoolKeeper
 from tests.unit.test_pool import ToyWorker, alive, toy_jobs
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # its functions run in Ray's workers
@@ -198,11 +198,11 @@ def test_a_result_the_check_rejects_is_retried_and_the_actor_kept(ray_session, t
     assert len({pid for _, _, pid in seen}) == 1 and pool.replaced == 0
 
 
-def test_sharing_pools_hands_a_closed_pool_to_the_next_user_of_its_key(ray_session, tmp_path):
-    """Inside ``sharing_pools``: a pool its user closed is the next user's of the same key, with the same
-    actors (none started again); a pool still in use is not shared; a pool of another key, or any new pool,
-    kills the kept one first (its idle actors hold CPUs); the block's end kills what it kept; outside,
-    ``close`` kills."""
+def test_a_keeper_hands_a_closed_pool_to_the_next_user_of_its_key(ray_session, tmp_path):
+    """A ``PoolKeeper``: a pool its user closed is the next user's of the same key, with the same actors (none
+    started again); a pool still in use is not shared; a pool of another key kills the kept one first (its
+    idle actors hold CPUs), and so does ``release`` (before collection's own pool); the block's end kills what
+    it kept; without a keeper, ``close`` kills."""
     actor_class = ray.remote(num_cpus=0, max_restarts=0)(ToyWorker)
     made = []
 
@@ -216,36 +216,32 @@ def test_sharing_pools_hands_a_closed_pool_to_the_next_user_of_its_key(ray_sessi
     def handles(pool: ActorPool) -> list:
         return [slot.handle for slot in pool._slots]
 
-    with sharing_pools():
-        first = shared_pool("a", make)
+    with PoolKeeper() as keeper:
+        first = keeper.get("a", make)
         assert first.map("evaluate", toy_jobs(2)) == expected(2)
         kept = handles(first)
         first.close()
-        again = shared_pool("a", make)
+        again = keeper.get("a", make)
         assert again is first and again.map("evaluate", toy_jobs(3)) == expected(3)
         assert len(made) == 2 and alive(kept) == [True, True]  # no actor started again
-        busy = shared_pool("a", make)  # the kept pool is in use: a pool of its own, killed by its close
+        busy = keeper.get("a", make)  # the kept pool is in use: a pool of its own, killed by its close
         assert busy is not again
         busy_handles = handles(busy)
         busy.close()
         assert dead(busy_handles) == [True, True] and alive(kept) == [True, True]
         again.close()
-        other = shared_pool("b", make)
+        other = keeper.get("b", make)
         assert dead(kept) == [True, True], "the kept pool was killed before the new one started"
         other.close()
         kept = handles(other)
-        plain = make()  # any new pool (collection's) kills the kept one first
+        keeper.release()  # what collection does before it makes its own pool
         assert dead(kept) == [True, True]
-        plain.close()
-        last = shared_pool("c", make)
+        last = keeper.get("c", make)
         last.close()
         kept = handles(last)
         assert alive(kept) == [True, True]
     assert dead(kept) == [True, True], "the block's end killed the kept pool"
-    outside = shared_pool("c", make)
-    outside_handles = handles(outside)
-    outside.close()
-    assert dead(outside_handles) == [True, True]
-    fresh = shared_pool("c", make)
-    fresh.close()
-    assert fresh is not outside
+    plain = make()
+    plain_handles = handles(plain)
+    plain.close()
+    assert dead(plain_handles) == [True, True]

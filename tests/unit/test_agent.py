@@ -2,6 +2,8 @@
 the z choice matching memory training, seeded episodes, the Ray rollout worker on CarRacing, and the
 ``evaluate`` / ``dream`` commands end to end on a tiny run."""
 
+import io
+
 import gymnasium
 import imageio.v3 as iio
 import numpy as np
@@ -9,7 +11,14 @@ import pytest
 import torch
 from gymnasium import spaces
 
-from frmdn_worldmodels.agent.play import Episode, WorldModelAgent, controller_for, play_episode, play_episodes
+from frmdn_worldmodels.agent.play import (
+    ControllerPlayer,
+    Episode,
+    WorldModelAgent,
+    controller_for,
+    play_episode,
+    play_episodes,
+)
 from frmdn_worldmodels.agent.workers import RolloutWorker
 from frmdn_worldmodels.data.episodes import save_latents
 from frmdn_worldmodels.games.envs import action_dim
@@ -20,7 +29,7 @@ from frmdn_worldmodels.runtime.config import EnvConfig, MemoryConfig, load_confi
 from frmdn_worldmodels.runtime.io import save_checkpoint
 from frmdn_worldmodels.runtime.paths import run_paths
 from frmdn_worldmodels.stages import evaluate
-from frmdn_worldmodels.stages.collect import rollout_episode
+from frmdn_worldmodels.stages.collect import EpisodeSet, EpisodeWorker, episode_seeds, rollout_episode
 from tests.tracing import TracedMemory
 
 Z, H = 8, 12
@@ -187,6 +196,38 @@ def test_rollout_worker_plays_carracing_with_the_models_it_holds():
         worker.evaluate(np.zeros_like(params), [11])[0].ret, rel=1e-4, abs=1e-5
     )
     worker.close()
+
+
+def test_the_collector_plays_a_controller_as_the_rollout_worker_does():
+    """Iterative training collects with the collect stage's worker and a ``ControllerPlayer``: without noise,
+    the episode it writes is the one the rollout worker plays on the same env seed; action noise changes the
+    actions, seeded by the episode (the same episode twice is the same file)."""
+    env_cfg = EnvConfig(name="carracing", max_steps=6)
+    vae, memory = models()
+    controller = controller_for(env_cfg, memory, 0)
+    params = np.random.default_rng(0).normal(size=controller.num_params).astype(np.float32)
+    state, payload = vae.state_dict(), memory.to_checkpoint()
+
+    def worker(noise: str, scale: float) -> EpisodeWorker:
+        player = ControllerPlayer(env_cfg, state, payload, params, False, 0, noise, scale)
+        return EpisodeWorker(env_cfg, EpisodeSet(2, player, "it01_", "iterate-collect", (1,)))
+
+    plain = worker("params", 0.0)
+    result = plain.collect(0, 5)
+    seed = episode_seeds(5, 0, "iterate-collect", (1,))[0]
+    rollout = RolloutWorker(env_cfg, state, payload, use_mu=False, max_steps=6)
+    played = rollout.evaluate(params, [seed], record=True)[0]
+    with np.load(io.BytesIO(result["data"])) as arrays:
+        np.testing.assert_allclose(arrays["actions"], np.stack(played.actions), atol=1e-5)
+        assert arrays["rewards"].sum() == pytest.approx(played.ret, abs=1e-4)
+    noisy = worker("action", 0.5)
+    first, again = noisy.collect(0, 5)["data"], noisy.collect(0, 5)["data"]
+    with np.load(io.BytesIO(first)) as arrays:
+        assert np.abs(arrays["actions"] - np.stack(played.actions)).max() > 0.01
+    assert first == again
+    for each in (plain, noisy):
+        each.close()
+    rollout.close()
 
 
 # ---- the commands on a tiny run ----------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """The one registry of commands (``runtime/registry.py``): every entry names code, sections, a folder and
 upstream stages that exist, and the command line, the stale check and the report all read it."""
 
+import inspect
+
 import pytest
 
 from frmdn_worldmodels import cli
@@ -18,6 +20,9 @@ def test_every_command_names_what_exists(name):
     if command.record is not None:
         assert set(command.record.upstream) <= set(RECORDED)
         assert all(COMMANDS[stage].pipeline for stage in command.record.upstream)
+    # a command that plays on Ray takes the command's PoolKeeper; no other one is handed it
+    takes_keeper = "keeper" in inspect.signature(cli.resolve(command.run)).parameters
+    assert takes_keeper == command.plays
 
 
 def test_the_command_line_offers_every_registered_command():
