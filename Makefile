@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.13 >/dev/null 2>&1 && echo python3.13 || ec
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test venv
+.PHONY: run test test-slow venv
 
 venv: $(VENV)/.installed
 
@@ -17,8 +17,14 @@ $(VENV)/.installed: pyproject.toml
 run: $(VENV)/.installed
 	$(PY) run.py pipeline
 
-# tests/unit: no Ray and no subprocess; tests/integration: the commands, Ray's pools and clusters
+# tests/unit: no Ray and no subprocess; tests/integration: the commands, Ray's pools and clusters. Each runs in
+# two pytest processes (pytest-xdist), one per core; the unit tests' torch takes one thread in each.
 test: $(VENV)/.installed
 	$(PY) -m ruff check .
-	$(PY) -m pytest tests/unit
-	$(PY) -m pytest tests/integration
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests/unit -n 2
+	$(PY) -m pytest tests/integration -n 2 --dist loadfile
+
+# the long end-to-end runs `make test` leaves out (iterations killed and resumed, a two-node cluster, full-size
+# tiny configs)
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest tests -m slow

@@ -17,6 +17,9 @@ from frmdn_worldmodels.stages.collect import collect_env_config, episode_name, e
 from tests.cluster_driver import EPISODES, TIMEOUT, collect_config, read_attempts
 from tests.unit.test_cluster import ROOT, pytest
 
+# two Ray nodes started and faults injected: half a minute on an idle machine (make test-slow)
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def cluster_run(tmp_path_factory):

@@ -41,3 +41,24 @@ def test_imports_point_down_the_layers(path):
     own = LAYERS.index(path.relative_to(PACKAGE).parts[0].removesuffix(".py"))
     upward = {m for m in _imports(path) if LAYERS.index(_layer(m)) > own}
     assert not upward, f"{path.relative_to(PACKAGE)} imports from a later layer: {sorted(upward)}"
+
+
+MAX_FUNCTION_LINES = 80
+"""A function fits on a screen."""
+
+
+def function_lengths(package: Path = PACKAGE) -> list[tuple[int, str]]:
+    """(lines, ``file:line name``) of every function and method in the package, nested ones included,
+    longest first (``docs/results/layout.md`` prints the ten longest with it)."""
+    lengths = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                where = f"{path.relative_to(package)}:{node.lineno} {node.name}"
+                lengths.append((node.end_lineno - node.lineno + 1, where))
+    return sorted(lengths, reverse=True)
+
+
+def test_no_function_is_longer_than_a_screen():
+    assert [item for item in function_lengths() if item[0] > MAX_FUNCTION_LINES] == []
+    assert len(function_lengths()) > 500  # the walk found the package's functions
