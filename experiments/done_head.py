@@ -13,6 +13,9 @@ with different ``memory_train.done_horizon``), the chance that it ends before th
 false alarms a dream pays for), and the mean p over every other step. A head that generalises
 gives the test split's deaths about the training split's probabilities; one that learned its training deaths
 gives them far less.
+With ``memory.heads_read_z`` the head reads the next frame, which already shows the end (Doom's last frame
+is dark): ``drawn`` gives the same figures for the dream's own chance at each step of the real history, over
+z_{t+1} drawn from M (``drawn_done_probabilities``), whether M sees the end coming.
 When the episodes store Mario's position, ``by_end`` gives the same figures for the deaths where he fell
 off the screen (``fell``: a pit) and for the others (``on_screen``: an enemy or the clock).
 """
@@ -41,6 +44,8 @@ from frmdn_worldmodels.runtime.paths import run_paths  # noqa: E402 (sys.path)
 
 BEFORE = 5
 """Steps before the end whose highest probability is reported (an early warning is also a usable head)."""
+DRAWS = 32
+"""Draws of z_{t+1} per step for ``drawn`` (heads that read the drawn frame)."""
 
 
 @torch.no_grad()
@@ -51,6 +56,25 @@ def done_probabilities(memory: MemoryModel, latents: dict[str, np.ndarray]) -> n
     actions = torch.from_numpy(latents["actions"]).float()[None]
     _, out = memory.sequence_log_prob(z, actions)
     return memory.done_probability(out.done_logit[0]).numpy()
+
+
+@torch.no_grad()
+def drawn_done_probabilities(
+    memory: MemoryModel, latents: dict[str, np.ndarray], draws: int, generator: torch.Generator
+) -> np.ndarray:
+    """With heads that read z_{t+1}: the chance the dream ends at step t when it draws z_{t+1} itself from
+    the real history (z_<=t = mu, a_<=t), E over ``draws`` draws at temperature 1 of p(done | h, z_{t+1}).
+    ``done_probabilities`` reads the real next frame; this is what a dream going through the same history
+    would do: whether M sees a death coming, not only the frame that shows it."""
+    z = torch.from_numpy(latents["mu"]).float()[None]
+    actions = torch.from_numpy(latents["actions"]).float()[None]
+    _, out = memory.sequence_log_prob(z, actions)
+    total = torch.zeros(out.done_logit.shape[1])
+    for _ in range(draws):
+        drawn = memory.sample(out, 1.0, generator)
+        _, logit = memory.outcome(out, drawn)
+        total += memory.done_probability(logit[0])
+    return (total / draws).numpy()
 
 
 def summarise(probabilities: list[np.ndarray]) -> dict:
@@ -99,14 +123,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"done_head: {error}", file=sys.stderr)
         return 2
     summary = {}
+    generator = torch.Generator().manual_seed(cfg.seed)
     for name in ("train", "test"):
-        ended, kinds = [], {}
+        ended, drawn, kinds = [], [], {}
         for path in split.get(name, []):
             latents = load_latents(path)
             if latents["terminals"][-1]:
                 ended.append(done_probabilities(memory, latents))
                 kinds.setdefault(end_kind(run_paths(cfg).episodes / path.name), []).append(ended[-1])
+                if memory.config.heads_read_z:
+                    drawn.append(drawn_done_probabilities(memory, latents, DRAWS, generator))
         summary[name] = summarise(ended)
+        if drawn:
+            summary[name]["drawn"] = summarise(drawn)
         if None not in kinds and kinds:
             summary[name]["by_end"] = {kind: summarise(kinds.get(kind, [])) for kind in ("fell", "on_screen")}
     write_json(run_paths(cfg).root / "done_head.json", summary)
