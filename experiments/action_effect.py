@@ -77,7 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as error:
         print(f"action_effect: {error}", file=sys.stderr)
         return 2
-    count = action_space(cfg.env).n
+    space = action_space(cfg.env)
+    if not hasattr(space, "n"):
+        print(
+            f"action_effect: env.name={cfg.env.name} has continuous actions; this holds each of a discrete "
+            "game's actions",
+            file=sys.stderr,
+        )
+        return 2
+    count = space.n
     constant = {f"action {a} held": np.stack([encode_action(cfg.env, a)] * WINDOW) for a in range(count)}
     generator = torch.Generator().manual_seed(cfg.seed)
     shares: dict[str, dict[str, list[float]]] = {"near": {}, "far": {}}

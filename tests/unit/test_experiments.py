@@ -14,6 +14,7 @@ from frmdn_worldmodels.runtime.io import DataError
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 sys.path.insert(0, str(EXPERIMENTS))  # the scripts import their neighbours by name
+import action_effect  # noqa: E402 (the scripts' folder on the path)
 import done_head  # noqa: E402 (the scripts' folder on the path)
 import dream_switches  # noqa: E402 (the scripts' folder on the path)
 import player_patch  # noqa: E402 (the scripts' folder on the path)
@@ -147,6 +148,53 @@ def test_the_done_head_read_in_one_pass_matches_a_step_by_step_reading(tmp_path)
             within = torch.sigmoid(logit - np.log(20.0))  # "the end within 3 steps", unweighted
             stepped.append(1 - (1 - within.item()) ** (1 / 3))
     np.testing.assert_allclose(probabilities, stepped, rtol=1e-5, atol=1e-6)
+
+
+def _tiny_memory(tmp_path):
+    import torch
+
+    from frmdn_worldmodels.data.episodes import load_latents
+    from frmdn_worldmodels.models.memory import MemoryModel
+    from frmdn_worldmodels.runtime.config import MemoryConfig
+    from tests.conftest import write_tiny_latents
+
+    write_tiny_latents(tmp_path, episodes=1, steps=12)
+    torch.manual_seed(0)
+    config = MemoryConfig(hidden=8, components=2, rank=1, flow_blocks=1, flow_hidden=8)
+    return MemoryModel(4, 2, config).eval(), load_latents(tmp_path / "episode_0000.npz")
+
+
+def test_the_drawn_done_chance_is_the_recorded_one_when_the_head_ignores_the_next_frame(tmp_path):
+    """``drawn_done_probabilities`` averages the done head over next frames M draws; a head whose weights on
+    the next frame are zero gives exactly the chance read on the recorded frame, and one that reads it gives
+    another."""
+    import torch
+
+    memory, latents = _tiny_memory(tmp_path)
+    generator = torch.Generator().manual_seed(0)
+    reads_z = done_head.drawn_done_probabilities(memory, latents, 8, generator)
+    assert not np.allclose(reads_z, done_head.done_probabilities(memory, latents), atol=1e-4)
+    with torch.no_grad():
+        memory.done_head.weight[:, memory.config.hidden :] = 0.0
+    drawn = done_head.drawn_done_probabilities(memory, latents, 8, generator)
+    np.testing.assert_allclose(drawn, done_head.done_probabilities(memory, latents), rtol=1e-5, atol=1e-7)
+
+
+def test_the_action_effect_counts_the_dreams_that_end(tmp_path):
+    """``ended_share``: every dream ends under a done head that always fires, none under one that never
+    does, and the share lies in between otherwise."""
+    import torch
+
+    memory, latents = _tiny_memory(tmp_path)
+    plan = latents["actions"][4:10]
+    generator = torch.Generator().manual_seed(0)
+    between = action_effect.ended_share(memory, latents, 4, plan, generator)
+    assert 0.0 <= between <= 1.0
+    with torch.no_grad():
+        memory.done_head.bias.fill_(30.0)
+        assert action_effect.ended_share(memory, latents, 4, plan, generator) == 1.0
+        memory.done_head.bias.fill_(-30.0)
+        assert action_effect.ended_share(memory, latents, 0, plan, generator) == 0.0
 
 
 def test_the_done_head_summary():
