@@ -18,7 +18,7 @@ from frmdn_worldmodels.agent.play import Episode, WorldModelAgent, controller_fo
 from frmdn_worldmodels.games.envs import make_env
 from frmdn_worldmodels.models.memory import MemoryModel
 from frmdn_worldmodels.models.vae import ConvVAE
-from frmdn_worldmodels.runtime.config import Config, ConfigError, ControllerConfig, EnvConfig
+from frmdn_worldmodels.runtime.config import Config, ControllerConfig, EnvConfig, check_bounds
 from frmdn_worldmodels.runtime.pool import ActorPool, PoolKeeper, PoolWorker
 
 
@@ -87,13 +87,6 @@ class RolloutWorker(PoolWorker):
             env.close()
 
 
-def check_rollout_config(controller: ControllerConfig) -> None:
-    """Refuse rollout-pool settings that cannot work (``ConfigError`` naming the field), before any work."""
-    for key, low in (("workers", 0), ("retries", 0), ("envs_per_worker", 1), ("job_timeout", 0)):
-        if getattr(controller, key) < low:
-            raise ConfigError(f"controller.{key} must be at least {low}, got {getattr(controller, key)}")
-
-
 def rollout_pool(
     env_cfg: EnvConfig,
     vae_state: dict,
@@ -112,7 +105,7 @@ def rollout_pool(
     """
     import ray
 
-    check_rollout_config(controller)
+    check_bounds(controller, "controller")
     cpus = max(int(ray.cluster_resources().get("CPU", 1)), 1)
     size = controller.workers or cpus
     max_steps = max_steps or env_cfg.max_steps  # the same episodes: the env truncates there

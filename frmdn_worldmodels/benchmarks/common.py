@@ -119,10 +119,9 @@ def check_memory_section(config, section: str) -> None:
         )
 
 
-def check_model_grid(config, section: str, positive: tuple[str, ...]) -> None:
-    """The checks every benchmark section shares: its model kinds, its ranks, its ``memory`` sub-section, the
-    fields that must be >= 1, and the learning rate, clipping and patience (``ConfigError`` naming
-    ``<section>.<field>``)."""
+def check_model_grid(config, section: str) -> None:
+    """The checks every benchmark section shares beyond its field types: its model kinds, its ranks and its
+    ``memory`` sub-section (``ConfigError`` naming ``<section>.<field>``)."""
     _check_list(
         config.kinds, f"{section}.kinds", "'rmdn' and/or 'frmdn'", lambda kind: kind in ("rmdn", "frmdn")
     )
@@ -130,14 +129,6 @@ def check_model_grid(config, section: str, positive: tuple[str, ...]) -> None:
         config.ranks, f"{section}.ranks", "ranks >= 0", lambda rank: isinstance(rank, int) and rank >= 0
     )
     check_memory_section(config, section)
-    for name in positive:
-        if getattr(config, name) < 1:
-            raise ConfigError(f"{section}.{name} must be >= 1, got {getattr(config, name)}")
-    if not config.lr > 0:
-        raise ConfigError(f"{section}.lr must be positive, got {config.lr}")
-    for name in ("grad_clip", "patience", "threads"):
-        if getattr(config, name) < 0:
-            raise ConfigError(f"{section}.{name} must be >= 0, got {getattr(config, name)}")
 
 
 def model_variants(

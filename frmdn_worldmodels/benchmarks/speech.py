@@ -201,14 +201,7 @@ def speech_label(kind: str, components: int, rank: int) -> str:
 def check_speech_config(cfg: Config) -> None:
     """Every speech setting, before any file is read or written (``ConfigError`` naming the field)."""
     config = cfg.speech
-    check_model_grid(config, "speech", ("frame", "sample_rate", "epochs", "batch_size"))
-    if config.frame < 2:
-        raise ConfigError(
-            f"speech.frame must be >= 2 (the flow splits a frame in halves), got {config.frame}"
-        )
-    for name in ("clip_seconds", "max_files", "max_eval_sequences"):
-        if getattr(config, name) < 0:
-            raise ConfigError(f"speech.{name} must be >= 0, got {getattr(config, name)}")
+    check_model_grid(config, "speech")
     if config.clip_seconds > 0 and round(config.clip_seconds * config.sample_rate / config.frame) < 1:
         raise ConfigError(
             f"speech.clip_seconds={config.clip_seconds} is shorter than one frame of {config.frame}"

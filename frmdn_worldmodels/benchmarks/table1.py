@@ -102,8 +102,6 @@ def check_sweep_config(cfg: Config) -> None:
         raise ConfigError(f"memory_train.sweep_components must list K >= 1, got {tc.sweep_components}")
     if not tc.sweep_ranks or min(tc.sweep_ranks) < 0:
         raise ConfigError(f"memory_train.sweep_ranks must list d' >= 0, got {tc.sweep_ranks}")
-    if tc.sweep_seeds < 1:
-        raise ConfigError(f"memory_train.sweep_seeds must be at least 1, got {tc.sweep_seeds}")
     unknown = [extra for extra in tc.sweep_extra if extra not in EXTRA_KINDS]
     if unknown:
         raise ConfigError(

@@ -18,21 +18,18 @@ from gymnasium import spaces
 from gymnasium.wrappers import RepeatAction, ResizeObservation, TimeLimit
 
 from frmdn_worldmodels.games.game import game_of
-from frmdn_worldmodels.runtime.config import VAE_FRAME_SIZE, ConfigError, EnvConfig
+from frmdn_worldmodels.runtime.config import VAE_FRAME_SIZE, ConfigError, EnvConfig, check_bounds
 
 
 def check_env_config(env_cfg: EnvConfig) -> None:
     """Refuse an env section that cannot make an env, naming the field (``ConfigError``)."""
+    check_bounds(env_cfg, "env")
     game_of(env_cfg).check(env_cfg)
     if env_cfg.frame_size != VAE_FRAME_SIZE:
         raise ConfigError(
             f"env.frame_size: the ConvVAE (V) reads {VAE_FRAME_SIZE}x{VAE_FRAME_SIZE} frames, "
             f"got {env_cfg.frame_size}"
         )
-    for key, low in (("max_steps", 1), ("action_repeat", 1)):
-        value = getattr(env_cfg, key)
-        if value < low:
-            raise ConfigError(f"env.{key}: must be at least {low}, got {value}")
 
 
 def action_space(env_cfg: EnvConfig) -> spaces.Box | spaces.Discrete:

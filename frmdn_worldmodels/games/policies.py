@@ -15,7 +15,7 @@ import numpy as np
 
 from frmdn_worldmodels.games.envs import check_env_config
 from frmdn_worldmodels.games.game import Policy, game_of
-from frmdn_worldmodels.runtime.config import CollectConfig, ConfigError, EnvConfig
+from frmdn_worldmodels.runtime.config import CollectConfig, ConfigError, EnvConfig, check_bounds
 
 FOLLOWER_GAS = 0.15
 """The track follower's gas on the straight (``games.carracing.TrackFollowerCarPolicy.GAS``)."""
@@ -58,23 +58,8 @@ def policy_name(env_cfg: EnvConfig, collect_cfg: CollectConfig) -> str:
 
 def check_policy_config(env_cfg: EnvConfig, collect_cfg: CollectConfig) -> None:
     """Refuse exploration settings that make no sense, naming the field (``ConfigError``)."""
+    check_bounds(collect_cfg, "collect")
     policy_name(env_cfg, collect_cfg)
-    if not 0.0 <= collect_cfg.action_persistence < 1.0:
-        raise ConfigError(
-            f"collect.action_persistence: must be in [0, 1), got {collect_cfg.action_persistence}"
-        )
-    if collect_cfg.mario_repeat < 1:
-        raise ConfigError(f"collect.mario_repeat: must be at least 1, got {collect_cfg.mario_repeat}")
-    if not 0.0 <= collect_cfg.follower_blend <= 1.0:
-        raise ConfigError(f"collect.follower_blend: must be in [0, 1], got {collect_cfg.follower_blend}")
-    if not FOLLOWER_GAS <= collect_cfg.follower_gas_max <= 1.0:
-        raise ConfigError(
-            f"collect.follower_gas_max: must be in [{FOLLOWER_GAS}, 1], got {collect_cfg.follower_gas_max}"
-        )
-    if not 0.0 <= collect_cfg.right_bias <= 1.0:
-        raise ConfigError(f"collect.right_bias: must be in [0, 1], got {collect_cfg.right_bias}")
-    if not 0.0 <= collect_cfg.expert_noise <= 1.0:
-        raise ConfigError(f"collect.expert_noise: must be in [0, 1], got {collect_cfg.expert_noise}")
 
 
 def make_exploration_policy(

@@ -42,7 +42,13 @@ from torch import Tensor, nn
 
 from frmdn_worldmodels.models.flows import CouplingFlow
 from frmdn_worldmodels.models.mixture import gmm_log_prob, gmm_sample
-from frmdn_worldmodels.runtime.config import ConfigError, DiagActivation, MemoryConfig, MemoryKind
+from frmdn_worldmodels.runtime.config import (
+    ConfigError,
+    DiagActivation,
+    MemoryConfig,
+    MemoryKind,
+    check_bounds,
+)
 
 State = tuple[Tensor, Tensor]
 
@@ -112,21 +118,13 @@ DIAG_ACTIVATIONS = typing.get_args(DiagActivation)
 
 def check_memory_config(config: MemoryConfig, section: str = "memory") -> None:
     """Refuse a memory model that cannot be built (``ConfigError`` naming ``<section>.<field>``)."""
+    check_bounds(config, section)
     if config.kind not in MEMORY_KINDS:
         raise ConfigError(f"{section}.kind must be 'rmdn' or 'frmdn', got {config.kind!r}")
     if config.diag_activation not in DIAG_ACTIVATIONS:
         raise ConfigError(
             f"{section}.diag_activation must be 'softplus' or 'exp', got {config.diag_activation!r}"
         )
-    for name in ("hidden", "components", "flow_blocks", "flow_hidden", "ensemble"):
-        if getattr(config, name) < 1:
-            raise ConfigError(f"{section}.{name} must be at least 1, got {getattr(config, name)}")
-    if config.rank < 0:
-        raise ConfigError(f"{section}.rank must be >= 0 (0 = diagonal precisions), got {config.rank}")
-    if not 0 <= config.dropout < 1:
-        raise ConfigError(f"{section}.dropout must be in [0, 1) (0 = off), got {config.dropout}")
-    if not config.diag_floor >= 0:
-        raise ConfigError(f"{section}.diag_floor must be >= 0, got {config.diag_floor}")
     clamp = config.diag_clamp
     if clamp is not None and (len(clamp) != 2 or not 0 < clamp[0] < clamp[1]):
         raise ConfigError(

@@ -16,7 +16,7 @@ import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 
@@ -44,6 +44,38 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key and the source."""
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """The range of a number field, in its type (``Annotated[int, Bounds(1)]``): the loader refuses a value
+    outside it, naming the field (``_coerce``), and ``run.py <command> --help`` shows it."""
+
+    low: float
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    why: str = ""
+    """Said after the range in the error and the help, e.g. what the low end means."""
+
+    def holds(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            text = f"in {left}{self.low:g}, {self.high:g}{right}"
+        else:
+            text = f"> {self.low:g}" if self.low_open else f"at least {self.low:g}"
+        return f"{text} ({self.why})" if self.why else text
+
+
+POSITIVE = Bounds(0, low_open=True)
+FRACTION = Bounds(0, 1, high_open=True)
+"""[0, 1): a share of something that must leave some of it."""
+PROBABILITY = Bounds(0, 1)
+
+
 @dataclass
 class EnvConfig:
     name: str = "carracing"
@@ -55,10 +87,10 @@ class EnvConfig:
     """Mario action set: ``right_only``, ``simple`` (SIMPLE_MOVEMENT) or ``complex``."""
     frame_size: int = 64
     """Side of the square RGB frame fed to the VAE (resized with opencv); the ConvVAE takes 64 only."""
-    max_steps: int = 1000
+    max_steps: Annotated[int, Bounds(1)] = 1000
     """The game's horizon in agent steps: the real game's time limit, which ``collect.max_steps`` and
     ``controller.max_steps`` may shorten but never extend (``step_limit``)."""
-    action_repeat: int = 1
+    action_repeat: Annotated[int, Bounds(1)] = 1
     """How many env frames one agent action lasts (rewards are summed)."""
     crop_indicators: bool = True
     """CarRacing: drop the 12-pixel indicator bar at the bottom before resizing, as World Models did."""
@@ -66,67 +98,67 @@ class EnvConfig:
 
 @dataclass
 class CollectConfig:
-    episodes: int = 8
+    episodes: Annotated[int, Bounds(0)] = 8
     """Number of episodes to collect (resumable: complete files are skipped)."""
-    max_steps: int = 0
+    max_steps: Annotated[int, Bounds(0)] = 0
     """Cap on steps per collected episode; 0 = the game's horizon (env.max_steps), never beyond it."""
     policy: str = "auto"
     """Exploration policy: ``auto``, ``brownian``/``track_follower``/``random`` (CarRacing),
     ``right_biased``/``ram_expert``/``random`` (Mario)."""
-    action_persistence: float = 0.9
+    action_persistence: Annotated[float, FRACTION] = 0.9
     """How strongly an exploration action persists from one step to the next (0 = white noise)."""
-    follower_blend: float = 1.0
+    follower_blend: Annotated[float, PROBABILITY] = 1.0
     """CarRacing ``track_follower``: the largest per-episode weight of the brownian driver in its blend
     (in [0, 1]; 0 = the follower alone, 1 = anything up to the brownian car)."""
-    follower_gas_max: float = 0.15
+    follower_gas_max: Annotated[float, Bounds(0.15, 1.0)] = 0.15
     """CarRacing ``track_follower``: the follower's gas on the straight is drawn per episode from U[0.15,
     this] (in [0.15, 1]; 0.15 = always 0.15), so the data show what driving faster costs."""
-    mario_repeat: int = 4
+    mario_repeat: Annotated[int, Bounds(1)] = 4
     """Mean number of steps a Mario exploration action is repeated."""
-    right_bias: float = 0.8
+    right_bias: Annotated[float, PROBABILITY] = 0.8
     """Mario ``right_biased``: probability that a newly drawn action holds the right button."""
-    expert_noise: float = 0.3
+    expert_noise: Annotated[float, PROBABILITY] = 0.3
     """Mario ``ram_expert``: the largest per-episode share of steps that play a random combination instead
     of the expert's (in [0, 1]; the share is drawn per episode from U[0, this])."""
-    retries: int = 2
+    retries: Annotated[int, Bounds(0)] = 2
     """How often a failed episode is retried before it is reported as failed."""
-    workers: int = 0
+    workers: Annotated[int, Bounds(0)] = 0
     """Parallel Ray workers; 0 = one per core that Ray sees."""
-    episode_timeout: float = 600.0
+    episode_timeout: Annotated[float, Bounds(0)] = 600.0
     """Seconds one episode may take on a ready worker before the worker is killed and the episode retried;
     also how long collection waits with no worker ready before the episodes left fail (0 = no limit)."""
 
 
 @dataclass
 class VAEConfig:
-    latent_dim: int = 32
+    latent_dim: Annotated[int, Bounds(1)] = 32
     """Size of z."""
-    epochs: int = 10
+    epochs: Annotated[int, Bounds(0)] = 10
     """Training epochs over all frames of the training episodes."""
-    batch_size: int = 64
+    batch_size: Annotated[int, Bounds(1)] = 64
     """Frames per optimiser step."""
-    lr: float = 1e-3
+    lr: Annotated[float, POSITIVE] = 1e-3
     """Adam learning rate."""
-    kl_tolerance: float = 0.5
+    kl_tolerance: Annotated[float, Bounds(0)] = 0.5
     """Free bits per latent dimension (World Models: 0.5): the KL term is max(KL, tolerance * latent_dim)."""
-    player_weight: float = 1.0
+    player_weight: Annotated[float, Bounds(1)] = 1.0
     """Weight of the squared error in the 8 x 8 patch around the player (Mario; 1 = every pixel alike)."""
-    enemy_weight: float = 1.0
+    enemy_weight: Annotated[float, Bounds(1)] = 1.0
     """Weight of the squared error in the 8 x 8 patch around each enemy (Mario; 1 = every pixel alike; where a
     patch overlaps the player's, the larger weight)."""
-    val_fraction: float = 0.1
+    val_fraction: Annotated[float, FRACTION] = 0.1
     """Fraction of episodes held out for validation."""
-    shuffle_buffer: int = 4096
+    shuffle_buffer: Annotated[int, Bounds(1)] = 4096
     """Frames held in the streaming shuffle buffer."""
-    patience: int = 0
+    patience: Annotated[int, Bounds(0)] = 0
     """Early stopping: epochs without a better validation loss (0 = never stop early)."""
-    grad_clip: float = 0.0
+    grad_clip: Annotated[float, Bounds(0)] = 0.0
     """Max gradient norm (0 = no clipping; non-finite gradients are skipped either way)."""
-    checkpoint_every: int = 250
+    checkpoint_every: Annotated[int, Bounds(0)] = 250
     """Optimiser steps between mid-epoch checkpoints (0 = only at the end of each epoch)."""
-    log_every: int = 10
+    log_every: Annotated[int, Bounds(1)] = 10
     """Optimiser steps between training-loss rows in vae/metrics.jsonl."""
-    encode_batch: int = 64
+    encode_batch: Annotated[int, Bounds(1)] = 64
     """Frames per forward pass when encoding episodes to latents."""
 
 
@@ -134,21 +166,21 @@ class VAEConfig:
 class MemoryConfig:
     kind: MemoryKind = "frmdn"
     """``rmdn`` (no flow, the baseline) or ``frmdn`` (coupling flow on the target)."""
-    hidden: int = 256
+    hidden: Annotated[int, Bounds(1)] = 256
     """LSTM hidden size."""
-    components: int = 5
+    components: Annotated[int, Bounds(1)] = 5
     """Mixture components K."""
-    rank: int = 3
+    rank: Annotated[int, Bounds(0)] = 3
     """Rank d' of the precision's low-rank factor U_k; 0 = diagonal."""
-    flow_blocks: int = 2
+    flow_blocks: Annotated[int, Bounds(1)] = 2
     """Affine coupling blocks in the flow (frmdn only)."""
-    flow_hidden: int = 64
+    flow_hidden: Annotated[int, Bounds(1)] = 64
     """Hidden width of each coupling block's s and t networks."""
     flow_context: bool = False
     """Condition the flow on the LSTM state (the paper's Fig. 6 extension)."""
     diag_activation: DiagActivation = "softplus"
     """Positivity map for the diagonal precision D_k: ``softplus`` or ``exp``."""
-    diag_floor: float = 1e-4
+    diag_floor: Annotated[float, Bounds(0)] = 1e-4
     """Lower bound added to every diagonal precision element."""
     diag_clamp: list[float] | None = None
     """Optional [low, high] clamp of the diagonal elements (the paper used [0.1, 1.9] for the world model)."""
@@ -156,10 +188,10 @@ class MemoryConfig:
     """Add a reward head (needed by the dream)."""
     predict_done: bool = True
     """Add an episode-end head (needed by the dream)."""
-    dropout: float = 0.0
+    dropout: Annotated[float, FRACTION] = 0.0
     """Dropout p on the LSTM output before the heads (Dropout's Dream Land): in training, and in the dream one
     fixed mask per dream; 0 = off. The LSTM's own state and the controller's h are never dropped."""
-    ensemble: int = 1
+    ensemble: Annotated[int, Bounds(1)] = 1
     """Head sets (mixture, reward, done heads and flow) on the shared LSTM; the loss is their mean and each
     dream runs in one member drawn at its start. 1 = the single memory."""
     heads_read_z: bool = True
@@ -170,46 +202,46 @@ class MemoryConfig:
 
 @dataclass
 class MemoryTrainConfig:
-    epochs: int = 20
+    epochs: Annotated[int, Bounds(0)] = 20
     """Passes over the training sequences."""
-    batch_size: int = 16
+    batch_size: Annotated[int, Bounds(1)] = 16
     """Sequences per step."""
-    seq_len: int = 100
+    seq_len: Annotated[int, Bounds(1)] = 100
     """Length of the chunks episodes are cut into."""
-    lr: float = 1e-3
+    lr: Annotated[float, POSITIVE] = 1e-3
     """Learning rate."""
     optimizer: Optimizer = "adam"
     """``adam`` or ``rmsprop``."""
-    grad_clip: float = 1.0
+    grad_clip: Annotated[float, Bounds(0)] = 1.0
     """Max gradient norm (0 = no clipping)."""
-    patience: int = 5
+    patience: Annotated[int, Bounds(0)] = 5
     """Early stopping: epochs without a better validation NLL (0 = never stop early)."""
     use_mu: bool = False
     """Train on the VAE mean instead of a fresh posterior sample each epoch."""
-    val_fraction: float = 0.1
+    val_fraction: Annotated[float, FRACTION] = 0.1
     """Fraction of episodes for validation."""
-    test_fraction: float = 0.1
+    test_fraction: Annotated[float, FRACTION] = 0.1
     """Fraction of episodes for the test NLL."""
-    done_pos_weight: float = 0.0
+    done_pos_weight: Annotated[float, Bounds(0)] = 0.0
     """pos_weight of the done loss; 0 = set from the data (negatives / positives)."""
-    reward_weight: float = 1.0
+    reward_weight: Annotated[float, Bounds(0)] = 1.0
     """Weight of the reward loss in the total loss."""
-    done_weight: float = 1.0
+    done_weight: Annotated[float, Bounds(0)] = 1.0
     """Weight of the done loss in the total loss."""
-    done_horizon: int = 1
+    done_horizon: Annotated[int, Bounds(1)] = 1
     """The done target is 1 on the last ``done_horizon`` steps of an episode the game ended (1 = on its last
     step only): the head then says "the game ends within this many steps", and a dream ends that early."""
     carry_state: bool = True
     """Truncated backpropagation through time: an episode's windows are read in order, each starting from the
     LSTM state the previous one ended in (detached), so M learns on states of every age the agent reaches;
     false: every window starts from a zero state."""
-    max_steps_per_epoch: int = 0
+    max_steps_per_epoch: Annotated[int, Bounds(0)] = 0
     """Cap on optimiser steps per epoch, for quick runs (0 = every training window once)."""
-    checkpoint_every: int = 100
+    checkpoint_every: Annotated[int, Bounds(0)] = 100
     """Optimiser steps between mid-epoch checkpoints (0 = only at the end of each epoch)."""
-    log_every: int = 10
+    log_every: Annotated[int, Bounds(1)] = 10
     """Optimiser steps between training-loss rows in memory/metrics.jsonl."""
-    seed: int | None = None
+    seed: Annotated[int, Bounds(0)] | None = None
     """Seed of the model's initialisation, its per-epoch posterior samples and batch order; None = the run's
     ``seed``. The episode split and the fixed validation/test sample always follow the run's ``seed``, so
     models trained with different seeds are scored on the same test data."""
@@ -219,7 +251,7 @@ class MemoryTrainConfig:
     """``--sweep table1``: mixture sizes K (the table's columns)."""
     sweep_ranks: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     """``--sweep table1``: precision ranks d' (0 = diagonal)."""
-    sweep_seeds: int = 1
+    sweep_seeds: Annotated[int, Bounds(1)] = 1
     """``--sweep table1``: training seeds per cell (``memory_train.seed`` + 0, 1, ...); the tables give the
     mean and std over them, and FRMDN - RMDN is paired by seed."""
     sweep_extra: list[str] = field(default_factory=list)
@@ -232,13 +264,13 @@ class MemoryTrainConfig:
 class ControllerConfig:
     train_in: TrainIn = "dream"
     """Where CMA-ES evaluates candidates: ``dream`` or ``real``."""
-    generations: int = 10
+    generations: Annotated[int, Bounds(1)] = 10
     """CMA-ES generations."""
-    population: int = 16
+    population: Annotated[int, Bounds(3)] = 16
     """Candidates per generation."""
-    rollouts: int = 4
+    rollouts: Annotated[int, Bounds(1)] = 4
     """Rollouts per candidate; fitness is their mean return."""
-    sigma: float = 0.1
+    sigma: Annotated[float, POSITIVE] = 0.1
     """Initial CMA-ES step size."""
     covariance: Covariance = "full"
     """CMA-ES's covariance: ``full`` (an n x n matrix: its update and checkpoint grow as n^2) or ``diagonal``
@@ -256,37 +288,37 @@ class ControllerConfig:
     """``init: imitate``: what the imitation is fitted to on the imitated frames: ``recorded`` (the actions
     played) or ``follower`` (CarRacing: the track follower's own action on each recorded frame, the
     exploration noise left out, as in DART)."""
-    hidden: int = 0
+    hidden: Annotated[int, Bounds(0)] = 0
     """Hidden tanh units of the controller: 0 = World Models' linear ``a = g(W [z, h] + b)``; N > 0 = Ha's
     variant with one hidden layer, ``a = g(W2 tanh(W1 [z, h] + b1) + b2)``."""
-    temperature: float = 1.15
+    temperature: Annotated[float, Bounds(0)] = 1.15
     """Dream temperature tau (divides logits, multiplies covariance)."""
-    eval_every: int = 5
+    eval_every: Annotated[int, Bounds(0)] = 5
     """Every N generations the best candidate is scored on ``eval_episodes`` more episodes."""
-    eval_episodes: int = 4
+    eval_episodes: Annotated[int, Bounds(1)] = 4
     """Episodes for that periodic evaluation."""
-    max_steps: int = 0
+    max_steps: Annotated[int, Bounds(0)] = 0
     """Cap on the controller's training rollouts (dreams and real games); 0 = the game's horizon
     (env.max_steps), never beyond it."""
-    workers: int = 0
+    workers: Annotated[int, Bounds(0)] = 0
     """Ray rollout actors for real-game evaluation; 0 = one per core."""
-    retries: int = 2
+    retries: Annotated[int, Bounds(0)] = 2
     """How often a failed real-game rollout job (its actor died, raised or timed out) is run again before the
     stage fails."""
-    job_timeout: float = 1800.0
+    job_timeout: Annotated[float, Bounds(0)] = 1800.0
     """Seconds one real-game rollout job (up to ``envs_per_worker`` episodes in lockstep) may run on a ready
     actor before the actor is killed and the job run again (a hung emulator); also how long the jobs may wait
     with no actor ready (the cluster lost the nodes they need) before the stage fails. 0 = no limit."""
-    envs_per_worker: int = 16
+    envs_per_worker: Annotated[int, Bounds(1)] = 16
     """Real-game envs one rollout actor plays in lockstep (one batched V + M + C call per step for all)."""
-    dream_threads: int = 1
+    dream_threads: Annotated[int, Bounds(0)] = 1
     """Torch threads of the batched dream (0 = torch's default); results depend on it, so it is fixed per
     run."""
     dream_start: DreamStart = "first"
     """Where dreams begin: ``first`` frames of the collected episodes with h = 0 (World Models), or ``any``
     frame, with the memory's state after reading the real episode up to it (dreams then cover the whole
     explored game)."""
-    dream_start_limit: int = 4096
+    dream_start_limit: Annotated[int, Bounds(1)] = 4096
     """``any``: at most this many start frames, spread over at most this many episodes."""
     eval_real_episodes: int = 0
     """Dream training: at every periodic evaluation, also score the generation's best candidate on this many
@@ -296,24 +328,24 @@ class ControllerConfig:
 
 @dataclass
 class IterateConfig:
-    iterations: int = 0
+    iterations: Annotated[int, Bounds(0)] = 0
     """Rounds of World Models' iterative training after the pipeline's first controller (``run.py iterate``;
     ``pipeline`` runs them when > 0): collect with the best controller, train M further, continue CMA-ES."""
-    episodes: int = 16
+    episodes: Annotated[int, Bounds(1)] = 16
     """Real episodes each iteration collects with the current best controller (plus exploration noise)."""
     noise: IterateNoise = "action"
     """Exploration noise while collecting: ``action`` (CarRacing: Gaussian noise of std ``noise_scale`` on
     each action, clipped to the box; Mario: a uniformly random action with probability ``noise_scale``) or
     ``params`` (one Gaussian perturbation of std ``noise_scale`` of the controller's parameters per
     episode)."""
-    noise_scale: float = 0.1
+    noise_scale: Annotated[float, Bounds(0)] = 0.1
     """Size of the exploration noise (see ``noise``)."""
-    memory_epochs: int = 5
+    memory_epochs: Annotated[int, Bounds(1)] = 5
     """Epochs of further training of M per iteration (from its previous weights) on every episode so far; also
     V's with ``retrain_vae``."""
-    generations: int = 10
+    generations: Annotated[int, Bounds(1)] = 10
     """CMA-ES generations per iteration, continuing from the previous iteration's mean in the new dream."""
-    eval_episodes: int = 16
+    eval_episodes: Annotated[int, Bounds(1)] = 16
     """Real episodes scoring each iteration's best controller (and the random policy, on the same seeds)."""
     retrain_vae: bool = False
     """Also train V further on every episode so far (the latents are then encoded again)."""
@@ -321,24 +353,24 @@ class IterateConfig:
 
 @dataclass
 class EvaluateConfig:
-    episodes: int = 10
+    episodes: Annotated[int, Bounds(1)] = 10
     """Real-game episodes scored by ``evaluate``."""
     video: bool = True
     """Write a video of the best and the worst episode."""
     random_baseline: bool = True
     """Also score uniformly random actions on the same episode seeds, for comparison."""
-    video_scale: int = 4
+    video_scale: Annotated[int, Bounds(1)] = 4
     """Enlarge the 64x64 frames this many times in the videos."""
 
 
 @dataclass
 class FidelityConfig:
-    controllers: int = 35
+    controllers: Annotated[int, Bounds(0)] = 35
     """Perturbed and random controllers in ``run.py fidelity``'s set, dealt in turn over its scales (besides
     the kept controller, the CMA-ES start and the zeros)."""
-    dreams: int = 64
+    dreams: Annotated[int, Bounds(2, why="a standard error needs two")] = 64
     """Dreams per controller (the same start frames and generator seed for every controller)."""
-    real_episodes: int = 8
+    real_episodes: Annotated[int, Bounds(2, why="a standard error needs two")] = 8
     """Real episodes per controller (the same seeds for every controller)."""
     seed: int = 0
     """Which draw of perturbations, dreams and real episodes, with the run's ``seed``."""
@@ -348,7 +380,7 @@ class FidelityConfig:
 class RayConfig:
     address: str | None = None
     """Cluster to join (``auto`` or host:port); None = RAY_ADDRESS if set, else a local Ray."""
-    num_cpus: int | None = None
+    num_cpus: Annotated[int, Bounds(1)] | None = None
     """CPUs for a local Ray; None = the machine's cores."""
 
 
@@ -367,11 +399,11 @@ class BenchmarkMemoryConfig(MemoryConfig):
 class SpeechConfig:
     data: str | None = None
     """Folder of .wav files (TIMIT, Blizzard, Accent); required for the speech benchmark."""
-    frame: int = 200
+    frame: Annotated[int, Bounds(2, why="the flow splits a frame in halves")] = 200
     """Samples per time step."""
-    sample_rate: int = 16000
+    sample_rate: Annotated[int, Bounds(1)] = 16000
     """Target sample rate (other rates are resampled)."""
-    clip_seconds: float = 0.0
+    clip_seconds: Annotated[float, Bounds(0)] = 0.0
     """Cut sequences to this length (0.5 for Accent and Blizzard in the paper); 0 = whole files."""
 
     @dataclass
@@ -379,8 +411,8 @@ class SpeechConfig:
         """The memory section with the speech benchmark's defaults (a partial ``speech.memory`` keeps
         them)."""
 
-        hidden: int = 256
-        components: int = 20
+        hidden: Annotated[int, Bounds(1)] = 256
+        components: Annotated[int, Bounds(1)] = 20
 
     memory: Memory = field(default_factory=Memory)
     """Every model's memory settings (``hidden``: the LSTM, 256 here, the paper's 2000-4000; ``components``:
@@ -391,21 +423,21 @@ class SpeechConfig:
     """Models to train: ``rmdn`` and/or ``frmdn`` (the table's rows)."""
     ranks: list[int] = field(default_factory=lambda: [0])
     """Ranks d' to compare (0 = diagonal, the paper's best for speech)."""
-    epochs: int = 10
+    epochs: Annotated[int, Bounds(1)] = 10
     """Training epochs."""
-    batch_size: int = 32
+    batch_size: Annotated[int, Bounds(1)] = 32
     """Sequences per step."""
-    lr: float = 1e-3
+    lr: Annotated[float, POSITIVE] = 1e-3
     """Adam learning rate."""
-    grad_clip: float = 1.0
+    grad_clip: Annotated[float, Bounds(0)] = 1.0
     """Max gradient norm (0 = no clipping)."""
-    patience: int = 5
+    patience: Annotated[int, Bounds(0)] = 5
     """Early stopping: epochs without a better validation NLL (0 = never stop early)."""
-    max_files: int = 0
+    max_files: Annotated[int, Bounds(0)] = 0
     """Read at most this many wav files (a seeded random subset; 0 = all)."""
-    max_eval_sequences: int = 0
+    max_eval_sequences: Annotated[int, Bounds(0)] = 0
     """Cap on validation/test sequences (a seeded random subset; 0 = all)."""
-    threads: int = 0
+    threads: Annotated[int, Bounds(0)] = 0
     """Torch CPU threads (0 = torch's default); 1 is far faster for small models on a busy machine."""
 
 
@@ -416,15 +448,15 @@ class ImageConfig:
     batches), or ``auto``: the digits without ``data``, else MNIST or CIFAR-10 as the folder's files say."""
     data: str | None = None
     """Folder with the MNIST IDX files or the CIFAR-10 python batches."""
-    logit_lambda: float | None = None
+    logit_lambda: Annotated[float, Bounds(0.0, 0.5, high_open=True)] | None = None
     """lambda of the logit transform; None = 1e-6 for MNIST/digits, 0.05 for CIFAR-10."""
 
     @dataclass
     class Memory(BenchmarkMemoryConfig):
         """The memory section with the image benchmark's defaults (a partial ``image.memory`` keeps them)."""
 
-        hidden: int = 32
-        components: int = 10
+        hidden: Annotated[int, Bounds(1)] = 32
+        components: Annotated[int, Bounds(1)] = 10
 
     memory: Memory = field(default_factory=Memory)
     """Every model's memory settings (``hidden``: the LSTM, 32 as in the paper; ``components``: K, 10; the
@@ -435,27 +467,27 @@ class ImageConfig:
     """Models to train: ``rmdn`` and/or ``frmdn`` (the table's rows)."""
     ranks: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     """Ranks d' to compare (0 = diagonal; the table's columns)."""
-    epochs: int = 30
+    epochs: Annotated[int, Bounds(1)] = 30
     """Training epochs."""
-    batch_size: int = 256
+    batch_size: Annotated[int, Bounds(1)] = 256
     """Images per step."""
-    lr: float = 1e-3
+    lr: Annotated[float, POSITIVE] = 1e-3
     """Adam learning rate."""
     single_gaussian: bool = True
     """Also fit the class-conditional full-covariance Gaussian baseline (closed-form maximum likelihood)."""
-    grad_clip: float = 1.0
+    grad_clip: Annotated[float, Bounds(0)] = 1.0
     """Max gradient norm (0 = no clipping)."""
-    patience: int = 10
+    patience: Annotated[int, Bounds(0)] = 10
     """Early stopping: epochs without a better validation NLL (0 = never stop early)."""
-    max_train: int = 0
+    max_train: Annotated[int, Bounds(0)] = 0
     """Train on at most this many images (the first of the seeded order; 0 = all)."""
-    max_test: int = 0
+    max_test: Annotated[int, Bounds(0)] = 0
     """Evaluate on at most this many validation/test images (0 = all)."""
     flip: bool = True
     """CIFAR-10 only: random horizontal flips of training images (the MAF protocol's augmentation)."""
-    samples_per_class: int = 10
+    samples_per_class: Annotated[int, Bounds(1)] = 10
     """Columns of the PNG grid of class-conditioned samples."""
-    threads: int = 1
+    threads: Annotated[int, Bounds(0)] = 1
     """Torch CPU threads (0 = torch's default); 1 suits these tiny models (2 ran 35x slower on a busy 2-core
     box)."""
 
@@ -466,11 +498,11 @@ class Config:
     """Run name: outputs go to ``<runs_dir>/<name>/``."""
     runs_dir: str = "runs"
     """Folder holding every run."""
-    seed: int = 0
+    seed: Annotated[int, Bounds(0)] = 0
     """Seed for numpy, torch and the envs."""
     device: str = "cpu"
     """Torch device for training and the dream (``cpu``, ``cuda``, ``mps``)."""
-    threads: int = 0
+    threads: Annotated[int, Bounds(0, why="0 = torch's default")] = 0
     """Torch CPU threads of the command's own process (0 = torch's default, one per core). 1 keeps the VAE and
     memory stages' speed on a machine other processes keep busy, where two threads ran 10-30x slower here."""
     stale: StalePolicy = "redo"
@@ -499,8 +531,6 @@ class Config:
 
 VAE_FRAME_SIZE = 64
 """The side of the square frames the ConvVAE (``frmdn_worldmodels.models.vae``) reads."""
-STALE_POLICIES = typing.get_args(StalePolicy)
-"""Values of ``Config.stale``."""
 DEVICE_KINDS = ("cpu", "cuda", "mps")
 
 
@@ -567,21 +597,11 @@ def check_run_config(cfg: Config) -> None:
                 f"{dotted}={value!r} is only read with {condition}, which this config does not have: "
                 f"remove it or change the setting it depends on"
             )
-    if cfg.seed < 0:
-        raise ConfigError(f"seed must be >= 0 (it seeds numpy's SeedSequence), got {cfg.seed}")
-    if cfg.threads < 0:
-        raise ConfigError(f"threads must be at least 0 (0 = torch's default), got {cfg.threads}")
-    if cfg.stale not in STALE_POLICIES:
-        raise ConfigError(f"stale must be one of {', '.join(STALE_POLICIES)}, got {cfg.stale!r}")
     kind, _, index = cfg.device.partition(":")
     if kind not in DEVICE_KINDS or (index and not index.isdigit()):
         raise ConfigError(f"device must be cpu, cuda, cuda:N or mps, got {cfg.device!r}")
     if not cfg.name or "/" in cfg.name:
         raise ConfigError(f"name must be a non-empty folder name (no '/'), got {cfg.name!r}")
-    if cfg.ray.num_cpus is not None and cfg.ray.num_cpus < 1:
-        raise ConfigError(
-            f"ray.num_cpus must be at least 1 (or null for the machine's cores), got {cfg.ray.num_cpus}"
-        )
     for section in ("collect", "controller"):
         cap = getattr(cfg, section).max_steps
         if not 0 <= cap <= cfg.env.max_steps:
@@ -594,6 +614,11 @@ def check_run_config(cfg: Config) -> None:
 def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     """Check ``value`` against the type ``hint`` (converting int to float and str from --set)."""
     origin = typing.get_origin(hint)
+    if origin is Annotated:
+        base, *extras = typing.get_args(hint)
+        value = _coerce(value, base, key, source)
+        _check_value(value, hint, f"{source}: {key}")
+        return value
     if origin in (types.UnionType, typing.Union):
         args = typing.get_args(hint)
         if value is None and type(None) in args:
@@ -636,8 +661,34 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     return value
 
 
+def _check_value(value: Any, hint: Any, name: str) -> None:
+    """Refuse ``value`` outside the ``Bounds`` its type ``hint`` carries (None passes an optional field)."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        for arg in typing.get_args(hint):
+            if value is not None and arg is not type(None):
+                _check_value(value, arg, name)
+        return
+    if typing.get_origin(hint) is Annotated:
+        for bounds in typing.get_args(hint)[1:]:
+            if isinstance(bounds, Bounds) and not bounds.holds(value):
+                raise ConfigError(f"{name} must be {bounds}, got {value!r}")
+
+
+def check_bounds(section: Any, prefix: str) -> None:
+    """Refuse a field of the config section ``section`` (a dataclass; its nested sections too) outside the
+    ``Bounds`` in its type (``ConfigError`` naming ``<prefix>.<field>``): the loader checks every config it
+    reads, and the models, envs and policies call this for sections built in code."""
+    hints = typing.get_type_hints(type(section), include_extras=True)
+    for item in dataclasses.fields(section):
+        value, name = getattr(section, item.name), f"{prefix}.{item.name}" if prefix else item.name
+        if dataclasses.is_dataclass(value):
+            check_bounds(value, name)
+        else:
+            _check_value(value, hints[item.name], name)
+
+
 def _build(cls: type, values: dict, source: str, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -754,18 +805,26 @@ def describe_fields(sections: Sequence[str]) -> list[str]:
     ]
 
 
+def _accepts(hint: Any) -> str:
+    """What a field's type accepts, for ``--help``: its choices or its range ("": any value of its type)."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return "".join(_accepts(arg) for arg in typing.get_args(hint))
+    if typing.get_origin(hint) is Literal:
+        return f"  (one of: {', '.join(typing.get_args(hint))})"
+    if typing.get_origin(hint) is Annotated:
+        return "".join(f"  ({bounds})" for bounds in typing.get_args(hint)[1:] if isinstance(bounds, Bounds))
+    return ""
+
+
 def _describe(value: Any, nested: bool, prefix: str) -> list[str]:
-    docs, hints, lines = field_docs(type(value)), typing.get_type_hints(type(value)), []
+    docs, hints, lines = field_docs(type(value)), typing.get_type_hints(type(value), include_extras=True), []
     for item in dataclasses.fields(value):
         default, name = getattr(value, item.name), f"{prefix}.{item.name}" if nested else item.name
         if dataclasses.is_dataclass(default):
             if nested:  # the top level's sections are listed by the commands that read them
                 lines += _describe(default, True, name)
             continue
-        hint = hints[item.name]
-        listed = (
-            f"  (one of: {', '.join(typing.get_args(hint))})" if typing.get_origin(hint) is Literal else ""
-        )
+        listed = _accepts(hints[item.name])
         lines.append(f"  {name} = {default!r}{listed}")
         lines += textwrap.wrap(
             docs.get(item.name, ""), 104, initial_indent="      ", subsequent_indent="      "

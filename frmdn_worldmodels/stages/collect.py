@@ -216,10 +216,6 @@ def check_collect_config(cfg: Config) -> None:
     check_env_config(cfg.env)
     check_policy_config(cfg.env, cfg.collect)
     check_run_config(cfg)  # collect.max_steps against the horizon
-    for key, low in (("episodes", 0), ("retries", 0), ("workers", 0), ("episode_timeout", 0)):
-        value = getattr(cfg.collect, key)
-        if value < low:
-            raise ConfigError(f"collect.{key}: must be at least {low}, got {value}")
 
 
 def _check_writable(folder: Path) -> None:

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from frmdn_worldmodels.agent.play import Episode, controller_for
-from frmdn_worldmodels.agent.workers import check_rollout_config, run_pool, seed_chunks
+from frmdn_worldmodels.agent.workers import run_pool, seed_chunks
 from frmdn_worldmodels.dream.env import load_memory, make_dream_env
 from frmdn_worldmodels.models.controller import Controller
-from frmdn_worldmodels.runtime.config import Config, ConfigError
+from frmdn_worldmodels.runtime.config import Config
 from frmdn_worldmodels.runtime.io import DataError, atomic_write_bytes, write_json
 from frmdn_worldmodels.runtime.paths import prepare_stage, run_paths
 from frmdn_worldmodels.runtime.plots import save_image_grid
@@ -78,18 +78,9 @@ def _controller(expected: Controller, best: dict, path: Path) -> Controller:
     return controller
 
 
-def check_evaluate_config(cfg: Config) -> None:
-    """Refuse an evaluate section that cannot be used (``ConfigError`` naming the field)."""
-    for name in ("episodes", "video_scale"):
-        if getattr(cfg.evaluate, name) < 1:
-            raise ConfigError(f"evaluate.{name} must be at least 1, got {getattr(cfg.evaluate, name)}")
-    check_rollout_config(cfg.controller)  # the real episodes run on the rollout pool
-
-
 def run(cfg: Config, keeper: PoolKeeper | None = None) -> dict:
     """Score the trained controller in the real game (and random actions on the same seeds); ``keeper``: the
     command's ``PoolKeeper``, whose rollout actors it reuses when they hold the same models."""
-    check_evaluate_config(cfg)
     paths = run_paths(cfg)
     best_path = paths.controller / "best.pt"
     best = load_best(cfg)

@@ -44,12 +44,11 @@ import numpy as np
 import torch
 
 from frmdn_worldmodels.agent.play import Episode, controller_for
-from frmdn_worldmodels.agent.workers import check_rollout_config
 from frmdn_worldmodels.dream.batched import DreamRollouts
 from frmdn_worldmodels.dream.env import load_memory
 from frmdn_worldmodels.models.controller import Controller
 from frmdn_worldmodels.models.memory import MemoryModel
-from frmdn_worldmodels.runtime.config import Config, ConfigError, FidelityConfig, step_limit
+from frmdn_worldmodels.runtime.config import Config, FidelityConfig, step_limit
 from frmdn_worldmodels.runtime.io import load_checkpoint, write_json
 from frmdn_worldmodels.runtime.paths import run_paths
 from frmdn_worldmodels.runtime.plots import plot_scatter
@@ -58,17 +57,6 @@ from frmdn_worldmodels.runtime.seeds import seed_ints
 from frmdn_worldmodels.stages.evaluate import _controller, _stats
 from frmdn_worldmodels.stages.train_controller import DreamFitness, RealFitness, load_best
 from frmdn_worldmodels.train.imitate import imitate_collected
-
-
-def check_fidelity_config(cfg: Config) -> None:
-    """Refuse a fidelity section that cannot be used (``ConfigError`` naming the field)."""
-    settings = cfg.fidelity
-    # a standard error needs two returns
-    for name, low in (("controllers", 0), ("dreams", 2), ("real_episodes", 2)):
-        if getattr(settings, name) < low:
-            raise ConfigError(f"fidelity.{name} must be at least {low}, got {getattr(settings, name)}")
-    check_rollout_config(cfg.controller)  # the real episodes run on the rollout pool
-
 
 REAL, DREAM, SET = 0, 1, 2
 """What each of the measurement's seeds draws: the real episodes, the dreams, the perturbed and random
@@ -236,7 +224,6 @@ def finished(cfg: Config) -> dict | None:
 
 def run(cfg: Config) -> dict:
     """Score the set of controllers in the dream and in the real game (see the module docstring)."""
-    check_fidelity_config(cfg)
     settings = cfg.fidelity
     best = load_best(cfg)  # a DataError naming best.pt if there is no controller yet
     stage = Stage(cfg, "fidelity")

@@ -32,11 +32,10 @@ import numpy as np
 import torch
 
 from frmdn_worldmodels.agent.play import Episode, controller_for
-from frmdn_worldmodels.agent.workers import check_rollout_config, chunk_count, map_seeds, run_pool
+from frmdn_worldmodels.agent.workers import chunk_count, map_seeds, run_pool
 from frmdn_worldmodels.data.episodes import list_npz, load_latents
 from frmdn_worldmodels.dream.batched import BatchedDream
 from frmdn_worldmodels.dream.env import (
-    check_dream_start,
     dream_horizon,
     dream_starts,
     load_memory,
@@ -46,10 +45,7 @@ from frmdn_worldmodels.models.controller import Controller
 from frmdn_worldmodels.models.memory import MemoryModel
 from frmdn_worldmodels.runtime.config import (
     Config,
-    ConfigError,
     ControllerConfig,
-    Covariance,
-    TrainIn,
     step_limit,
 )
 from frmdn_worldmodels.runtime.io import (
@@ -73,8 +69,6 @@ from frmdn_worldmodels.train.imitate import Imitation, check_init, imitate_colle
 if typing.TYPE_CHECKING:  # cma takes a second to import, which the config check must not pay
     from frmdn_worldmodels.train.es import CMAES
 
-COVARIANCES = typing.get_args(Covariance)
-"""``controller.covariance``: CMA-ES's full covariance matrix, or sep-CMA-ES's diagonal (``train/es.py``)."""
 DREAM_ONLY_FIELDS = ("temperature", "dream_start", "dream_start_limit", "dream_threads", "eval_real_episodes")
 """Controller fields read only when candidates are scored in the dream (``train_in: dream``)."""
 
@@ -94,33 +88,8 @@ def unused_in_real(cfg: Config) -> list[str]:
 
 
 def check_controller_config(cfg: Config) -> None:
-    c = cfg.controller
-    if c.train_in not in typing.get_args(TrainIn):
-        raise ConfigError(f"controller.train_in must be 'dream' or 'real', got {c.train_in!r}")
-    for key, low in (
-        ("generations", 1),
-        ("population", 3),
-        ("rollouts", 1),
-        ("eval_episodes", 1),
-        ("eval_every", 0),
-        ("max_steps", 0),
-        ("dream_threads", 0),
-        ("dream_start_limit", 1),
-        ("hidden", 0),
-    ):
-        if getattr(c, key) < low:
-            raise ConfigError(f"controller.{key} must be at least {low}, got {getattr(c, key)}")
-    check_rollout_config(c)
-    check_dream_start(c.dream_start)
-    check_init(c, cfg.env.name)
-    if c.covariance not in COVARIANCES:
-        raise ConfigError(
-            f"controller.covariance must be one of {', '.join(COVARIANCES)}, got {c.covariance!r}"
-        )
-    if c.sigma <= 0 or c.temperature < 0:
-        raise ConfigError(
-            f"controller.sigma must be > 0 and controller.temperature >= 0, got {c.sigma}, {c.temperature}"
-        )
+    """What the field types cannot say: the imitation start's settings for this game."""
+    check_init(cfg.controller, cfg.env.name)
 
 
 class DreamFitness:

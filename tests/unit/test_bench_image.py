@@ -317,7 +317,7 @@ def test_cli_refuses_a_missing_or_unrecognised_data_folder(tmp_path, run_main):
 def test_cli_refuses_bad_memory_settings_before_any_work(tmp_path, run_main):
     runs = f"runs_dir={json.dumps(str(tmp_path / 'runs'))}"
     for override, message in (
-        ("image.memory.components=0", "image.memory.components must be at least 1, got 0"),
+        ("image.memory.components=0", "image.memory.components must be at least 1, got 0"),  # the loader's
         (
             "image.memory.rank=2",
             (
@@ -327,9 +327,7 @@ def test_cli_refuses_bad_memory_settings_before_any_work(tmp_path, run_main):
         ),
         ("image.memory.predict_reward=true", "image.memory.predict_reward must be false"),
     ):
-        assert_refused(
-            run_main("benchmark", "image", "--set", runs, "--set", override), tmp_path, f"error: {message}"
-        )
+        assert_refused(run_main("benchmark", "image", "--set", runs, "--set", override), tmp_path, message)
 
 
 def test_memory_settings_reach_the_models_and_their_fingerprints(tmp_path, monkeypatch):

@@ -38,7 +38,7 @@ def test_every_shipped_config_is_valid(path):
 # one bad value per section (and the rules across sections): every command that uses the section refuses it
 # by name
 BAD_VALUES = [
-    ("pipeline", "seed=-1", "seed must be >= 0"),
+    ("pipeline", "seed=-1", "seed must be at least 0"),
     ("pipeline", "stale=maybe", "stale must be one of"),
     ("pipeline", "device=tpu", "device must be"),
     ("pipeline", "ray.num_cpus=0", "ray.num_cpus"),
@@ -79,7 +79,9 @@ BAD_VALUES = [
     ("train-memory --sweep table1", "memory_train.sweep_seeds=0", "memory_train.sweep_seeds"),
     ("train-memory --sweep table1", "memory_train.sweep_extra=[context]", "unknown rows ['context']"),
     ("train-memory --sweep table1", "memory_train.sweep_extra=[heads]", "the heads row needs a grid without"),
-    ("train-memory", "memory_train.seed=-3", "memory_train.seed must be >= 0"),
+    ("train-memory", "memory_train.seed=-3", "memory_train.seed must be at least 0, got -3"),
+    ("train-memory", "memory_train.val_fraction=1", "memory_train.val_fraction must be in [0, 1), got 1"),
+    ("train-controller", "controller.population=2", "controller.population must be at least 3, got 2"),
     ("train-controller", "controller.sigma=0", "controller.sigma"),
     ("evaluate", "evaluate.video_scale=0", "evaluate.video_scale"),
     ("dream", "controller.temperature=-1", "controller.temperature"),
@@ -233,7 +235,8 @@ def test_every_field_has_a_doc_line_and_each_command_help_lists_the_fields_it_re
     for item in dataclasses.fields(Config().memory_train):
         assert f"  memory_train.{item.name} = " in shown
     assert "  memory_train.carry_state = True\n      Truncated backpropagation through time" in shown
-    assert "  seed = 0\n" in shown and "controller." not in shown  # what it reads, nothing else
+    assert "  seed = 0  (at least 0)\n" in shown and "controller." not in shown  # what it reads, nothing else
+    assert "  memory_train.lr = 0.001  (> 0)\n" in shown  # a field's bounds, from its type
     assert "  speech.memory.components = 20" in run_main("benchmark", "--help").stdout
     assert set(cli.sections_of("pipeline")) >= {"collect", "vae", "memory", "controller", "iterate"}
 

@@ -2,13 +2,10 @@
 session's tiny run (the same dreams and the same real seeds for every controller, the json, the figure, the
 report)."""
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 
-from frmdn_worldmodels.runtime.config import FidelityConfig, load_config
-from frmdn_worldmodels.stages import fidelity
+from frmdn_worldmodels.runtime.config import ConfigError, load_config
 from frmdn_worldmodels.stages.fidelity import average_ranks, pearson, spearman
 
 
@@ -36,10 +33,9 @@ def test_spearman_by_hand_with_ties_and_against_scipy():
 
 
 def test_fidelity_config_is_refused_where_it_cannot_give_a_standard_error():
-    cfg = load_config(None, [])
-    fidelity.check_fidelity_config(cfg)  # the defaults
-    with pytest.raises(Exception, match="fidelity.real_episodes must be at least 2"):
-        fidelity.check_fidelity_config(replace(cfg, fidelity=FidelityConfig(real_episodes=1)))
+    load_config(None, [])  # the defaults
+    with pytest.raises(ConfigError, match="fidelity.real_episodes must be at least 2"):
+        load_config(None, ["fidelity.real_episodes=1"])
 
 
 def test_fidelity_refuses_a_run_without_a_controller(tmp_path, run_main):

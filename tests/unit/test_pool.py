@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import ray
 
+from frmdn_worldmodels.runtime.config import EnvConfig
 from frmdn_worldmodels.runtime.pool import PoolWorker
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -66,8 +67,15 @@ def alive(handles) -> list[bool]:
     ],
 )
 def test_bad_rollout_pool_settings_are_refused_with_the_field(override):
-    from frmdn_worldmodels.agent.workers import check_rollout_config
+    """Read from a config or built in code: the pool's settings outside their bounds are refused, by name."""
+    import dataclasses
+
+    from frmdn_worldmodels.agent.workers import rollout_pool
     from frmdn_worldmodels.runtime.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
-        check_rollout_config(load_config(None, [override]).controller)
+    name, value = override.split("=")
+    with pytest.raises(ConfigError, match=name.replace(".", r"\.")):
+        load_config(None, [override])
+    built = dataclasses.replace(load_config(None, []).controller, **{name.split(".")[1]: int(value)})
+    with pytest.raises(ConfigError, match=name.replace(".", r"\.")):
+        rollout_pool(EnvConfig(), {}, {}, False, None, built)
