@@ -109,13 +109,7 @@ def load_speech_corpus(config: SpeechConfig, seed: int) -> SpeechSplits:
         chosen = np.sort(np.random.default_rng(seed).choice(len(paths), config.max_files, replace=False))
         paths = [paths[i] for i in chosen]
     layout, split_paths = _split_paths(paths, root, seed)
-    clip_frames = (
-        round(config.clip_seconds * config.sample_rate / config.frame) if config.clip_seconds > 0 else 0
-    )
-    if config.clip_seconds > 0 and clip_frames < 1:
-        raise ConfigError(
-            f"speech.clip_seconds={config.clip_seconds} is shorter than one frame of {config.frame}"
-        )
+    clip_frames = clip_length(config)
     rates, multichannel, too_short = Counter(), 0, 0
     raw: dict[str, list[np.ndarray]] = {}
     bar = progress(total=sum(map(len, split_paths.values())), desc="reading wavs", unit="file")
@@ -198,14 +192,23 @@ def speech_label(kind: str, components: int, rank: int) -> str:
     return f"{kind.upper()} (K={components}" + (f", d'={rank})" if rank else ")")
 
 
-def check_speech_config(cfg: Config) -> None:
-    """Every speech setting, before any file is read or written (``ConfigError`` naming the field)."""
-    config = cfg.speech
-    check_model_grid(config, "speech")
-    if config.clip_seconds > 0 and round(config.clip_seconds * config.sample_rate / config.frame) < 1:
+def clip_length(config: SpeechConfig) -> int:
+    """Frames in one clip of ``speech.clip_seconds`` (0: whole files); a clip shorter than a frame is
+    refused (``ConfigError``)."""
+    if config.clip_seconds <= 0:
+        return 0
+    frames = round(config.clip_seconds * config.sample_rate / config.frame)
+    if frames < 1:
         raise ConfigError(
             f"speech.clip_seconds={config.clip_seconds} is shorter than one frame of {config.frame}"
         )
+    return frames
+
+
+def check_speech_config(cfg: Config) -> None:
+    """Every speech setting, before any file is read or written (``ConfigError`` naming the field)."""
+    check_model_grid(cfg.speech, "speech")
+    clip_length(cfg.speech)
 
 
 def run(cfg: Config) -> dict:
