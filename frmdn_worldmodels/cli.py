@@ -34,6 +34,7 @@ SECTION_CHECKS: dict[str, tuple[str, str | None]] = {
     "sweep": ("frmdn_worldmodels.benchmarks.table1:check_sweep_config", None),
     "controller": ("frmdn_worldmodels.stages.train_controller:check_controller_config", None),
     "iterate": ("frmdn_worldmodels.stages.iterate:check_iterate_config", None),
+    "evaluate": ("frmdn_worldmodels.stages.evaluate:check_evaluate_config", None),
     "image": ("frmdn_worldmodels.benchmarks.image:check_image_config", None),
     "speech": ("frmdn_worldmodels.benchmarks.speech:check_speech_config", None),
 }

@@ -60,9 +60,32 @@ class UniformPolicy:
         return int(self.rng.integers(3))
 
 
+class CentringPolicy:
+    """The toy game's teacher: push the dot towards the middle of the screen, reading where it is from the
+    frame; a random push seven steps in ten, so its returns depend on its draws."""
+
+    def __init__(self, rng: np.random.Generator):
+        self.rng = rng
+
+    def reset(self) -> None:
+        pass
+
+    def act(self, obs: np.ndarray) -> int:
+        if self.rng.random() < 0.7:
+            return int(self.rng.integers(3))
+        red = obs[..., 0].sum(axis=0)
+        if not red.any():
+            return 1
+        x = int(np.argmax(red)) / len(red)
+        return 0 if x > 0.5 else 2
+
+
 DOTS = Game(
     "dots",
     lambda env_cfg, render_mode: DotGame(render_mode),
     lambda env_cfg: spaces.Discrete(3),
-    {"random": lambda env_cfg, collect, rng, game: UniformPolicy(rng)},
+    {
+        "random": lambda env_cfg, collect, rng, game: UniformPolicy(rng),
+    },
+    teachers={"centring": lambda env_cfg, rng, game: CentringPolicy(rng)},
 )

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from frmdn_worldmodels.games.envs import action_dim, action_space, is_discrete, sprite_centres
+from frmdn_worldmodels.games.game import Policy
 from frmdn_worldmodels.models.controller import Controller
 from frmdn_worldmodels.models.memory import MemoryModel
 from frmdn_worldmodels.models.vae import ConvVAE, frames_to_tensor, posterior_sample
@@ -90,9 +91,10 @@ class WorldModelAgent:
     def set_params(self, params: Tensor | np.ndarray) -> None:
         """Drive with other controller parameters (the models stay loaded): ``[n]`` for every env, or
         ``[N, n]``, one controller per env (e.g. several CMA-ES candidates played in one lockstep batch)."""
-        params = torch.tensor(
-            np.array(params, dtype=np.float32), device=self.device
-        )  # a copy: Ray's are read-only
+        if isinstance(params, Tensor):
+            params = params.detach().to(self.device, torch.float32).clone()
+        else:  # a copy: Ray's arrays are read-only
+            params = torch.tensor(np.array(params, dtype=np.float32), device=self.device)
         self.controller.split(params)  # checks the parameter count
         if params.dim() not in (1, 2):
             raise ValueError(f"controller params must be [n] or [N, n], got {tuple(params.shape)}")
@@ -215,7 +217,7 @@ class Episode:
 
 def play_episodes(
     envs: Sequence[gymnasium.Env],
-    agent: WorldModelAgent | None,
+    agent: WorldModelAgent | PolicyBatch | None,
     seeds: Sequence[int],
     max_steps: int | None = None,
     record: bool = False,
@@ -223,7 +225,8 @@ def play_episodes(
     """One episode per seed, ``envs[i]`` playing from ``reset(seed=seeds[i])``, all in lockstep (the agent
     encodes and acts for every env at once), each until its game ends, its env truncates, or ``max_steps``.
 
-    ``agent=None`` plays uniformly random actions from each env's ``action_space`` seeded with its seed.
+    ``agent=None`` plays uniformly random actions from each env's ``action_space`` seeded with its seed; a
+    ``PolicyBatch`` plays its policies.
     """
     if len(envs) < len(seeds):
         raise ValueError(f"{len(seeds)} episodes need as many envs, got {len(envs)}")
@@ -283,6 +286,23 @@ def play_episode(
 ) -> Episode:
     """``play_episodes`` for one env and one seed."""
     return play_episodes([env], agent, [seed], max_steps, record)[0]
+
+
+class PolicyBatch:
+    """One-env policies (``games.game.Policy``: an exploration policy, a teacher) played in lockstep by
+    ``play_episodes``, policy i in env i."""
+
+    def __init__(self, policies: Sequence[Policy]):
+        self.policies = list(policies)
+
+    def reset(self, seeds: Sequence[int]) -> None:
+        if len(seeds) != len(self.policies):
+            raise ValueError(f"{len(seeds)} episodes for {len(self.policies)} policies")
+        for policy in self.policies:
+            policy.reset()
+
+    def act(self, frames: np.ndarray) -> list:
+        return [policy.act(frame) for policy, frame in zip(self.policies, frames, strict=True)]
 
 
 class AgentPolicy:

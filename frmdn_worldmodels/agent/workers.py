@@ -14,12 +14,14 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from frmdn_worldmodels.agent.play import Episode, WorldModelAgent, controller_for, play_episodes
+from frmdn_worldmodels.agent.play import Episode, PolicyBatch, WorldModelAgent, controller_for, play_episodes
 from frmdn_worldmodels.games.envs import make_env
+from frmdn_worldmodels.games.game import game_of
 from frmdn_worldmodels.models.memory import MemoryModel
 from frmdn_worldmodels.models.vae import ConvVAE
 from frmdn_worldmodels.runtime.config import Config, ControllerConfig, EnvConfig, check_bounds
 from frmdn_worldmodels.runtime.pool import ActorPool, PoolKeeper, PoolWorker
+from frmdn_worldmodels.runtime.seeds import episode_rng
 
 
 class RolloutWorker(PoolWorker):
@@ -57,10 +59,18 @@ class RolloutWorker(PoolWorker):
         )
 
     def evaluate(
-        self, params: np.ndarray | None, seeds: Sequence[int], record: bool = False
+        self,
+        params: np.ndarray | None,
+        seeds: Sequence[int],
+        record: bool = False,
+        teacher: str | None = None,
     ) -> list[Episode]:
         """One episode per seed, up to ``envs`` of them at a time in lockstep. ``params``: one controller
-        ``[n]`` for all, one per episode ``[len(seeds), n]``, or ``None`` for uniformly random actions."""
+        ``[n]`` for all, one per episode ``[len(seeds), n]``, or ``None`` for uniformly random actions;
+        ``teacher``: play the game's teacher of that name instead (``Game.teachers``), each episode drawing
+        from ``episode_rng("teacher", seed)``."""
+        if teacher is not None:
+            return self._play_teacher(teacher, seeds, record)
         if params is not None:
             params = np.asarray(params, dtype=np.float32)
             if params.ndim == 2 and len(params) != len(seeds):
@@ -72,6 +82,18 @@ class RolloutWorker(PoolWorker):
                 agent = self.agent
                 agent.set_params(params[start : start + len(chunk)] if params.ndim == 2 else params)
             episodes += play_episodes(self.envs, agent, chunk, self.max_steps, record)
+        return episodes
+
+    def _play_teacher(self, teacher: str, seeds: Sequence[int], record: bool) -> list[Episode]:
+        make_teacher = game_of(self.env_cfg).teachers[teacher]
+        episodes = []
+        for _, chunk in self._lockstep(seeds):
+            envs = self.envs[: len(chunk)]
+            policies = [
+                make_teacher(self.env_cfg, episode_rng("teacher", seed), env)
+                for env, seed in zip(envs, chunk, strict=True)
+            ]
+            episodes += play_episodes(envs, PolicyBatch(policies), chunk, self.max_steps, record)
         return episodes
 
     def _lockstep(self, seeds: Sequence[int]) -> Iterator[tuple[int, list[int]]]:

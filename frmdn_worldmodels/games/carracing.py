@@ -193,5 +193,10 @@ CARRACING = register(
             "track_follower": _follower,
             "random": lambda env_cfg, collect, rng, game: UniformCarPolicy(rng),
         },
+        teachers={
+            "track_follower": lambda env_cfg, rng, game: _follower(
+                env_cfg, CollectConfig(follower_blend=0.0), rng, game
+            )
+        },
     )
 )

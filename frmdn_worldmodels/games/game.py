@@ -8,6 +8,7 @@ imported wherever the config is read, Ray workers included, so nothing else need
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -32,6 +33,9 @@ class Policy(Protocol):
 PolicyFactory = Callable[[EnvConfig, CollectConfig, np.random.Generator, "gymnasium.Env | None"], Policy]
 """``(env section, collect section, generator, the live game) -> Policy``."""
 
+TeacherFactory = Callable[[EnvConfig, np.random.Generator, "gymnasium.Env | None"], Policy]
+"""``(env section, generator, the live game) -> Policy``: a hand-written driver playing alone."""
+
 
 def _no_check(env_cfg: EnvConfig) -> None:
     """A game with no settings of its own beyond the env section's common fields."""
@@ -54,6 +58,9 @@ class Game:
     one-hot."""
     policies: Mapping[str, PolicyFactory]
     """Exploration policies by ``collect.policy`` name; the first is what ``auto`` picks."""
+    teachers: Mapping[str, TeacherFactory] = dataclasses.field(default_factory=dict)
+    """Hand-written drivers that play the game alone (no exploration noise), by name: what
+    ``evaluate.teacher`` scores on the agent's evaluation seeds. A game without one has none."""
     check: Callable[[EnvConfig], None] = _no_check
     """Refuse the game's own env settings (``ConfigError`` naming the field)."""
     sprites: Callable[[gymnasium.Env], np.ndarray | None] = _no_sprites

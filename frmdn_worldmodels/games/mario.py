@@ -160,6 +160,11 @@ MARIO = register(
             "ram_expert": _expert,
             "random": lambda env_cfg, collect, rng, game: _held(env_cfg, collect, rng, None),
         },
+        teachers={
+            "ram_expert": lambda env_cfg, rng, game: _expert(
+                env_cfg, CollectConfig(expert_noise=0.0), rng, game
+            )
+        },
         check=check,
         sprites=sprite_centres,
     )

@@ -361,6 +361,10 @@ class EvaluateConfig:
     """Also score uniformly random actions on the same episode seeds, for comparison."""
     video_scale: Annotated[int, Bounds(1)] = 4
     """Enlarge the 64x64 frames this many times in the videos."""
+    teacher: str = ""
+    """Also score this hand-written driver of the game alone (``Game.teachers``: CarRacing's
+    ``track_follower``, Mario's ``ram_expert``) on the same seeds, and the paired difference agent -
+    teacher; empty: none."""
 
 
 @dataclass

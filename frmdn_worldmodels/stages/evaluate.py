@@ -3,8 +3,10 @@ dream).
 
 ``evaluate``: ``evaluate.episodes`` real episodes (in parallel on Ray) with the controller of
 ``<run>/controller/best.pt``, on seeds that training never used; mean +- std of the returns; with
-``evaluate.random_baseline`` the same seeds played by uniformly random actions, for comparison; GIFs of the
-best and the worst episode. Outputs in ``<run>/evaluate/``: ``summary.json``, ``best.gif``, ``worst.gif``.
+``evaluate.random_baseline`` the same seeds played by uniformly random actions, and with ``evaluate.teacher``
+by the game's teacher (the policy that collected the data), each with the paired difference agent - other
+(mean and standard error over the seeds); GIFs of the best and the worst episode. Outputs in
+``<run>/evaluate/``: ``summary.json``, ``best.gif``, ``worst.gif``.
 
 ``dream``: one dream of the memory driven by the controller, every step's ``z`` decoded by the VAE, as
 ``<run>/dream/dream.gif`` with ``summary.json``.
@@ -22,12 +24,13 @@ import torch
 from frmdn_worldmodels.agent.play import Episode, controller_for
 from frmdn_worldmodels.agent.workers import run_pool, seed_chunks
 from frmdn_worldmodels.dream.env import load_memory, make_dream_env
+from frmdn_worldmodels.games.game import game_of
 from frmdn_worldmodels.models.controller import Controller
-from frmdn_worldmodels.runtime.config import Config
+from frmdn_worldmodels.runtime.config import Config, ConfigError
 from frmdn_worldmodels.runtime.io import DataError, atomic_write_bytes, write_json
 from frmdn_worldmodels.runtime.paths import prepare_stage, run_paths
 from frmdn_worldmodels.runtime.plots import save_image_grid
-from frmdn_worldmodels.runtime.pool import PoolKeeper
+from frmdn_worldmodels.runtime.pool import ActorPool, PoolKeeper
 from frmdn_worldmodels.runtime.records import Stage
 from frmdn_worldmodels.runtime.seeds import seed_ints
 from frmdn_worldmodels.stages.train_controller import load_best
@@ -66,6 +69,32 @@ def episode_stats(episodes: Sequence[Episode]) -> dict:
     return stats
 
 
+def paired_difference(first: Sequence[Episode], second: Sequence[Episode]) -> dict:
+    """Mean and standard error of ``first - second`` episode by episode (the same seeds, in order), of the
+    returns and, where both report it, of the furthest x."""
+    if [e.seed for e in first] != [e.seed for e in second]:
+        raise ValueError("a paired difference needs the same seeds in the same order")
+
+    def mean_se(values: np.ndarray) -> dict:
+        se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
+        return {"mean": float(values.mean()), "se": float(se)}
+
+    stats = mean_se(np.array([a.ret - b.ret for a, b in zip(first, second, strict=True)]))
+    if all(e.max_x is not None for e in (*first, *second)):
+        stats["max_x"] = mean_se(np.array([a.max_x - b.max_x for a, b in zip(first, second, strict=True)]))
+    return stats
+
+
+def check_evaluate_config(cfg: Config) -> None:
+    """Refuse a teacher the game does not have (``ConfigError`` naming ``evaluate.teacher``)."""
+    teachers = game_of(cfg.env).teachers
+    if cfg.evaluate.teacher and cfg.evaluate.teacher not in teachers:
+        raise ConfigError(
+            f"evaluate.teacher: {cfg.evaluate.teacher!r} is not a teacher of env.name={cfg.env.name} "
+            f"(choose {', '.join(teachers) or 'nothing: this game has none'}, or leave it empty)"
+        )
+
+
 def _controller(expected: Controller, best: dict, path: Path) -> Controller:
     """The controller shape stored in ``best.pt`` (one saved before ``hidden`` existed is linear), which must
     fit this run's memory, game and ``controller.hidden``."""
@@ -78,8 +107,30 @@ def _controller(expected: Controller, best: dict, path: Path) -> Controller:
     return controller
 
 
+def _play(
+    cfg: Config, pool: ActorPool, seeds: list[int], params: np.ndarray, teacher: str
+) -> dict[str, list[Episode]]:
+    """The episodes of the controller, the random policy (``evaluate.random_baseline``) and the teacher on
+    ``seeds``, by player, in one map so they share the actors."""
+    chunks = seed_chunks(pool, seeds, cfg.controller.envs_per_worker)
+    players = {"controller": (params, None)}
+    if cfg.evaluate.random_baseline:
+        players["random policy"] = (None, None)
+    if teacher:
+        players[f"teacher ({teacher})"] = (None, teacher)
+    jobs = [
+        (controller, chunk, name == "controller" and cfg.evaluate.video, by)
+        for name, (controller, by) in players.items()
+        for chunk in chunks
+    ]
+    results = pool.map("evaluate", jobs, "[evaluate] " + ", then ".join(players), [len(j[1]) for j in jobs])
+    episodes = [episode for result in results for episode in result]
+    return {name: episodes[i * len(seeds) : (i + 1) * len(seeds)] for i, name in enumerate(players)}
+
+
 def run(cfg: Config, keeper: PoolKeeper | None = None) -> dict:
-    """Score the trained controller in the real game (and random actions on the same seeds); ``keeper``: the
+    """Score the trained controller in the real game (and random actions and the teacher on the same seeds,
+    with the paired differences); ``keeper``: the
     command's ``PoolKeeper``, whose rollout actors it reuses when they hold the same models."""
     paths = run_paths(cfg)
     best_path = paths.controller / "best.pt"
@@ -88,24 +139,18 @@ def run(cfg: Config, keeper: PoolKeeper | None = None) -> dict:
     if (finished := stage.open()) is not None:  # the same controller scored the same way already
         return {**finished, "skipped": True}
     out = stage.folder
+    teacher = cfg.evaluate.teacher
     memory = load_memory(cfg, "cpu")
     _controller(controller_for(cfg.env, memory, cfg.controller.hidden), best, best_path)  # as the workers do
     seeds = seed_ints(cfg.seed, "test", 0, count=cfg.evaluate.episodes)
     params = best["params"].numpy().astype(np.float32)
     started = time.perf_counter()
     pool = run_pool(cfg, memory=memory, keeper=keeper)
-    # the controller's and the random policy's episodes in one map, so they share the actors
-    chunks = seed_chunks(pool, seeds, cfg.controller.envs_per_worker)
-    jobs = [(params, chunk, cfg.evaluate.video) for chunk in chunks]
-    if cfg.evaluate.random_baseline:
-        jobs += [(None, chunk, False) for chunk in chunks]
     try:
-        sizes = [len(job[1]) for job in jobs]
-        desc = "[evaluate] controller" + (", then random policy" if cfg.evaluate.random_baseline else "")
-        results = [episode for result in pool.map("evaluate", jobs, desc, sizes) for episode in result]
+        played = _play(cfg, pool, seeds, params, teacher)
     finally:
         pool.close()
-    episodes, random_episodes = results[: len(seeds)], results[len(seeds) :]
+    episodes = played["controller"]
     returns = [episode.ret for episode in episodes]
     summary = {
         "env": cfg.env.name,
@@ -121,8 +166,14 @@ def run(cfg: Config, keeper: PoolKeeper | None = None) -> dict:
         "steps": [episode.steps for episode in episodes],
         "seconds": round(time.perf_counter() - started, 2),
     }
-    if random_episodes:
+    if cfg.evaluate.random_baseline:
+        random_episodes = played["random policy"]
         summary["random_policy"] = episode_stats(random_episodes)
+        summary["random_policy"]["agent_minus_random"] = paired_difference(episodes, random_episodes)
+    if teacher:
+        teacher_episodes = played[f"teacher ({teacher})"]
+        summary["teacher"] = {"policy": teacher, **episode_stats(teacher_episodes)}
+        summary["teacher"]["agent_minus_teacher"] = paired_difference(episodes, teacher_episodes)
     if cfg.evaluate.video:
         order = np.argsort(returns)
         fps = 50.0 / cfg.env.action_repeat

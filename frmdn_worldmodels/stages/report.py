@@ -63,21 +63,33 @@ def _mean_std(stats: dict, digits: int) -> str:
     return f"{stats['mean']:.{digits}f} ± {stats.get('std', 0.0):.{digits}f}"
 
 
-def _headline(summaries: dict[str, dict]) -> list[str]:
-    """The few numbers a reader looks for first, where the stages reported them."""
+def _evaluation_rows(evaluation: dict) -> list[tuple[str, str]]:
+    """The real-game score beside the random policy's and the teacher's on the same seeds."""
     rows = []
-    evaluation = summaries.get("evaluate") or {}
     random = evaluation.get("random_policy") or {}
     if "mean" in evaluation:
         line = f"{_mean_std(evaluation, 1)} over {evaluation.get('episodes')} episodes"
         if "mean" in random:
             line += f" (random policy on the same seeds: {_mean_std(random, 1)})"
         rows.append(("real-game score", line))
+    teacher = evaluation.get("teacher") or {}
+    if "mean" in teacher:
+        paired = teacher["agent_minus_teacher"]
+        line = f"{_mean_std(teacher, 1)}; agent - teacher, paired: {paired['mean']:+.1f} ± {paired['se']:.1f}"
+        if "max_x" in paired:
+            line += f", furthest x {paired['max_x']['mean']:+.0f} ± {paired['max_x']['se']:.0f}"
+        rows.append((f"teacher ({teacher['policy']}), same seeds", line))
     if "max_x" in evaluation:
         line = _mean_std(evaluation["max_x"], 0)
         if "mean" in random.get("max_x", {}):
             line += f" (random policy: {_mean_std(random['max_x'], 0)})"
         rows.append(("furthest x position", line))
+    return rows
+
+
+def _headline(summaries: dict[str, dict]) -> list[str]:
+    """The few numbers a reader looks for first, where the stages reported them."""
+    rows = _evaluation_rows(summaries.get("evaluate") or {})
     controller = summaries.get("train-controller") or {}
     if "best_score" in controller:
         line = f"{controller['best_score']:.2f} after {controller.get('generations')} generations"

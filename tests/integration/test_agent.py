@@ -7,7 +7,7 @@ import torch
 
 from frmdn_worldmodels.agent.workers import rollout_pool
 from frmdn_worldmodels.runtime.config import EnvConfig, load_config
-from frmdn_worldmodels.runtime.io import read_json
+from frmdn_worldmodels.runtime.io import load_checkpoint, read_json, save_checkpoint
 from frmdn_worldmodels.runtime.paths import run_paths
 from frmdn_worldmodels.runtime.pool import PoolKeeper
 from frmdn_worldmodels.stages import evaluate
@@ -63,6 +63,41 @@ def test_evaluate_scores_real_episodes_against_random_actions_with_videos(ray_se
     assert summary["best_video"]["return"] >= summary["worst_video"]["return"]
     assert read_json(out / "summary.json")["seeds"] == summary["seeds"]
     assert evaluate.run(agent_run)["skipped"] is True
+
+
+def test_evaluate_scores_the_teacher_on_the_same_seeds_paired(ray_session, agent_run):
+    """``evaluate.teacher`` plays the game's teacher on the evaluation seeds: each return is that of the
+    collector playing the same driver on the same seed with the same draws, and the paired difference is the
+    agent's return less the teacher's, seed by seed."""
+    from dataclasses import replace
+
+    from frmdn_worldmodels.games.envs import make_env
+    from frmdn_worldmodels.runtime.seeds import episode_rng
+    from frmdn_worldmodels.stages.collect import rollout_episode
+    from tests.toy_game import CentringPolicy
+
+    env_cfg = replace(agent_run.env, name="tests.toy_game:DOTS", max_steps=40)
+    cfg = replace(
+        agent_run, env=env_cfg, evaluate=replace(agent_run.evaluate, teacher="centring", video=False)
+    )
+    best = load_checkpoint(run_paths(cfg).controller / "best.pt")
+    best["controller"]["discrete"] = True  # the same parameters, read as the toy game's three pushes
+    save_checkpoint(run_paths(cfg).controller / "best.pt", **best)
+    summary = evaluate.run(cfg)
+
+    teacher = summary["teacher"]
+    env = make_env(env_cfg)
+    expected = []
+    for seed in summary["seeds"]:
+        policy = CentringPolicy(episode_rng("teacher", seed))
+        expected.append(float(rollout_episode(env, env_cfg, policy, seed)["rewards"].sum()))
+    assert teacher["policy"] == "centring" and teacher["returns"] == pytest.approx(expected)
+    differences = np.subtract(summary["returns"], expected)
+    paired = teacher["agent_minus_teacher"]
+    assert paired["mean"] == pytest.approx(differences.mean())
+    assert paired["se"] == pytest.approx(differences.std(ddof=1) / np.sqrt(len(differences)))
+    random_paired = summary["random_policy"]["agent_minus_random"]["mean"]
+    assert random_paired == pytest.approx(np.mean(summary["returns"]) - summary["random_policy"]["mean"])
 
 
 def test_train_controller_in_the_real_game_on_ray(ray_session, agent_run, capsys):

@@ -149,7 +149,7 @@ def test_failing_env_or_dying_worker_loses_no_other_episode(ray_session, tmp_pat
         "collect.episodes=5",
         "collect.max_steps=8",
         "collect.retries=2",
-        "collect.episode_timeout=8",
+        "collect.episode_timeout=15",  # room for a worker to start on a loaded machine
     )
     folder = run_paths(cfg).episodes
     seed_of = {index: episode_seeds(cfg.seed, index)[0] for index in range(5)}

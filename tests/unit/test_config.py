@@ -84,6 +84,11 @@ BAD_VALUES = [
     ("train-controller", "controller.population=2", "controller.population must be at least 3, got 2"),
     ("train-controller", "controller.sigma=0", "controller.sigma"),
     ("evaluate", "evaluate.video_scale=0", "evaluate.video_scale"),
+    (
+        "evaluate",
+        "evaluate.teacher=ram_expert",
+        "evaluate.teacher: 'ram_expert' is not a teacher of env.name",
+    ),
     ("dream", "controller.temperature=-1", "controller.temperature"),
     ("benchmark image", "image.memory.components=0", "image.memory.components"),
     ("benchmark speech", "speech.frame=1", "speech.frame"),

@@ -19,14 +19,18 @@ NAMES = ["carracing", "mario", "doom_takecover", TOY]
 @pytest.mark.parametrize("name", NAMES)
 def test_every_game_keeps_the_contract(name):
     """64x64 uint8 frames, actions in its space that encode to A floats and back, every exploration policy
-    acting in that space for a few steps."""
+    and every teacher acting in that space for a few steps."""
     env_cfg = EnvConfig(name=name, max_steps=5)
     game = game_of(env_cfg)
-    for policy_name in game.policies:
+    for policy_name in [*game.policies, *(f"teacher {name}" for name in game.teachers)]:
         env = make_env(env_cfg, seed=3)
         try:
-            collect = dataclasses.replace(CollectConfig(), policy=policy_name)
-            policy = make_exploration_policy(env_cfg, collect, np.random.default_rng(0), env)
+            rng = np.random.default_rng(0)
+            if policy_name.startswith("teacher "):
+                policy = game.teachers[policy_name.removeprefix("teacher ")](env_cfg, rng, env)
+            else:
+                collect = dataclasses.replace(CollectConfig(), policy=policy_name)
+                policy = make_exploration_policy(env_cfg, collect, rng, env)
             obs, _ = env.reset(seed=3)
             policy.reset()
             for _ in range(3):
