@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from frmdn_worldmodels.games.envs import action_dim, action_space, is_discrete, sprite_centres
-from frmdn_worldmodels.games.game import Policy
+from frmdn_worldmodels.games.game import Policy, game_of
 from frmdn_worldmodels.models.controller import Controller
 from frmdn_worldmodels.models.memory import MemoryModel
 from frmdn_worldmodels.models.vae import ConvVAE, frames_to_tensor, posterior_sample
@@ -303,6 +303,17 @@ class PolicyBatch:
 
     def act(self, frames: np.ndarray) -> list:
         return [policy.act(frame) for policy, frame in zip(self.policies, frames, strict=True)]
+
+
+def teacher_batch(
+    env_cfg: EnvConfig, teacher: str, envs: Sequence[gymnasium.Env], seeds: Sequence[int]
+) -> PolicyBatch:
+    """The game's teacher ``teacher`` (``Game.teachers``) for each env, episode ``seeds[i]`` drawing from
+    ``episode_rng("teacher", seeds[i])``: what ``evaluate.teacher`` plays."""
+    make = game_of(env_cfg).teachers[teacher]
+    return PolicyBatch(
+        [make(env_cfg, episode_rng("teacher", seed), env) for env, seed in zip(envs, seeds, strict=True)]
+    )
 
 
 class AgentPolicy:

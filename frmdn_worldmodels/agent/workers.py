@@ -14,14 +14,18 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from frmdn_worldmodels.agent.play import Episode, PolicyBatch, WorldModelAgent, controller_for, play_episodes
+from frmdn_worldmodels.agent.play import (
+    Episode,
+    WorldModelAgent,
+    controller_for,
+    play_episodes,
+    teacher_batch,
+)
 from frmdn_worldmodels.games.envs import make_env
-from frmdn_worldmodels.games.game import game_of
 from frmdn_worldmodels.models.memory import MemoryModel
 from frmdn_worldmodels.models.vae import ConvVAE
 from frmdn_worldmodels.runtime.config import Config, ControllerConfig, EnvConfig, check_bounds
 from frmdn_worldmodels.runtime.pool import ActorPool, PoolKeeper, PoolWorker
-from frmdn_worldmodels.runtime.seeds import episode_rng
 
 
 class RolloutWorker(PoolWorker):
@@ -85,15 +89,11 @@ class RolloutWorker(PoolWorker):
         return episodes
 
     def _play_teacher(self, teacher: str, seeds: Sequence[int], record: bool) -> list[Episode]:
-        make_teacher = game_of(self.env_cfg).teachers[teacher]
         episodes = []
         for _, chunk in self._lockstep(seeds):
             envs = self.envs[: len(chunk)]
-            policies = [
-                make_teacher(self.env_cfg, episode_rng("teacher", seed), env)
-                for env, seed in zip(envs, chunk, strict=True)
-            ]
-            episodes += play_episodes(envs, PolicyBatch(policies), chunk, self.max_steps, record)
+            batch = teacher_batch(self.env_cfg, teacher, envs, chunk)
+            episodes += play_episodes(envs, batch, chunk, self.max_steps, record)
         return episodes
 
     def _lockstep(self, seeds: Sequence[int]) -> Iterator[tuple[int, list[int]]]:

@@ -1,5 +1,6 @@
 """The experiment scripts: the switch comparison's sharing of stages and its table (``dream_switches.py``),
-the imitation score's refusals (``score_imitation.py``), the player-patch error of V (``player_patch.py``)."""
+the imitation score's refusals (``score_imitation.py``), the teacher's score (``score_teacher.py``), the
+player-patch error of V (``player_patch.py``)."""
 
 from __future__ import annotations
 
@@ -228,3 +229,38 @@ def test_a_death_is_a_fall_when_mario_ends_off_the_screen(tmp_path):
     assert kinds == ["on_screen", "fell", "on_screen"]
     assert done_head.end_kind(tmp_path / "bare.npz") is None
     assert done_head.end_kind(tmp_path / "missing.npz") is None
+
+
+def test_the_teacher_score_is_the_teacher_on_the_evaluate_seeds(tmp_path, run_main):
+    """``score_teacher.py`` plays the game's teacher on the evaluate stage's seeds with evaluate's draws:
+    the same returns as the collector's own loop playing that driver; a game without the teacher named is
+    refused before any work."""
+    import json
+
+    import score_teacher
+
+    from frmdn_worldmodels.games.envs import make_env
+    from frmdn_worldmodels.runtime.config import load_config
+    from frmdn_worldmodels.runtime.seeds import episode_rng, seed_ints
+    from frmdn_worldmodels.stages.collect import rollout_episode
+    from tests.toy_game import CentringPolicy
+
+    toy = ["--set=env.name=tests.toy_game:DOTS", "--set=env.max_steps=30", "--set=evaluate.episodes=6"]
+    out = tmp_path / "teacher.json"
+    result = run_main(*toy, "--teacher=centring", "--workers=1", f"--out={out}", main=score_teacher.main)
+    assert result.returncode == 0, result.stderr
+    score = json.loads(out.read_text())
+    cfg = load_config(None, ["env.name=tests.toy_game:DOTS", "env.max_steps=30"])
+    env = make_env(cfg.env)
+    expected = [
+        float(
+            rollout_episode(env, cfg.env, CentringPolicy(episode_rng("teacher", seed)), seed)["rewards"].sum()
+        )
+        for seed in seed_ints(0, "test", 0, count=6)
+    ]
+    assert score["seeds"] == seed_ints(0, "test", 0, count=6) and score["returns"] == pytest.approx(expected)
+    assert len(set(expected)) > 1  # the draws matter, so the same draws are what makes them equal
+
+    refused = run_main(*toy, "--teacher=ram_expert", f"--out={tmp_path / 'no.json'}", main=score_teacher.main)
+    assert refused.returncode == 2 and "'ram_expert' is not a teacher of env.name" in refused.stderr
+    assert not (tmp_path / "no.json").exists()
