@@ -20,6 +20,7 @@ from frmdn_worldmodels.runtime.config import Config, ConfigError, TrainIn, descr
 from frmdn_worldmodels.runtime.io import DataError
 from frmdn_worldmodels.runtime.pool import PoolKeeper
 from frmdn_worldmodels.runtime.registry import COMMANDS, FINAL, PIPELINE
+from frmdn_worldmodels.runtime.rules import check_rules
 
 # section -> (check "module:function", the config attribute it takes; None = the whole config). Every command
 # runs the checks of every section it will use before any work, so a bad value costs seconds, not a collected
@@ -28,12 +29,7 @@ SECTION_CHECKS: dict[str, tuple[str, str | None]] = {
     "run": ("frmdn_worldmodels.runtime.config:check_run_config", None),
     "env": ("frmdn_worldmodels.games.envs:check_env_config", "env"),
     "collect": ("frmdn_worldmodels.stages.collect:check_collect_config", None),
-    "vae": ("frmdn_worldmodels.stages.train_vae:check_vae_config", None),
     "memory": ("frmdn_worldmodels.models.memory:check_memory_config", "memory"),
-    "memory_train": ("frmdn_worldmodels.stages.train_memory:check_memory_train_config", None),
-    "sweep": ("frmdn_worldmodels.benchmarks.table1:check_sweep_config", None),
-    "controller": ("frmdn_worldmodels.stages.train_controller:check_controller_config", None),
-    "iterate": ("frmdn_worldmodels.stages.iterate:check_iterate_config", None),
     "evaluate": ("frmdn_worldmodels.stages.evaluate:check_evaluate_config", None),
     "image": ("frmdn_worldmodels.benchmarks.image:check_image_config", None),
     "speech": ("frmdn_worldmodels.benchmarks.speech:check_speech_config", None),
@@ -52,11 +48,13 @@ def sections_of(command: str, sweep: bool = False) -> list[str]:
 def check_config(config: Config, command: str, sweep: bool = False) -> None:
     """Refuse a bad value in any section ``command`` will use (``ConfigError`` naming the field), before any
     work."""
-    for section in sections_of(command, sweep):
+    sections = sections_of(command, sweep)
+    for section in sections:
         if section not in SECTION_CHECKS:  # its field types say all it accepts, and the loader checked them
             continue
         target, attribute = SECTION_CHECKS[section]
         resolve(target)(config if attribute is None else getattr(config, attribute))
+    check_rules(config, *sections)
 
 
 def resolve(target: str) -> Callable[[Config], dict]:

@@ -45,10 +45,11 @@ from frmdn_worldmodels.benchmarks.datasets import (
 from frmdn_worldmodels.benchmarks.runner import Task, train_grid
 from frmdn_worldmodels.data.episodes import split_by_episode
 from frmdn_worldmodels.models.memory import MemoryModel
-from frmdn_worldmodels.runtime.config import Config, ConfigError, SpeechConfig
+from frmdn_worldmodels.runtime.config import Config, SpeechConfig
 from frmdn_worldmodels.runtime.io import DataError, atomic_write_text, write_json
 from frmdn_worldmodels.runtime.paths import prepare_stage, run_paths
 from frmdn_worldmodels.runtime.progress import note, progress
+from frmdn_worldmodels.runtime.rules import check_rules
 from frmdn_worldmodels.runtime.seeds import seeded_rng
 
 # The paper's Table 2 as printed: test NLL per sequence (nats, normalised units) on Blizzard, TIMIT, Accent.
@@ -109,7 +110,7 @@ def load_speech_corpus(config: SpeechConfig, seed: int) -> SpeechSplits:
         chosen = np.sort(np.random.default_rng(seed).choice(len(paths), config.max_files, replace=False))
         paths = [paths[i] for i in chosen]
     layout, split_paths = _split_paths(paths, root, seed)
-    clip_frames = clip_length(config)
+    clip_frames = config.clip_frames
     rates, multichannel, too_short = Counter(), 0, 0
     raw: dict[str, list[np.ndarray]] = {}
     bar = progress(total=sum(map(len, split_paths.values())), desc="reading wavs", unit="file")
@@ -192,23 +193,10 @@ def speech_label(kind: str, components: int, rank: int) -> str:
     return f"{kind.upper()} (K={components}" + (f", d'={rank})" if rank else ")")
 
 
-def clip_length(config: SpeechConfig) -> int:
-    """Frames in one clip of ``speech.clip_seconds`` (0: whole files); a clip shorter than a frame is
-    refused (``ConfigError``)."""
-    if config.clip_seconds <= 0:
-        return 0
-    frames = round(config.clip_seconds * config.sample_rate / config.frame)
-    if frames < 1:
-        raise ConfigError(
-            f"speech.clip_seconds={config.clip_seconds} is shorter than one frame of {config.frame}"
-        )
-    return frames
-
-
 def check_speech_config(cfg: Config) -> None:
     """Every speech setting, before any file is read or written (``ConfigError`` naming the field)."""
     check_model_grid(cfg.speech, "speech")
-    clip_length(cfg.speech)
+    check_rules(cfg, "speech")
 
 
 def run(cfg: Config) -> dict:

@@ -34,13 +34,14 @@ import torch
 
 from frmdn_worldmodels.data.episodes import load_latents
 from frmdn_worldmodels.data.sequences import split_latent_files
-from frmdn_worldmodels.runtime.config import Config, ConfigError
+from frmdn_worldmodels.runtime.config import Config
 from frmdn_worldmodels.runtime.io import append_jsonl, atomic_write_text, read_jsonl, write_json
 from frmdn_worldmodels.runtime.paths import prepare_stage, run_paths
 from frmdn_worldmodels.runtime.plots import plot_curves
 from frmdn_worldmodels.runtime.progress import note
 from frmdn_worldmodels.runtime.records import Stage
-from frmdn_worldmodels.stages.train_memory import check_memory_train_config, train_memory
+from frmdn_worldmodels.runtime.rules import check_rules
+from frmdn_worldmodels.stages.train_memory import train_memory
 
 MapFn = Callable[[Callable, Sequence], list]
 KIND_NAMES = {"rmdn": "RMDN", "frmdn": "FRMDN"}
@@ -91,32 +92,6 @@ Results = dict[Cell, dict]
 
 def table1_dir(cfg: Config) -> Path:
     return run_paths(cfg).table1
-
-
-def check_sweep_config(cfg: Config) -> None:
-    tc, memory = cfg.memory_train, cfg.memory
-    unknown = [kind for kind in tc.sweep_kinds if kind not in KIND_NAMES]
-    if unknown or not tc.sweep_kinds:
-        raise ConfigError(f"memory_train.sweep_kinds must list rmdn and/or frmdn, got {tc.sweep_kinds}")
-    if not tc.sweep_components or min(tc.sweep_components) < 1:
-        raise ConfigError(f"memory_train.sweep_components must list K >= 1, got {tc.sweep_components}")
-    if not tc.sweep_ranks or min(tc.sweep_ranks) < 0:
-        raise ConfigError(f"memory_train.sweep_ranks must list d' >= 0, got {tc.sweep_ranks}")
-    unknown = [extra for extra in tc.sweep_extra if extra not in EXTRA_KINDS]
-    if unknown:
-        raise ConfigError(
-            f"memory_train.sweep_extra: unknown rows {unknown}; choose from {sorted(EXTRA_KINDS)}"
-        )
-    if "flow_context" in tc.sweep_extra and (memory.flow_context or "frmdn" not in tc.sweep_kinds):
-        raise ConfigError(
-            "memory_train.sweep_extra: the flow_context row needs FRMDN in sweep_kinds and a grid without "
-            "memory.flow_context"
-        )
-    if "heads" in tc.sweep_extra and memory.predict_reward and memory.predict_done:
-        raise ConfigError(
-            "memory_train.sweep_extra: the heads row needs a grid without them: set memory.predict_reward "
-            "and memory.predict_done to false"
-        )
 
 
 def _kinds(cfg: Config) -> list[str]:
@@ -619,8 +594,7 @@ def train_runs(cfg: Config, cells: list[Cell], map_fn: MapFn, state: dict) -> Re
 def run_table1(cfg: Config, map_fn: MapFn) -> dict:
     """Train every run of the grid, then of the extra rows (``map_fn(train_cell, tasks)``, skipping finished
     runs); write the tables."""
-    check_memory_train_config(cfg)
-    check_sweep_config(cfg)
+    check_rules(cfg, "memory_train", "sweep")
     # workers may start in another folder: give them the run's absolute path
     cfg = dataclasses.replace(cfg, runs_dir=str(Path(cfg.runs_dir).resolve()))
     tc = cfg.memory_train

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from frmdn_worldmodels.data.episodes import load_episode
+from frmdn_worldmodels.runtime.config import SPRITE_WEIGHTS
 from frmdn_worldmodels.runtime.io import DataError
 
 
@@ -49,8 +50,6 @@ def episode_length(path: str | Path) -> int:
 
 SPRITE_BITS = {"player": 1, "enemies": 2}
 """The bit of each sprite array's patches in the mask channel."""
-SPRITE_WEIGHTS = {"player": "player_weight", "enemies": "enemy_weight"}
-"""The ``vae`` setting that weighs each sprite array's patches."""
 
 
 def _no_positions(path: Path, key: str, also: int = 0) -> DataError:

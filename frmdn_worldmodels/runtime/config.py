@@ -37,6 +37,7 @@ IterateNoise = Literal["action", "params"]
 ImageDataset = Literal["auto", "digits", "mnist", "cifar10"]
 Optimizer = Literal["adam", "rmsprop"]
 TrainIn = Literal["dream", "real"]
+SweepExtra = Literal["flow_context", "heads"]
 StalePolicy = Literal["redo", "refuse"]
 
 
@@ -127,6 +128,11 @@ class CollectConfig:
     episode_timeout: Annotated[float, Bounds(0)] = 600.0
     """Seconds one episode may take on a ready worker before the worker is killed and the episode retried;
     also how long collection waits with no worker ready before the episodes left fail (0 = no limit)."""
+
+
+SPRITE_WEIGHTS = {"player": "player_weight", "enemies": "enemy_weight"}
+"""The ``vae`` setting that weighs each sprite array's patches (Super Mario Bros' episodes record where the
+sprites are)."""
 
 
 @dataclass
@@ -245,16 +251,16 @@ class MemoryTrainConfig:
     """Seed of the model's initialisation, its per-epoch posterior samples and batch order; None = the run's
     ``seed``. The episode split and the fixed validation/test sample always follow the run's ``seed``, so
     models trained with different seeds are scored on the same test data."""
-    sweep_kinds: list[str] = field(default_factory=lambda: ["rmdn", "frmdn"])
+    sweep_kinds: list[MemoryKind] = field(default_factory=lambda: ["rmdn", "frmdn"])
     """``train-memory --sweep table1``: the models compared (rows of the paper's Table 1)."""
-    sweep_components: list[int] = field(default_factory=lambda: [1, 3, 5])
+    sweep_components: list[Annotated[int, Bounds(1)]] = field(default_factory=lambda: [1, 3, 5])
     """``--sweep table1``: mixture sizes K (the table's columns)."""
-    sweep_ranks: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    sweep_ranks: list[Annotated[int, Bounds(0)]] = field(default_factory=lambda: [0, 1, 2, 3])
     """``--sweep table1``: precision ranks d' (0 = diagonal)."""
     sweep_seeds: Annotated[int, Bounds(1)] = 1
     """``--sweep table1``: training seeds per cell (``memory_train.seed`` + 0, 1, ...); the tables give the
     mean and std over them, and FRMDN - RMDN is paired by seed."""
-    sweep_extra: list[str] = field(default_factory=list)
+    sweep_extra: list[SweepExtra] = field(default_factory=list)
     """``--sweep table1``: extra rows at the d' of the grid's best FRMDN cell, every K, once the grid is done:
     ``flow_context`` (FRMDN with the flow conditioned on the LSTM state) and ``heads`` (RMDN and FRMDN with
     the reward and done heads on, as the dream uses them; the grid must have them off)."""
@@ -278,9 +284,9 @@ class ControllerConfig:
     init: ControllerInit = "zeros"
     """Where CMA-ES starts: ``zeros`` (World Models: the controller's initial parameters) or ``imitate`` (the
     controller fitted to the recorded actions of the best collected episodes, ``train/imitate.py``)."""
-    imitate_top: float = 0.25
+    imitate_top: Annotated[float, Bounds(0, 1, low_open=True)] = 0.25
     """``init: imitate``: the share of the collected episodes, the highest returns first, that is imitated."""
-    imitate_weight: float = 0.0
+    imitate_weight: Annotated[float, Bounds(0, float("inf"), high_open=True)] = 0.0
     """``init: imitate``: each candidate's fitness (and the score the best is kept by) is its mean dream
     return minus this weight times its imitation loss on the imitated frames (return per unit of action MSE,
     or per nat for Mario); 0 = the dream return alone."""
@@ -409,6 +415,11 @@ class SpeechConfig:
     """Target sample rate (other rates are resampled)."""
     clip_seconds: Annotated[float, Bounds(0)] = 0.0
     """Cut sequences to this length (0.5 for Accent and Blizzard in the paper); 0 = whole files."""
+
+    @property
+    def clip_frames(self) -> int:
+        """Frames in one clip of ``clip_seconds`` (0: whole files)."""
+        return round(self.clip_seconds * self.sample_rate / self.frame) if self.clip_seconds > 0 else 0
 
     @dataclass
     class Memory(BenchmarkMemoryConfig):
@@ -540,79 +551,19 @@ DEVICE_KINDS = ("cpu", "cuda", "mps")
 
 def step_limit(cfg: Config, cap: int) -> int:
     """The one rule of the three ``max_steps``: ``env.max_steps`` is the game's horizon; a section's cap
-    (``collect.max_steps``, ``controller.max_steps``) shortens it, 0 keeps it (``check_run_config`` refuses a
+    (``collect.max_steps``, ``controller.max_steps``) shortens it, 0 keeps it (``runtime.rules`` refuses a
     cap beyond the horizon, so that no value the user gave is silently clipped)."""
     return cap or cfg.env.max_steps
 
 
-CONDITIONAL_FIELDS: tuple[tuple[str, str, Any], ...] = (
-    (
-        "collect.follower_blend",
-        "collect.policy: track_follower with env.name: carracing",
-        lambda cfg: cfg.env.name == "carracing" and cfg.collect.policy == "track_follower",
-    ),
-    (
-        "collect.follower_gas_max",
-        "collect.policy: track_follower with env.name: carracing",
-        lambda cfg: cfg.env.name == "carracing" and cfg.collect.policy == "track_follower",
-    ),
-    (
-        "collect.right_bias",
-        "env.name: mario with collect.policy: right_biased (or auto)",
-        lambda cfg: cfg.env.name == "mario" and cfg.collect.policy in ("auto", "right_biased"),
-    ),
-    (
-        "collect.mario_repeat",
-        "env.name: mario with collect.policy: right_biased (or auto) or random",
-        lambda cfg: cfg.env.name == "mario" and cfg.collect.policy != "ram_expert",
-    ),
-    (
-        "collect.expert_noise",
-        "collect.policy: ram_expert with env.name: mario",
-        lambda cfg: cfg.env.name == "mario" and cfg.collect.policy == "ram_expert",
-    ),
-    ("controller.imitate_top", "controller.init: imitate", lambda cfg: cfg.controller.init == "imitate"),
-    ("controller.imitate_weight", "controller.init: imitate", lambda cfg: cfg.controller.init == "imitate"),
-    ("controller.imitate_actions", "controller.init: imitate", lambda cfg: cfg.controller.init == "imitate"),
-    (
-        "controller.dream_start_limit",
-        "controller.dream_start: any",
-        lambda cfg: cfg.controller.dream_start == "any",
-    ),
-)
-"""Fields read only under a condition: (dotted name, the condition in words, the condition). A value other
-than the default where the condition does not hold is refused, so that no value the user gave is silently
-unused."""
-
-
-def _field_value(config: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        config = getattr(config, part)
-    return config
-
-
 def check_run_config(cfg: Config) -> None:
-    """The top-level fields and the rules that span sections (``ConfigError`` naming the field)."""
-    defaults = Config()
-    for dotted, condition, holds in CONDITIONAL_FIELDS:
-        value = _field_value(cfg, dotted)
-        if value != _field_value(defaults, dotted) and not holds(cfg):
-            raise ConfigError(
-                f"{dotted}={value!r} is only read with {condition}, which this config does not have: "
-                f"remove it or change the setting it depends on"
-            )
+    """The top-level fields the types cannot say (``ConfigError`` naming the field); the rules across
+    sections are in ``runtime.rules``."""
     kind, _, index = cfg.device.partition(":")
     if kind not in DEVICE_KINDS or (index and not index.isdigit()):
         raise ConfigError(f"device must be cpu, cuda, cuda:N or mps, got {cfg.device!r}")
     if not cfg.name or "/" in cfg.name:
         raise ConfigError(f"name must be a non-empty folder name (no '/'), got {cfg.name!r}")
-    for section in ("collect", "controller"):
-        cap = getattr(cfg, section).max_steps
-        if not 0 <= cap <= cfg.env.max_steps:
-            raise ConfigError(
-                f"{section}.max_steps must be between 0 (the game's horizon) and env.max_steps="
-                f"{cfg.env.max_steps}, got {cap}"
-            )
 
 
 def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
@@ -817,6 +768,8 @@ def _accepts(hint: Any) -> str:
         return f"  (one of: {', '.join(typing.get_args(hint))})"
     if typing.get_origin(hint) is Annotated:
         return "".join(f"  ({bounds})" for bounds in typing.get_args(hint)[1:] if isinstance(bounds, Bounds))
+    if typing.get_origin(hint) is list and (item := _accepts(typing.get_args(hint)[0])):
+        return item.replace("  (", "  (each ", 1)
     return ""
 
 

@@ -61,6 +61,7 @@ from frmdn_worldmodels.runtime.pool import ActorPool, PoolKeeper, PoolWorker, Wo
 from frmdn_worldmodels.runtime.progress import note
 from frmdn_worldmodels.runtime.progress import progress as progress_bar
 from frmdn_worldmodels.runtime.records import Stage
+from frmdn_worldmodels.runtime.rules import check_rules
 from frmdn_worldmodels.runtime.seeds import seed_sequence
 
 EpisodeFn = Callable[[gymnasium.Env, EnvConfig, Policy, int], dict[str, np.ndarray]]
@@ -215,7 +216,8 @@ def check_collect_config(cfg: Config) -> None:
     """Refuse a config collection cannot use before any work starts (``ConfigError`` naming the field)."""
     check_env_config(cfg.env)
     check_policy_config(cfg.env, cfg.collect)
-    check_run_config(cfg)  # collect.max_steps against the horizon
+    check_run_config(cfg)
+    check_rules(cfg, "run")  # collect.max_steps against the horizon, the policy's own fields
 
 
 def _check_writable(folder: Path) -> None:

@@ -23,7 +23,8 @@ from frmdn_worldmodels.runtime.io import DataError
 from frmdn_worldmodels.runtime.paths import run_paths
 from frmdn_worldmodels.runtime.progress import progress
 from frmdn_worldmodels.runtime.records import Stage
-from frmdn_worldmodels.stages.train_vae import check_vae_config, find_episodes
+from frmdn_worldmodels.runtime.rules import check_rules
+from frmdn_worldmodels.stages.train_vae import find_episodes
 
 
 @torch.inference_mode()
@@ -59,7 +60,7 @@ def _is_valid(path) -> bool:
 
 def run(cfg: Config) -> dict:
     """Encode every episode of the run that has no current latents file; return the summary."""
-    check_vae_config(cfg)
+    check_rules(cfg, "vae")
     paths = run_paths(cfg)
     vae_path = paths.vae / "vae.pt"
     if not vae_path.exists():

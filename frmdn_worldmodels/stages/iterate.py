@@ -35,25 +35,16 @@ import numpy as np
 
 from frmdn_worldmodels.agent.play import ControllerPlayer
 from frmdn_worldmodels.data.episodes import list_npz
-from frmdn_worldmodels.runtime.config import Config, ConfigError, IterateNoise
+from frmdn_worldmodels.runtime.config import Config, IterateNoise
 from frmdn_worldmodels.runtime.io import DataError, atomic_write_bytes, load_checkpoint, read_json, write_json
 from frmdn_worldmodels.runtime.paths import run_paths
 from frmdn_worldmodels.runtime.plots import plot_curves
 from frmdn_worldmodels.runtime.pool import ActorPool, PoolKeeper
 from frmdn_worldmodels.runtime.progress import note
 from frmdn_worldmodels.runtime.records import Stage, file_digest, recorded_seconds
+from frmdn_worldmodels.runtime.rules import check_rules
 from frmdn_worldmodels.runtime.seeds import seed_ints
 from frmdn_worldmodels.stages.collect import EpisodeSet, collect_episodes, episode_seeds
-
-
-def check_iterate_config(cfg: Config) -> None:
-    """Refuse an iterate section that cannot be used (``ConfigError`` naming the field)."""
-    it = cfg.iterate
-    if it.iterations and cfg.controller.train_in != "dream":
-        raise ConfigError(
-            "iterate.iterations > 0 trains the controller in the dream: controller.train_in must be "
-            f"'dream', got {cfg.controller.train_in!r}"
-        )
 
 
 def iteration_config(cfg: Config, iteration: int) -> Config:
@@ -295,7 +286,7 @@ def iterate_row(cfg: Config, iteration: int, keeper: PoolKeeper, eval_seeds: lis
 def run(cfg: Config, keeper: PoolKeeper | None = None) -> dict:
     """Run every iteration that is not done yet (each resumes where a kill left it); returns the summary.
     ``keeper``: the command's ``PoolKeeper`` (a keeper of its own when called alone)."""
-    check_iterate_config(cfg)
+    check_rules(cfg, "iterate")
     base = run_paths(cfg)
     if not (base.controller / "best.pt").exists():
         raise DataError(

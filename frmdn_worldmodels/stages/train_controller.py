@@ -63,8 +63,9 @@ from frmdn_worldmodels.runtime.plots import plot_curves
 from frmdn_worldmodels.runtime.pool import PoolKeeper
 from frmdn_worldmodels.runtime.progress import note, progress
 from frmdn_worldmodels.runtime.records import Stage
+from frmdn_worldmodels.runtime.rules import check_rules
 from frmdn_worldmodels.runtime.seeds import seed_ints
-from frmdn_worldmodels.train.imitate import Imitation, check_init, imitate_collected, imitation_loss
+from frmdn_worldmodels.train.imitate import Imitation, imitate_collected, imitation_loss
 
 if typing.TYPE_CHECKING:  # cma takes a second to import, which the config check must not pay
     from frmdn_worldmodels.train.es import CMAES
@@ -85,11 +86,6 @@ def unused_in_real(cfg: Config) -> list[str]:
         for name in DREAM_ONLY_FIELDS
         if getattr(cfg.controller, name) != getattr(defaults, name)
     ]
-
-
-def check_controller_config(cfg: Config) -> None:
-    """What the field types cannot say: the imitation start's settings for this game."""
-    check_init(cfg.controller, cfg.env.name)
 
 
 class DreamFitness:
@@ -419,7 +415,7 @@ def run(cfg: Config, *, initial_mean: np.ndarray | None = None, keeper: PoolKeep
     ``initial_mean``: where CMA-ES starts (iterative training continues from the previous iteration's mean)
     instead of the controller's initial parameters; one of the stage's inputs. ``keeper``: the command's
     ``PoolKeeper``, for the real-game rollout actors."""
-    check_controller_config(cfg)
+    check_rules(cfg, "controller")
     c = cfg.controller
     if unused := unused_in_real(cfg):
         note(f"train-controller: candidates are scored in the real game; unused here: {', '.join(unused)}")

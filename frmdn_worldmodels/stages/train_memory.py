@@ -51,7 +51,7 @@ from frmdn_worldmodels.data.sequences import (
     split_latent_files,
 )
 from frmdn_worldmodels.models.memory import MemoryModel, State
-from frmdn_worldmodels.runtime.config import Config, ConfigError
+from frmdn_worldmodels.runtime.config import Config
 from frmdn_worldmodels.runtime.io import (
     DataError,
     load_checkpoint,
@@ -60,17 +60,11 @@ from frmdn_worldmodels.runtime.io import (
 from frmdn_worldmodels.runtime.paths import run_paths
 from frmdn_worldmodels.runtime.plots import plot_curves
 from frmdn_worldmodels.runtime.records import Stage, file_digest
+from frmdn_worldmodels.runtime.rules import check_rules
 from frmdn_worldmodels.train.loop import LoopSettings, TrainTask, finite_or_none
 from frmdn_worldmodels.train.loop import train as train_loop
 
 LOSS_PARTS = ("loss", "nll", "nll_per_dim", "reward_loss", "done_loss")
-
-
-def check_memory_train_config(cfg: Config) -> None:
-    """The rule across fields the field types cannot say: validation and test leave episodes for training."""
-    tc = cfg.memory_train
-    if tc.val_fraction + tc.test_fraction >= 1:
-        raise ConfigError("memory_train.val_fraction + test_fraction must leave episodes for training")
 
 
 def make_optimizer(model: torch.nn.Module, name: str, lr: float) -> torch.optim.Optimizer:
@@ -392,7 +386,7 @@ def train_memory(
     ``progress`` shows progress bars and redraws ``nll.png`` every epoch (the sweep's cells draw it once, at
     the end). ``stop_after_steps``: see ``frmdn_worldmodels.train.loop.train``.
     """
-    check_memory_train_config(cfg)
+    check_rules(cfg, "memory_train")
     tc = cfg.memory_train
     # fails on missing latents before any folder is made
     split = split_latent_files(run_paths(cfg).latents, tc.val_fraction, tc.test_fraction, cfg.seed)

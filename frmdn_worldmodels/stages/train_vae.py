@@ -29,7 +29,6 @@ import torch
 from frmdn_worldmodels.data.episodes import list_npz, load_episode, split_by_episode
 from frmdn_worldmodels.data.frames import (
     SPRITE_BITS,
-    SPRITE_WEIGHTS,
     check_sprite_positions,
     count_batches,
     episode_length,
@@ -37,7 +36,7 @@ from frmdn_worldmodels.data.frames import (
     shuffled_batches,
 )
 from frmdn_worldmodels.models.vae import ConvVAE, frames_to_tensor, load_vae, tensor_to_frames, vae_loss
-from frmdn_worldmodels.runtime.config import Config, ConfigError, config_to_dict
+from frmdn_worldmodels.runtime.config import SPRITE_WEIGHTS, Config, ConfigError, config_to_dict
 from frmdn_worldmodels.runtime.io import (
     DataError,
     save_checkpoint,
@@ -45,23 +44,13 @@ from frmdn_worldmodels.runtime.io import (
 from frmdn_worldmodels.runtime.paths import run_paths
 from frmdn_worldmodels.runtime.plots import plot_curves, save_image_grid
 from frmdn_worldmodels.runtime.records import Stage, file_digest
+from frmdn_worldmodels.runtime.rules import check_rules
 from frmdn_worldmodels.runtime.seeds import seeded_rng
 from frmdn_worldmodels.train.loop import LoopSettings, TrainTask
 from frmdn_worldmodels.train.loop import train as train_loop
 
 FRAME_SHAPE = (64, 64, 3)
 LOSS_PARTS = ("loss", "recon", "kl")
-
-
-def check_vae_config(cfg: Config) -> None:
-    """The rule across sections the field types cannot say: the sprite weights need Mario's positions."""
-    for key, field in SPRITE_WEIGHTS.items():
-        value = getattr(cfg.vae, field)
-        if value != 1 and cfg.env.name != "mario":
-            raise ConfigError(
-                f"vae.{field}={value} weighs the patches around the {key}, whose positions only Super Mario "
-                f"Bros episodes record (env.name is {cfg.env.name!r})"
-            )
 
 
 def find_episodes(cfg: Config) -> list[Path]:
@@ -237,7 +226,7 @@ def run(cfg: Config, *, initial: Path | None = None, stop_after_steps: int | Non
 
     ``stop_after_steps``: see ``train.loop.train`` (a test hook that stops the run as a kill would).
     """
-    check_vae_config(cfg)
+    check_rules(cfg, "vae")
     episodes = find_episodes(cfg)
     check_sprite_positions(episodes, tuple(sprite_weights(cfg)))
     inputs = {"initial": file_digest(initial)} if initial is not None else None

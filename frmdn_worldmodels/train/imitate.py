@@ -41,13 +41,12 @@ from frmdn_worldmodels.models.controller import Controller
 from frmdn_worldmodels.models.memory import MemoryModel
 from frmdn_worldmodels.runtime.config import (
     Config,
-    ConfigError,
-    ControllerConfig,
     ControllerInit,
     ImitateActions,
 )
 from frmdn_worldmodels.runtime.io import DataError
 from frmdn_worldmodels.runtime.paths import run_paths
+from frmdn_worldmodels.runtime.rules import check_rules
 
 INITS = typing.get_args(ControllerInit)
 """``controller.init``: the controller's initial parameters, or the imitation of the best collected play."""
@@ -85,27 +84,6 @@ class Imitation:
             "loss": round(self.loss, 6),
             "constant_loss": round(self.constant_loss, 6),
         }
-
-
-def check_init(c: ControllerConfig, env_name: str) -> None:
-    """Refuse a ``controller.init`` outside ``INITS``, a ``controller.imitate_top`` outside (0, 1], a
-    negative (or non-finite) ``controller.imitate_weight``, or ``controller.imitate_actions`` outside
-    ``IMITATE_ACTIONS`` (``follower`` only for CarRacing)."""
-    if c.init not in INITS:
-        raise ConfigError(f"controller.init must be one of {', '.join(INITS)}, got {c.init!r}")
-    if c.imitate_actions not in IMITATE_ACTIONS:
-        raise ConfigError(
-            f"controller.imitate_actions must be one of {', '.join(IMITATE_ACTIONS)}, "
-            f"got {c.imitate_actions!r}"
-        )
-    if c.imitate_actions == "follower" and env_name != "carracing":
-        raise ConfigError(
-            f"controller.imitate_actions=follower labels CarRacing frames; env.name is {env_name!r}"
-        )
-    if not 0.0 < c.imitate_top <= 1.0:
-        raise ConfigError(f"controller.imitate_top must be in (0, 1], got {c.imitate_top}")
-    if not 0.0 <= c.imitate_weight < float("inf"):
-        raise ConfigError(f"controller.imitate_weight must be a finite number >= 0, got {c.imitate_weight}")
 
 
 @torch.inference_mode()
@@ -196,7 +174,7 @@ def follower_labels(cfg: Config, latents_path: Path) -> np.ndarray:
 
 def imitate_collected(cfg: Config, memory: MemoryModel, controller: Controller, start: Tensor) -> Imitation:
     """The controller that imitates the ``controller.imitate_top`` best of the run's encoded episodes."""
-    check_init(cfg.controller, cfg.env.name)
+    check_rules(cfg, "controller")
     paths = list_npz(run_paths(cfg).latents)
     if not paths:
         raise DataError(f"{run_paths(cfg).latents}: no latents to imitate; run `python run.py encode` first")

@@ -9,12 +9,12 @@ from frmdn_worldmodels.runtime.config import (
     DEFAULT_CONFIG,
     Config,
     ConfigError,
-    check_run_config,
     config_from_dict,
     config_to_dict,
     load_config,
     save_config,
 )
+from frmdn_worldmodels.runtime.rules import check_rules
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -77,7 +77,11 @@ BAD_VALUES = [
     ("train-memory", "memory.kind=lstm", "memory.kind"),
     ("train-memory --sweep table1", "memory_train.sweep_ranks=[-1]", "memory_train.sweep_ranks"),
     ("train-memory --sweep table1", "memory_train.sweep_seeds=0", "memory_train.sweep_seeds"),
-    ("train-memory --sweep table1", "memory_train.sweep_extra=[context]", "unknown rows ['context']"),
+    (
+        "train-memory --sweep table1",
+        "memory_train.sweep_extra=[context]",
+        "memory_train.sweep_extra[0] must be one of flow_context, heads",
+    ),
     ("train-memory --sweep table1", "memory_train.sweep_extra=[heads]", "the heads row needs a grid without"),
     ("train-memory", "memory_train.seed=-3", "memory_train.seed must be at least 0, got -3"),
     ("train-memory", "memory_train.val_fraction=1", "memory_train.val_fraction must be in [0, 1), got 1"),
@@ -90,19 +94,62 @@ BAD_VALUES = [
         "evaluate.teacher: 'ram_expert' is not a teacher of env.name",
     ),
     ("dream", "controller.temperature=-1", "controller.temperature"),
+    ("train-vae", "vae.player_weight=4", "vae.player_weight=4.0 weighs the patches around the player"),
+    (
+        "train-memory",
+        "memory_train.val_fraction=0.5 --set memory_train.test_fraction=0.5",
+        "memory_train.val_fraction + test_fraction must leave episodes for training",
+    ),
+    ("train-memory --sweep table1", "memory_train.sweep_ranks=[]", "must each list one or more"),
+    (
+        "iterate",
+        "iterate.iterations=1 --set controller.train_in=real",
+        "iterate.iterations > 0 trains the controller in the dream",
+    ),
+    (
+        "train-controller",
+        "env.name=mario --set controller.init=imitate --set controller.imitate_actions=follower",
+        "controller.imitate_actions=follower labels CarRacing frames; env.name is 'mario'",
+    ),
+    ("benchmark speech", "speech.clip_seconds=0.001", "speech.clip_seconds=0.001 is shorter than one frame"),
     ("benchmark image", "image.memory.components=0", "image.memory.components"),
     ("benchmark speech", "speech.frame=1", "speech.frame"),
 ]
+
+
+def test_every_rule_has_a_bad_value_that_breaks_it():
+    """Each rule of ``runtime.rules`` is broken by a row of ``BAD_VALUES`` (whose message the test below
+    checks from the command line)."""
+    from frmdn_worldmodels.runtime.rules import RULES
+
+    broken = set()
+    for _command, override, _message in BAD_VALUES:
+        try:
+            cfg = load_config(None, override.split(" --set "))
+        except ConfigError:
+            continue
+        for rules in RULES.values():
+            for rule in rules:
+                try:
+                    rule(cfg)
+                except ConfigError:
+                    broken.add(rule.__name__)
+    assert broken == {rule.__name__ for rules in RULES.values() for rule in rules}
 
 
 @pytest.mark.parametrize("command, override, message", BAD_VALUES, ids=[case[1] for case in BAD_VALUES])
 def test_a_bad_value_in_any_section_is_refused_before_any_work(tmp_path, capsys, command, override, message):
     from frmdn_worldmodels import cli
 
-    code = cli.main([*command.split(), "--set", f"runs_dir={tmp_path / 'runs'}", "--set", override])
+    overrides = [part for setting in override.split(" --set ") for part in ("--set", setting)]
+    code = cli.main([*command.split(), "--set", f"runs_dir={tmp_path / 'runs'}", *overrides])
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists(), "a refused config must not start any work"
+
+
+def check_run_rules(cfg):
+    check_rules(cfg, "run")
 
 
 def test_a_conditional_field_is_refused_only_where_its_condition_fails():
@@ -113,29 +160,27 @@ def test_a_conditional_field_is_refused_only_where_its_condition_fails():
         "controller.imitate_actions=recorded",
         "controller.imitate_top=0.25",
     ]
-    check_run_config(load_config(hour, ["controller.init=zeros", *imitation_defaults]))
-    check_run_config(load_config(hour, ["controller.imitate_top=0.5"]))
+    check_run_rules(load_config(hour, ["controller.init=zeros", *imitation_defaults]))
+    check_run_rules(load_config(hour, ["controller.imitate_top=0.5"]))
     with pytest.raises(ConfigError, match=r"controller.imitate_top=0.5 is only read with controller.init"):
-        check_run_config(
+        check_run_rules(
             load_config(hour, ["controller.init=zeros", *imitation_defaults, "controller.imitate_top=0.5"])
         )
     with pytest.raises(ConfigError, match=r"controller.imitate_actions='follower' is only read with"):
-        check_run_config(load_config(hour, ["controller.init=zeros", *imitation_defaults[::2]]))
+        check_run_rules(load_config(hour, ["controller.init=zeros", *imitation_defaults[::2]]))
     with pytest.raises(ConfigError, match=r"controller.dream_start_limit=8 is only read with"):
-        check_run_config(
-            load_config(hour, ["controller.dream_start=first", "controller.dream_start_limit=8"])
-        )
+        check_run_rules(load_config(hour, ["controller.dream_start=first", "controller.dream_start_limit=8"]))
     mario = REPO / "configs" / "mario-hour-random.yaml"
     right_biased = ["collect.policy=right_biased", "collect.right_bias=0.5", "collect.mario_repeat=2"]
-    check_run_config(load_config(mario, right_biased))
+    check_run_rules(load_config(mario, right_biased))
     with pytest.raises(ConfigError, match=r"collect.right_bias=0.5 is only read with env.name: mario"):
-        check_run_config(load_config(mario, ["collect.policy=random", "collect.right_bias=0.5"]))
+        check_run_rules(load_config(mario, ["collect.policy=random", "collect.right_bias=0.5"]))
     expert = REPO / "configs" / "mario-hour-expert.yaml"
-    check_run_config(load_config(expert, ["collect.expert_noise=0.1"]))
+    check_run_rules(load_config(expert, ["collect.expert_noise=0.1"]))
     with pytest.raises(ConfigError, match=r"collect.expert_noise=0.1 is only read with collect.policy: ram"):
-        check_run_config(load_config(expert, [*right_biased, "collect.expert_noise=0.1"]))
+        check_run_rules(load_config(expert, [*right_biased, "collect.expert_noise=0.1"]))
     with pytest.raises(ConfigError, match=r"collect.mario_repeat=2 is only read with env.name: mario with"):
-        check_run_config(load_config(expert, ["collect.mario_repeat=2"]))
+        check_run_rules(load_config(expert, ["collect.mario_repeat=2"]))
 
 
 def test_overrides_are_typed():

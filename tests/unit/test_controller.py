@@ -9,7 +9,6 @@ import torch
 from frmdn_worldmodels.games.envs import action_dim, encode_action
 from frmdn_worldmodels.models.controller import Controller
 from frmdn_worldmodels.runtime.config import ConfigError, EnvConfig, load_config
-from frmdn_worldmodels.stages.train_controller import check_controller_config
 
 MARIO = EnvConfig(name="mario", mario_actions="simple")
 
@@ -200,6 +199,6 @@ def test_a_controller_saved_before_hidden_existed_is_linear_and_hidden_is_checke
     assert Controller(5, 7, 3, False, 4).to_dict()["hidden"] == 4
     with pytest.raises(ValueError, match="hidden >= 0"):
         Controller(5, 7, 3, False, -1)
-    check_controller_config(load_config(None, [f"runs_dir={tmp_path}", "controller.hidden=4"]))
+    assert load_config(None, [f"runs_dir={tmp_path}", "controller.hidden=4"]).controller.hidden == 4
     with pytest.raises(ConfigError, match="controller.hidden must be at least 0"):
-        check_controller_config(load_config(None, [f"runs_dir={tmp_path}", "controller.hidden=-1"]))
+        load_config(None, [f"runs_dir={tmp_path}", "controller.hidden=-1"])

@@ -15,10 +15,10 @@ from frmdn_worldmodels.models.memory import MemoryModel
 from frmdn_worldmodels.runtime.config import ConfigError, MemoryConfig, load_config
 from frmdn_worldmodels.runtime.io import DataError, load_checkpoint, read_json
 from frmdn_worldmodels.runtime.paths import run_paths
+from frmdn_worldmodels.runtime.rules import check_rules
 from frmdn_worldmodels.stages import train_controller
 from frmdn_worldmodels.stages.report import _headline
 from frmdn_worldmodels.train.imitate import (
-    check_init,
     controller_features,
     fit_controller,
     follower_labels,
@@ -173,12 +173,12 @@ def test_the_follower_labels_are_the_followers_own_action_on_each_recorded_frame
     (run_paths(cfg).episodes / latents[1].name).unlink()
     with pytest.raises(DataError, match=f"{latents[1].name}: missing; controller.imitate_actions=follower"):
         imitate_collected(cfg, memory, controller, controller.initial_params())
-    with pytest.raises(ConfigError, match="controller.imitate_actions must be one of"):
+    with pytest.raises(ConfigError, match="controller.imitate_actions must be one of"):  # as it is read
         train_controller.run(
             tiny_run(tmp_path / "bad", extra=["controller.imitate_actions=expert", *extra[:1]])
         )
     with pytest.raises(ConfigError, match="labels CarRacing frames; env.name is 'mario'"):
-        check_init(load_config(None, ["env.name=mario", *extra]).controller, "mario")
+        check_rules(load_config(None, ["env.name=mario", *extra]), "controller")
 
 
 @EVERY_CONTROLLER
