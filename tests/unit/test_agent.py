@@ -410,3 +410,30 @@ def test_episode_stats_summarise_returns_and_the_furthest_x_where_the_game_repor
     }
     carracing = [Episode(seed=0, ret=-5.0, steps=3), Episode(seed=1, ret=5.0, steps=3)]
     assert "max_x" not in evaluate.episode_stats(carracing)
+
+
+def test_the_paired_difference_is_seed_by_seed_and_the_report_shows_the_teachers():
+    from frmdn_worldmodels.agent.play import Episode
+    from frmdn_worldmodels.stages.evaluate import episode_stats, paired_difference
+    from frmdn_worldmodels.stages.report import _headline
+
+    agent = [
+        Episode(seed, ret, 10, max_x=x) for seed, ret, x in [(1, 5.0, 300), (2, 9.0, 500), (3, 1.0, 200)]
+    ]
+    teacher = [
+        Episode(seed, ret, 10, max_x=x) for seed, ret, x in [(1, 4.0, 250), (2, 6.0, 600), (3, 3.0, 100)]
+    ]
+    paired = paired_difference(agent, teacher)
+    differences = np.array([1.0, 3.0, -2.0])
+    assert paired["mean"] == pytest.approx(differences.mean())
+    assert paired["se"] == pytest.approx(differences.std(ddof=1) / np.sqrt(3))
+    assert paired["max_x"]["mean"] == pytest.approx(np.mean([50, -100, 100]))
+    with pytest.raises(ValueError, match="the same seeds"):
+        paired_difference(agent, teacher[::-1])
+    evaluation = {
+        **episode_stats(agent),
+        "episodes": 3,
+        "teacher": {"policy": "ram_expert", **episode_stats(teacher), "agent_minus_teacher": paired},
+    }
+    (row,) = [line for line in _headline({"evaluate": evaluation}) if "teacher (ram_expert)" in line]
+    assert "4.3 ± 1.2; agent - teacher, paired: +0.7 ± 1.5, furthest x +17 ± 60" in row
