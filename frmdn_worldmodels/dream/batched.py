@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from frmdn_worldmodels.dream.dynamics import DreamDriver, DreamDynamics, LSTMState
+from frmdn_worldmodels.dream.pessimism import Pessimism
 from frmdn_worldmodels.models.controller import Controller
 from frmdn_worldmodels.models.memory import MemoryModel
 
@@ -53,6 +54,8 @@ class DreamRollouts:
     """[R] the start frame of each rollout (the same for every candidate)."""
     members: Tensor | None = None
     """[R] the ensemble member each rollout dreamt in (the same for every candidate); None: one member."""
+    penalties: Tensor | None = None
+    """[P, R] the pessimism taken off each return (``dream.pessimism``); None: none."""
     observations: Tensor | None = None
     """With ``record``: [P, R, T + 1, Z + H] the controller's inputs [z_t, h_t], t = 0..T (T steps dreamt)."""
     rewards: Tensor | None = None
@@ -81,6 +84,7 @@ class BatchedDream(DreamDriver):
         threads: int = 1,
         initial_state: LSTMState | None = None,
         steps_left: np.ndarray | None = None,
+        pessimism: Pessimism | None = None,
     ):
         """``threads``: torch threads while dreaming (0 = torch's setting). One by default: the dream's
         results then do not depend on the machine's core count (matmuls split over threads round
@@ -88,7 +92,8 @@ class BatchedDream(DreamDriver):
         thread at each of the step's ~100 operations made it 50x slower in our measurements
         (``perf/dream_speed.py``).
         ``initial_state``: the memory's (h, c) ``[N, H]`` at each start frame; None = zeros; ``steps_left
-        [N]``: the real game's steps left from each start frame (None: the horizon)."""
+        [N]``: the real game's steps left from each start frame (None: the horizon); ``pessimism``: see
+        ``dream.pessimism``."""
         if controller.z_dim != memory.target_dim or controller.h_dim != memory.config.hidden:
             raise ValueError(
                 f"controller reads z of {controller.z_dim} and h of {controller.h_dim}, the memory has "
@@ -99,7 +104,15 @@ class BatchedDream(DreamDriver):
                 f"controller emits {controller.action_dim}-d actions, the memory reads {memory.cond_dim}"
             )
         self.dynamics = DreamDynamics(
-            memory, initial_mu, initial_logvar, horizon, temperature, use_mu, initial_state, steps_left
+            memory,
+            initial_mu,
+            initial_logvar,
+            horizon,
+            temperature,
+            use_mu,
+            initial_state,
+            steps_left,
+            pessimism,
         )
         self.controller, self.threads = controller, threads
 
@@ -138,6 +151,7 @@ class BatchedDream(DreamDriver):
             batch.lengths.reshape(population, rollouts),
             batch.start[:rollouts],
             None if batch.member is None else batch.member[:rollouts],
+            None if dynamics.pessimism is None else batch.penalties.reshape(population, rollouts),
         )
         if record:
             # rows are candidate-major (row p * R + r): [B, T, ...] -> [P, R, T, ...]

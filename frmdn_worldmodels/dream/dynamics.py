@@ -17,8 +17,9 @@ calls ``DreamDynamics.step``. Per step, with :math:`h_t` the LSTM output *before
    (``MemoryModel.done_probability``: the loss's positive weight and the done horizon taken out); the
    temperature leaves it alone, and :math:`\tau = 0` ends a dream iff :math:`\lambda_t > 1/2` (Ha's rule).
    A dream that ended is masked, not removed (the tensors keep their shape): it collects no more reward or
-   steps. Each dream stops at the horizon, and a dream started at step t of a real episode at the steps the
-   real game had left from there (``steps_left``).
+   steps. With critics (``dream.pessimism``), r_t is paid less their disagreement about z_{t+1}. Each dream
+   stops at the horizon, and a dream started at step t of a real episode at the steps the real game had left
+   from there (``steps_left``).
 
 That is the law of ``MemoryModel.step`` followed by ``MemoryModel.sample`` (the tests pin the two together).
 The memory lays out its own weights for this step (``MemoryModel.fused_step``, a ``models.memory.FusedStep``)
@@ -53,14 +54,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from frmdn_worldmodels.models.memory import MemoryModel
+from frmdn_worldmodels.models.memory import MemoryModel, State
 from frmdn_worldmodels.models.mixture import gmm_sample
 from frmdn_worldmodels.models.vae import posterior_sample
+
+if TYPE_CHECKING:
+    from frmdn_worldmodels.dream.pessimism import Pessimism
 
 LSTMState = tuple[np.ndarray, np.ndarray]
 """(h, c), ``[N, H]`` each: the memory's LSTM state at N start frames."""
@@ -119,16 +124,21 @@ class DreamBatch:
         limit: Tensor,
         head_mask: Tensor | None = None,
         member: Tensor | None = None,
+        critic_states: list[State] | None = None,
     ):
         """``inputs [B, Z + H + A]``: the row ``[z_t, h_t, a_t]`` the LSTM reads next; ``cell [B, H]``: c_t;
         ``start [B]``: each dream's start frame; ``limit [B]``: the steps each dream may last;
-        ``head_mask [B, H]``, ``member [B]``: see below."""
+        ``head_mask [B, H]``, ``member [B]``, ``critic_states``: see below."""
         self.inputs, self.cell, self.start, self.z_dim, self.limit = inputs, cell, start, z_dim, limit
         self.head_mask = head_mask
         """[B, H] each dream's fixed dropout mask (0 or 1 / (1 - p)) on what the heads read; None: no
         dropout."""
         self.member = member
         """[B] the ensemble member each dream runs in; None: one member."""
+        self.critic_states = critic_states
+        """With pessimism: each critic's LSTM state, ``([1, B, H], [1, B, H])`` (``dream.pessimism``)."""
+        self.penalties = inputs.new_zeros(cell.shape[0])
+        """[B] the pessimism taken off the returns until the end."""
         batch, hidden = cell.shape
         self.alive = torch.ones(batch, dtype=torch.bool, device=inputs.device)
         """[B] not ended yet."""
@@ -181,6 +191,9 @@ class DreamBatch:
             self.limit.repeat(times),
             None if self.head_mask is None else self.head_mask.repeat(times, 1),
             None if self.member is None else self.member.repeat(times),
+            None
+            if self.critic_states is None
+            else [(h.repeat(1, times, 1), c.repeat(1, times, 1)) for h, c in self.critic_states],
         )
 
 
@@ -197,17 +210,22 @@ class DreamDynamics:
         use_mu: bool = False,
         initial_state: LSTMState | None = None,
         steps_left: np.ndarray | Sequence[int] | None = None,
+        pessimism: Pessimism | None = None,
     ):
         """``initial_mu``, ``initial_logvar`` ``[N, Z]``: the start frames' posteriors (logvar None: their
         means); ``initial_state``: the memory's (h, c) ``[N, H]`` at each start frame; None = zeros;
         ``steps_left [N]``: the steps the real game had left from each start frame (a dream from there lasts
-        at most that many); None = the horizon for every frame."""
+        at most that many); None = the horizon for every frame; ``pessimism``: critics whose disagreement
+        the rewards pay for (``dream.pessimism``); None = off."""
         if horizon < 1 or temperature < 0:
             raise ValueError(
                 f"the dream needs horizon >= 1 and temperature >= 0, got {horizon}, {temperature}"
             )
         self.memory = memory.eval()
         self.horizon, self.temperature, self.use_mu = horizon, temperature, use_mu
+        if pessimism is not None and (memory.ensemble > 1 or memory.config.dropout > 0):
+            raise ValueError("pessimism scores the dream's frames with one memory: no ensemble, no dropout")
+        self.pessimism = pessimism
         self.weights = memory.fused_step()
         """The memory's weights laid out for ``step`` (``MemoryModel.fused_step``)."""
         self.device, self.dtype = self.weights.gate_weight.device, self.weights.gate_weight.dtype
@@ -270,7 +288,8 @@ class DreamDynamics:
             # uniform per dream, balanced over the batch: a random order and a random rotation of 0..N-1, ...
             order = torch.randperm(count, generator=generator, device=self.device)
             member = (order + torch.randint(members, (1,), generator=generator, device=self.device)) % members
-        return DreamBatch(inputs, cell, index, z_dim, limit, head_mask, member)
+        critic_states = None if self.pessimism is None else self.pessimism.start(index)
+        return DreamBatch(inputs, cell, index, z_dim, limit, head_mask, member, critic_states)
 
     def step(self, batch: DreamBatch, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Advance every dream of ``batch`` by one step, in place, its actions a_t already in
@@ -278,6 +297,8 @@ class DreamDynamics:
         live dream ends now)."""
         k = self.memory.config.components
         gates, hidden, cell = batch.gates, batch.new_hidden, batch.cell
+        if self.pessimism is not None:  # what M read this step, before the step overwrites it
+            read, state = batch.inputs.clone(), (batch.h.unsqueeze(0).clone(), cell.unsqueeze(0).clone())
         input_gate, forget_gate, cell_input, output_gate = batch.gate_parts
         # 1. the LSTM reads (z_t, a_t) from (h_t, c_t), in place in the batch's buffers
         weights = self.weights
@@ -302,9 +323,14 @@ class DreamDynamics:
                 latent = latent.view(batch.size, -1, 2)[torch.arange(batch.size), batch.member]
             outcome = outcome + latent
         batch.h[:] = hidden  # the controller reads the undropped h
+        reward = outcome[:, 0]
+        if self.pessimism is not None:
+            penalty = self.pessimism.penalty(self.memory, read, state, batch.z, batch.critic_states)
+            reward = reward - penalty
+            batch.penalties += penalty * batch.alive
         # 3. ended dreams are masked: no reward, no steps, no second end
         live = batch.alive
-        reward = outcome[:, 0] * live
+        reward = reward * live
         batch.returns += reward
         batch.lengths += live
         hazard = self.memory.done_probability(outcome[:, 1])

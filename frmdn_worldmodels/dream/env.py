@@ -43,6 +43,7 @@ from gymnasium import spaces
 
 from frmdn_worldmodels.data.episodes import list_npz, load_latents
 from frmdn_worldmodels.dream.dynamics import DreamBatch, DreamDriver, DreamDynamics, DreamStarts, LSTMState
+from frmdn_worldmodels.dream.pessimism import Pessimism
 from frmdn_worldmodels.games.envs import action_space
 from frmdn_worldmodels.models.memory import MemoryModel
 from frmdn_worldmodels.models.vae import ConvVAE, load_vae, posterior_sample, tensor_to_frames
@@ -155,9 +156,11 @@ def steps_left(cfg: Config, starts: DreamStarts) -> np.ndarray:
     return np.maximum(cfg.env.max_steps - starts.times, 1)
 
 
-def load_memory(cfg: Config, device: str | torch.device | None = None) -> MemoryModel:
-    """The run's trained memory (``<run>/memory/memory.pt``) in eval mode."""
-    path = run_paths(cfg).memory / "memory.pt"
+def load_memory(
+    cfg: Config, device: str | torch.device | None = None, folder: Path | None = None
+) -> MemoryModel:
+    """The run's trained memory (``<run>/memory/memory.pt``, or the one in ``folder``) in eval mode."""
+    path = (folder or run_paths(cfg).memory) / "memory.pt"
     if not path.exists():
         raise DataError(f"{path}: no trained memory; run `python run.py train-memory` first")
     try:
@@ -167,6 +170,19 @@ def load_memory(cfg: Config, device: str | torch.device | None = None) -> Memory
             f"{path}: not a memory checkpoint of this program ({type(error).__name__}: {error})"
         ) from None
     return memory.to(device or cfg.device).eval()
+
+
+def dream_pessimism(cfg: Config, memory: MemoryModel, starts: DreamStarts) -> Pessimism | None:
+    """The critics of ``controller.pessimism`` (None when 0), each with its state at the dreams' start
+    frames ``starts`` (``dream_starts``: the same frames, read by each critic)."""
+    if cfg.controller.pessimism == 0:
+        return None
+    device = memory.mixture_head.weight.device
+    critics = [
+        load_memory(cfg, device, run_paths(cfg).critic(i)) for i in range(1, cfg.memory_train.critics + 1)
+    ]
+    states = [None if starts.state is None else dream_starts(cfg, critic).state for critic in critics]
+    return Pessimism(critics, cfg.controller.pessimism, states, len(starts.mu))
 
 
 def encode_action_tensor(action_space: spaces.Space, action) -> torch.Tensor:
@@ -200,16 +216,25 @@ class DreamEnv(gymnasium.Env, DreamDriver):
         render_mode: str | None = None,
         initial_state: LSTMState | None = None,
         steps_left: np.ndarray | None = None,
+        pessimism: Pessimism | None = None,
     ):
         """``initial_state``: the memory's (h, c) ``[N, H]`` at each start frame (``warm_starts``);
         None = zeros; ``steps_left [N]``: the real game's steps left from each start frame (None: the
-        horizon)."""
+        horizon); ``pessimism``: see ``dream.pessimism``."""
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"DreamEnv renders only 'rgb_array', got render_mode={render_mode!r}")
         if render_mode == "rgb_array" and vae is None:
             raise ValueError("DreamEnv(render_mode='rgb_array') needs the VAE (vae=...) to decode frames")
         self.dynamics = DreamDynamics(
-            memory, initial_mu, initial_logvar, horizon, temperature, use_mu, initial_state, steps_left
+            memory,
+            initial_mu,
+            initial_logvar,
+            horizon,
+            temperature,
+            use_mu,
+            initial_state,
+            steps_left,
+            pessimism,
         )
         self.vae, self.render_mode = vae, render_mode
         self.action_space = action_space
@@ -285,6 +310,7 @@ def make_dream_env(
         use_mu=cfg.memory_train.use_mu,
         vae=vae,
         render_mode=render_mode,
+        pessimism=dream_pessimism(cfg, memory, starts),
     )
 
 

@@ -251,6 +251,10 @@ class MemoryTrainConfig:
     """Seed of the model's initialisation, its per-epoch posterior samples and batch order; None = the run's
     ``seed``. The episode split and the fixed validation/test sample always follow the run's ``seed``, so
     models trained with different seeds are scored on the same test data."""
+    critics: Annotated[int, Bounds(0)] = 0
+    """Memories trained beside M, independently (the same data and settings, seeds ``seed`` + 1, 2, ...,
+    in ``<run>/memory/critics/c<i>/``): their disagreement with M about each dreamt frame is what the
+    controller section's ``pessimism`` takes off the dream's reward."""
     sweep_kinds: list[MemoryKind] = field(default_factory=lambda: ["rmdn", "frmdn"])
     """``train-memory --sweep table1``: the models compared (rows of the paper's Table 1)."""
     sweep_components: list[Annotated[int, Bounds(1)]] = field(default_factory=lambda: [1, 3, 5])
@@ -299,6 +303,10 @@ class ControllerConfig:
     variant with one hidden layer, ``a = g(W2 tanh(W1 [z, h] + b1) + b2)``."""
     temperature: Annotated[float, Bounds(0)] = 1.15
     """Dream temperature tau (divides logits, multiplies covariance)."""
+    pessimism: Annotated[float, Bounds(0)] = 0.0
+    """Pessimism in the dream (MOPO): each step's reward less this weight times the disagreement of M and
+    its critics (``memory_train.critics``) about the frame the dream drew, the std over them of
+    log p(z_{t+1}) per latent dimension; 0 = off."""
     eval_every: Annotated[int, Bounds(0)] = 5
     """Every N generations the best candidate is scored on ``eval_episodes`` more episodes."""
     eval_episodes: Annotated[int, Bounds(1)] = 4

@@ -31,6 +31,10 @@ class RunPaths:
     def memory(self) -> Path:
         return self.root / "memory"
 
+    def critic(self, index: int) -> Path:
+        """Critic ``index`` (1, 2, ...) of the memory (``memory_train.critics``), trained beside it."""
+        return self.memory / "critics" / f"c{index}"
+
     @property
     def table1(self) -> Path:
         """The paper's Table 1 on this run's latents (``train-memory --sweep table1``), a folder per cell."""

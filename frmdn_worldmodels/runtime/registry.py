@@ -117,6 +117,7 @@ COMMANDS: dict[str, Command] = {
                     "memory_train.sweep_ranks",
                     "memory_train.sweep_seeds",
                     "memory_train.sweep_extra",
+                    "memory_train.critics",  # each critic is a stage of its own, in memory/critics/
                 ),
                 extendable=("memory_train.epochs",),
             ),

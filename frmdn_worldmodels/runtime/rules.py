@@ -44,6 +44,7 @@ CONDITIONAL_FIELDS: tuple[tuple[str, str, Callable[[Config], bool]], ...] = (
     ("controller.imitate_top", "controller.init: imitate", lambda cfg: cfg.controller.init == "imitate"),
     ("controller.imitate_weight", "controller.init: imitate", lambda cfg: cfg.controller.init == "imitate"),
     ("controller.imitate_actions", "controller.init: imitate", lambda cfg: cfg.controller.init == "imitate"),
+    ("controller.pessimism", "controller.train_in: dream", lambda cfg: cfg.controller.train_in == "dream"),
     (
         "controller.dream_start_limit",
         "controller.dream_start: any",
@@ -145,6 +146,22 @@ def _follower_labels_need_carracing(cfg: Config) -> None:
     if cfg.controller.imitate_actions == "follower" and cfg.env.name != "carracing":
         raise ConfigError(
             f"controller.imitate_actions=follower labels CarRacing frames; env.name is {cfg.env.name!r}"
+        )
+
+
+@rule("controller")
+def _pessimism_needs_critics_and_one_plain_memory(cfg: Config) -> None:
+    if cfg.controller.pessimism == 0:
+        return
+    if cfg.memory_train.critics < 1:
+        raise ConfigError(
+            f"controller.pessimism={cfg.controller.pessimism} weighs M's disagreement with its critics: "
+            "set memory_train.critics to 1 or more"
+        )
+    if cfg.memory.ensemble > 1 or cfg.memory.dropout > 0:
+        raise ConfigError(
+            "controller.pessimism scores M's frames as one memory: it needs memory.ensemble 1 and "
+            f"memory.dropout 0, got {cfg.memory.ensemble} and {cfg.memory.dropout}"
         )
 
 

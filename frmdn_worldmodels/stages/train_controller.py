@@ -37,6 +37,7 @@ from frmdn_worldmodels.data.episodes import list_npz, load_latents
 from frmdn_worldmodels.dream.batched import BatchedDream
 from frmdn_worldmodels.dream.env import (
     dream_horizon,
+    dream_pessimism,
     dream_starts,
     load_memory,
     steps_left,
@@ -62,7 +63,7 @@ from frmdn_worldmodels.runtime.paths import run_paths
 from frmdn_worldmodels.runtime.plots import plot_curves
 from frmdn_worldmodels.runtime.pool import PoolKeeper
 from frmdn_worldmodels.runtime.progress import note, progress
-from frmdn_worldmodels.runtime.records import Stage
+from frmdn_worldmodels.runtime.records import Stage, file_digest
 from frmdn_worldmodels.runtime.rules import check_rules
 from frmdn_worldmodels.runtime.seeds import seed_ints
 from frmdn_worldmodels.train.imitate import Imitation, imitate_collected, imitation_loss
@@ -106,7 +107,10 @@ class DreamFitness:
             cfg.controller.dream_threads,
             initial_state=starts.state,
             steps_left=steps_left(cfg, starts),
+            pessimism=dream_pessimism(cfg, memory, starts),
         )
+        self.pessimism_per_step: float | None = None
+        """The last population's mean pessimism a dream step (``controller.pessimism``); None: off."""
         # how long the real episodes went on from where the dreams start (capped at the dream's horizon): from
         # the first frame, the whole episode; from any frame, on average what is left of it. Flags dreams that
         # end far too soon.
@@ -129,6 +133,8 @@ class DreamFitness:
         params = torch.as_tensor(candidates, dtype=torch.float32)
         result = self.dream.rollout(params, rollouts, self._generator("train", generation))
         mean_length = float(result.lengths.double().mean())
+        if result.penalties is not None:
+            self.pessimism_per_step = float(result.penalties.sum() / result.lengths.sum().clamp(min=1))
         if mean_length < 0.25 * self.real_length and not self.warned:
             self.warned = True
             print(
@@ -333,6 +339,8 @@ def _generation(
     }
     if c.imitate_weight:
         row.update(return_mean=float(dream_returns.mean()), penalty_mean=float(penalties.mean()))
+    if getattr(fitness, "pessimism_per_step", None) is not None:
+        row["pessimism_per_step"] = fitness.pessimism_per_step
     if not ((c.eval_every and generation % c.eval_every == 0) or generation == c.generations):
         return row
     champion = candidates[int(np.argmax(scores))]
@@ -397,16 +405,27 @@ def _summary(cfg: Config, search: Search, rows: list[dict], controller: Controll
     }
 
 
-def _check_start(cfg: Config, controller: Controller, initial_mean: np.ndarray | None) -> dict | None:
-    """The stage's extra inputs: the digest of ``initial_mean`` (refused unless it fits ``controller``)."""
-    if initial_mean is None:
-        return None
-    if np.shape(initial_mean) != (controller.num_params,):
-        raise DataError(
-            f"the initial CMA-ES mean has shape {np.shape(initial_mean)}, "
-            f"the controller {controller.num_params} parameters"
-        )
-    return {"initial_mean": hashlib.sha256(np.asarray(initial_mean, np.float64).tobytes()).hexdigest()}
+def _stage_inputs(cfg: Config, controller: Controller, initial_mean: np.ndarray | None) -> dict | None:
+    """The stage's extra inputs: the digest of ``initial_mean`` (refused unless it fits ``controller``) and,
+    with pessimism, of the critics' weights."""
+    inputs = {}
+    if initial_mean is not None:
+        if np.shape(initial_mean) != (controller.num_params,):
+            raise DataError(
+                f"the initial CMA-ES mean has shape {np.shape(initial_mean)}, "
+                f"the controller {controller.num_params} parameters"
+            )
+        inputs["initial_mean"] = hashlib.sha256(np.asarray(initial_mean, np.float64).tobytes()).hexdigest()
+    if cfg.controller.pessimism and cfg.controller.train_in == "dream":
+        for i in range(1, cfg.memory_train.critics + 1):
+            path = run_paths(cfg).critic(i) / "memory.pt"
+            if not path.exists():
+                raise DataError(
+                    f"{path}: no trained critic for controller.pessimism; run `python run.py train-memory` "
+                    f"with memory_train.critics={cfg.memory_train.critics}"
+                )
+            inputs[f"critic_{i}"] = file_digest(path)
+    return inputs or None
 
 
 def run(cfg: Config, *, initial_mean: np.ndarray | None = None, keeper: PoolKeeper | None = None) -> dict:
@@ -421,8 +440,8 @@ def run(cfg: Config, *, initial_mean: np.ndarray | None = None, keeper: PoolKeep
         note(f"train-controller: candidates are scored in the real game; unused here: {', '.join(unused)}")
     memory = load_memory(cfg)
     controller = controller_for(cfg.env, memory, c.hidden)
-    # the stage's folder holds only work made from this memory, these latents and these settings
-    stage = Stage(cfg, "train-controller", inputs=_check_start(cfg, controller, initial_mean))
+    # the stage's folder holds only work made from this memory (and its critics), these latents and settings
+    stage = Stage(cfg, "train-controller", inputs=_stage_inputs(cfg, controller, initial_mean))
     if (finished := stage.open()) is not None:
         return {**finished, "skipped": True}
     out = stage.folder

@@ -215,13 +215,40 @@ def _split_names(split: dict[str, list[Path]]) -> dict[str, list[str]]:
 
 
 def run(cfg: Config, *, initial: Path | None = None, stop_after_steps: int | None = None) -> dict:
-    """``python run.py train-memory``: train the memory into ``<run>/memory/`` and return the summary.
+    """``python run.py train-memory``: train the memory into ``<run>/memory/`` and its critics
+    (``memory_train.critics``) into ``<run>/memory/critics/c<i>/``, and return the summary.
 
     ``initial``: a ``memory.pt`` whose weights training starts from (iterative training), instead of a fresh
-    initialisation; it is one of the stage's inputs."""
+    initialisation; it is one of the stage's inputs (and the critics' too)."""
     inputs = {"initial": file_digest(initial)} if initial is not None else None
-    stage = Stage(cfg, "train-memory", inputs=inputs)
-    return train_memory(cfg, stage, initial=initial, stop_after_steps=stop_after_steps)
+    summary = train_memory(
+        cfg, Stage(cfg, "train-memory", inputs=inputs), initial=initial, stop_after_steps=stop_after_steps
+    )
+    critics = [
+        train_memory(critic, Stage(critic, "train-memory", folder, inputs), initial=initial)
+        for critic, folder in critic_runs(cfg)
+    ]
+    if critics:
+        summary = {**summary, "critics": [{key: c.get(key) for key in CRITIC_KEYS} for c in critics]}
+    return summary
+
+
+CRITIC_KEYS = ("model_seed", "test_nll_per_dim", "val_loss", "best_epoch", "train_seconds")
+"""What the memory's summary says of each critic."""
+
+
+def critic_runs(cfg: Config) -> list[tuple[Config, Path]]:
+    """(config, folder) of each critic of ``memory_train.critics``: M's settings with the model seeds after
+    M's, each in ``<run>/memory/critics/c<i>/``."""
+    tc = cfg.memory_train
+    model_seed = cfg.seed if tc.seed is None else tc.seed
+    return [
+        (
+            dataclasses.replace(cfg, memory_train=dataclasses.replace(tc, seed=model_seed + i, critics=0)),
+            run_paths(cfg).critic(i),
+        )
+        for i in range(1, tc.critics + 1)
+    ]
 
 
 @dataclass

@@ -84,3 +84,25 @@ def test_tiny_pipeline_end_to_end_reruns_skip_done_stages_and_redo_stale_ones(tm
         load_config(None, [f"runs_dir={tmp_path}", *TINY, "controller.temperature=0.5", "vae.lr=0.002"]),
         "encode",
     )
+
+
+def test_pessimism_trains_critics_and_the_controller_pays_their_disagreement(tmp_path, tiny_run, run_main):
+    """``memory_train.critics`` then ``controller.pessimism`` from the command line, dreams from any frame
+    (each critic warm-started there): every generation reports the pessimism a dream step, the controller's
+    record holds the critic's weights, and a retrained critic makes it stale."""
+    copy_tiny_run(tiny_run, tmp_path)
+    root = tmp_path / "tiny"
+    settings = [f"runs_dir={tmp_path}", *TINY, "memory_train.critics=1"]
+    flags = [part for setting in settings for part in ("--set", setting)]
+    memory = (root / "memory" / "memory.pt").stat().st_mtime_ns
+    assert run_main("train-memory", *flags).returncode == 0
+    assert (root / "memory" / "memory.pt").stat().st_mtime_ns == memory  # M is kept
+    assert (root / "memory" / "critics" / "c1" / "memory.pt").exists()
+    dream = ["--set", "controller.pessimism=0.5", "--set", "controller.dream_start=any"]
+    result = run_main("train-controller", *flags, *dream)
+    assert result.returncode == 0, result.stderr
+    rows = [row for row in read_jsonl(root / "controller" / "metrics.jsonl") if "mean" in row]
+    assert rows and all(row["pessimism_per_step"] > 0 for row in rows)
+    assert "critic_1" in read_json(root / "controller" / "made_from.json")["fingerprint"]["inputs"]
+    missing = run_main("train-controller", *flags, "--set", "memory_train.critics=2", *dream)
+    assert missing.returncode == 2 and "critics/c2/memory.pt: no trained critic" in missing.stderr

@@ -111,6 +111,17 @@ BAD_VALUES = [
         "env.name=mario --set controller.init=imitate --set controller.imitate_actions=follower",
         "controller.imitate_actions=follower labels CarRacing frames; env.name is 'mario'",
     ),
+    ("train-controller", "controller.pessimism=1", "set memory_train.critics to 1 or more"),
+    (
+        "train-controller",
+        "controller.pessimism=1 --set memory_train.critics=1 --set memory.dropout=0.1",
+        "it needs memory.ensemble 1 and memory.dropout 0, got 1 and 0.1",
+    ),
+    (
+        "train-controller",
+        "controller.train_in=real --set controller.pessimism=1",
+        "controller.pessimism=1.0 is only read with controller.train_in: dream",
+    ),
     ("benchmark speech", "speech.clip_seconds=0.001", "speech.clip_seconds=0.001 is shorter than one frame"),
     ("benchmark image", "image.memory.components=0", "image.memory.components"),
     ("benchmark speech", "speech.frame=1", "speech.frame"),

@@ -853,3 +853,98 @@ def test_the_reward_and_the_end_are_those_of_the_frame_the_dream_draws():
     drawn = trace.observations[..., 1:, :]
     torch.testing.assert_close(trace.rewards[alive], drawn[..., 0][alive])
     assert torch.equal(trace.dones[alive], drawn[..., 1][alive] > 4.0)
+
+
+def test_pessimism_pays_the_memories_disagreement_and_draws_the_same_dreams():
+    """With critics, each step's reward is the dream's less lambda times the std over M and the critics of
+    log p(z_{t+1} | history) per dimension, computed here from each memory's whole-sequence log-likelihood of
+    the dreamt frames (another code path); the dreams themselves (frames, ends) are those without critics."""
+    from frmdn_worldmodels.dream.pessimism import Pessimism
+
+    memory, critics, weight = (
+        tiny_memory(seed=0),
+        [tiny_memory(seed=1), tiny_memory(kind="rmdn", seed=2)],
+        2.0,
+    )
+    mu, logvar = starts()
+    plain = DreamDynamics(memory, mu, logvar, horizon=3, temperature=1.0)
+    pessimist = DreamDynamics(
+        memory, mu, logvar, horizon=3, temperature=1.0, pessimism=Pessimism(critics, weight)
+    )
+    actions = torch.randn(3, 5, A, generator=torch.Generator().manual_seed(4))
+    outcomes, frames = [], []
+    for dynamics in (plain, pessimist):
+        generator = torch.Generator().manual_seed(7)
+        batch = dynamics.start(5, generator)
+        zs, rewards = [batch.z.clone()], []
+        with torch.inference_mode():
+            for step in range(3):
+                batch.action[:] = actions[step]
+                reward, _ = dynamics.step(batch, generator)
+                zs.append(batch.z.clone())
+                rewards.append(reward.clone())
+        frames.append(torch.stack(zs, dim=1))
+        outcomes.append((torch.stack(rewards, dim=1), batch.alive.clone(), batch.penalties.clone()))
+    torch.testing.assert_close(frames[0], frames[1], rtol=0, atol=0)
+    (plain_rewards, alive, _), (pessimist_rewards, alive_too, penalties) = outcomes
+    assert torch.equal(alive, alive_too)
+    with torch.no_grad():
+        log_probs = torch.stack(
+            [m.sequence_log_prob(frames[0], actions.transpose(0, 1))[0] for m in (memory, *critics)]
+        )
+    expected = weight * log_probs.std(dim=0, unbiased=False) / Z  # [B, T]
+    lived = plain_rewards != 0
+    torch.testing.assert_close(
+        (plain_rewards - pessimist_rewards)[lived], expected[lived], rtol=1e-4, atol=1e-5
+    )
+    torch.testing.assert_close(penalties, (expected * lived).sum(dim=1), rtol=1e-4, atol=1e-5)
+    assert bool((expected > 0).all())
+
+
+def test_critics_like_the_memory_cost_nothing_and_candidates_share_their_dreams():
+    """Critics equal to M agree everywhere (no pessimism); other critics take their disagreement off every
+    candidate's dreams (each row of the population with its own copy of the critics' states), which are
+    the dreams without critics."""
+    from frmdn_worldmodels.dream.pessimism import Pessimism
+
+    memory = tiny_memory(seed=0)
+    controller = Controller(Z, H, A, discrete=False)
+    mu, logvar = starts()
+    plain = BatchedDream(memory, controller, mu, logvar, horizon=4, temperature=1.0)
+    same = BatchedDream(
+        memory,
+        controller,
+        mu,
+        logvar,
+        horizon=4,
+        temperature=1.0,
+        pessimism=Pessimism([tiny_memory(seed=0)], 5.0),
+    )
+    other = BatchedDream(
+        memory,
+        controller,
+        mu,
+        logvar,
+        horizon=4,
+        temperature=1.0,
+        pessimism=Pessimism([tiny_memory(seed=3)], 5.0),
+    )
+    params = controller.initial_params(torch.Generator().manual_seed(0)).repeat(2, 1)
+    results = [d.rollout(params, 3, torch.Generator().manual_seed(1)) for d in (plain, same, other)]
+    torch.testing.assert_close(results[1].returns, results[0].returns, rtol=1e-5, atol=1e-5)
+    assert float(results[1].penalties.abs().max()) < 1e-4
+    assert bool((results[2].returns < results[0].returns).all())
+    torch.testing.assert_close(results[2].returns + results[2].penalties, results[0].returns)
+
+
+def test_a_critics_warm_start_state_is_its_own():
+    from frmdn_worldmodels.dream.pessimism import Pessimism
+
+    critic = tiny_memory(seed=1)
+    rng = np.random.default_rng(0)
+    state = (rng.normal(size=(4, H)).astype(np.float32), rng.normal(size=(4, H)).astype(np.float32))
+    ((h, c),) = Pessimism([critic], 1.0, [state], count=4).start(torch.tensor([2, 0]))
+    np.testing.assert_array_equal(h[0].numpy(), state[0][[2, 0]])
+    np.testing.assert_array_equal(c[0].numpy(), state[1][[2, 0]])
+    with pytest.raises(ValueError, match="initial_state must be"):
+        Pessimism([critic], 1.0, [state], count=5)

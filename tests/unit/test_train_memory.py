@@ -3,6 +3,7 @@ line."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,10 @@ from frmdn_worldmodels.data.sequences import (
 from frmdn_worldmodels.models.memory import MemoryModel
 from frmdn_worldmodels.runtime.config import ConfigError, MemoryConfig
 from frmdn_worldmodels.runtime.io import DataError, load_checkpoint, read_jsonl
+from frmdn_worldmodels.runtime.paths import run_paths
 from frmdn_worldmodels.stages.train_memory import run
 from frmdn_worldmodels.train.loop import TrainingStopped
+from tests.conftest import write_tiny_latents
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -393,3 +396,30 @@ def test_the_done_head_is_calibrated_to_the_datas_rate_of_ends(tiny_memory_run, 
     assert calibrate_done(model.float(), whole, whole.mu, cfg)["bias"] == pytest.approx(
         model.done_bias, abs=1e-6
     )
+
+
+def test_critics_are_memories_of_their_own_seeds_trained_beside_m(tiny_memory_run):
+    """``memory_train.critics`` trains each critic as M is trained, from the next model seeds, into its own
+    folder; M is left as it was (raising the count is no reason to retrain it), and a rerun skips them all."""
+    from frmdn_worldmodels.dream.env import load_memory
+
+    cfg = tiny_memory_run("critics", "memory_train.epochs=1")
+    alone = run(cfg)
+    more = dataclasses.replace(cfg, memory_train=dataclasses.replace(cfg.memory_train, critics=2))
+    summary = run(more)
+    assert summary.get("skipped") or summary["train_seconds"] == alone["train_seconds"]  # M: not redone
+    assert [critic["model_seed"] for critic in summary["critics"]] == [1, 2]
+    memories = [load_memory(more, "cpu")] + [
+        load_memory(more, "cpu", run_paths(more).critic(i)) for i in (1, 2)
+    ]
+    first = [next(m.parameters()).detach() for m in memories]
+    assert not torch.equal(first[0], first[1]) and not torch.equal(first[1], first[2])
+    solo = dataclasses.replace(more, memory_train=dataclasses.replace(more.memory_train, seed=1, critics=0))
+    solo = dataclasses.replace(solo, name="solo")
+    write_tiny_latents(solo.run_dir / "latents")
+    run(solo)
+    torch.testing.assert_close(
+        load_memory(solo, "cpu").state_dict(), memories[1].state_dict(), rtol=0, atol=0
+    )
+    again = run(more)
+    assert again["critics"] == summary["critics"]
