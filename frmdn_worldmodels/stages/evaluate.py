@@ -4,7 +4,7 @@ dream).
 ``evaluate``: ``evaluate.episodes`` real episodes (in parallel on Ray) with the controller of
 ``<run>/controller/best.pt``, on seeds that training never used; mean +- std of the returns; with
 ``evaluate.random_baseline`` the same seeds played by uniformly random actions, and with ``evaluate.teacher``
-by the game's teacher (the policy that collected the data), each with the paired difference agent - other
+by the game's teacher (a hand-written driver, alone), each with the paired difference agent - other
 (mean and standard error over the seeds); GIFs of the best and the worst episode. Outputs in
 ``<run>/evaluate/``: ``summary.json``, ``best.gif``, ``worst.gif``.
 
@@ -130,8 +130,9 @@ def _play(
 
 def run(cfg: Config, keeper: PoolKeeper | None = None) -> dict:
     """Score the trained controller in the real game (and random actions and the teacher on the same seeds,
-    with the paired differences); ``keeper``: the
-    command's ``PoolKeeper``, whose rollout actors it reuses when they hold the same models."""
+    with the paired differences); ``keeper``: the command's ``PoolKeeper``, whose rollout actors it reuses
+    when they hold the same models."""
+    check_evaluate_config(cfg)
     paths = run_paths(cfg)
     best_path = paths.controller / "best.pt"
     best = load_best(cfg)
