@@ -911,23 +911,11 @@ def test_critics_like_the_memory_cost_nothing_and_candidates_share_their_dreams(
     controller = Controller(Z, H, A, discrete=False)
     mu, logvar = starts()
     plain = BatchedDream(memory, controller, mu, logvar, horizon=4, temperature=1.0)
-    same = BatchedDream(
-        memory,
-        controller,
-        mu,
-        logvar,
-        horizon=4,
-        temperature=1.0,
-        pessimism=Pessimism([tiny_memory(seed=0)], 5.0),
-    )
-    other = BatchedDream(
-        memory,
-        controller,
-        mu,
-        logvar,
-        horizon=4,
-        temperature=1.0,
-        pessimism=Pessimism([tiny_memory(seed=3)], 5.0),
+    same, other = (
+        BatchedDream(
+            memory, controller, mu, logvar, 4, 1.0, pessimism=Pessimism([tiny_memory(seed=seed)], 5.0)
+        )
+        for seed in (0, 3)
     )
     params = controller.initial_params(torch.Generator().manual_seed(0)).repeat(2, 1)
     results = [d.rollout(params, 3, torch.Generator().manual_seed(1)) for d in (plain, same, other)]
