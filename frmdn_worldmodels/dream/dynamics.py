@@ -297,8 +297,8 @@ class DreamDynamics:
         live dream ends now)."""
         k = self.memory.config.components
         gates, hidden, cell = batch.gates, batch.new_hidden, batch.cell
-        if self.pessimism is not None:  # what M read this step, before the step overwrites it
-            read, state = batch.inputs.clone(), (batch.h.unsqueeze(0).clone(), cell.unsqueeze(0).clone())
+        if self.pessimism is not None:  # z_t, before the step overwrites it with z_{t+1}
+            read = batch.z.clone()
         input_gate, forget_gate, cell_input, output_gate = batch.gate_parts
         # 1. the LSTM reads (z_t, a_t) from (h_t, c_t), in place in the batch's buffers
         weights = self.weights
@@ -325,7 +325,10 @@ class DreamDynamics:
         batch.h[:] = hidden  # the controller reads the undropped h
         reward = outcome[:, 0]
         if self.pessimism is not None:
-            penalty = self.pessimism.penalty(self.memory, read, state, batch.z, batch.critic_states)
+            prediction = self.memory.heads(hidden)  # M's law of z_{t+1}, from the h_{t+1} just computed
+            penalty = self.pessimism.penalty(
+                prediction, self.memory, read, batch.action, batch.z, batch.critic_states
+            )
             reward = reward - penalty
             batch.penalties += penalty * batch.alive
         # 3. ended dreams are masked: no reward, no steps, no second end

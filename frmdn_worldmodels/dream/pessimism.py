@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from frmdn_worldmodels.dream.dynamics import LSTMState, start_state_tensors
-from frmdn_worldmodels.models.memory import MemoryModel, State
+from frmdn_worldmodels.models.memory import MemoryModel, MemoryOutput, State
 
 
 class Pessimism:
@@ -61,15 +61,18 @@ class Pessimism:
         return states
 
     def penalty(
-        self, memory: MemoryModel, inputs: Tensor, state: State, drawn: Tensor, critic_states: list[State]
+        self,
+        prediction: MemoryOutput,
+        memory: MemoryModel,
+        z: Tensor,
+        action: Tensor,
+        drawn: Tensor,
+        critic_states: list[State],
     ) -> Tensor:
-        """[B] :math:`u_t` for the frames ``drawn [B, Z]`` after the rows ``inputs [B, Z + H + A]`` =
-        ``[z_t, h_t, a_t]`` M read from ``state`` = its (h_t, c_t); advances ``critic_states`` in place."""
-        z_dim, hidden = memory.target_dim, memory.config.hidden
-        z, action = inputs[:, :z_dim], inputs[:, z_dim + hidden :]
-        out, _ = memory.step(z, action, state)
-        log_probs = [memory.log_prob(drawn, out)]
+        """[B] :math:`u_t` for the frames ``drawn [B, Z]`` after ``z [B, Z]`` = z_t and ``action [B, A]`` =
+        a_t, given M's ``prediction`` (its outputs from h_{t+1}); advances ``critic_states`` in place."""
+        log_probs = [memory.log_prob(drawn, prediction)]
         for i, critic in enumerate(self.critics):
             out, critic_states[i] = critic.step(z, action, critic_states[i])
             log_probs.append(critic.log_prob(drawn, out))
-        return self.weight * torch.stack(log_probs).std(dim=0, unbiased=False) / z_dim
+        return self.weight * torch.stack(log_probs).std(dim=0, unbiased=False) / memory.target_dim

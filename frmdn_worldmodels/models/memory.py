@@ -202,7 +202,7 @@ class MemoryModel(nn.Module):
         """What the heads read: the LSTM output ``hidden``, dropped out in train mode."""
         return hidden if self.dropout is None else self.dropout(hidden)
 
-    def _heads(self, hidden: Tensor, member: int = 0, next_y: Tensor | None = None) -> MemoryOutput:
+    def heads(self, hidden: Tensor, member: int = 0, next_y: Tensor | None = None) -> MemoryOutput:
         """Member ``member``'s outputs on the LSTM output ``hidden`` (dropout first, in train mode);
         ``next_y``: the next latent, which the reward and done heads read with ``heads_read_z``."""
         self._check_member(member)
@@ -308,7 +308,7 @@ class MemoryModel(nn.Module):
         """Read ``inputs`` [B, T, d] (and ``cond`` [B, T, c]); output t is the distribution of y_{t+1} (member
         ``member``'s, with an ensemble)."""
         hidden, state = self.recur(inputs, cond, state)
-        return self._heads(hidden, member), state
+        return self.heads(hidden, member), state
 
     def recur(self, y: Tensor, cond: Tensor | None, state: State | None = None) -> tuple[Tensor, State]:
         """The LSTM alone (no heads) reading ``y`` [B, T, d] and ``cond`` [B, T, c] (None without
@@ -322,7 +322,7 @@ class MemoryModel(nn.Module):
         """One recurrent step: ``y`` [B, d], ``cond`` [B, c]; returns outputs of batch shape [B] (member
         ``member``'s) and the new state."""
         hidden, state = self.recur(y.unsqueeze(1), None if cond is None else cond.unsqueeze(1), state)
-        return self._heads(hidden.squeeze(1), member), state
+        return self.heads(hidden.squeeze(1), member), state
 
     def _context(self, out: MemoryOutput) -> Tensor | None:
         return out.hidden if self.config.flow_context else None

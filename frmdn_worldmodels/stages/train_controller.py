@@ -162,6 +162,9 @@ class DreamFitness:
 class RealFitness:
     """Scores candidates in the real game with a pool of Ray rollout actors."""
 
+    pessimism_per_step: float | None = None
+    """The real game pays no pessimism."""
+
     def __init__(self, cfg: Config, memory: MemoryModel, keeper: PoolKeeper | None = None):
         """``keeper``: the command's ``PoolKeeper`` (the actors stay up for its next stage)."""
         self.seed, self.envs_per_worker = cfg.seed, cfg.controller.envs_per_worker
@@ -339,7 +342,7 @@ def _generation(
     }
     if c.imitate_weight:
         row.update(return_mean=float(dream_returns.mean()), penalty_mean=float(penalties.mean()))
-    if getattr(fitness, "pessimism_per_step", None) is not None:
+    if fitness.pessimism_per_step is not None:
         row["pessimism_per_step"] = fitness.pessimism_per_step
     if not ((c.eval_every and generation % c.eval_every == 0) or generation == c.generations):
         return row

@@ -305,7 +305,7 @@ def test_chosen_component_head_equals_the_memory_heads():
     hidden = torch.randn(50, H)
     component = torch.randint(4, (50,))
     mu, diag, u = dynamics.chosen_component(hidden, component)
-    out = memory._heads(hidden)
+    out = memory.heads(hidden)
     rows = torch.arange(50)
     torch.testing.assert_close(mu, out.mu[rows, component])
     torch.testing.assert_close(diag, out.diag[rows, component])
@@ -349,7 +349,7 @@ def test_a_new_memory_brings_its_own_dream():
     hidden, component = torch.randn(50, H), torch.randint(3, (50,))
     _, diag, _ = dream.dynamics.chosen_component(hidden, component)
     with torch.no_grad():
-        expected = memory._heads(hidden).diag[torch.arange(50), component]
+        expected = memory.heads(hidden).diag[torch.arange(50), component]
     torch.testing.assert_close(diag, expected)
     assert diag.min() >= 0.5
 
@@ -365,7 +365,7 @@ def test_batched_sampler_draws_from_the_memory_distribution(temperature):
     count = 40_000
     hidden = torch.randn(1, H).expand(count, H).contiguous()
     with torch.no_grad():
-        out = memory._heads(hidden)
+        out = memory.heads(hidden)
         reference = memory.sample(out, temperature, torch.Generator().manual_seed(0))
         fast = dynamics.sample_next(hidden, out.logit_pi, torch.Generator().manual_seed(1))
     spread = reference.std(0)
@@ -636,7 +636,7 @@ def reference_dream(memory, ctrl, params, z0, horizon, mask=None):
             action = ctrl.act(params, z, state[0][0])
             _, state = memory.step(z, ctrl.encode(action), state)
             hidden = state[0][0]
-            out = memory._heads(hidden if mask is None else hidden * mask)
+            out = memory.heads(hidden if mask is None else hidden * mask)
             z = memory.sample(out, temperature=0.0)
             reward, done_logit = memory.outcome(out, z)
             observations.append(torch.cat([z[0], hidden[0]]))
