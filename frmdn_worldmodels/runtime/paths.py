@@ -75,9 +75,11 @@ def run_paths(config: Config) -> RunPaths:
     return RunPaths(config.run_dir)
 
 
-def prepare_stage(config: Config, stage_dir: Path) -> Path:
-    """Create a stage folder and record the resolved config both there and at the run's root."""
+def prepare_stage(config: Config, stage_dir: Path, *, root: bool = True) -> Path:
+    """Create a stage folder and record the resolved config there and, with ``root``, at the run's root (not
+    for a critic or a sweep cell, whose configs are variants of the run's)."""
     stage_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, stage_dir / "config.yaml")
-    save_config(config, config.run_dir / "config.yaml")
+    if root:
+        save_config(config, config.run_dir / "config.yaml")
     return stage_dir

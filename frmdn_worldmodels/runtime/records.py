@@ -190,7 +190,7 @@ class Stage:
             # collect and encode check every file of a finished stage and finish it again: keep its time
             self._seconds_before = _seconds_of(_read_record(self.folder) or {})
             return summary
-        prepare_stage(self.cfg, self.folder)
+        prepare_stage(self.cfg, self.folder, root=self.folder == run_paths(self.cfg).of(self.name))
         # the stage's work time adds up over invocations: a resumed or continued stage keeps what it spent (a
         # record from before stages timed themselves leaves it unknown)
         record = _read_record(self.folder)

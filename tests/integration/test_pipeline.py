@@ -98,6 +98,7 @@ def test_pessimism_trains_critics_and_the_controller_pays_their_disagreement(tmp
     assert run_main("train-memory", *flags).returncode == 0
     assert (root / "memory" / "memory.pt").stat().st_mtime_ns == memory  # M is kept
     assert (root / "memory" / "critics" / "c1" / "memory.pt").exists()
+    assert load_config(root / "config.yaml").memory_train.seed is None  # the run's config, not the critic's
     dream = ["--set", "controller.pessimism=0.5", "--set", "controller.dream_start=any"]
     result = run_main("train-controller", *flags, *dream)
     assert result.returncode == 0, result.stderr
