@@ -13,16 +13,21 @@ The rules undone, one a row (and all of them together, the dream before they wer
 - ``weighted done as is``: the logit of a head trained with positive weight w, not shifted by -log w;
 - ``done head uncalibrated``: without the bias b that sets the head's mean chance on the training steps to the
   data's rate of ends.
+With ``--pessimism W [W ...]`` (the run's critics trained: ``memory_train.critics``), one row more per weight:
+every rule, and the dream's reward less W times the memories' disagreement (``controller.pessimism``), the
+return CMA-ES would rank by.
 The rules of the memory's training (``memory.heads_read_z``, ``memory_train.carry_state``, the checkpoint
 chosen on the whole validation loss) need a memory trained without them: a run of its own, with its own
 ``run.py fidelity``.
 
 Writes ``<run>/fidelity/dream_rules.json`` (also printed): per variant, Spearman's rho and Pearson's r of the
-dream means against the real means, the mean gap dream - real, and the dreams' mean length.
+dream means against the real means, the mean gap dream - real, the dreams' mean length and, with pessimism,
+the mean penalty a dream step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -35,9 +40,9 @@ sys.path.insert(0, str(ROOT))
 
 from run_args import run_parser  # noqa: E402 (the script's folder)
 
-from frmdn_worldmodels.dream.env import load_memory  # noqa: E402 (sys.path)
+from frmdn_worldmodels.dream.env import critic_files, load_memory  # noqa: E402 (sys.path)
 from frmdn_worldmodels.models.memory import MemoryModel  # noqa: E402 (sys.path)
-from frmdn_worldmodels.runtime.config import ConfigError, load_config  # noqa: E402 (sys.path)
+from frmdn_worldmodels.runtime.config import Config, ConfigError, load_config  # noqa: E402 (sys.path)
 from frmdn_worldmodels.runtime.io import DataError, read_json, write_json  # noqa: E402 (sys.path)
 from frmdn_worldmodels.runtime.paths import run_paths  # noqa: E402 (sys.path)
 from frmdn_worldmodels.stages.fidelity import dream_set, pearson, scored_set, spearman  # noqa: E402 (sys.path)
@@ -68,19 +73,38 @@ def break_rules(dream: DreamFitness, memory: MemoryModel, broken: tuple[str, ...
         memory.done_probability = lambda logit: calibrated(logit / tau)
 
 
+def variants(cfg: Config, weights: list[float]) -> dict[str, tuple[Config, tuple[str, ...]]]:
+    """Each variant's name, config (its pessimism) and the rules it breaks."""
+    plain = dataclasses.replace(cfg, controller=dataclasses.replace(cfg.controller, pessimism=0.0))
+    rows = {"every rule": (plain, ()), **{f"without: {rule}": (plain, (rule,)) for rule in RULES}}
+    rows["none of them"] = (plain, RULES)
+    for weight in weights:
+        weighed = dataclasses.replace(cfg, controller=dataclasses.replace(cfg.controller, pessimism=weight))
+        rows[f"every rule, pessimism {weight:g}"] = (weighed, ())
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = run_parser(__doc__).parse_args(argv)
+    parser = run_parser(__doc__)
+    parser.add_argument("--pessimism", type=float, nargs="+", default=[], metavar="W", help="weights to try")
+    args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
         measured = read_json(run_paths(cfg).fidelity / "fidelity.json")
         best = load_best(cfg)
+        if args.pessimism:
+            if cfg.memory_train.critics < 1 or min(args.pessimism) < 0:
+                raise ConfigError(
+                    f"--pessimism {args.pessimism}: weights >= 0 of the disagreement with the run's critics "
+                    "(--set memory_train.critics=N)"
+                )
+            critic_files(cfg)
     except (ConfigError, DataError) as error:
         print(f"dream_rules: {error} (run `python run.py fidelity` first)", file=sys.stderr)
         return 2
     real = np.array([row["real"]["mean"] for row in measured["rows"]])
-    variants = {"every rule": (), **{f"without: {rule}": (rule,) for rule in RULES}, "none of them": RULES}
     results = {}
-    for name, broken in variants.items():
+    for name, (variant, broken) in variants(cfg, args.pessimism).items():
         memory = load_memory(cfg)  # each variant breaks rules on a copy of its own
         controller, members = scored_set(cfg, memory, best)
         if [member.name for member in members] != [row["name"] for row in measured["rows"]]:
@@ -90,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         dreamt, _ = dream_set(
-            cfg, memory, controller, members, lambda dream: break_rules(dream, memory, broken)
+            variant, memory, controller, members, lambda dream: break_rules(dream, memory, broken)
         )
         means = dreamt.returns.double().mean(1).numpy()
         rho, r = spearman(means, real), pearson(means, real)
@@ -100,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
             "mean_gap": float((means - real).mean()),
             "dream_mean_length": float(dreamt.lengths.double().mean()),
         }
+        if dreamt.penalties is not None:
+            penalty = dreamt.penalties.sum() / dreamt.lengths.sum().clamp(min=1)
+            results[name]["penalty_per_step"] = float(penalty)
         shown = "undefined" if rho is None or math.isnan(rho) else f"{rho:+.3f}"
         print(f"dream_rules: {name:40s} Spearman {shown}", file=sys.stderr)
     summary = {"controllers": len(real), "real_mean_steps": measured["real_mean_steps"], "variants": results}

@@ -172,15 +172,26 @@ def load_memory(
     return memory.to(device or cfg.device).eval()
 
 
+def critic_files(cfg: Config) -> list[Path]:
+    """The ``memory.pt`` of each of the run's critics (``memory_train.critics``); a DataError naming the first
+    one not trained yet."""
+    paths = [run_paths(cfg).critic(i) / "memory.pt" for i in range(1, cfg.memory_train.critics + 1)]
+    for path in paths:
+        if not path.exists():
+            raise DataError(
+                f"{path}: no trained critic for controller.pessimism; run `python run.py train-memory` "
+                f"with memory_train.critics={cfg.memory_train.critics}"
+            )
+    return paths
+
+
 def dream_pessimism(cfg: Config, memory: MemoryModel, starts: DreamStarts) -> Pessimism | None:
     """The critics of ``controller.pessimism`` (None when 0), each with its state at the dreams' start
     frames ``starts`` (``dream_starts``: the same frames, read by each critic)."""
     if cfg.controller.pessimism == 0:
         return None
     device = memory.mixture_head.weight.device
-    critics = [
-        load_memory(cfg, device, run_paths(cfg).critic(i)) for i in range(1, cfg.memory_train.critics + 1)
-    ]
+    critics = [load_memory(cfg, device, path.parent) for path in critic_files(cfg)]
     states = [None if starts.state is None else dream_starts(cfg, critic).state for critic in critics]
     return Pessimism(critics, cfg.controller.pessimism, states, len(starts.mu))
 

@@ -36,6 +36,7 @@ from frmdn_worldmodels.agent.workers import chunk_count, map_seeds, run_pool
 from frmdn_worldmodels.data.episodes import list_npz, load_latents
 from frmdn_worldmodels.dream.batched import BatchedDream
 from frmdn_worldmodels.dream.env import (
+    critic_files,
     dream_horizon,
     dream_pessimism,
     dream_starts,
@@ -420,13 +421,7 @@ def _stage_inputs(cfg: Config, controller: Controller, initial_mean: np.ndarray 
             )
         inputs["initial_mean"] = hashlib.sha256(np.asarray(initial_mean, np.float64).tobytes()).hexdigest()
     if cfg.controller.pessimism and cfg.controller.train_in == "dream":
-        for i in range(1, cfg.memory_train.critics + 1):
-            path = run_paths(cfg).critic(i) / "memory.pt"
-            if not path.exists():
-                raise DataError(
-                    f"{path}: no trained critic for controller.pessimism; run `python run.py train-memory` "
-                    f"with memory_train.critics={cfg.memory_train.critics}"
-                )
+        for i, path in enumerate(critic_files(cfg), start=1):
             inputs[f"critic_{i}"] = file_digest(path)
     return inputs or None
 

@@ -6,10 +6,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from frmdn_worldmodels import cli
+from frmdn_worldmodels.dream.env import load_memory
 from frmdn_worldmodels.runtime.config import FidelityConfig, load_config
-from frmdn_worldmodels.runtime.io import read_json
+from frmdn_worldmodels.runtime.io import read_json, save_checkpoint
 from frmdn_worldmodels.runtime.paths import run_paths
 from frmdn_worldmodels.stages import fidelity
 from frmdn_worldmodels.stages.fidelity import spearman
@@ -80,3 +82,23 @@ def test_fidelity_ranks_every_controller_on_the_same_dreams_and_real_seeds(
     assert rules["every rule"]["spearman"] == pytest.approx(data["spearman"])
     assert rules["every rule"]["mean_gap"] == pytest.approx(data["mean_gap"])
     assert set(rules) == {"every rule", "none of them", *(f"without: {rule}" for rule in dream_rules.RULES)}
+
+    # with a critic (M's weights, perturbed), each pessimism weight takes the disagreement off the same dreams
+    memory = load_memory(cfg)
+    with torch.no_grad():
+        for parameter in memory.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(0)))
+    critic = run_paths(cfg).critic(1)
+    critic.mkdir(parents=True)
+    save_checkpoint(critic / "memory.pt", **memory.to_checkpoint())
+    weighed = [arg for o in [*overrides, "memory_train.critics=1"] for arg in ("--set", o)]
+    assert dream_rules.main([*weighed, "--pessimism", "0", "2"]) == 0
+    rules = read_json(out / "dream_rules.json")["variants"]
+    assert rules["every rule, pessimism 0"]["mean_gap"] == pytest.approx(data["mean_gap"])
+    heavy = rules["every rule, pessimism 2"]
+    assert heavy["penalty_per_step"] > 0  # and the dreams are the same: they end where they did
+    assert heavy["dream_mean_length"] == rules["every rule"]["dream_mean_length"]
+    assert heavy["mean_gap"] == pytest.approx(
+        data["mean_gap"] - heavy["penalty_per_step"] * heavy["dream_mean_length"], rel=1e-4
+    )
+    assert dream_rules.main([*weighed[:-2], "--pessimism", "1"]) == 2  # no critics: refused
