@@ -13,9 +13,11 @@ The rules undone, one a row (and all of them together, the dream before they wer
 - ``weighted done as is``: the logit of a head trained with positive weight w, not shifted by -log w;
 - ``done head uncalibrated``: without the bias b that sets the head's mean chance on the training steps to the
   data's rate of ends.
-With ``--pessimism W [W ...]`` (the run's critics trained: ``memory_train.critics``), one row more per weight:
-every rule, and the dream's reward less W times the memories' disagreement (``controller.pessimism``), the
-return CMA-ES would rank by.
+Each ``--variant KEY=VALUE [KEY=VALUE ...]`` adds a row: every rule, in the dream of the run's settings with
+these overrides, as CMA-ES would rank by it; for instance ``controller.pessimism=4`` (the run's critics
+trained: ``memory_train.critics``), ``controller.temperature=1.3``, or ``controller.dream_start=any
+controller.max_steps=50`` (short dreams from recorded frames). The overrides change the dream only: the real
+returns are the measurement's.
 The rules of the memory's training (``memory.heads_read_z``, ``memory_train.carry_state``, the checkpoint
 chosen on the whole validation loss) need a memory trained without them: a run of its own, with its own
 ``run.py fidelity``.
@@ -27,7 +29,6 @@ the mean penalty a dream step.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import sys
@@ -45,6 +46,7 @@ from frmdn_worldmodels.models.memory import MemoryModel  # noqa: E402 (sys.path)
 from frmdn_worldmodels.runtime.config import Config, ConfigError, load_config  # noqa: E402 (sys.path)
 from frmdn_worldmodels.runtime.io import DataError, read_json, write_json  # noqa: E402 (sys.path)
 from frmdn_worldmodels.runtime.paths import run_paths  # noqa: E402 (sys.path)
+from frmdn_worldmodels.runtime.rules import check_rules  # noqa: E402 (sys.path)
 from frmdn_worldmodels.stages.fidelity import dream_set, pearson, scored_set, spearman  # noqa: E402 (sys.path)
 from frmdn_worldmodels.stages.train_controller import DreamFitness, load_best  # noqa: E402 (sys.path)
 
@@ -73,38 +75,36 @@ def break_rules(dream: DreamFitness, memory: MemoryModel, broken: tuple[str, ...
         memory.done_probability = lambda logit: calibrated(logit / tau)
 
 
-def variants(cfg: Config, weights: list[float]) -> dict[str, tuple[Config, tuple[str, ...]]]:
-    """Each variant's name, config (its pessimism) and the rules it breaks."""
-    plain = dataclasses.replace(cfg, controller=dataclasses.replace(cfg.controller, pessimism=0.0))
-    rows = {"every rule": (plain, ()), **{f"without: {rule}": (plain, (rule,)) for rule in RULES}}
-    rows["none of them"] = (plain, RULES)
-    for weight in weights:
-        weighed = dataclasses.replace(cfg, controller=dataclasses.replace(cfg.controller, pessimism=weight))
-        rows[f"every rule, pessimism {weight:g}"] = (weighed, ())
-    return rows
+def variants(cfg: Config, extra: dict[str, Config]) -> dict[str, tuple[Config, tuple[str, ...]]]:
+    """Each row's name, the config its dream is of and the rules it breaks."""
+    rows = {"every rule": (cfg, ()), **{f"without: {rule}": (cfg, (rule,)) for rule in RULES}}
+    rows["none of them"] = (cfg, RULES)
+    return rows | {name: (variant, ()) for name, variant in extra.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = run_parser(__doc__)
-    parser.add_argument("--pessimism", type=float, nargs="+", default=[], metavar="W", help="weights to try")
+    parser.add_argument(
+        "--variant", action="append", nargs="+", default=[], metavar="KEY=VALUE", help="a dream's overrides"
+    )
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
         measured = read_json(run_paths(cfg).fidelity / "fidelity.json")
         best = load_best(cfg)
-        if args.pessimism:
-            if cfg.memory_train.critics < 1 or min(args.pessimism) < 0:
-                raise ConfigError(
-                    f"--pessimism {args.pessimism}: weights >= 0 of the disagreement with the run's critics "
-                    "(--set memory_train.critics=N)"
-                )
-            critic_files(cfg)
+        extra = {
+            " ".join(overrides): load_config(args.config, args.set + overrides) for overrides in args.variant
+        }
+        for variant in extra.values():
+            check_rules(variant, "memory_train", "controller")
+            if variant.controller.pessimism:
+                critic_files(variant)
     except (ConfigError, DataError) as error:
         print(f"dream_rules: {error} (run `python run.py fidelity` first)", file=sys.stderr)
         return 2
     real = np.array([row["real"]["mean"] for row in measured["rows"]])
     results = {}
-    for name, (variant, broken) in variants(cfg, args.pessimism).items():
+    for name, (variant, broken) in variants(cfg, extra).items():
         memory = load_memory(cfg)  # each variant breaks rules on a copy of its own
         controller, members = scored_set(cfg, memory, best)
         if [member.name for member in members] != [row["name"] for row in measured["rows"]]:

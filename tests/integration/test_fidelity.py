@@ -92,13 +92,14 @@ def test_fidelity_ranks_every_controller_on_the_same_dreams_and_real_seeds(
     critic.mkdir(parents=True)
     save_checkpoint(critic / "memory.pt", **memory.to_checkpoint())
     weighed = [arg for o in [*overrides, "memory_train.critics=1"] for arg in ("--set", o)]
-    assert dream_rules.main([*weighed, "--pessimism", "0", "2"]) == 0
+    variants = ["--variant", "controller.pessimism=0", "--variant", "controller.pessimism=2"]
+    assert dream_rules.main([*weighed, *variants]) == 0
     rules = read_json(out / "dream_rules.json")["variants"]
-    assert rules["every rule, pessimism 0"]["mean_gap"] == pytest.approx(data["mean_gap"])
-    heavy = rules["every rule, pessimism 2"]
+    assert rules["controller.pessimism=0"]["mean_gap"] == pytest.approx(data["mean_gap"])
+    heavy = rules["controller.pessimism=2"]
     assert heavy["penalty_per_step"] > 0  # and the dreams are the same: they end where they did
     assert heavy["dream_mean_length"] == rules["every rule"]["dream_mean_length"]
     assert heavy["mean_gap"] == pytest.approx(
         data["mean_gap"] - heavy["penalty_per_step"] * heavy["dream_mean_length"], rel=1e-4
     )
-    assert dream_rules.main([*weighed[:-2], "--pessimism", "1"]) == 2  # no critics: refused
+    assert dream_rules.main([*weighed[:-2], *variants]) == 2  # no critics: refused
