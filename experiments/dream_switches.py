@@ -7,7 +7,8 @@ For each seed a base run (``<out>/s<seed>-base``) runs the whole pipeline; each 
 switch on, sharing the base's stages that the switch does not touch (hard links of the stage folders, which
 the stages' fingerprints then accept as made from the same inputs): the collected episodes, V and the latents,
 and M too for the controller-side switches. Every controller is scored on the same real-game seeds as the
-random policy. Writes ``<out>/table.md`` and ``<out>/results.json``; resumable (finished runs are skipped).
+random policy; each switch's effect is its paired difference from the base on those seeds (mean ± standard
+error). Writes ``<out>/table.md`` and ``<out>/results.json``; resumable (finished runs are skipped).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from frmdn_worldmodels.agent.play import Episode  # noqa: E402 (sys.path)
 from frmdn_worldmodels.runtime.config import load_config  # noqa: E402 (sys.path)
 from frmdn_worldmodels.runtime.io import atomic_write_text, read_json, write_json  # noqa: E402 (sys.path)
+from frmdn_worldmodels.stages.evaluate import paired_difference  # noqa: E402 (sys.path)
 from frmdn_worldmodels.stages.iterate import iteration_config  # noqa: E402 (sys.path)
 
 # name -> (overrides, the base's stage folders it reuses)
@@ -34,6 +37,8 @@ VARIANTS: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "hidden layer 8": (["controller.hidden=8"], (*DATA, "memory")),
     "dropout 0.1": (["memory.dropout=0.1"], DATA),
     "ensemble 3": (["memory.ensemble=3"], DATA),
+    # two independent memories beside M; the dream pays r_t - 4 x their disagreement (dream/pessimism.py)
+    "pessimism 4": (["memory_train.critics=2", "controller.pessimism=4"], (*DATA, "memory")),
     "iterate x3": (
         [
             "iterate.iterations=3",
@@ -96,6 +101,8 @@ def collect_row(config: str, out: Path, seed: int, name: str, seconds: float | N
         "seed": seed,
         "real_mean": evaluation["mean"],
         "real_std": evaluation["std"],
+        "returns": evaluation["returns"],
+        "seeds": evaluation["seeds"],
         "random_mean": evaluation["random_policy"]["mean"],
         "episodes": evaluation["episodes"],
         "max_x": (evaluation.get("max_x") or {}).get("mean"),
@@ -106,16 +113,32 @@ def collect_row(config: str, out: Path, seed: int, name: str, seconds: float | N
     }
 
 
+def effect(row: dict, rows: list[dict]) -> dict | None:
+    """The switch's paired difference from the base run of its seed (None for the base, or without it)."""
+    base = next((r for r in rows if r["variant"] == "base" and r["seed"] == row["seed"]), None)
+    if row["variant"] == "base" or base is None:
+        return None
+
+    def episodes(r: dict) -> list[Episode]:
+        return [Episode(seed, ret, 0) for seed, ret in zip(r["seeds"], r["returns"], strict=True)]
+
+    return paired_difference(episodes(row), episodes(base))
+
+
 def table(rows: list[dict]) -> str:
     lines = [
-        "| switch | seed | real score (mean ± std) | random policy | dream score of the kept controller | "
-        "kept controller at its evaluation: dream / real | pipeline seconds |",
-        "|---|---|---|---|---|---|---|",
+        "| switch | seed | real score (mean ± std) | switch - base, paired (± SE) | random policy | "
+        "dream score of the kept controller | kept controller at its evaluation: dream / real | "
+        "pipeline seconds |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         gap = f"{row['gap_dream']:.1f} / {row['gap_real']:.1f}" if row["gap_real"] is not None else "—"
+        paired = effect(row, rows)
+        shown = "—" if paired is None else f"{paired['mean']:+.1f} ± {paired['se']:.1f}"
+        real = f"{row['real_mean']:.1f} ± {row['real_std']:.1f}"
         lines.append(
-            f"| {row['variant']} | {row['seed']} | {row['real_mean']:.1f} ± {row['real_std']:.1f} | "
+            f"| {row['variant']} | {row['seed']} | {real} | {shown} | "
             f"{row['random_mean']:.1f} | {row['dream_best']:.1f} | {gap} | "
             + (f"{row['seconds']:.0f} |" if row["seconds"] is not None else "— |")
         )

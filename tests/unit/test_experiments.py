@@ -34,24 +34,36 @@ def test_shared_stage_folders_are_hard_links_and_nothing_is_overwritten(tmp_path
     assert (target / "sub" / "x.txt").stat().st_ino == (source / "sub" / "x.txt").stat().st_ino
 
 
-def test_the_table_counts_the_seeds_above_the_random_policy():
+def test_the_table_counts_the_seeds_above_the_random_policy_and_pairs_each_switch_with_its_base():
+    returns = {
+        ("base", 0): [1.0, 3.0, 2.0],
+        ("base", 1): [-1.0, 0.0, -2.0],
+        ("dropout 0.1", 0): [4.0, 3.0, 2.0],
+    }
     rows = [
         {
             "variant": name,
             "seed": seed,
-            "real_mean": real,
+            "real_mean": float(np.mean(values)),
             "real_std": 1.0,
+            "returns": values,
+            "seeds": [10 + seed, 20 + seed, 30 + seed],
             "random_mean": 0.0,
             "dream_best": 5.0,
             "gap_dream": 5.0,
-            "gap_real": real,
+            "gap_real": float(np.mean(values)),
             "seconds": 60.0,
         }
-        for name, seed, real in (("base", 0, 1.0), ("base", 1, -1.0), ("dropout 0.1", 0, 2.0))
+        for (name, seed), values in returns.items()
     ]
     text = dream_switches.table(rows)
-    assert "| base | 0.0 | 1 of 2 |" in text and "| dropout 0.1 | 2.0 | 1 of 1 |" in text
-    assert "| base | 1 | -1.0 ± 1.0 | 0.0 | 5.0 | 5.0 / -1.0 | 60 |" in text
+    assert "| base | 0.5 | 1 of 2 |" in text and "| dropout 0.1 | 3.0 | 1 of 1 |" in text
+    assert "| base | 1 | -1.0 ± 1.0 | — | 0.0 | 5.0 | 5.0 / -1.0 | 60 |" in text
+    # dropout - base on seeds 10, 20, 30: +3, 0, 0 -> mean +1, standard error sqrt(3) / sqrt(3) = 1
+    assert "| dropout 0.1 | 0 | 3.0 ± 1.0 | +1.0 ± 1.0 | 0.0 |" in text
+    rows[-1]["seeds"] = [10, 30, 20]
+    with pytest.raises(ValueError, match="the same seeds"):
+        dream_switches.table(rows)
 
 
 def test_the_imitation_score_refuses_a_run_without_an_imitation_or_a_memory(tmp_path, run_main):
