@@ -24,7 +24,7 @@ chosen on the whole validation loss) need a memory trained without them: a run o
 
 Writes ``<run>/fidelity/dream_rules.json`` (also printed): per variant, Spearman's rho and Pearson's r of the
 dream means against the real means, the mean gap dream - real, the dreams' mean length and, with pessimism,
-the mean penalty a dream step.
+the mean penalty a dream step (overall and per controller).
 """
 
 from __future__ import annotations
@@ -125,8 +125,12 @@ def main(argv: list[str] | None = None) -> int:
             "dream_mean_length": float(dreamt.lengths.double().mean()),
         }
         if dreamt.penalties is not None:
-            penalty = dreamt.penalties.sum() / dreamt.lengths.sum().clamp(min=1)
-            results[name]["penalty_per_step"] = float(penalty)
+            penalties, lengths = dreamt.penalties.double(), dreamt.lengths.double()
+            results[name]["penalty_per_step"] = float(penalties.sum() / lengths.sum().clamp(min=1))
+            by_controller = penalties.sum(1) / lengths.sum(1).clamp(min=1)
+            results[name]["penalty_per_step_by_controller"] = dict(
+                zip([row["name"] for row in measured["rows"]], by_controller.tolist(), strict=True)
+            )
         shown = "undefined" if rho is None or math.isnan(rho) else f"{rho:+.3f}"
         print(f"dream_rules: {name:40s} Spearman {shown}", file=sys.stderr)
     summary = {"controllers": len(real), "real_mean_steps": measured["real_mean_steps"], "variants": results}

@@ -98,6 +98,8 @@ def test_fidelity_ranks_every_controller_on_the_same_dreams_and_real_seeds(
     assert rules["controller.pessimism=0"]["mean_gap"] == pytest.approx(data["mean_gap"])
     heavy = rules["controller.pessimism=2"]
     assert heavy["penalty_per_step"] > 0  # and the dreams are the same: they end where they did
+    assert list(heavy["penalty_per_step_by_controller"]) == [row["name"] for row in rows]
+    assert min(heavy["penalty_per_step_by_controller"].values()) > 0
     assert heavy["dream_mean_length"] == rules["every rule"]["dream_mean_length"]
     assert heavy["mean_gap"] == pytest.approx(
         data["mean_gap"] - heavy["penalty_per_step"] * heavy["dream_mean_length"], rel=1e-4
