@@ -338,6 +338,10 @@ class ControllerConfig:
     """Dream training: at every periodic evaluation, also score the generation's best candidate on this many
     real episodes (Ray workers), next to its dream score: the dream-vs-real gap (0 = off). Candidates are
     still ranked and kept by their dream scores alone."""
+    seed: Annotated[int, Bounds(0)] | None = None
+    """Seed of the search (CMA-ES's draws, the training dreams or episodes, a hidden layer's initial weights);
+    None = the run's ``seed``. The periodic evaluations follow the run's ``seed``: replicate searches on one
+    run's M are scored on the same dreams and episodes."""
 
 
 @dataclass

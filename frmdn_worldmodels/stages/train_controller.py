@@ -90,13 +90,18 @@ def unused_in_real(cfg: Config) -> list[str]:
     ]
 
 
+def search_seed(cfg: Config) -> int:
+    """``controller.seed``, or the run's ``seed`` without one."""
+    return cfg.seed if cfg.controller.seed is None else cfg.controller.seed
+
+
 class DreamFitness:
     """Scores candidates in the batched dream of the memory."""
 
     def __init__(self, cfg: Config, memory: MemoryModel, controller: Controller):
         latents = run_paths(cfg).latents
         starts = dream_starts(cfg, memory)
-        self.seed = cfg.seed
+        self.seeds = {"train": search_seed(cfg), "eval": cfg.seed}
         self.dream = BatchedDream(
             memory,
             controller,
@@ -126,7 +131,7 @@ class DreamFitness:
 
     def _generator(self, purpose: str, generation: int) -> torch.Generator:
         return torch.Generator(device=self.dream.device).manual_seed(
-            seed_ints(self.seed, purpose, generation, count=1)[0]
+            seed_ints(self.seeds[purpose], purpose, generation, count=1)[0]
         )
 
     def population(self, candidates: np.ndarray, rollouts: int, generation: int) -> tuple[np.ndarray, float]:
@@ -168,14 +173,14 @@ class RealFitness:
 
     def __init__(self, cfg: Config, memory: MemoryModel, keeper: PoolKeeper | None = None):
         """``keeper``: the command's ``PoolKeeper`` (the actors stay up for its next stage)."""
-        self.seed, self.envs_per_worker = cfg.seed, cfg.controller.envs_per_worker
+        self.seeds = {"train": search_seed(cfg), "eval": cfg.seed}
+        self.envs_per_worker = cfg.controller.envs_per_worker
         self.pool = run_pool(cfg, step_limit(cfg, cfg.controller.max_steps), memory, keeper)
 
     def population(self, candidates: np.ndarray, rollouts: int, generation: int) -> tuple[np.ndarray, float]:
         """Each candidate's mean return over ``rollouts`` real episodes, and the episodes' mean length."""
-        seeds = seed_ints(
-            self.seed, "train", generation, count=rollouts
-        )  # the same episodes for every candidate
+        # the same episodes for every candidate
+        seeds = seed_ints(self.seeds["train"], "train", generation, count=rollouts)
         played = self.play(candidates, seeds)
         returns = np.array([[episode.ret for episode in row] for row in played])
         return returns.mean(axis=1), float(np.mean([episode.steps for row in played for episode in row]))
@@ -197,7 +202,7 @@ class RealFitness:
         return [episodes[p * count : (p + 1) * count] for p in range(len(candidates))]
 
     def episodes(self, params: np.ndarray, count: int, generation: int) -> np.ndarray:
-        seeds = seed_ints(self.seed, "eval", generation, count=count)
+        seeds = seed_ints(self.seeds["eval"], "eval", generation, count=count)
         params = np.asarray(params, np.float32)
         episodes = map_seeds(self.pool, "evaluate", params, seeds, self.envs_per_worker)
         return np.array([episode.ret for episode in episodes])
@@ -294,7 +299,7 @@ def _resume_or_start(cfg: Config, state_path: Path, x0: Callable[[], np.ndarray]
         state = load_checkpoint(state_path)
         return Search(CMAES.from_state_dict(state["es"]), state["best"], state.get("champions", []))
     c = cfg.controller
-    es = CMAES(x0(), c.sigma, c.population, cfg.seed, diagonal=c.covariance == "diagonal")
+    es = CMAES(x0(), c.sigma, c.population, search_seed(cfg), diagonal=c.covariance == "diagonal")
     return Search(es, {"score": -float("inf"), "std": 0.0, "generation": 0, "params": None}, [])
 
 
@@ -445,7 +450,7 @@ def run(cfg: Config, *, initial_mean: np.ndarray | None = None, keeper: PoolKeep
     out = stage.folder
     state_path, best_path, metrics_path = out / "es_state.pt", out / "best.pt", out / "metrics.jsonl"
     start_path, imitation = out / "start.json", None
-    start = controller.initial_params(torch.Generator().manual_seed(cfg.seed))  # seeded W1 (hidden > 0)
+    start = controller.initial_params(torch.Generator().manual_seed(search_seed(cfg)))  # W1 (hidden > 0)
     starts_from_imitation = c.init == "imitate" and initial_mean is None and not state_path.exists()
     if starts_from_imitation or (c.init == "imitate" and c.imitate_weight > 0):
         # the fit is deterministic: a resumed run penalises candidates against the same imitation

@@ -347,3 +347,24 @@ def test_train_controller_killed_with_sigkill_resumes_from_its_checkpoint(tmp_pa
     finished = subprocess.run(command, check=False, cwd=root, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr
     assert rows_without_time(cfg) == rows_without_time(reference)
+
+
+def test_controller_seed_replicates_the_search_on_the_same_evaluations(tmp_path):
+    """``controller.seed`` draws another search (its candidates and training dreams) on the same M, and scores
+    it on the run's evaluation dreams; its value equal to the run's seed is the run's own search."""
+    runs = {
+        name: tiny_run(tmp_path / name, generations=2, extra=extra)
+        for name, extra in (("run", []), ("same", ["controller.seed=0"]), ("other", ["controller.seed=7"]))
+    }
+    for cfg in runs.values():
+        train_controller.run(cfg)
+    rows = {name: rows_without_time(cfg) for name, cfg in runs.items()}
+    assert rows["same"] == rows["run"]
+    assert rows["other"][0]["mean"] != rows["run"][0]["mean"]
+    fitness = {
+        name: train_controller.DreamFitness(cfg, *_memory_and_controller(cfg)) for name, cfg in runs.items()
+    }
+    params = np.full(load_checkpoint(run_paths(runs["run"]).controller / "best.pt")["params"].shape, 0.3)
+    assert np.array_equal(fitness["other"].episodes(params, 4, 2), fitness["run"].episodes(params, 4, 2))
+    train = [f.population(params[None], 4, 1)[0] for f in (fitness["run"], fitness["other"])]
+    assert not np.array_equal(*train)
