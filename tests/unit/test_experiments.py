@@ -1,6 +1,6 @@
 """The experiment scripts: the switch comparison's sharing of stages and its table (``dream_switches.py``),
 the imitation score's refusals (``score_imitation.py``), the teacher's score (``score_teacher.py``), the
-player-patch error of V (``player_patch.py``)."""
+player-patch error of V (``player_patch.py``), M read along the agent's episodes (``iterate_surprise.py``)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ sys.path.insert(0, str(EXPERIMENTS))  # the scripts import their neighbours by n
 import action_effect  # noqa: E402 (the scripts' folder on the path)
 import done_head  # noqa: E402 (the scripts' folder on the path)
 import dream_switches  # noqa: E402 (the scripts' folder on the path)
+import iterate_surprise  # noqa: E402 (the scripts' folder on the path)
 import player_patch  # noqa: E402 (the scripts' folder on the path)
 
 
@@ -276,3 +277,32 @@ def test_the_teacher_score_is_the_teacher_on_the_evaluate_seeds(tmp_path, run_ma
     refused = run_main(*toy, "--teacher=ram_expert", f"--out={tmp_path / 'no.json'}", main=score_teacher.main)
     assert refused.returncode == 2 and "'ram_expert' is not a teacher of env.name" in refused.stderr
     assert not (tmp_path / "no.json").exists()
+
+
+def test_m_read_along_whole_episodes_scores_as_the_memory_stage_does(tmp_path):
+    """``iterate_surprise.read_episodes`` reads each episode in one pass from its first frame; the memory
+    stage's ``evaluate`` reads windows of ``seq_len`` carrying the state across them: on z = the means,
+    the same NLL per dimension and reward error per step."""
+    import torch
+
+    from frmdn_worldmodels.data.episodes import list_npz
+    from frmdn_worldmodels.data.sequences import load_sequences
+    from frmdn_worldmodels.models.memory import MemoryModel
+    from frmdn_worldmodels.runtime.config import Config, MemoryConfig, MemoryTrainConfig
+    from frmdn_worldmodels.stages.train_memory import evaluate
+    from tests.conftest import write_tiny_latents
+
+    write_tiny_latents(tmp_path, episodes=3, steps=30)
+    paths = list_npz(tmp_path)
+    torch.manual_seed(0)
+    memory = MemoryModel(4, 2, MemoryConfig(hidden=8, components=2, rank=1, flow_blocks=1, flow_hidden=8))
+    memory.eval()
+    read = iterate_surprise.read_episodes(memory, paths)
+    cfg = Config(memory_train=MemoryTrainConfig(seq_len=7, batch_size=2, use_mu=True, carry_state=True))
+    data = load_sequences(paths, cfg.memory_train.seq_len)
+    windows = evaluate(memory, data, data.latents(True, np.random.default_rng(0)), cfg, 1.0)
+    assert read["episodes"] == 3
+    assert read["nll_per_dim"] == pytest.approx(windows["nll_per_dim"], rel=1e-5)
+    assert read["reward_mse"] == pytest.approx(windows["reward_loss"], rel=1e-5)
+    rewards = sum(np.load(path)["rewards"].sum() for path in paths) / 3
+    assert read["real_return"] == pytest.approx(rewards)
