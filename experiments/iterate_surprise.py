@@ -31,7 +31,7 @@ from frmdn_worldmodels.models.memory import MemoryModel  # noqa: E402 (sys.path)
 from frmdn_worldmodels.runtime.config import Config, ConfigError, load_config  # noqa: E402 (sys.path)
 from frmdn_worldmodels.runtime.io import DataError, read_json, write_json  # noqa: E402 (sys.path)
 from frmdn_worldmodels.runtime.paths import run_paths  # noqa: E402 (sys.path)
-from frmdn_worldmodels.stages.iterate import iteration_config  # noqa: E402 (sys.path)
+from frmdn_worldmodels.stages.iterate import iteration_config, iteration_marker  # noqa: E402 (sys.path)
 
 
 @torch.no_grad()
@@ -59,9 +59,9 @@ def read_episodes(memory: MemoryModel, paths: list[Path]) -> dict:
     }
 
 
-def round_row(cfg: Config, iteration: int, kept: dict[int, dict]) -> dict | None:
+def round_row(cfg: Config, iteration: int) -> dict | None:
     """Round ``iteration``'s row: M of iteration - 1 on the round's new episodes and on its test split (None
-    while the round's episodes are not encoded yet)."""
+    while the round's episodes are not encoded yet), and the scores of the round's player."""
     previous, current = iteration_config(cfg, iteration - 1), iteration_config(cfg, iteration)
     new = [
         path for path in list_npz(run_paths(current).latents) if path.name.startswith(f"it{iteration:02d}_")
@@ -73,7 +73,8 @@ def round_row(cfg: Config, iteration: int, kept: dict[int, dict]) -> dict | None
         "test"
     ]
     memory = load_memory(previous, "cpu").eval()
-    player = kept.get(iteration - 1, {})
+    marker = iteration_marker(cfg, iteration - 1)
+    player = read_json(marker) if marker.exists() else {}
     return {
         "iteration": iteration,
         "player_dream_score": player.get("dream_best"),
@@ -91,15 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    out = run_paths(cfg).iterate
-    summary_path = out / "summary.json"
     try:
-        rows_kept = read_json(summary_path)["rows"] if summary_path.exists() else []
-        kept = {row["iteration"]: row for row in rows_kept}
-        rows = [row for i in range(1, cfg.iterate.iterations + 1) if (row := round_row(cfg, i, kept))]
+        rows = [row for i in range(1, cfg.iterate.iterations + 1) if (row := round_row(cfg, i))]
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    out = run_paths(cfg).iterate
     if not rows:
         print(
             f"error: {out}: no iteration has encoded episodes yet; run `python run.py iterate`",
@@ -107,13 +105,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     write_json(out / "surprise.json", {"rows": rows})
-    print("round | NLL/dim new (test) | reward MSE new (test) | return predicted / real (new) | player dream")
+    print("round | NLL/dim new (test) | reward MSE new (test) | return M / game (new) | player dream / real")
     for row in rows:
         new, test = row["new_episodes"], row["test_split"]
+        player = " / ".join(
+            "-" if v is None else f"{v:.1f}" for v in (row["player_dream_score"], row["player_real_mean"])
+        )
         print(
             f"{row['iteration']:5d} | {new['nll_per_dim']:.3f} ({test['nll_per_dim']:.3f}) | "
             f"{new['reward_mse']:.3f} ({test['reward_mse']:.3f}) | "
-            f"{new['predicted_return']:.1f} / {new['real_return']:.1f} | {row['player_dream_score']}"
+            f"{new['predicted_return']:.1f} / {new['real_return']:.1f} | {player}"
         )
     return 0
 

@@ -63,6 +63,13 @@ def iteration_config(cfg: Config, iteration: int) -> Config:
     )
 
 
+def iteration_marker(cfg: Config, iteration: int) -> Path:
+    """The file holding iteration ``iteration``'s row of the summary once it is scored."""
+    if iteration == 0:
+        return run_paths(cfg).iterate / "iteration0.json"
+    return run_paths(iteration_config(cfg, iteration)).root / "iteration.json"
+
+
 def _link_all(sources: list[Path], folder: Path) -> None:
     """Hard-link ``sources`` into ``folder`` (a copy where the file system cannot link), keeping the names."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -249,11 +256,10 @@ def iterate_row(cfg: Config, iteration: int, keeper: PoolKeeper, eval_seeds: lis
     current = iteration_config(cfg, iteration)
     if iteration:
         collected, controller = train_iteration(cfg, iteration, keeper)
-        marker = run_paths(current).root / "iteration.json"
     else:
         collected = {"episodes_total": len(list_npz(run_paths(cfg).episodes))}
         controller = read_json(run_paths(cfg).controller / "summary.json")
-        marker = run_paths(cfg).iterate / "iteration0.json"
+    marker = iteration_marker(cfg, iteration)
     policy = _policy_digest(current)
     if marker.exists():
         row = read_json(marker)
