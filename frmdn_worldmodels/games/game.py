@@ -18,7 +18,7 @@ import gymnasium
 import numpy as np
 from gymnasium import spaces
 
-from frmdn_worldmodels.runtime.config import CollectConfig, ConfigError, EnvConfig
+from frmdn_worldmodels.runtime.config import CollectConfig, Config, ConfigError, EnvConfig
 
 
 class Policy(Protocol):
@@ -99,3 +99,17 @@ def game_of(env_cfg: EnvConfig) -> Game:
         raise ConfigError(f"env.name: {name!r} is a {type(game).__name__}, not a games.game.Game")
     GAMES[name] = game
     return game
+
+
+def drivers_read(cfg: Config) -> list[str]:
+    """The settings through which a hand-written driver (a teacher of the game) teaches the agent: its data
+    (``collect.policy`` named after a teacher, as CarRacing's follower blend and Mario's noisy expert are) or
+    the follower's labels for the imitation. Empty: the agent is self-taught (``evaluate.teacher`` only scores
+    the driver beside it)."""
+    game = game_of(cfg.env)
+    read = []
+    if cfg.collect.policy in game.teachers:
+        read.append(f"collect.policy: {cfg.collect.policy}")
+    if cfg.controller.init == "imitate" and cfg.controller.imitate_actions == "follower":
+        read.append("controller.imitate_actions: follower")
+    return read

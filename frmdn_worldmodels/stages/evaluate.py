@@ -5,7 +5,8 @@ dream).
 ``<run>/controller/best.pt``, on seeds that training never used; mean +- std of the returns; with
 ``evaluate.random_baseline`` the same seeds played by uniformly random actions, and with ``evaluate.teacher``
 by the game's teacher (a hand-written driver, alone), each with the paired difference agent - other
-(mean and standard error over the seeds); GIFs of the best and the worst episode. Outputs in
+(mean and standard error over the seeds); GIFs of the best and the worst episode. ``taught_by`` lists the
+settings through which a driver taught the agent (``games.game.drivers_read``; empty: self-taught). Outputs in
 ``<run>/evaluate/``: ``summary.json``, ``best.gif``, ``worst.gif``.
 
 ``dream``: one dream of the memory driven by the controller, every step's ``z`` decoded by the VAE, as
@@ -24,7 +25,7 @@ import torch
 from frmdn_worldmodels.agent.play import Episode, controller_for
 from frmdn_worldmodels.agent.workers import run_pool, seed_chunks
 from frmdn_worldmodels.dream.env import load_memory, make_dream_env
-from frmdn_worldmodels.games.game import game_of
+from frmdn_worldmodels.games.game import drivers_read, game_of
 from frmdn_worldmodels.models.controller import Controller
 from frmdn_worldmodels.runtime.config import Config, ConfigError
 from frmdn_worldmodels.runtime.io import DataError, atomic_write_bytes, write_json
@@ -158,6 +159,7 @@ def run(cfg: Config, keeper: PoolKeeper | None = None) -> dict:
         "episodes": len(episodes),
         "seed": cfg.seed,
         "seeds": seeds,
+        "taught_by": drivers_read(cfg),
         "controller": {
             "train_in": best.get("train_in"),
             "generation": best.get("generation"),

@@ -79,3 +79,23 @@ def test_doom_pays_one_a_tic_until_the_player_dies_or_the_cap():
         short.close()
     finally:
         env.close()
+
+
+DRIVERS_READ = {
+    "carracing-hour.yaml": ["collect.policy: track_follower", "controller.imitate_actions: follower"],
+    "mario-hour.yaml": ["collect.policy: ram_expert"],
+    "carracing-selftaught.yaml": [],
+    "mario-selftaught.yaml": [],
+    "mario-hour-random.yaml": [],
+    "doom-takecover.yaml": [],
+}
+
+
+@pytest.mark.parametrize("name", sorted(DRIVERS_READ))
+def test_a_selftaught_config_reads_no_driver(name):
+    """The self-taught configs take no data and no label from a teacher; the hour configs do, and say how."""
+    from frmdn_worldmodels.games.game import drivers_read
+    from frmdn_worldmodels.runtime.config import load_config
+    from tests.unit.test_config import REPO  # the clone the configs are read from
+
+    assert drivers_read(load_config(REPO / "configs" / name)) == DRIVERS_READ[name]
