@@ -31,7 +31,11 @@ from frmdn_worldmodels.models.memory import MemoryModel  # noqa: E402 (sys.path)
 from frmdn_worldmodels.runtime.config import Config, ConfigError, load_config  # noqa: E402 (sys.path)
 from frmdn_worldmodels.runtime.io import DataError, read_json, write_json  # noqa: E402 (sys.path)
 from frmdn_worldmodels.runtime.paths import run_paths  # noqa: E402 (sys.path)
-from frmdn_worldmodels.stages.iterate import iteration_config, iteration_marker  # noqa: E402 (sys.path)
+from frmdn_worldmodels.stages.iterate import (  # noqa: E402 (sys.path)
+    iteration_config,
+    iteration_marker,
+    new_episodes_prefix,
+)
 
 
 @torch.no_grad()
@@ -63,16 +67,15 @@ def round_row(cfg: Config, iteration: int) -> dict | None:
     """Round ``iteration``'s row: M of iteration - 1 on the round's new episodes and on its test split (None
     while the round's episodes are not encoded yet), and the scores of the round's player."""
     previous, current = iteration_config(cfg, iteration - 1), iteration_config(cfg, iteration)
-    new = [
-        path for path in list_npz(run_paths(current).latents) if path.name.startswith(f"it{iteration:02d}_")
-    ]
+    prefix = new_episodes_prefix(iteration)
+    new = [path for path in list_npz(run_paths(current).latents) if path.name.startswith(prefix)]
     if not new or not (run_paths(previous).memory / "memory.pt").exists():
         return None
     tc = cfg.memory_train
     test = split_latent_files(run_paths(previous).latents, tc.val_fraction, tc.test_fraction, cfg.seed)[
         "test"
     ]
-    memory = load_memory(previous, "cpu").eval()
+    memory = load_memory(previous, "cpu")
     marker = iteration_marker(cfg, iteration - 1)
     player = read_json(marker) if marker.exists() else {}
     return {

@@ -63,6 +63,11 @@ def iteration_config(cfg: Config, iteration: int) -> Config:
     )
 
 
+def new_episodes_prefix(iteration: int) -> str:
+    """The name prefix of the episodes iteration ``iteration`` plays (``it<i>_ep_<j>.npz``)."""
+    return f"it{iteration:02d}_"
+
+
 def iteration_marker(cfg: Config, iteration: int) -> Path:
     """The file holding iteration ``iteration``'s row of the summary once it is scored."""
     if iteration == 0:
@@ -144,7 +149,9 @@ def collect_iteration(
     folder = stage.folder
     _link_all(list_npz(run_paths(previous).episodes), folder)
     player, params = _player(previous, it.noise, it.noise_scale)
-    episodes = EpisodeSet(it.episodes, player, f"it{iteration:02d}_", "iterate-collect", (iteration,))
+    episodes = EpisodeSet(
+        it.episodes, player, new_episodes_prefix(iteration), "iterate-collect", (iteration,)
+    )
     collected = collect_episodes(
         current, folder, on_written=stage.record_progress, episodes=episodes, keeper=keeper
     )

@@ -95,13 +95,19 @@ def search_seed(cfg: Config) -> int:
     return cfg.seed if cfg.controller.seed is None else cfg.controller.seed
 
 
+def fitness_seeds(cfg: Config) -> dict[str, int]:
+    """The seed of each purpose a fitness draws dreams or episodes for: the search's for ``train``, the run's
+    for ``eval`` (replicate searches are scored on the same ones)."""
+    return {"train": search_seed(cfg), "eval": cfg.seed}
+
+
 class DreamFitness:
     """Scores candidates in the batched dream of the memory."""
 
     def __init__(self, cfg: Config, memory: MemoryModel, controller: Controller):
         latents = run_paths(cfg).latents
         starts = dream_starts(cfg, memory)
-        self.seeds = {"train": search_seed(cfg), "eval": cfg.seed}
+        self.seeds = fitness_seeds(cfg)
         self.dream = BatchedDream(
             memory,
             controller,
@@ -173,7 +179,7 @@ class RealFitness:
 
     def __init__(self, cfg: Config, memory: MemoryModel, keeper: PoolKeeper | None = None):
         """``keeper``: the command's ``PoolKeeper`` (the actors stay up for its next stage)."""
-        self.seeds = {"train": search_seed(cfg), "eval": cfg.seed}
+        self.seeds = fitness_seeds(cfg)
         self.envs_per_worker = cfg.controller.envs_per_worker
         self.pool = run_pool(cfg, step_limit(cfg, cfg.controller.max_steps), memory, keeper)
 
