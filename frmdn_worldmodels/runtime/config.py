@@ -37,6 +37,7 @@ IterateNoise = Literal["action", "params"]
 ImageDataset = Literal["auto", "digits", "mnist", "cifar10"]
 Optimizer = Literal["adam", "rmsprop"]
 TrainIn = Literal["dream", "real"]
+Keep = Literal["champion", "mean"]
 SweepExtra = Literal["flow_context", "heads"]
 StalePolicy = Literal["redo", "refuse"]
 
@@ -308,7 +309,11 @@ class ControllerConfig:
     its critics (``memory_train.critics``) about the frame the dream drew, the std over them of
     log p(z_{t+1}) per latent dimension; 0 = off."""
     eval_every: Annotated[int, Bounds(0)] = 5
-    """Every N generations the best candidate is scored on ``eval_episodes`` more episodes."""
+    """Every N generations the controller ``keep`` names is scored on ``eval_episodes`` more episodes, and
+    kept in ``best.pt`` when it scores above the best so far."""
+    keep: Keep = "champion"
+    """What that evaluation scores: ``champion`` (the generation's best-ranked candidate) or ``mean``
+    (CMA-ES's mean, as World Models' ``es.current_param()``: no winner of a draw of noisy rollouts)."""
     eval_episodes: Annotated[int, Bounds(1)] = 4
     """Episodes for that periodic evaluation."""
     max_steps: Annotated[int, Bounds(0)] = 0

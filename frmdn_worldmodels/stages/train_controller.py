@@ -4,8 +4,8 @@ Each generation: ``ask`` P candidates, score each by its mean return over ``cont
 ``tell``. The episodes are dreams of the trained memory (``--in dream``: the whole population in one batched
 tensor program, ``dream.batched``) or real games played by Ray actors (``--in real``: V + M + C agents,
 ``agent.workers``). Every ``controller.eval_every`` generations (and after the last) the generation's best
-candidate is scored on ``controller.eval_episodes`` fresh episodes in the same place; the best scored one so
-far is kept in ``best.pt``.
+candidate (``controller.keep: mean``: CMA-ES's mean) is scored on ``controller.eval_episodes`` fresh episodes
+in the same place; the best scored one so far is kept in ``best.pt``.
 
 Outputs in ``<run>/controller/``: ``es_state.pt`` (the ES state as plain data, written after every generation:
 a killed run resumes there and continues exactly as if uninterrupted; it also keeps every periodic
@@ -335,8 +335,8 @@ def _generation(
     best_path: Path,
 ) -> dict:
     """One generation: ask, score, tell; every ``controller.eval_every`` generations (and at the last) the
-    champion scored on fresh episodes, and kept in ``best.pt`` when it beats the best so far. Returns the
-    metrics row."""
+    champion (the best-ranked candidate, or CMA-ES's new mean with ``controller.keep: mean``) scored on fresh
+    episodes, and kept in ``best.pt`` when it beats the best so far. Returns the metrics row."""
     c, es = cfg.controller, search.es
     candidates = es.ask()
     dream_returns, mean_length = fitness.population(candidates, c.rollouts, es.generation)
@@ -358,7 +358,7 @@ def _generation(
         row["pessimism_per_step"] = fitness.pessimism_per_step
     if not ((c.eval_every and generation % c.eval_every == 0) or generation == c.generations):
         return row
-    champion = candidates[int(np.argmax(scores))]
+    champion = es.mean if c.keep == "mean" else candidates[int(np.argmax(scores))]
     search.champions.append(
         {"generation": generation, "params": torch.as_tensor(champion, dtype=torch.float32)}
     )

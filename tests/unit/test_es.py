@@ -368,3 +368,25 @@ def test_controller_seed_replicates_the_search_on_the_same_evaluations(tmp_path)
     assert np.array_equal(fitness["other"].episodes(params, 4, 2), fitness["run"].episodes(params, 4, 2))
     train = [f.population(params[None], 4, 1)[0] for f in (fitness["run"], fitness["other"])]
     assert not np.array_equal(*train)
+
+
+def test_keep_mean_scores_and_keeps_the_cma_es_mean(tmp_path):
+    """``controller.keep: mean`` scores CMA-ES's mean at each periodic evaluation, not the generation's best
+    candidate; the search itself is the same."""
+    runs = {
+        keep: tiny_run(tmp_path / keep, generations=2, extra=[f"controller.keep={keep}"])
+        for keep in ("champion", "mean")
+    }
+    for cfg in runs.values():
+        train_controller.run(cfg)
+    rows = {keep: rows_without_time(cfg) for keep, cfg in runs.items()}
+    search = ("generation", "best", "mean", "worst", "sigma")
+    assert [{k: r[k] for k in search} for r in rows["mean"]] == [
+        {k: r[k] for k in search} for r in rows["champion"]
+    ]
+    assert rows["mean"][-1]["eval_mean"] != rows["champion"][-1]["eval_mean"]
+    controller = run_paths(runs["mean"]).controller
+    es = CMAES.from_state_dict(load_checkpoint(controller / "es_state.pt")["es"])
+    best = load_checkpoint(controller / "best.pt")
+    assert best["generation"] == 2
+    np.testing.assert_array_equal(best["params"].numpy(), es.mean.astype(np.float32))
