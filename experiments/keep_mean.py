@@ -58,10 +58,7 @@ def parse_rounds(text: str | None, last: int) -> list[int]:
 def round_row(current: Config, iteration: int, seeds: list[int], keeper: PoolKeeper) -> dict:
     """Round ``iteration``'s champion and CMA-ES mean, in its dream and in the real game on ``seeds``."""
     c = current.controller
-    state_path = run_paths(current).controller / "es_state.pt"
-    if not state_path.exists():
-        raise DataError(f"{state_path}: round {iteration} has no CMA-ES state; run it first")
-    es = CMAES.from_state_dict(load_checkpoint(state_path)["es"])
+    es = CMAES.from_state_dict(load_checkpoint(run_paths(current).controller / "es_state.pt")["es"])
     best = load_best(current)
     kept = {"champion": best["params"].numpy().astype(np.float32), "mean": es.mean.astype(np.float32)}
     memory = load_memory(current, "cpu")
