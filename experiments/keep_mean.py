@@ -62,7 +62,7 @@ def round_row(current: Config, iteration: int, seeds: list[int], keeper: PoolKee
     best = load_best(current)
     kept = {"champion": best["params"].numpy().astype(np.float32), "mean": es.mean.astype(np.float32)}
     memory = load_memory(current, "cpu")
-    fitness = DreamFitness(current, memory, controller_for(current.env, memory, c.hidden))
+    fitness = DreamFitness(current, memory, controller_for(current.env, memory, c))
     try:
         dream = {
             name: fitness.episodes(p, c.eval_episodes, int(best["generation"])) for name, p in kept.items()

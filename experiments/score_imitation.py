@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as error:
         print(f"score_imitation: {error}", file=sys.stderr)
         return 2
-    controller = controller_for(cfg.env, memory, cfg.controller.hidden)
+    controller = controller_for(cfg.env, memory, cfg.controller)
     start = controller.initial_params(torch.Generator().manual_seed(cfg.seed))  # as train-controller starts
     imitation = imitate_collected(cfg, memory, controller, start)
     seeds = seed_ints(cfg.seed, "test", 0, count=cfg.evaluate.episodes)  # the evaluate stage's seeds

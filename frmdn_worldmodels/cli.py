@@ -30,6 +30,7 @@ SECTION_CHECKS: dict[str, tuple[str, str | None]] = {
     "env": ("frmdn_worldmodels.games.envs:check_env_config", "env"),
     "collect": ("frmdn_worldmodels.stages.collect:check_collect_config", None),
     "memory": ("frmdn_worldmodels.models.memory:check_memory_config", "memory"),
+    "controller": ("frmdn_worldmodels.agent.play:check_controller_config", None),
     "evaluate": ("frmdn_worldmodels.stages.evaluate:check_evaluate_config", None),
     "image": ("frmdn_worldmodels.benchmarks.image:check_image_config", None),
     "speech": ("frmdn_worldmodels.benchmarks.speech:check_speech_config", None),

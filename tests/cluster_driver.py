@@ -196,7 +196,7 @@ def rollout_phase(cluster, head: str, out: Path) -> dict:
     torch.manual_seed(0)
     memory = MemoryModel(z_dim, 3, cfg.memory).eval()
     save_checkpoint(run_paths(cfg).vae / "vae.pt", state_dict=ConvVAE(z_dim).state_dict())
-    controller = controller_for(cfg.env, memory, cfg.controller.hidden)
+    controller = controller_for(cfg.env, memory, cfg.controller)
     candidates = np.random.default_rng(0).normal(size=(4, controller.num_params))
     fitness = RealFitness(cfg, memory)
     pool = fitness.pool

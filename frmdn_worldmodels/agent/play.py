@@ -30,16 +30,30 @@ from frmdn_worldmodels.games.game import Policy, game_of
 from frmdn_worldmodels.models.controller import Controller
 from frmdn_worldmodels.models.memory import MemoryModel
 from frmdn_worldmodels.models.vae import ConvVAE, frames_to_tensor, posterior_sample
-from frmdn_worldmodels.runtime.config import EnvConfig
+from frmdn_worldmodels.runtime.config import Config, ConfigError, ControllerConfig, EnvConfig
 from frmdn_worldmodels.runtime.seeds import episode_rng
 
 
-def controller_for(env_cfg: EnvConfig, memory: MemoryModel, hidden: int) -> Controller:
-    """The controller that reads this memory's z and h and drives this game, with ``hidden`` tanh units
-    (``controller.hidden``; 0 = linear)."""
+def controller_for(env_cfg: EnvConfig, memory: MemoryModel, c: ControllerConfig) -> Controller:
+    """The controller that reads this memory's z and h and drives this game, with ``c.hidden`` tanh units
+    (0 = linear) and the action rule ``c.policy``."""
     return Controller(
-        memory.target_dim, memory.config.hidden, action_dim(env_cfg), is_discrete(env_cfg), hidden
+        memory.target_dim,
+        memory.config.hidden,
+        action_dim(env_cfg),
+        is_discrete(env_cfg),
+        c.hidden,
+        c.policy == "sample",
     )
+
+
+def check_controller_config(cfg: Config) -> None:
+    """Refuse ``controller.policy: sample`` for a game of continuous actions (``ConfigError`` naming it)."""
+    if cfg.controller.policy == "sample" and not is_discrete(cfg.env):
+        raise ConfigError(
+            f"controller.policy: sample draws from a softmax over discrete actions; env.name={cfg.env.name} "
+            "has continuous ones (use argmax)"
+        )
 
 
 @contextmanager
@@ -85,6 +99,8 @@ class WorldModelAgent:
         self.channels_last_vae = copy.deepcopy(vae).to(memory_format=torch.channels_last).eval()
         self.generators: list[torch.Generator] = []
         self.state = None
+        self.policy_rngs: list[np.random.Generator] = []
+        """Each env's draws of a sampling controller (``Controller.sample``), seeded by its episode's seed."""
         self.noise: ActionNoise | None = None
         """Exploration noise on the actions (iterative training's collection), applied before M reads them."""
 
@@ -102,7 +118,8 @@ class WorldModelAgent:
 
     def reset(self, seeds: int | Sequence[int] | None = None) -> None:
         """Start one episode per seed (a single int: one env; None: one env, unseeded): h_0 = 0, and each
-        episode's posterior samples come from a generator seeded with its seed."""
+        episode's posterior samples (and a sampling controller's draws) come from generators seeded with its
+        seed."""
         seeds = [seeds] if seeds is None or isinstance(seeds, (int, np.integer)) else list(seeds)
         self.generators = [torch.Generator(device=self.device) for _ in seeds]
         for generator, seed in zip(self.generators, seeds, strict=True):
@@ -111,6 +128,9 @@ class WorldModelAgent:
             else:
                 generator.manual_seed(int(seed))
         self.state = self.memory.initial_state(len(seeds), self.device)
+        self.policy_rngs = [
+            np.random.default_rng() if seed is None else episode_rng("policy", seed) for seed in seeds
+        ]
         if self.noise is not None:
             self.noise.reset(seeds)
 
@@ -151,7 +171,10 @@ class WorldModelAgent:
             logits = self.controller.logits(self.params, features.unsqueeze(1)).squeeze(1)
         else:
             logits = self.controller.logits(self.params, features)
-        action = self.controller.squash(logits)
+        uniforms = None
+        if self.controller.sample:
+            uniforms = torch.tensor([rng.random() for rng in self.policy_rngs], device=self.device)
+        action = self.controller.squash(logits, uniforms)
         if self.noise is not None:  # M reads the action the env gets
             action = self.noise(action)
         with onednn(False):
@@ -341,7 +364,7 @@ class ControllerPlayer:
     memory_payload: dict
     params: np.ndarray
     use_mu: bool
-    hidden: int
+    controller: ControllerConfig
     noise: str
     scale: float
     _agent: WorldModelAgent | None = field(default=None, repr=False)
@@ -351,7 +374,7 @@ class ControllerPlayer:
             vae = ConvVAE(self.vae_state["fc_mu.weight"].shape[0])
             vae.load_state_dict(self.vae_state)
             memory = MemoryModel.from_checkpoint(self.memory_payload)
-            controller = controller_for(self.env_cfg, memory, self.hidden)
+            controller = controller_for(self.env_cfg, memory, self.controller)
             self._agent = WorldModelAgent(vae, memory, controller, self.params, self.use_mu)
         return self._agent
 

@@ -42,10 +42,10 @@ class RolloutWorker(PoolWorker):
         envs: int = 16,
         device: str = "cpu",
         threads: int = 1,
-        hidden: int = 0,
+        controller: ControllerConfig | None = None,
     ):
-        """``hidden``: the controller's hidden units (``controller.hidden``), so the actor builds the
-        controller the candidates' parameters are for."""
+        """``controller``: the config section that shapes the controller (``hidden``, ``policy``; None: the
+        defaults), so the actor builds the controller the candidates' parameters are for."""
         # one core per actor: torch's own thread pool would fight the other actors for the same cores
         torch.set_num_threads(threads)
         if envs < 1:
@@ -57,7 +57,7 @@ class RolloutWorker(PoolWorker):
         self.vae.load_state_dict(vae_state)
         self.vae.to(device).eval()
         self.memory = MemoryModel.from_checkpoint(memory_payload).to(device).eval()
-        self.controller = controller_for(env_cfg, self.memory, hidden)
+        self.controller = controller_for(env_cfg, self.memory, controller or ControllerConfig())
         self.agent = WorldModelAgent(
             self.vae, self.memory, self.controller, torch.zeros(self.controller.num_params), use_mu, device
         )
@@ -143,7 +143,7 @@ def rollout_pool(
                 use_mu,
                 max_steps,
                 controller.envs_per_worker,
-                hidden=controller.hidden,
+                controller=controller,
             ),
             size,
             controller.retries,
@@ -153,7 +153,13 @@ def rollout_pool(
             "rollout job",
         )
 
-    settings = (controller.envs_per_worker, controller.hidden, controller.retries, controller.job_timeout)
+    settings = (
+        controller.envs_per_worker,
+        controller.hidden,
+        controller.policy,
+        controller.retries,
+        controller.job_timeout,
+    )
     key = ("rollout", repr(env_cfg), _digest(vae_state), _digest(memory_payload), use_mu, max_steps, size)
     return make() if keeper is None else keeper.get((*key, *settings), make)
 

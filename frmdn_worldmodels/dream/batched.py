@@ -136,7 +136,8 @@ class BatchedDream(DreamDriver):
         while batch.steps < dynamics.horizon:
             # the controller acts on (z_t, h_t), h_t read before (z_t, a_t); the step writes z_{t+1}, h_{t+1}
             observed = batch.observation.reshape(population, rollouts, -1)
-            action = controller.squash(controller.logits(params, observed))
+            uniforms = controller.uniforms(observed.shape[:2], generator)
+            action = controller.squash(controller.logits(params, observed), uniforms)
             batch.action[:] = controller.encode(action).reshape(batch.size, -1)
             reward, done = dynamics.step(batch, generator)
             if record:

@@ -33,7 +33,8 @@ frame).
 
 Every draw comes from one ``torch.Generator``, in a fixed order (start indices, the z_0 noise, the dropout
 mask, the ensemble members; then per step: components, z noise, low-rank noise, dones), so one generator seed
-gives the same dream of batch 1 in both drivers.
+gives the same dream of batch 1 in both drivers. (The batched driver draws a sampling controller's actions,
+``controller.policy: sample``, from the same generator before each step.)
 
 Variations fixed per dream belong in ``DreamBatch``: drawn by ``start``, carried to every candidate by
 ``DreamBatch.repeat`` (candidates are compared on the same dreams), applied by ``step``. Two exist, each off

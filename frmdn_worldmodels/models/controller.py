@@ -8,7 +8,9 @@ Hidden layer: ``W1 [N, Z + H]``, ``b1 [N]``, ``W2 [A, N]``, ``b2 [A]``, flat as
 
 - continuous (CarRacing, ``A = 3``): steering :math:`\tanh(x_0) \in [-1, 1]`, gas
   :math:`(\tanh(x_1) + 1) / 2 \in [0, 1]` and brake :math:`\max(\tanh(x_2), 0) \in [0, 1]` (World Models);
-- discrete (Mario, ``A`` button combinations): :math:`\arg\max_i x_i`.
+- discrete (Mario, ``A`` button combinations): :math:`\arg\max_i x_i`; or, with ``sample``, a draw from
+  :math:`\mathrm{softmax}(x)`, the inverse of its CDF at a uniform :math:`u` the caller draws (a seeded
+  generator per episode or per dream batch, so an episode depends on its seed alone).
 
 Every method works on one parameter vector ``[n]`` or on a whole population ``[P, n]`` at once (the batched
 dream steps P candidates x R rollouts in one tensor program: one batched matmul per layer).
@@ -37,6 +39,8 @@ class Controller:
     """argmax over A logits (Mario) instead of squashed continuous actions (CarRacing)."""
     hidden: int = 0
     """N tanh units of a hidden layer (``controller.hidden``); 0 = the linear controller of World Models."""
+    sample: bool = False
+    """Draw a discrete action from softmax of the logits (``controller.policy: sample``) instead of argmax."""
 
     def __post_init__(self):
         if min(self.z_dim, self.action_dim) < 1 or min(self.h_dim, self.hidden) < 0:
@@ -47,6 +51,8 @@ class Controller:
             raise ValueError(
                 f"a continuous controller drives CarRacing's 3 actions, got action_dim={self.action_dim}"
             )
+        if self.sample and not self.discrete:
+            raise ValueError("controller.policy: sample draws discrete actions; this game's are continuous")
 
     @property
     def in_dim(self) -> int:
@@ -122,9 +128,19 @@ class Controller:
             x = torch.baddbmm(bias.unsqueeze(1), torch.tanh(x) if index else x, weight.transpose(1, 2))
         return x
 
-    def squash(self, logits: Tensor) -> Tensor:
-        """Logits ``[..., A]`` -> env actions: ``[..., 3]`` in the CarRacing box, or ``[...]`` int64
-        indices."""
+    def squash(self, logits: Tensor, uniforms: Tensor | None = None) -> Tensor:
+        r"""Logits ``[..., A]`` -> env actions: ``[..., 3]`` in the CarRacing box, or ``[...]`` int64
+        indices; with ``sample``, ``uniforms [...]`` in [0, 1) pick each index by the CDF of softmax(logits):
+        the first i with :math:`\sum_{j \le i} p_j > u`."""
+        if self.sample:
+            if uniforms is None or uniforms.shape != logits.shape[:-1]:
+                raise ValueError(
+                    f"a sampling controller needs one uniform per action {tuple(logits.shape[:-1])}, got "
+                    f"{None if uniforms is None else tuple(uniforms.shape)}"
+                )
+            cdf = torch.softmax(logits, dim=-1).cumsum(-1)
+            below = (cdf <= uniforms.unsqueeze(-1).to(cdf)).sum(-1)
+            return below.clamp(max=self.action_dim - 1)  # u at the CDF's last rounding
         if self.discrete:
             return logits.argmax(-1)
         squashed = torch.tanh(logits)
@@ -133,9 +149,17 @@ class Controller:
         gas = (squashed[..., 1:2] + 1.0) * 0.5
         return torch.cat([squashed[..., :1], gas, squashed[..., 2:].clamp(min=0.0)], dim=-1)
 
-    def act(self, params: Tensor, z: Tensor, h: Tensor) -> Tensor:
-        """The env action for latent ``z`` and memory state ``h`` (shapes as in ``logits``, split in two)."""
-        return self.squash(self.logits(params, torch.cat([z, h], dim=-1)))
+    def act(self, params: Tensor, z: Tensor, h: Tensor, uniforms: Tensor | None = None) -> Tensor:
+        """The env action for latent ``z`` and memory state ``h`` (shapes as in ``logits``, split in two;
+        ``uniforms`` as in ``squash``)."""
+        return self.squash(self.logits(params, torch.cat([z, h], dim=-1)), uniforms)
+
+    def uniforms(self, shape: tuple[int, ...], generator: torch.Generator | None) -> Tensor | None:
+        """What ``squash`` needs for ``shape`` actions from ``generator``: uniforms with ``sample``, else None
+        (and the generator is not drawn from, so an argmax controller's dreams stay as they were)."""
+        if not self.sample:
+            return None
+        return torch.rand(shape, generator=generator, device=None if generator is None else generator.device)
 
     def encode(self, action: Tensor) -> Tensor:
         """Env actions -> the float vectors the memory reads (``games.envs.encode_action``, batched):

@@ -38,6 +38,7 @@ ImageDataset = Literal["auto", "digits", "mnist", "cifar10"]
 Optimizer = Literal["adam", "rmsprop"]
 TrainIn = Literal["dream", "real"]
 Keep = Literal["champion", "mean"]
+Policy = Literal["argmax", "sample"]
 SweepExtra = Literal["flow_context", "heads"]
 StalePolicy = Literal["redo", "refuse"]
 
@@ -302,6 +303,9 @@ class ControllerConfig:
     hidden: Annotated[int, Bounds(0)] = 0
     """Hidden tanh units of the controller: 0 = World Models' linear ``a = g(W [z, h] + b)``; N > 0 = Ha's
     variant with one hidden layer, ``a = g(W2 tanh(W1 [z, h] + b1) + b2)``."""
+    policy: Policy = "argmax"
+    """A discrete game's action: ``argmax`` of C's logits (World Models) or ``sample`` (drawn from their
+    softmax, in the dream and in the game alike, each episode's draws seeded by its seed)."""
     temperature: Annotated[float, Bounds(0)] = 1.15
     """Dream temperature tau (divides logits, multiplies covariance)."""
     pessimism: Annotated[float, Bounds(0)] = 0.0

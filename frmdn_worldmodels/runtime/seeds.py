@@ -25,6 +25,7 @@ EPISODE_PURPOSES: dict[str, int] = {
     "action-noise": 7,  # an exploring controller's action noise in one episode
     "param-noise": 8,  # an exploring controller's parameter perturbation in one episode
     "teacher": 9,  # the teacher's own draws in one episode of ``evaluate.teacher``
+    "policy": 10,  # a sampling controller's action draws in one episode (``controller.policy: sample``)
 }
 """Purposes keyed off an episode's env seed (itself drawn from the tree): ``[purpose, episode seed]``."""
 

@@ -143,7 +143,7 @@ def run(cfg: Config, keeper: PoolKeeper | None = None) -> dict:
     out = stage.folder
     teacher = cfg.evaluate.teacher
     memory = load_memory(cfg, "cpu")
-    _controller(controller_for(cfg.env, memory, cfg.controller.hidden), best, best_path)  # as the workers do
+    _controller(controller_for(cfg.env, memory, cfg.controller), best, best_path)  # as the workers do
     seeds = seed_ints(cfg.seed, "test", 0, count=cfg.evaluate.episodes)
     params = best["params"].numpy().astype(np.float32)
     started = time.perf_counter()
@@ -206,16 +206,17 @@ def run_dream(cfg: Config) -> dict:
     paths = run_paths(cfg)
     env = make_dream_env(cfg, render_mode="rgb_array")
     dream = env.unwrapped
-    expected = controller_for(cfg.env, dream.memory, cfg.controller.hidden)
+    expected = controller_for(cfg.env, dream.memory, cfg.controller)
     controller = _controller(expected, best, paths.controller / "best.pt")
     params = best["params"].to(dream.device)
     out = prepare_stage(cfg, paths.dream)
     obs, info = env.reset(seed=cfg.seed)
+    draws = torch.Generator(device=dream.device).manual_seed(cfg.seed)  # a sampling controller's
     frames, total, steps, terminated, truncated = [env.render()], 0.0, 0, False, False
     while not (terminated or truncated):
         features = torch.as_tensor(obs, device=dream.device)
         z, h = features[: controller.z_dim], features[controller.z_dim :]
-        action = controller.act(params, z.unsqueeze(0), h.unsqueeze(0))[0]
+        action = controller.act(params, z.unsqueeze(0), h.unsqueeze(0), controller.uniforms((1,), draws))[0]
         obs, reward, terminated, truncated, _ = env.step(
             int(action) if controller.discrete else action.cpu().numpy()
         )

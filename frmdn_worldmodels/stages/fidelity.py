@@ -1,6 +1,6 @@
 r"""``python run.py fidelity``: how well the memory's dream ranks controllers the way the real game does.
 
-A fixed, seeded set of controllers (flat parameter vectors of ``controller_for(env, memory, hidden)``):
+A fixed, seeded set of controllers (flat parameter vectors of ``controller_for(env, memory, c)``):
 
 - ``kept``: the controller of ``<run>/controller/best.pt``;
 - ``generation``: the best candidate of every periodic evaluation of the CMA-ES run (``es_state.pt``'s
@@ -173,7 +173,7 @@ def _scores(returns: np.ndarray) -> dict:
 
 def scored_set(cfg: Config, memory: MemoryModel, best: dict) -> tuple[Controller, list[Member]]:
     """The run's controller shape (checked against ``best.pt``) and the set of controllers it measures."""
-    controller = controller_for(cfg.env, memory, cfg.controller.hidden)
+    controller = controller_for(cfg.env, memory, cfg.controller)
     _controller(controller, best, run_paths(cfg).controller / "best.pt")
     return controller, controller_set(cfg, cfg.fidelity, memory, controller, best, load_champions(cfg))
 

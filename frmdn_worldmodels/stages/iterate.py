@@ -106,9 +106,8 @@ def _player(previous: Config, noise: IterateNoise, scale: float) -> tuple[Contro
     params = load_best(previous)["params"].numpy().astype(np.float32)
     vae = load_vae(run_paths(previous).vae / "vae.pt", "cpu").state_dict()
     memory = load_memory(previous, "cpu").to_checkpoint()
-    c = previous.controller
     player = ControllerPlayer(
-        previous.env, vae, memory, params, previous.memory_train.use_mu, c.hidden, noise, scale
+        previous.env, vae, memory, params, previous.memory_train.use_mu, previous.controller, noise, scale
     )
     return player, params
 

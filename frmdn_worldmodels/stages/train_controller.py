@@ -448,7 +448,7 @@ def run(cfg: Config, *, initial_mean: np.ndarray | None = None, keeper: PoolKeep
     if unused := unused_in_real(cfg):
         note(f"train-controller: candidates are scored in the real game; unused here: {', '.join(unused)}")
     memory = load_memory(cfg)
-    controller = controller_for(cfg.env, memory, c.hidden)
+    controller = controller_for(cfg.env, memory, c)
     # the stage's folder holds only work made from this memory (and its critics), these latents and settings
     stage = Stage(cfg, "train-controller", inputs=_stage_inputs(cfg, controller, initial_mean))
     if (finished := stage.open()) is not None:

@@ -25,7 +25,7 @@ from frmdn_worldmodels.games.envs import action_dim
 from frmdn_worldmodels.models.controller import Controller
 from frmdn_worldmodels.models.memory import MemoryModel
 from frmdn_worldmodels.models.vae import ConvVAE, frames_to_tensor
-from frmdn_worldmodels.runtime.config import EnvConfig, MemoryConfig, load_config
+from frmdn_worldmodels.runtime.config import ControllerConfig, EnvConfig, MemoryConfig, load_config
 from frmdn_worldmodels.runtime.io import save_checkpoint
 from frmdn_worldmodels.runtime.paths import run_paths
 from frmdn_worldmodels.stages import evaluate
@@ -110,6 +110,30 @@ def test_agent_acts_on_z_and_the_h_from_before_the_memory_reads_z_and_a(discrete
         assert min(gaps) > 100 * (tolerance["atol"] + tolerance["rtol"]), gaps
 
 
+def test_a_sampling_agent_draws_each_episodes_actions_from_its_seed():
+    """``controller.policy: sample``: at zero parameters every action is drawn uniformly, the same seeds
+    repeat the same actions, each env's draws do not depend on the others in the batch, and a large logit
+    makes its action almost certain."""
+    vae, memory = models(5)
+    controller = Controller(Z, H, 5, True, sample=True)
+    agent = WorldModelAgent(vae, memory, controller, torch.zeros(controller.num_params), use_mu=True)
+    frames = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+
+    def play(seeds: list[int], steps: int = 60) -> np.ndarray:
+        agent.reset(seeds)
+        return np.array([agent.act(frames[: len(seeds)]) for _ in range(steps)])
+
+    together = play([1, 2, 3])
+    assert np.array_equal(play([1, 2, 3]), together)
+    assert np.array_equal(play([1])[:, 0], together[:, 0])
+    assert not np.array_equal(together[:, 0], together[:, 1])
+    assert set(together.ravel().tolist()) == set(range(5))
+    params = torch.zeros(controller.num_params)
+    controller.split(params)[1][2] = 20.0
+    agent.set_params(params)
+    assert (play([1, 2, 3]) == 2).mean() > 0.99
+
+
 def test_agent_samples_z_from_the_posterior_unless_use_mu():
     vae, memory = models()
     controller = Controller(Z, H, 3, False)
@@ -179,7 +203,9 @@ def test_rollout_worker_plays_carracing_with_the_models_it_holds():
     vae, memory = models()
     worker = RolloutWorker(env_cfg, vae.state_dict(), memory.to_checkpoint(), use_mu=False, max_steps=6)
     assert worker.controller == Controller(Z, H, action_dim(env_cfg), False)
-    hidden = RolloutWorker(env_cfg, vae.state_dict(), memory.to_checkpoint(), False, 6, hidden=4)
+    hidden = RolloutWorker(
+        env_cfg, vae.state_dict(), memory.to_checkpoint(), False, 6, controller=ControllerConfig(hidden=4)
+    )
     assert hidden.controller == Controller(Z, H, action_dim(env_cfg), False, hidden=4)
     hidden.close()
     params = np.random.default_rng(0).normal(size=worker.controller.num_params).astype(np.float32)
@@ -204,12 +230,12 @@ def test_the_collector_plays_a_controller_as_the_rollout_worker_does():
     actions, seeded by the episode (the same episode twice is the same file)."""
     env_cfg = EnvConfig(name="carracing", max_steps=6)
     vae, memory = models()
-    controller = controller_for(env_cfg, memory, 0)
+    controller = controller_for(env_cfg, memory, ControllerConfig())
     params = np.random.default_rng(0).normal(size=controller.num_params).astype(np.float32)
     state, payload = vae.state_dict(), memory.to_checkpoint()
 
     def worker(noise: str, scale: float) -> EpisodeWorker:
-        player = ControllerPlayer(env_cfg, state, payload, params, False, 0, noise, scale)
+        player = ControllerPlayer(env_cfg, state, payload, params, False, ControllerConfig(), noise, scale)
         return EpisodeWorker(env_cfg, EpisodeSet(2, player, "it01_", "iterate-collect", (1,)))
 
     plain = worker("params", 0.0)
@@ -264,7 +290,7 @@ def agent_run(tmp_path):
             np.zeros(3),
             np.zeros(3, bool),
         )
-    controller = controller_for(cfg.env, memory, cfg.controller.hidden)
+    controller = controller_for(cfg.env, memory, cfg.controller)
     params = torch.as_tensor(rng.normal(size=controller.num_params), dtype=torch.float32)
     save_checkpoint(
         paths.controller / "best.pt",
@@ -312,7 +338,7 @@ def test_dream_and_evaluate_rebuild_a_hidden_layer_controller_and_refuse_another
             command(hidden_cfg)
     path = run_paths(agent_run).controller / "best.pt"
     best = load_checkpoint(path)
-    controller = controller_for(agent_run.env, models()[1], 4)
+    controller = controller_for(agent_run.env, models()[1], hidden_cfg.controller)
     params = controller.initial_params(torch.Generator().manual_seed(3), scale=1.0)
     save_checkpoint(path, **{**best, "params": params, "controller": controller.to_dict()})
     summary = evaluate.run_dream(hidden_cfg)

@@ -54,6 +54,10 @@ BAD_VALUES = [
     ("pipeline", "controller.population=-1", "controller.population"),
     ("pipeline", "controller.max_steps=5000", "controller.max_steps must be between 0"),
     ("pipeline", "controller.dream_start=middle", "controller.dream_start"),
+    ("pipeline", "controller.policy=greedy", "controller.policy must be one of"),
+    ("pipeline", "controller.policy=sample", "controller.policy: sample draws from a softmax over discrete"),
+    ("train-controller", "controller.policy=sample", "env.name=carracing has continuous"),
+    ("evaluate", "controller.policy=sample", "env.name=carracing has continuous"),
     ("pipeline", "evaluate.episodes=0", "evaluate.episodes"),
     (
         "pipeline",

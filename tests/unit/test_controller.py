@@ -71,6 +71,31 @@ def test_discrete_action_is_the_argmax(mario):
     assert mario.act(params, torch.tensor([[1.0, 0, 0, 0, 0]]), torch.zeros(1, 7)).tolist() == [2]
 
 
+def test_a_sampling_controller_draws_from_the_softmax_of_its_logits():
+    """``policy: sample``: the inverse-CDF draw at uniforms u has softmax(logits)'s frequencies (against
+    torch.distributions.Categorical's probabilities), the same u gives the same action, and a controller that
+    does not sample neither needs nor draws uniforms."""
+    sampler = Controller(5, 7, 4, discrete=True, sample=True)
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[2.0, 0.0, -1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]).expand(20000, 2, 4)
+    uniforms = sampler.uniforms((20000, 2), generator)
+    actions = sampler.squash(logits, uniforms)
+    assert actions.shape == (20000, 2) and actions.dtype == torch.int64
+    for row in range(2):
+        counts = torch.bincount(actions[:, row], minlength=4) / 20000
+        expected = torch.distributions.Categorical(logits=logits[0, row]).probs
+        torch.testing.assert_close(counts, expected, rtol=0, atol=0.015)
+    assert torch.equal(sampler.squash(logits, uniforms), actions)
+    assert sampler.squash(logits[:1], torch.tensor([[0.0, 0.9999999]])).tolist() == [[0, 3]]
+    with pytest.raises(ValueError, match="one uniform per action"):
+        sampler.squash(logits)
+    argmax = Controller(5, 7, 4, discrete=True)
+    state = generator.get_state()
+    assert argmax.uniforms((3, 2), generator) is None and torch.equal(generator.get_state(), state)
+    with pytest.raises(ValueError, match="continuous"):
+        Controller(5, 7, 3, discrete=False, sample=True)
+
+
 def test_memory_input_matches_the_envs_encode_action(car, mario):
     actions = torch.tensor([0, 3, 5])
     expected = np.stack([encode_action(MARIO, int(a)) for a in [0, 3, 5]])

@@ -218,13 +218,14 @@ def test_dreams_are_capped_at_the_horizon_and_end_when_done():
     assert result.lengths.eq(1).all()
 
 
-def controller(discrete=False, actions=A, hidden=0):
-    return Controller(Z, H, actions, discrete, hidden)
+def controller(discrete=False, actions=A, hidden=0, sample=False):
+    return Controller(Z, H, actions, discrete, hidden, sample)
 
 
-def reference_returns(memory, ctrl, params, z0, horizon, h0=None, c0=None):
+def reference_returns(memory, ctrl, params, z0, horizon, h0=None, c0=None, uniforms=None):
     """Step-by-step dreams with ``MemoryModel.step``/``sample`` at tau = 0 (deterministic): [P, R] returns,
-    lengths. Each dream r starts from z0[r] and the LSTM state (h0[r], c0[r]) (zeros if not given)."""
+    lengths. Each dream r starts from z0[r] and the LSTM state (h0[r], c0[r]) (zeros if not given); a
+    sampling controller draws step t's action at ``uniforms[t][p, r]``."""
     population, rollouts = params.shape[0], z0.shape[0]
     returns, lengths = torch.zeros(population, rollouts), torch.zeros(population, rollouts, dtype=torch.long)
     with torch.no_grad():
@@ -233,8 +234,9 @@ def reference_returns(memory, ctrl, params, z0, horizon, h0=None, c0=None):
                 z, state = z0[r : r + 1], memory.initial_state(1)
                 if h0 is not None:
                     state = (h0[r].reshape(1, 1, -1).clone(), c0[r].reshape(1, 1, -1).clone())
-                for _ in range(horizon):
-                    action = ctrl.act(params[p], z, state[0][0])  # h_t: before reading (z_t, a_t)
+                for t in range(horizon):
+                    draw = None if uniforms is None else uniforms[t][p, r : r + 1]
+                    action = ctrl.act(params[p], z, state[0][0], draw)  # h_t: before reading (z_t, a_t)
                     out, state = memory.step(z, ctrl.encode(action), state)
                     z = memory.sample(out, temperature=0.0)
                     reward, done_logit = memory.outcome(out, z)
@@ -261,18 +263,21 @@ def reference_returns(memory, ctrl, params, z0, horizon, h0=None, c0=None):
         # Ha's controller with a hidden layer: the population form against the single-vector one
         ("frmdn", 2, False, -0.75, {"controller_hidden": 4}),
         ("frmdn", 2, True, 0.0, {"warm": True, "controller_hidden": 3}),
+        # a sampling controller: each step's actions drawn from the dream's generator before the step
+        ("frmdn", 2, True, 0.0, {"sample": True}),
     ],
 )
 def test_batched_dream_equals_a_step_by_step_reference(kind, rank, discrete, done_bias, extra):
     extra = dict(extra)  # the parameters are shared between runs of the test
     warm, hidden = extra.pop("warm", False), extra.pop("controller_hidden", 0)
+    sample = extra.pop("sample", False)
     actions = 4 if discrete else A
     memory = tiny_memory(kind=kind, rank=rank, cond=actions, done_bias=None, **extra)
     with torch.no_grad():  # some dreams end early, others run to the horizon (done reads h_{t+1} alone)
         memory.done_head.weight.zero_()
         memory.done_head.weight[:, :H].copy_(torch.linspace(-1.0, 1.0, H))
         memory.done_head.bias.fill_(done_bias)
-    ctrl = controller(discrete, actions, hidden)
+    ctrl = controller(discrete, actions, hidden, sample)
     torch.manual_seed(5)
     params = torch.randn(4, ctrl.num_params)
     mu, _ = starts()
@@ -289,9 +294,12 @@ def test_batched_dream_equals_a_step_by_step_reference(kind, rank, discrete, don
         memory, ctrl, mu, None, horizon=12, temperature=0.0, use_mu=True, initial_state=state
     )
     result = dream.rollout(params, 3, torch.Generator().manual_seed(2))
-    first = dream.dynamics.start(3, torch.Generator().manual_seed(2))  # the rollout's starts: the same draws
+    generator = torch.Generator().manual_seed(2)
+    first = dream.dynamics.start(3, generator)  # the rollout's starts: the same draws
     assert torch.equal(result.starts, first.start) and bool(first.h.ne(0).any()) == warm
-    returns, lengths = reference_returns(memory, ctrl, params, first.z, 12, first.h, first.cell)
+    # at tau 0 the steps draw nothing: a sampling controller's draws follow the starts' in the generator
+    uniforms = [ctrl.uniforms((4, 3), generator) for _ in range(12)] if sample else None
+    returns, lengths = reference_returns(memory, ctrl, params, first.z, 12, first.h, first.cell, uniforms)
     # integers: only a done logit within float error of 0 could tell the two paths apart
     assert torch.equal(result.lengths, lengths)
     assert lengths.min() < 12 and lengths.float().mean() > 2, lengths

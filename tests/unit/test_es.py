@@ -238,7 +238,7 @@ def _memory_and_controller(cfg):
     from frmdn_worldmodels.dream.env import load_memory
 
     memory = load_memory(cfg)
-    return memory, controller_for(cfg.env, memory, cfg.controller.hidden)
+    return memory, controller_for(cfg.env, memory, cfg.controller)
 
 
 def kill_in_generation_3(cfg, monkeypatch) -> None:
