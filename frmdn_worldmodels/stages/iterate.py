@@ -274,11 +274,20 @@ def iterate_row(cfg: Config, iteration: int, keeper: PoolKeeper, eval_seeds: lis
     started = time.perf_counter()
     scores = score_iteration(cfg, iteration, keeper, eval_seeds)
     real, random = scores["real"], scores["random"]
+    # the returns of the play that fed this iteration's M (the previous controller, with its noise)
+    played = [
+        info["return"]
+        for info in collected.get("episodes", {}).values()
+        if info.get("iteration") == iteration
+    ]
     row = {
         "iteration": iteration,
         "episodes_total": collected["episodes_total"],
         "real_mean": float(real.mean()),
         "real_std": float(real.std()),
+        "real_returns": real.tolist(),
+        "played_mean": float(np.mean(played)) if played else None,
+        "played_std": float(np.std(played)) if played else None,
         "dream_best": controller.get("best_score"),
         "random_mean": float(random.mean()),
         "random_std": float(random.std()),
@@ -327,12 +336,18 @@ def run(cfg: Config, keeper: PoolKeeper | None = None) -> dict:
 
 
 def plot_scores(path: Path, rows: list[dict]) -> None:
-    """Real and dream score of each iteration's best controller, with the random policy's."""
+    """Real and dream score of each iteration's best controller, with the random policy's, and the return of
+    the play (with exploration noise) that each iteration's M read."""
     iterations = [row["iteration"] for row in rows]
+    fed = [row for row in rows if row.get("played_mean") is not None]  # rows before the field have none
     series = {
         "real game (best controller)": (iterations, [row["real_mean"] for row in rows]),
         "dream (its training score)": (iterations, [row["dream_best"] for row in rows]),
         "random policy, real game": (iterations, [row["random_mean"] for row in rows]),
+        "its play M read (with the exploration noise)": (
+            [row["iteration"] for row in fed],
+            [row["played_mean"] for row in fed],
+        ),
     }
     plot_curves(
         path,

@@ -68,6 +68,8 @@ def test_two_iterations_end_to_end_resume_after_a_kill(tmp_path, tiny_run):
         for key in ("episodes_total", "real_mean", "real_std", "dream_best", "random_mean"):
             assert np.isfinite(row[key]), key
     assert [row["episodes_total"] for row in rows] == [3, 5, 7]  # 3 explored, then 2 more per iteration
+    assert [len(row["real_returns"]) for row in rows] == [cfg.iterate.eval_episodes] * 3
+    assert all(np.mean(row["real_returns"]) == pytest.approx(row["real_mean"]) for row in rows)
     assert "iterate" in summary["seconds"]
 
     first, second = iteration_config(cfg, 1), iteration_config(cfg, 2)
@@ -76,6 +78,8 @@ def test_two_iterations_end_to_end_resume_after_a_kill(tmp_path, tiny_run):
     best = load_checkpoint(run_paths(first).controller / "best.pt")["params"].numpy().astype(np.float32)
     new = {name: info for name, info in played.items() if name.startswith("it02_")}
     assert len(new) == 2 and {info["iteration"] for info in new.values()} == {2}
+    assert rows[0]["played_mean"] is None  # the pipeline's own episodes fed iteration 0
+    assert rows[2]["played_mean"] == pytest.approx(np.mean([info["return"] for info in new.values()]))
     assert {info["policy"] for info in new.values()} == {str(run_paths(first).controller / "best.pt")}
     import hashlib
 
