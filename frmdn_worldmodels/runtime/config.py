@@ -156,6 +156,9 @@ class VAEConfig:
     patch overlaps the player's, the larger weight)."""
     val_fraction: Annotated[float, FRACTION] = 0.1
     """Fraction of episodes held out for validation."""
+    max_frames: Annotated[int, Bounds(0)] = 0
+    """Train on whole episodes up to this many frames (0 = all; validation shrinks in proportion): V needs
+    fewer frames than M, which reads every episode either way."""
     shuffle_buffer: Annotated[int, Bounds(1)] = 4096
     """Frames held in the streaming shuffle buffer."""
     patience: Annotated[int, Bounds(0)] = 0

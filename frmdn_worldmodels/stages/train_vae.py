@@ -20,6 +20,7 @@ Files in ``<run>/vae/``:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,13 +154,26 @@ class VaeData:
     """The frames of ``reconstructions.png`` (``pick_frames``, from the validation episodes if any)."""
 
 
+def first_frames(paths: list[Path], limit: int) -> list[Path]:
+    """The shortest prefix of ``paths`` with at least ``limit`` frames (all of them if they hold fewer)."""
+    total = 0
+    for count, path in enumerate(paths):
+        if total >= limit:
+            return paths[:count]
+        total += episode_length(path)
+    return paths
+
+
 def split_episodes(cfg: Config, episodes: list[Path]) -> VaeData:
-    """Hold out ``vae.val_fraction`` of ``episodes`` (a ConfigError if none is left for training)."""
-    val_paths, train_paths = split_by_episode(episodes, (cfg.vae.val_fraction,), cfg.seed)
+    """Hold out ``vae.val_fraction`` of ``episodes`` (a ConfigError if none is left for training); with
+    ``vae.max_frames``, keep the first episodes of each part (they are shuffled) up to its share of frames."""
+    fraction = cfg.vae.val_fraction
+    val_paths, train_paths = split_by_episode(episodes, (fraction,), cfg.seed)
     if not train_paths:
-        raise ConfigError(
-            f"vae.val_fraction={cfg.vae.val_fraction} leaves no training episodes of {len(episodes)}"
-        )
+        raise ConfigError(f"vae.val_fraction={fraction} leaves no training episodes of {len(episodes)}")
+    if cfg.vae.max_frames:
+        train_paths = first_frames(train_paths, cfg.vae.max_frames)
+        val_paths = first_frames(val_paths, math.ceil(cfg.vae.max_frames * fraction / (1 - fraction)))
     return VaeData(
         train_paths,
         val_paths,

@@ -350,6 +350,22 @@ def test_train_writes_outputs_and_skips_when_done(episode_run, count_train_steps
     assert count_train_steps == []  # a finished stage is not trained again
 
 
+def test_max_frames_trains_on_the_first_whole_episodes(tmp_path):
+    """vae.max_frames=30 of episodes of 21 frames: two training episodes, and one validation episode (its share,
+    ceil(30 * 0.25 / 0.75) = 10 frames); the data split otherwise is the full one's."""
+    full, capped = (
+        tiny_config(tmp_path, name, *extra) for name, extra in (("full", ()), ("cap", ("vae.max_frames=30",)))
+    )
+    episodes = write_episodes(tmp_path / "episodes", count=8)
+    whole, cut = train_vae.split_episodes(full, episodes), train_vae.split_episodes(capped, episodes)
+    assert (len(whole.train_paths), len(whole.val_paths)) == (6, 2)
+    assert cut.train_paths == whole.train_paths[:2] and cut.val_paths == whole.val_paths[:1]
+    assert (cut.train_frames, cut.val_frames) == (42, 21)
+    write_episodes(run_paths(capped).episodes, count=8)
+    summary = train_vae.run(capped)
+    assert (summary["train_episodes"], summary["train_frames"], summary["val_episodes"]) == (2, 42, 1)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted_vae(tmp_path_factory) -> tuple[int, dict[str, torch.Tensor]]:
     """(optimiser steps, final weights) of the tiny train-vae run trained without a kill, shared by the
