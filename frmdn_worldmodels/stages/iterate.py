@@ -324,7 +324,7 @@ def run(cfg: Config, keeper: PoolKeeper | None = None) -> dict:
         rows = [
             iterate_row(cfg, iteration, keeper, eval_seeds) for iteration in range(cfg.iterate.iterations + 1)
         ]
-    plot_scores(out / "scores.png", rows)
+    plot_scores(out / "scores.png", rows, noisy=cfg.iterate.noise_scale > 0)
     summary = {
         "iterations": cfg.iterate.iterations,
         "rows": [{k: v for k, v in row.items() if k != "eval_seeds"} for row in rows],
@@ -335,16 +335,16 @@ def run(cfg: Config, keeper: PoolKeeper | None = None) -> dict:
     return summary
 
 
-def plot_scores(path: Path, rows: list[dict]) -> None:
+def plot_scores(path: Path, rows: list[dict], noisy: bool) -> None:
     """Real and dream score of each iteration's best controller, with the random policy's, and the return of
-    the play (with exploration noise) that each iteration's M read."""
+    the play that each iteration's M read (``noisy``: with exploration noise)."""
     iterations = [row["iteration"] for row in rows]
     fed = [row for row in rows if row.get("played_mean") is not None]  # rows before the field have none
     series = {
         "real game (best controller)": (iterations, [row["real_mean"] for row in rows]),
         "dream (its training score)": (iterations, [row["dream_best"] for row in rows]),
         "random policy, real game": (iterations, [row["random_mean"] for row in rows]),
-        "its play M read (with the exploration noise)": (
+        "its play M read" + (" (with exploration noise)" if noisy else ""): (
             [row["iteration"] for row in fed],
             [row["played_mean"] for row in fed],
         ),
