@@ -4,7 +4,7 @@
 at the far wall throw fireballs; the actions are ``Discrete(3)`` (nothing, move left, move right), the reward
 is +1 a tic alive, and the episode ends with the player's death. As in Ha & Schmidhuber's ``doomrnn``: no
 frame skip (one step is one tic: ``env.action_repeat: 1``), episodes capped at 2,100 tics
-(``env.max_steps: 2100``), skill 5 (``DOOM_SKILL``). The 320x240 screen has no HUD in this scenario, so the
+(``env.max_steps: 2100``), skill 5 (``env.doom_skill``). The 320x240 screen has no HUD in this scenario, so the
 whole frame is resized to 64x64 (World Models cut the HUD off ppaquette's 640x480 screen and inverted the
 colours; neither is needed here).
 
@@ -23,8 +23,6 @@ from gymnasium.wrappers import TransformObservation
 from frmdn_worldmodels.games.game import Game, register
 from frmdn_worldmodels.runtime.config import CollectConfig, EnvConfig
 
-DOOM_SKILL = 5
-"""The skill World Models' runs used (the scenario's own default is 4)."""
 SCREEN = (240, 320, 3)
 LONGEST_HOLD = 11
 """World Models' random policy holds an action for 1 to this many tics."""
@@ -55,7 +53,7 @@ def make(env_cfg: EnvConfig, render_mode: str | None) -> gymnasium.Env:
     env = gymnasium.make(
         "VizdoomTakeCover-v1",
         frame_skip=1,
-        doom_skill=DOOM_SKILL,
+        doom_skill=env_cfg.doom_skill,
         render_mode=render_mode,
         max_episode_steps=None,
     )

@@ -81,6 +81,22 @@ def test_doom_pays_one_a_tic_until_the_player_dies_or_the_cap():
         env.close()
 
 
+def test_doom_skill_sets_the_game_speed():
+    """``env.doom_skill`` reaches the game: standing still, the first volley kills later at skill 4."""
+
+    def tics_standing_still(skill: int) -> int:
+        env = make_env(EnvConfig(name="doom_takecover", max_steps=2100, doom_skill=skill), seed=1)
+        env.reset(seed=1)
+        tics = 1
+        while not any(env.step(0)[2:4]):
+            tics += 1
+        env.close()
+        return tics
+
+    fast, slow = tics_standing_still(5), tics_standing_still(4)
+    assert slow > 1.5 * fast, (fast, slow)
+
+
 DRIVERS_READ = {
     "carracing-hour.yaml": ["collect.policy: track_follower", "controller.imitate_actions: follower"],
     "mario-hour.yaml": ["collect.policy: ram_expert"],
