@@ -1,6 +1,7 @@
 """The experiment scripts: the switch comparison's sharing of stages and its table (``dream_switches.py``),
 the imitation score's refusals (``score_imitation.py``), the teacher's score (``score_teacher.py``), the
-player-patch error of V (``player_patch.py``), M read along the agent's episodes (``iterate_surprise.py``)."""
+player-patch error of V (``player_patch.py``), M read along the agent's episodes (``iterate_surprise.py``),
+Take Cover's hits by skill (``doom_skill.py``)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 sys.path.insert(0, str(EXPERIMENTS))  # the scripts import their neighbours by name
 import action_effect  # noqa: E402 (the scripts' folder on the path)
 import done_head  # noqa: E402 (the scripts' folder on the path)
+import doom_skill  # noqa: E402 (the scripts' folder on the path)
 import dream_switches  # noqa: E402 (the scripts' folder on the path)
 import iterate_surprise  # noqa: E402 (the scripts' folder on the path)
 import player_patch  # noqa: E402 (the scripts' folder on the path)
@@ -306,3 +308,11 @@ def test_m_read_along_whole_episodes_scores_as_the_memory_stage_does(tmp_path):
     assert read["reward_mse"] == pytest.approx(windows["reward_loss"], rel=1e-5)
     rewards = sum(np.load(path)["rewards"].sum() for path in paths) / 3
     assert read["real_return"] == pytest.approx(rewards)
+
+
+def test_doom_skill_counts_the_hits_the_health_shows():
+    """Two health traces: one hit of 21 at tic 2 then 42 at tic 4; one episode dead at its first tic."""
+    result = doom_skill.summary([[100.0, 100.0, 79.0, 79.0, 37.0], [100.0]])
+    assert result["lengths"] == [5, 1] and result["length_mean"] == 3.0
+    assert result["first_hit_tic_mean"] == (2 + 1) / 2  # no hit seen: the episode's length
+    assert result["hits_seen_mean"] == 1.0 and result["damages"] == [21.0, 42.0]
