@@ -4,8 +4,8 @@
 at the far wall throw fireballs; the actions are ``Discrete(3)`` (nothing, move left, move right), the reward
 is +1 a tic alive, and the episode ends with the player's death. As in Ha & Schmidhuber's ``doomrnn``: no
 frame skip (one step is one tic: ``env.action_repeat: 1``), episodes capped at 2,100 tics
-(``env.max_steps: 2100``), skill 5 (``env.doom_skill``). The 320x240 screen has no HUD in this scenario, so the
-whole frame is resized to 64x64 (World Models cut the HUD off ppaquette's 640x480 screen and inverted the
+(``env.max_steps: 2100``), skill 5 (``env.doom_skill``). The 320x240 screen has no HUD in this scenario, so
+the whole frame is resized to 64x64 (World Models cut the HUD off ppaquette's 640x480 screen and inverted the
 colours; neither is needed here).
 
 Exploration policy ``random``, World Models' "more diverse random policy": a uniformly random action held for

@@ -89,7 +89,7 @@ class EnvConfig:
     mario_actions: MarioActions = "simple"
     """Mario action set: ``right_only``, ``simple`` (SIMPLE_MOVEMENT) or ``complex``."""
     doom_skill: Annotated[int, Bounds(1, 5)] = 5
-    """VizDoom skill, 1-5 (World Models': 5; Take Cover's own default, 4, plays the same hits ~3.4x slower)."""
+    """VizDoom skill, 1-5 (World Models': 5; Take Cover's default, 4, throws the same volleys ~3x slower)."""
     frame_size: int = 64
     """Side of the square RGB frame fed to the VAE (resized with opencv); the ConvVAE takes 64 only."""
     max_steps: Annotated[int, Bounds(1)] = 1000

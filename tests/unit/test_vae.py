@@ -351,8 +351,8 @@ def test_train_writes_outputs_and_skips_when_done(episode_run, count_train_steps
 
 
 def test_max_frames_trains_on_the_first_whole_episodes(tmp_path):
-    """vae.max_frames=30 of episodes of 21 frames: two training episodes, and one validation episode (its share,
-    ceil(30 * 0.25 / 0.75) = 10 frames); the data split otherwise is the full one's."""
+    """vae.max_frames=30 of episodes of 21 frames: two training episodes, and one validation episode (its
+    share, ceil(30 * 0.25 / 0.75) = 10 frames); the data split otherwise is the full one's."""
     full, capped = (
         tiny_config(tmp_path, name, *extra) for name, extra in (("full", ()), ("cap", ("vae.max_frames=30",)))
     )
